@@ -1,0 +1,256 @@
+"""The ``hetfl`` command line.
+
+    hetfl run CONFIG.yaml --out DIR [--set key=value ...]      one experiment
+    hetfl run --resume DIR [--set rounds=100]                  continue from the last checkpoint
+    hetfl compare CONFIG.yaml --algorithms a,b,c --out DIR     same seed, data and devices; one table
+    hetfl report DIR                                           PNG plots and one HTML page
+    hetfl partition CONFIG.yaml                                per-client data statistics
+    hetfl devices CONFIG.yaml                                  the simulated devices
+    hetfl runs [--root results] [--algorithm A] ...            past runs, from the SQLite index
+    hetfl algorithms                                           what strategy.name accepts
+
+A user's mistake (bad config, missing file, diverging run) is one line on stderr and a non-zero
+exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from hetfl.config import ExperimentConfig, load_config
+from hetfl.errors import DivergedError, HetflError
+
+EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 1
+EXIT_INTERRUPTED = 130
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def _fmt_acc(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def _announce(summary: dict[str, Any], out: Path) -> None:
+    console.print(
+        f"[bold]{summary['algorithm']}[/]: {summary['status']}, accuracy {_fmt_acc(summary['final_accuracy'])} "
+        f"(best {_fmt_acc(summary['best_accuracy'])}) after {summary['rounds']} rounds; "
+        f"simulated {_fmt_time(summary['sim_time_s'])}, wall {_fmt_time(summary['wall_time_s'])}; "
+        f"target {summary['target_accuracy']} reached at {_fmt_time(summary['time_to_target_s'])}. Results: {out}"
+    )
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_run(args: argparse.Namespace) -> int:
+    from hetfl.engine.run import resume_experiment, run_experiment
+
+    if args.resume:
+        if args.config:
+            raise HetflError("hetfl run: give either CONFIG.yaml --out DIR, or --resume DIR, not both")
+        out = Path(args.resume)
+        summary = resume_experiment(out, args.set, show_progress=not args.quiet, console=console)
+    else:
+        if not args.config or not args.out:
+            raise HetflError("hetfl run: expected CONFIG.yaml --out DIR (or --resume DIR)")
+        cfg = load_config(args.config, args.set)
+        out = Path(args.out)
+        summary = run_experiment(cfg, out, show_progress=not args.quiet, console=console)
+    _announce(summary, out)
+    return EXIT_INTERRUPTED if summary["status"] == "interrupted" else 0
+
+
+def comparison_table(summaries: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title)
+    for col in ("algorithm", "status", "final acc", "best acc", "time to target", "rounds to target",
+                "sim time", "wall time", "MB up", "MB down"):
+        table.add_column(col, justify="left" if col in ("algorithm", "status") else "right")
+    reached = [s["time_to_target_s"] for s in summaries if s["time_to_target_s"] is not None]
+    fastest = min(reached) if reached else None
+    for s in summaries:
+        ttt = _fmt_time(s["time_to_target_s"])
+        if fastest is not None and s["time_to_target_s"] == fastest:
+            ttt = f"[bold green]{ttt}[/]"
+        table.add_row(
+            s["algorithm"], s["status"], _fmt_acc(s["final_accuracy"]), _fmt_acc(s["best_accuracy"]), ttt,
+            "—" if s["rounds_to_target"] is None else str(s["rounds_to_target"]),
+            _fmt_time(s["sim_time_s"]), _fmt_time(s["wall_time_s"]),
+            f"{s['bytes_up'] / 1e6:.2f}", f"{s['bytes_down'] / 1e6:.2f}",
+        )
+    return table
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from hetfl.engine.run import run_experiment
+    from hetfl.results import render_report
+    from hetfl.strategies import STRATEGIES
+
+    base = load_config(args.config, args.set)
+    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    unknown = [a for a in algorithms if a not in STRATEGIES]
+    if not algorithms or unknown:
+        raise HetflError(f"--algorithms: unknown {', '.join(unknown) or '(none given)'} (known: {', '.join(sorted(STRATEGIES))})")
+    out = Path(args.out)
+    summaries = []
+    for name in algorithms:
+        strategy = base.strategy.model_copy(update={"name": name, "params": base.strategy.params if name == base.strategy.name else {}})
+        cfg = base.model_copy(update={"strategy": strategy})
+        cfg = ExperimentConfig.model_validate(cfg.model_dump())
+        summary = run_experiment(cfg, out / name, show_progress=not args.quiet, console=console)
+        summaries.append(summary)
+        if summary["status"] == "interrupted":
+            break
+    console.print(comparison_table(summaries, f"{base.name}: {base.data.dataset}, {base.data.n_clients} clients, seed {base.seed}"))
+    (out / "comparison.json").write_text(json.dumps(summaries, indent=2))
+    html = render_report(out)
+    console.print(f"Report: {html}")
+    return EXIT_INTERRUPTED if summaries[-1]["status"] == "interrupted" else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from hetfl.results import render_report
+
+    path = Path(args.dir)
+    if not path.is_dir():
+        raise HetflError(f"{path}: no such directory")
+    console.print(f"Report: {render_report(path)}")
+    return 0
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    from hetfl.data import federate, partition_stats, stats_table
+
+    cfg = load_config(args.config, args.set)
+    fed = federate(cfg.data, cfg.seed)
+    part = cfg.data.partition
+    detail = {"dirichlet": f" alpha={part.alpha}", "shards": f" k={part.classes_per_client}",
+              "quantity": f" exponent={part.exponent}"}.get(part.kind, "")
+    console.print(stats_table(partition_stats(fed), f"{cfg.data.dataset}: {cfg.data.n_clients} clients, {part.kind}{detail}"))
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from hetfl.devices import build_profiles, describe_profiles
+
+    cfg = load_config(args.config, args.set)
+    profiles = build_profiles(cfg.devices, cfg.data.n_clients, np.random.default_rng([cfg.seed, 4]))
+    console.print(describe_profiles(profiles))
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from hetfl.results import list_runs, runs_table
+
+    rows = list_runs(
+        Path(args.root), algorithm=args.algorithm, dataset=args.dataset, name=args.name,
+        status=args.status, min_accuracy=args.min_accuracy, limit=args.limit,
+    )
+    if not rows:
+        console.print(f"no runs recorded under {args.root}")
+        return 0
+    console.print(runs_table(rows))
+    return 0
+
+
+def cmd_algorithms(args: argparse.Namespace) -> int:
+    from hetfl.strategies import STRATEGIES
+
+    table = Table(title="strategy.name")
+    table.add_column("name")
+    table.add_column("what it is")
+    for name, cls in sorted(STRATEGIES.items()):
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        table.add_row(name, doc)
+    console.print(table)
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hetfl", description="Federated learning across heterogeneous clients.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_overrides(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set strategy.name=fedprox (repeatable)")
+
+    p = sub.add_parser("run", help="run one experiment")
+    p.add_argument("config", nargs="?", help="experiment YAML")
+    p.add_argument("--out", help="run directory to write")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    with_overrides(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compare", help="run several algorithms on the same seed, data and devices")
+    p.add_argument("config")
+    p.add_argument("--algorithms", required=True, help="comma-separated, e.g. fedavg,fedprox,scaffold")
+    p.add_argument("--out", required=True)
+    p.add_argument("--quiet", action="store_true")
+    with_overrides(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="render plots and an HTML page for a run or comparison directory")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("partition", help="print per-client data statistics")
+    p.add_argument("config")
+    with_overrides(p)
+    p.set_defaults(func=cmd_partition)
+
+    p = sub.add_parser("devices", help="print the simulated device profiles")
+    p.add_argument("config")
+    with_overrides(p)
+    p.set_defaults(func=cmd_devices)
+
+    p = sub.add_parser("runs", help="list past runs from the results index")
+    p.add_argument("--root", default="results", help="results root to search (default: results)")
+    p.add_argument("--algorithm")
+    p.add_argument("--dataset")
+    p.add_argument("--name")
+    p.add_argument("--status")
+    p.add_argument("--min-accuracy", type=float)
+    p.add_argument("--limit", type=int)
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("algorithms", help="list the available algorithms")
+    p.set_defaults(func=cmd_algorithms)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DivergedError as err:
+        err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        return EXIT_DIVERGED
+    except HetflError as err:
+        err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Validated experiment configuration.
+
+Every input a run takes passes through :class:`ExperimentConfig` once, here; the code
+behind it trusts what it receives. An unknown key or a value of the wrong type is a
+:class:`~hetfl.errors.ConfigError` whose one-line message names the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hetfl.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- data
+class PartitionConfig(Section):
+    kind: Literal["iid", "dirichlet", "shards", "quantity", "natural"] = "iid"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller: more label skew).")
+    classes_per_client: int = Field(2, ge=1, description="Shards: distinct classes per client.")
+    exponent: float = Field(1.5, gt=0, description="Quantity skew: power-law exponent of client sizes.")
+    min_size: int = Field(2, ge=1, description="Smallest number of samples a client may get.")
+
+
+class DataConfig(Section):
+    dataset: Literal["digits", "mnist", "fashion_mnist", "cifar10", "leaf", "csv", "npz"] = "digits"
+    path: str | None = Field(None, description="Local file or folder; required for every dataset but digits.")
+    label_column: str = Field("label", description="CSV: the column holding the class label.")
+    id_column: str | None = Field(None, description="CSV: a column of natural client ids (for partition.kind=natural).")
+    n_clients: int = Field(20, ge=1)
+    partition: PartitionConfig = PartitionConfig()
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="Share of each client's samples kept for its test split.")
+    normalize: bool = Field(True, description="Scale features to zero mean, unit variance (statistics of the training splits).")
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> "DataConfig":
+        if self.dataset != "digits" and not self.path:
+            raise ValueError(f"data.path: dataset '{self.dataset}' is read from a local path; set data.path")
+        return self
+
+
+# --------------------------------------------------------------------------- devices
+class ComputeConfig(Section):
+    distribution: Literal["constant", "lognormal", "pareto", "tiers"] = "lognormal"
+    median_flops: float = Field(2e9, gt=0, description="FLOP/s of the median device (the reference speed 1.0).")
+    sigma: float = Field(0.5, ge=0, description="Log-normal: standard deviation of log speed.")
+    pareto_shape: float = Field(1.5, gt=0, description="Pareto: tail index (smaller: heavier tail of slow devices).")
+    tiers: dict[str, float] = Field(
+        default_factory=lambda: {"low": 0.3, "mid": 1.0, "high": 3.0},
+        description="Tiers: relative speed of each named tier.",
+    )
+    tier_weights: dict[str, float] | None = Field(None, description="Tiers: share of clients in each tier (default equal).")
+
+
+class NetworkConfig(Section):
+    tiers: dict[str, float] = Field(
+        default_factory=lambda: {"4g": 0.3, "wifi": 0.5, "ethernet": 0.2},
+        description="Share of clients on each bandwidth tier (names from hetfl.devices.NETWORK_TIERS).",
+    )
+
+
+class AvailabilityConfig(Section):
+    kind: Literal["always", "markov"] = "always"
+    mean_online_s: float = Field(3600.0, gt=0)
+    mean_offline_s: float = Field(600.0, gt=0)
+    horizon_s: float = Field(7 * 24 * 3600.0, gt=0, description="Availability windows are drawn up to this time.")
+
+
+class DevicesConfig(Section):
+    trace: str | None = Field(None, description="CSV or JSON device trace; overrides the distributions below.")
+    compute: ComputeConfig = ComputeConfig()
+    network: NetworkConfig = NetworkConfig()
+    availability: AvailabilityConfig = AvailabilityConfig()
+    dropout: float = Field(0.0, ge=0, lt=1, description="Probability that a client never returns a task.")
+    jitter: float = Field(0.1, ge=0, description="Per-task log-normal noise (sigma) on compute and network time.")
+
+
+# --------------------------------------------------------------------------- model and training
+class ModelConfig(Section):
+    name: Literal["logreg", "mlp", "cnn"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [64], description="MLP: hidden layer widths.")
+    channels: list[int] = Field(default_factory=lambda: [16, 32], description="CNN: channels of each conv block.")
+
+    @field_validator("hidden", "channels")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if any(v <= 0 for v in value):
+            raise ValueError("every width must be a positive integer")
+        return value
+
+
+class TrainingConfig(Section):
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(32, ge=1)
+    local_steps: int | None = Field(None, ge=1, description="Local optimiser steps per task (overrides local_epochs).")
+    local_epochs: float = Field(1.0, gt=0, description="Passes over the client's data per task, when local_steps is unset.")
+
+
+# --------------------------------------------------------------------------- strategy and run
+class StrategyConfig(Section):
+    """Which algorithm runs and its parameters.
+
+    ``params`` is validated by the strategy class itself (its keyword-only constructor), so each
+    algorithm documents its own parameters in one place.
+    """
+
+    name: str = "fedavg"
+    clients_per_round: int = Field(10, ge=1)
+    deadline_s: float | None = Field(None, gt=0, description="Round deadline in simulated seconds; later updates are dropped.")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvaluationConfig(Section):
+    every: int = Field(1, ge=1, description="Evaluate the global model every this many aggregations.")
+    target_accuracy: float = Field(0.9, gt=0, le=1)
+    stop_at_target: bool = False
+
+
+class ExperimentConfig(Section):
+    name: str = "experiment"
+    seed: int = 0
+    rounds: int = Field(50, ge=1, description="Number of aggregations (server model versions) to run.")
+    max_sim_time_s: float | None = Field(None, gt=0, description="Stop once simulated time passes this.")
+    checkpoint_every: int = Field(10, ge=1, description="Checkpoint the server state every this many aggregations.")
+    threads: int = Field(1, ge=1, description="torch intra-op threads (small models run fastest on one).")
+    data: DataConfig = DataConfig()
+    devices: DevicesConfig = DevicesConfig()
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+
+
+# --------------------------------------------------------------------------- loading
+def _error_line(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif msg.startswith("Value error, "):
+        msg = msg.removeprefix("Value error, ")
+        if msg.split(":")[0].count(".") and ":" in msg:  # the validator already named the key
+            return f"{source}: {msg}" + (f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else "")
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {key}: {msg}{more}"
+
+
+def parse_value(text: str) -> Any:
+    """Parse the value of a ``--set key=value`` override as YAML (so ``0.1``, ``true``, ``[1,2]`` work)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides to a raw config mapping (before validation)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set strategy.name=fedprox")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = parse_value(value)
+    return raw
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_error_line(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML config file, apply ``--set`` overrides and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return validate(apply_overrides(raw, overrides or []), source=str(path))
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

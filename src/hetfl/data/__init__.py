@@ -1,0 +1,36 @@
+"""Datasets read from local paths, partitioners that deal them out to clients, and their statistics."""
+
+from hetfl.data.datasets import ALL_LETTERS, Dataset, load_dataset
+from hetfl.data.partition import (
+    PARTITIONERS,
+    FederatedData,
+    dirichlet,
+    federate,
+    iid,
+    natural,
+    normalize,
+    quantity,
+    shards,
+    split_train_test,
+)
+from hetfl.data.stats import ClientStats, js_distance, partition_stats, stats_table
+
+__all__ = [
+    "ALL_LETTERS",
+    "PARTITIONERS",
+    "ClientStats",
+    "Dataset",
+    "FederatedData",
+    "dirichlet",
+    "federate",
+    "iid",
+    "js_distance",
+    "load_dataset",
+    "natural",
+    "normalize",
+    "partition_stats",
+    "quantity",
+    "shards",
+    "split_train_test",
+    "stats_table",
+]

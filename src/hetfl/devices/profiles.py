@@ -1,0 +1,315 @@
+"""Device profiles: how fast each client computes, how fast it talks, and when it is online.
+
+A :class:`DeviceProfile` is everything the virtual clock needs to know about one client. It is
+drawn once per run by :func:`build_profiles` from the ``devices`` config section (or read from a
+trace, see :mod:`hetfl.devices.trace`), and :func:`task_timing` turns it into the simulated
+seconds a task takes.
+
+Compute speed is relative: 1.0 is the median device, whose FLOP/s is
+``devices.compute.median_flops``. Distributions:
+
+- ``constant``: every device has speed 1.0.
+- ``lognormal``: ``speed = exp(N(0, sigma))``; median 1.
+- ``pareto``: a heavy tail of *slow* devices. ``speed = 2**(1/shape) / X`` with ``X`` a Pareto
+  variable of tail index ``shape`` and minimum 1, so the median speed is 1, the fastest device
+  is ``2**(1/shape)`` times the median and the slowest are unbounded (clipped at 1e-3).
+- ``tiers``: named tiers with fixed relative speeds, drawn with ``tier_weights`` (default equal).
+
+Network tiers (:data:`NETWORK_TIERS`) are *typical* figures for each kind of link, chosen to
+give plausible orders of magnitude, not measurements of any network:
+
+==========  =============  ===========  ============
+tier        down Mbit/s    up Mbit/s    latency ms
+==========  =============  ===========  ============
+3g          2              0.5          150
+4g          20             5            60
+5g          150            30           25
+wifi        50             20           15
+ethernet    1000           1000         2
+==========  =============  ===========  ============
+
+Availability: ``always`` (``windows=None``) or ``markov``, an alternating online/offline process
+with exponential period lengths (means ``mean_online_s`` and ``mean_offline_s``). Each client
+starts online with the stationary probability ``mean_online / (mean_online + mean_offline)``;
+as the periods are memoryless, the first period's remaining length is again exponential, so the
+process starts at a random phase of its stationary cycle. Periods are drawn up to ``horizon_s``;
+**after the horizon the client is online forever** (its last window ends at ``math.inf``), so a
+run longer than the horizon never stalls waiting for clients.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from operator import itemgetter
+from typing import TYPE_CHECKING
+
+import numpy as np
+from rich.table import Table
+
+from hetfl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hetfl.config import AvailabilityConfig, DevicesConfig
+
+BYTES_PER_MBIT = 1e6 / 8  # 1 Mbit/s = 125,000 bytes/s
+MIN_PARETO_SPEED = 1e-3
+
+
+@dataclass(frozen=True)
+class NetworkTier:
+    name: str
+    down_mbps: float
+    up_mbps: float
+    latency_ms: float
+
+
+NETWORK_TIERS: dict[str, NetworkTier] = {
+    t.name: t
+    for t in (
+        NetworkTier("3g", down_mbps=2.0, up_mbps=0.5, latency_ms=150.0),
+        NetworkTier("4g", down_mbps=20.0, up_mbps=5.0, latency_ms=60.0),
+        NetworkTier("5g", down_mbps=150.0, up_mbps=30.0, latency_ms=25.0),
+        NetworkTier("wifi", down_mbps=50.0, up_mbps=20.0, latency_ms=15.0),
+        NetworkTier("ethernet", down_mbps=1000.0, up_mbps=1000.0, latency_ms=2.0),
+    )
+}
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """One client's device.
+
+    ``windows`` are sorted, disjoint online intervals ``[start, end)`` in simulated seconds
+    (``end`` may be ``math.inf``); ``None`` means always online.
+    """
+
+    client_id: int
+    speed: float  # relative compute speed, 1.0 = the median device
+    flops: float  # FLOP/s of this device
+    down_Bps: float  # download bandwidth, bytes per second
+    up_Bps: float  # upload bandwidth, bytes per second
+    latency_s: float  # one-way latency added to each transfer
+    windows: tuple[tuple[float, float], ...] | None = None
+    dropout: float = 0.0  # probability that a task given to this client is never returned
+    tier: str = ""  # e.g. "mid/wifi", for reports
+
+    def _last_start_at_or_before(self, t: float) -> int:
+        """Index of the last window starting at or before ``t``; -1 if none."""
+        return bisect.bisect_right(self.windows, t, key=itemgetter(0)) - 1
+
+    def is_online(self, t: float) -> bool:
+        if self.windows is None:
+            return True
+        i = self._last_start_at_or_before(t)
+        return i >= 0 and t < self.windows[i][1]
+
+    def next_online(self, t: float) -> float:
+        """``t`` if online at ``t``, else the start of the next window, else ``math.inf``."""
+        if self.windows is None:
+            return t
+        i = self._last_start_at_or_before(t)
+        if i >= 0 and t < self.windows[i][1]:
+            return t
+        return self.windows[i + 1][0] if i + 1 < len(self.windows) else math.inf
+
+    def online_until(self, t: float) -> float:
+        """End of the window containing ``t`` (``math.inf`` if always online); ``t`` itself when offline."""
+        if self.windows is None:
+            return math.inf
+        i = self._last_start_at_or_before(t)
+        if i >= 0 and t < self.windows[i][1]:
+            return self.windows[i][1]
+        return t
+
+    def online_fraction(self, horizon: float) -> float:
+        """Share of ``[0, horizon)`` this client is online."""
+        if self.windows is None or horizon <= 0:
+            return 1.0
+        online = sum(max(0.0, min(end, horizon) - start) for start, end in self.windows if start < horizon)
+        return online / horizon
+
+
+# --------------------------------------------------------------------------- drawing profiles
+def build_profiles(cfg: DevicesConfig, n_clients: int, rng: np.random.Generator) -> list[DeviceProfile]:
+    """Draw one profile per client from the ``devices`` config (or read them from its trace).
+
+    With a trace, client ``i`` of the federation gets the ``i``-th trace device in order of its id
+    (``client_id`` is renumbered ``0..n_clients-1``); ``devices.dropout`` applies to every device
+    whose trace row gives no dropout. The same ``rng`` state gives the same profiles.
+    """
+    if cfg.trace:
+        from hetfl.devices.trace import load_trace  # here, as trace.py imports this module
+
+        loaded = load_trace(cfg.trace, n_clients, cfg.compute.median_flops, default_dropout=cfg.dropout)
+        return [replace(p, client_id=i) for i, p in enumerate(loaded)]
+
+    for name in cfg.network.tiers:
+        if name not in NETWORK_TIERS:
+            known = ", ".join(NETWORK_TIERS)
+            raise ConfigError(f"devices.network.tiers: unknown tier '{name}'; known tiers: {known}")
+    speeds, compute_labels = _draw_speeds(cfg, n_clients, rng)
+    network_names = _draw_choice(cfg.network.tiers, "devices.network.tiers", n_clients, rng)
+
+    profiles = []
+    for i in range(n_clients):
+        net = NETWORK_TIERS[network_names[i]]
+        windows = _markov_windows(cfg.availability, rng) if cfg.availability.kind == "markov" else None
+        profiles.append(
+            DeviceProfile(
+                client_id=i,
+                speed=float(speeds[i]),
+                flops=float(speeds[i]) * cfg.compute.median_flops,
+                down_Bps=net.down_mbps * BYTES_PER_MBIT,
+                up_Bps=net.up_mbps * BYTES_PER_MBIT,
+                latency_s=net.latency_ms / 1000,
+                windows=windows,
+                dropout=cfg.dropout,
+                tier=f"{compute_labels[i]}/{net.name}",
+            )
+        )
+    return profiles
+
+
+def _draw_speeds(cfg: DevicesConfig, n: int, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
+    """Relative speeds of ``n`` devices and the compute label of each (for the tier string)."""
+    compute = cfg.compute
+    kind = compute.distribution
+    if kind == "constant":
+        return np.ones(n), [kind] * n
+    if kind == "lognormal":
+        return np.exp(rng.normal(0.0, compute.sigma, size=n)), [kind] * n
+    if kind == "pareto":
+        x = 1.0 + rng.pareto(compute.pareto_shape, size=n)  # classic Pareto, minimum 1, median 2**(1/shape)
+        speeds = 2.0 ** (1.0 / compute.pareto_shape) / x
+        return np.maximum(speeds, MIN_PARETO_SPEED), [kind] * n
+    # tiers
+    if not compute.tiers:
+        raise ConfigError("devices.compute.tiers: at least one tier is needed")
+    for name, speed in compute.tiers.items():
+        if not speed > 0:
+            raise ConfigError(f"devices.compute.tiers.{name}: a tier's relative speed must be positive, got {speed}")
+    weights = compute.tier_weights or {name: 1.0 for name in compute.tiers}
+    for name in weights:
+        if name not in compute.tiers:
+            known = ", ".join(compute.tiers)
+            raise ConfigError(f"devices.compute.tier_weights: '{name}' is not one of devices.compute.tiers ({known})")
+    names = _draw_choice(weights, "devices.compute.tier_weights", n, rng)
+    return np.array([compute.tiers[name] for name in names], dtype=float), names
+
+
+def _draw_choice(weights: dict[str, float], key: str, n: int, rng: np.random.Generator) -> list[str]:
+    """Draw ``n`` names with probabilities proportional to ``weights``."""
+    names = list(weights)
+    w = np.array([weights[name] for name in names], dtype=float)
+    if len(w) == 0 or np.any(w < 0) or not np.isfinite(w).all() or w.sum() <= 0:
+        raise ConfigError(f"{key}: weights must be non-negative with a positive sum, got {weights}")
+    picks = rng.choice(len(names), size=n, p=w / w.sum())
+    return [names[k] for k in picks]
+
+
+def _markov_windows(avail: AvailabilityConfig, rng: np.random.Generator) -> tuple[tuple[float, float], ...]:
+    """Alternating exponential online/offline periods up to the horizon, then online forever."""
+    mean_on, mean_off, horizon = avail.mean_online_s, avail.mean_offline_s, avail.horizon_s
+    online = bool(rng.random() < mean_on / (mean_on + mean_off))
+    windows: list[tuple[float, float]] = []
+    t = 0.0
+    while t < horizon:
+        length = float(rng.exponential(mean_on if online else mean_off))
+        if online:
+            windows.append((t, t + length))
+        t += length
+        online = not online
+    if windows and windows[-1][1] >= horizon:  # the last online period runs past the horizon
+        windows[-1] = (windows[-1][0], math.inf)
+    else:  # an offline period runs past the horizon: online again from the horizon on
+        windows.append((horizon, math.inf))
+    return tuple(windows)
+
+
+# --------------------------------------------------------------------------- task timing
+@dataclass(frozen=True)
+class TaskTiming:
+    download_s: float
+    compute_s: float
+    upload_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.download_s + self.compute_s + self.upload_s
+
+
+def task_timing(
+    profile: DeviceProfile,
+    *,
+    flops: float,
+    bytes_down: int,
+    bytes_up: int,
+    jitter: float,
+    rng: np.random.Generator,
+) -> TaskTiming:
+    """Simulated seconds to download the model, train on it and upload the update.
+
+    With ``jitter > 0`` each of the three times is multiplied by an independent log-normal factor
+    ``exp(N(0, jitter) - jitter**2 / 2)``, whose mean is 1. With ``jitter == 0`` nothing is drawn
+    from ``rng`` and the times are exact.
+    """
+    download_s = bytes_down / profile.down_Bps + profile.latency_s
+    compute_s = flops / profile.flops
+    upload_s = bytes_up / profile.up_Bps + profile.latency_s
+    if jitter > 0:
+        f_down, f_compute, f_up = np.exp(rng.normal(0.0, jitter, size=3) - jitter**2 / 2)
+        download_s, compute_s, upload_s = download_s * f_down, compute_s * f_compute, upload_s * f_up
+    return TaskTiming(float(download_s), float(compute_s), float(upload_s))
+
+
+# --------------------------------------------------------------------------- summary
+def describe_profiles(profiles: Sequence[DeviceProfile], *, horizon_s: float | None = None) -> Table:
+    """A summary table: one row per tier (``compute/network``) and one for all devices.
+
+    The online share is measured over ``[0, horizon_s)``; by default up to the last finite window
+    boundary of any device (the availability horizon for ``markov``).
+    """
+    if horizon_s is None:
+        bounds = [x for p in profiles for w in (p.windows or ()) for x in w if math.isfinite(x)]
+        horizon_s = max(bounds, default=0.0)
+
+    table = Table(title=f"{len(profiles)} devices")
+    for column in ("tier", "clients", "speed min", "median", "max", "spread"):
+        table.add_column(column, justify="left" if column == "tier" else "right")
+    for column in ("down Mbit/s", "up Mbit/s", "latency ms", "online", "dropout"):
+        table.add_column(column, justify="right")
+
+    if not profiles:
+        return table
+    groups: dict[str, list[DeviceProfile]] = {}
+    for p in profiles:
+        groups.setdefault(p.tier or "(none)", []).append(p)
+    rows = sorted(groups.items())
+    if len(rows) > 1:
+        rows.append(("all", list(profiles)))
+    for i, (name, group) in enumerate(rows):
+        speeds = np.array([p.speed for p in group])
+        table.add_row(
+            name,
+            str(len(group)),
+            f"{speeds.min():.3g}",
+            f"{np.median(speeds):.3g}",
+            f"{speeds.max():.3g}",
+            f"{speeds.max() / speeds.min():.3g}x",
+            _range_text([p.down_Bps / BYTES_PER_MBIT for p in group]),
+            _range_text([p.up_Bps / BYTES_PER_MBIT for p in group]),
+            _range_text([p.latency_s * 1000 for p in group]),
+            f"{np.mean([p.online_fraction(horizon_s) for p in group]):.0%}",
+            f"{np.mean([p.dropout for p in group]):.0%}",
+            end_section=len(rows) > 1 and i == len(rows) - 2,  # a rule above the "all" row
+        )
+    return table
+
+
+def _range_text(values: list[float]) -> str:
+    """The value shared by the group, or its range when the values differ."""
+    low, high = min(values), max(values)
+    return f"{low:.4g}" if low == high else f"{low:.4g}-{high:.4g}"

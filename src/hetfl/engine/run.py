@@ -1,0 +1,273 @@
+"""One experiment, end to end: build the federation, simulate, evaluate, write the results.
+
+A run directory holds ``config.yaml`` (resolved), ``metrics.jsonl`` (one evaluation a line),
+``summary.json`` and ``checkpoint.pt`` (server state between events, for ``--resume``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from hetfl.config import ExperimentConfig, dump_config, load_config
+from hetfl.data import FederatedData, federate
+from hetfl.devices import DeviceProfile, build_profiles
+from hetfl.engine.simulator import ClientPool, Simulator
+from hetfl.errors import DivergedError, HetflError
+from hetfl.models import build_model, flops_per_sample
+from hetfl.models.cost import training_flops
+from hetfl.results import MetricsLog, record_run, write_summary
+from hetfl.strategies import Strategy, build_strategy
+from hetfl.training import LocalTrainer
+from hetfl.training.evaluate import Evaluator
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class Federation:
+    """Everything a run is built from, made deterministically from the config and its seed."""
+
+    config: ExperimentConfig
+    data: FederatedData
+    profiles: list[DeviceProfile]
+    trainer: LocalTrainer
+    evaluator: Evaluator
+    pool: ClientPool
+    flops_per_step: float
+
+    def strategy(self) -> Strategy:
+        strategy = build_strategy(self.config.strategy)
+        strategy.check_training(self.config.training.optimizer, self.config.training.momentum)
+        return strategy
+
+    def simulator(self, strategy: Strategy | None = None, on_commit=None) -> Simulator:
+        cfg = self.config
+        return Simulator(
+            strategy=strategy or self.strategy(),
+            trainer=self.trainer,
+            pool=self.pool,
+            profiles=self.profiles,
+            flops_per_step=self.flops_per_step,
+            seed=cfg.seed,
+            jitter=cfg.devices.jitter,
+            on_commit=on_commit,
+            max_sim_time_s=cfg.max_sim_time_s,
+        )
+
+
+def build_federation(cfg: ExperimentConfig) -> Federation:
+    torch.set_num_threads(cfg.threads)
+    data = federate(cfg.data, cfg.seed)
+    profiles = build_profiles(cfg.devices, data.n_clients, np.random.default_rng([cfg.seed, 4]))
+    torch.manual_seed(cfg.seed)
+    ds = data.dataset
+    model = build_model(cfg.model, ds.input_shape, ds.n_classes, ds.vocab_size)
+    forward = flops_per_sample(model, ds.input_shape, token_input=ds.vocab_size is not None)
+    trainer = LocalTrainer(model, cfg.training)
+    x, y = torch.from_numpy(ds.x), torch.from_numpy(ds.y)
+    pool = ClientPool(x, y, [torch.from_numpy(t.astype(np.int64)) for t in data.train])
+    evaluator = Evaluator.from_splits(trainer, x, y, data.test)
+    return Federation(cfg, data, profiles, trainer, evaluator, pool, training_flops(forward, cfg.training.batch_size))
+
+
+@dataclass
+class Tracker:
+    """What the summary needs from the evaluations seen so far."""
+
+    target: float
+    best_accuracy: float = 0.0
+    last: dict[str, Any] = field(default_factory=dict)
+    time_to_target_s: float | None = None
+    rounds_to_target: int | None = None
+
+    def observe(self, record: dict[str, Any]) -> None:
+        self.last = record
+        self.best_accuracy = max(self.best_accuracy, record["accuracy"])
+        if self.time_to_target_s is None and record["accuracy"] >= self.target:
+            self.time_to_target_s = record["sim_time_s"]
+            self.rounds_to_target = record["round"]
+
+
+class Run:
+    """A run directory being written: evaluation, logging, checkpoints and the summary."""
+
+    def __init__(self, cfg: ExperimentConfig, out: Path, fed: Federation, *, resume: bool) -> None:
+        self.cfg, self.out, self.fed = cfg, out, fed
+        self.tracker = Tracker(cfg.evaluation.target_accuracy)
+        self.wall_before = 0.0  # wall seconds spent by earlier processes (resume)
+        self.sim = fed.simulator(on_commit=self._on_commit)
+        resumed_round = self._load_checkpoint() if resume else None
+        self.log = MetricsLog(out / "metrics.jsonl", resume_from_round=resumed_round)
+        self.started = time.perf_counter()
+        self.started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        self.progress: Progress | None = None
+        self.bar: Any = None
+        if resumed_round is None:
+            self.evaluate()  # round 0: the initial model
+
+    # ------------------------------------------------------------------ measurements
+    def wall_time(self) -> float:
+        return self.wall_before + time.perf_counter() - self.started
+
+    def evaluate(self) -> dict[str, Any]:
+        sim = self.sim
+        c = sim.counters
+        record = {
+            "round": sim.version,
+            "sim_time_s": sim.now,
+            "wall_time_s": self.wall_time(),
+            **self.fed.evaluator(sim.params),
+            "bytes_up": c.bytes_up,
+            "bytes_down": c.bytes_down,
+            "updates": c.updates,
+            "dropped": c.dropped,
+        }
+        self.log.append(record)
+        self.tracker.observe(record)
+        return record
+
+    def _on_commit(self, sim: Simulator) -> None:
+        cfg = self.cfg
+        last_round = sim.version >= cfg.rounds
+        if sim.version % cfg.evaluation.every == 0 or last_round:
+            record = self.evaluate()
+            if cfg.evaluation.stop_at_target and record["accuracy"] >= cfg.evaluation.target_accuracy:
+                sim.stop("target reached")
+        if last_round:
+            sim.stop("rounds")
+        if self.bar is not None:
+            acc = self.tracker.last.get("accuracy", float("nan"))
+            self.progress.update(self.bar, completed=sim.version, acc=f"{acc:.3f}", sim=_human_time(sim.now))
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> None:
+        tmp = self.out / (CHECKPOINT + ".tmp")
+        torch.save({"state": self.sim.state, "wall_time_s": self.wall_time(), "tracker": self.tracker}, tmp)
+        os.replace(tmp, self.out / CHECKPOINT)
+
+    def _load_checkpoint(self) -> int:
+        path = self.out / CHECKPOINT
+        if not path.is_file():
+            raise HetflError(f"{path}: no checkpoint to resume from")
+        saved = torch.load(path, weights_only=False)
+        self.sim.state = saved["state"]
+        self.wall_before = saved["wall_time_s"]
+        self.tracker = saved["tracker"]
+        return self.sim.version
+
+    # ------------------------------------------------------------------ the loop
+    def execute(self, show_progress: bool = True, console: Console | None = None) -> dict[str, Any]:
+        status = "completed"
+        sim, every = self.sim, self.cfg.checkpoint_every
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("acc {task.fields[acc]}  sim {task.fields[sim]}"), TimeElapsedColumn(),
+            console=console, disable=not show_progress, transient=False,
+        )
+        try:
+            with self.progress:
+                self.bar = self.progress.add_task(
+                    self.cfg.strategy.name, total=self.cfg.rounds, completed=sim.version, acc="-", sim=_human_time(sim.now)
+                )
+                sim.proceed()
+                while sim.step():
+                    if sim.checkpoint_due and sim.version % every == 0:
+                        self.save_checkpoint()
+                        sim.checkpoint_due = False
+        except KeyboardInterrupt:
+            status = "interrupted"
+        except DivergedError:
+            self.finish("diverged")
+            raise
+        if status == "completed":
+            if sim.stop_reason == "stalled":
+                status = "stalled"
+            if self.tracker.last.get("round") != sim.version or sim.stop_reason == "time limit":
+                self.evaluate()
+            self.save_checkpoint()
+        return self.finish(status)
+
+    def finish(self, status: str) -> dict[str, Any]:
+        self.log.close()
+        last, c = self.tracker.last, self.sim.counters
+        summary = {
+            "name": self.cfg.name,
+            "algorithm": self.cfg.strategy.name,
+            "status": status,
+            "stop_reason": self.sim.stop_reason,
+            "seed": self.cfg.seed,
+            "dataset": self.cfg.data.dataset,
+            "n_clients": self.cfg.data.n_clients,
+            "final_accuracy": last.get("accuracy"),
+            "best_accuracy": self.tracker.best_accuracy,
+            "final_loss": last.get("loss"),
+            "client_acc_mean": last.get("client_acc_mean"),
+            "client_acc_p10": last.get("client_acc_p10"),
+            "rounds": self.sim.version,
+            "sim_time_s": self.sim.now,
+            "wall_time_s": self.wall_time(),
+            "bytes_up": c.bytes_up,
+            "bytes_down": c.bytes_down,
+            "updates": c.updates,
+            "dropped": c.dropped,
+            "failed_tasks": c.failed,
+            "trained_steps": c.trained_steps,
+            "target_accuracy": self.tracker.target,
+            "time_to_target_s": self.tracker.time_to_target_s,
+            "rounds_to_target": self.tracker.rounds_to_target,
+            "started_at": self.started_at,
+        }
+        write_summary(self.out / "summary.json", summary)
+        record_run(self.out, summary)
+        return summary
+
+
+def run_experiment(
+    cfg: ExperimentConfig, out: str | Path, *, show_progress: bool = True, console: Console | None = None
+) -> dict[str, Any]:
+    """Run ``cfg`` into the directory ``out`` (created; an earlier run there is replaced)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.jsonl", "summary.json", CHECKPOINT):
+        (out / stale).unlink(missing_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
+    fed = build_federation(cfg)
+    return Run(cfg, out, fed, resume=False).execute(show_progress, console)
+
+
+def resume_experiment(
+    out: str | Path, overrides: list[str] | None = None, *, show_progress: bool = True, console: Console | None = None
+) -> dict[str, Any]:
+    """Continue the run in ``out`` from its last checkpoint, with the config it was started with.
+
+    ``overrides`` may change what does not alter the federation (``rounds``, ``max_sim_time_s``,
+    evaluation settings), e.g. to extend a finished run.
+    """
+    out = Path(out)
+    if not (out / "config.yaml").is_file():
+        raise HetflError(f"{out}: not a run directory (no config.yaml)")
+    cfg = load_config(out / "config.yaml", overrides)
+    (out / "config.yaml").write_text(dump_config(cfg))
+    fed = build_federation(cfg)
+    return Run(cfg, out, fed, resume=True).execute(show_progress, console)
+
+
+def _human_time(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "inf"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f}min"
+    return f"{seconds / 3600:.2f}h"

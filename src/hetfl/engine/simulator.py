@@ -1,0 +1,316 @@
+"""The virtual-clock simulator: runs a strategy against simulated heterogeneous devices.
+
+How a task flows:
+
+1. The strategy calls :meth:`Simulator.dispatch`. The simulator prices the task with the client's
+   device profile (download + compute + upload seconds, with jitter), decides whether the client
+   will lose it (dropout, or going offline before the end), and schedules one event: ``arrival``
+   at the end, or ``failure`` at the moment it is lost. Nothing is trained yet.
+2. The main loop pops events in simulated-time order (ties: first scheduled, first delivered).
+3. An ``arrival`` runs the real local training, lazily, only now, and hands the update to the
+   strategy. A task the strategy cancelled (say, after a round deadline) is never trained.
+4. The strategy aggregates and calls :meth:`Simulator.commit`; the simulator's observer evaluates,
+   logs and decides whether to stop. Checkpoints are taken between events, when state is whole.
+
+Simulated time (what a deployment would take) is ``now``; wall time is measured by the caller.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from hetfl.devices import DeviceProfile, task_timing
+from hetfl.engine.clock import Event, EventQueue
+from hetfl.errors import DivergedError
+from hetfl.strategies.base import ClientData, Strategy, Task, Update
+from hetfl.training import LocalTrainer
+
+
+@dataclass
+class ClientPool:
+    """The clients' local training data: one tensor pair, and each client's index array into it."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    train_indices: list[torch.Tensor]
+
+    def data(self, client_id: int) -> ClientData:
+        idx = self.train_indices[client_id]
+        return ClientData(client_id, self.x[idx], self.y[idx])
+
+    def n_samples(self, client_id: int) -> int:
+        return int(self.train_indices[client_id].numel())
+
+
+@dataclass
+class Counters:
+    bytes_up: int = 0
+    bytes_down: int = 0
+    updates: int = 0  # client updates aggregated
+    dropped: int = 0  # updates a strategy gave up on (late, lost)
+    failed: int = 0  # tasks lost by clients (dropout, offline)
+    tasks: int = 0  # tasks dispatched
+    trained_steps: int = 0  # local steps actually computed
+
+
+@dataclass
+class SimState:
+    """Everything that changes during a run: what a checkpoint holds."""
+
+    params: torch.Tensor
+    strategy: Strategy
+    queue: EventQueue = field(default_factory=EventQueue)
+    version: int = 0
+    busy: dict[int, Event] = field(default_factory=dict)
+    client_state: dict[int, dict[str, Any]] = field(default_factory=dict)
+    counters: Counters = field(default_factory=Counters)
+    server_rng: np.random.Generator | None = None
+    device_rng: np.random.Generator | None = None
+    started: bool = False
+
+
+class Simulator:
+    """Drives ``strategy`` on a virtual clock; implements :class:`hetfl.strategies.base.Server`.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The algorithm.
+    trainer : LocalTrainer
+        Trains the shared model instance for whichever client's task arrives.
+    pool : ClientPool
+        Clients' training data.
+    profiles : list of DeviceProfile
+        One per client.
+    flops_per_step : float
+        FLOPs of one local optimiser step (same model for every client).
+    seed : int
+        Seeds the server's sampling stream, the device stream and every task's batch order.
+    jitter : float
+        Per-task log-normal noise on compute and network time.
+    on_commit : callable, optional
+        Called as ``on_commit(sim)`` after each aggregation; evaluation and logging live there.
+    max_sim_time_s : float, optional
+        Events after this simulated time are not processed.
+    """
+
+    def __init__(
+        self,
+        *,
+        strategy: Strategy,
+        trainer: LocalTrainer,
+        pool: ClientPool,
+        profiles: list[DeviceProfile],
+        flops_per_step: float,
+        seed: int,
+        jitter: float = 0.0,
+        initial_params: torch.Tensor | None = None,
+        on_commit: Callable[["Simulator"], None] | None = None,
+        max_sim_time_s: float | None = None,
+    ) -> None:
+        if len(profiles) != len(pool.train_indices):
+            raise ValueError(f"{len(profiles)} device profiles for {len(pool.train_indices)} clients")
+        self.trainer, self.pool, self.profiles = trainer, pool, profiles
+        self.flops_per_step, self.seed, self.jitter = flops_per_step, seed, jitter
+        self.model_bytes = trainer.numel * 4
+        self.on_commit = on_commit
+        self.max_sim_time_s = max_sim_time_s
+        params = trainer.flat.clone() if initial_params is None else initial_params.clone()
+        self.state = SimState(
+            params=params,
+            strategy=strategy,
+            server_rng=np.random.default_rng([seed, 1]),
+            device_rng=np.random.default_rng([seed, 2]),
+        )
+        self._stop_reason: str | None = None
+        self.checkpoint_due = False
+
+    # ----------------------------------------------------------------- Server protocol
+    @property
+    def now(self) -> float:
+        return self.state.queue.now
+
+    @property
+    def version(self) -> int:
+        return self.state.version
+
+    @property
+    def params(self) -> torch.Tensor:
+        return self.state.params
+
+    @property
+    def rng(self) -> np.random.Generator:
+        return self.state.server_rng  # type: ignore[return-value]
+
+    @property
+    def strategy(self) -> Strategy:
+        return self.state.strategy
+
+    @property
+    def counters(self) -> Counters:
+        return self.state.counters
+
+    @property
+    def n_clients(self) -> int:
+        return len(self.profiles)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_reason is not None
+
+    def stop(self, reason: str) -> None:
+        """Ask the run to end after the current event (first reason wins)."""
+        self._stop_reason = self._stop_reason or reason
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self._stop_reason
+
+    def proceed(self) -> None:
+        """Go on after a stop (say, with more rounds): clear it, and restart the strategy if nothing is in flight."""
+        self._stop_reason = None
+        if self.state.started and not len(self.state.queue):
+            self.state.strategy.start(self)
+
+    def available(self) -> list[int]:
+        now, busy = self.now, self.state.busy
+        return [c for c, p in enumerate(self.profiles) if c not in busy and p.is_online(now)]
+
+    def next_available_time(self) -> float:
+        now, busy = self.now, self.state.busy
+        return min((p.next_online(now) for c, p in enumerate(self.profiles) if c not in busy), default=math.inf)
+
+    def num_samples(self, client_id: int) -> int:
+        return self.pool.n_samples(client_id)
+
+    def default_steps(self, client_id: int) -> int:
+        return self.trainer.steps_for(self.pool.n_samples(client_id))
+
+    def dispatch(
+        self,
+        client_id: int,
+        *,
+        steps: int | None = None,
+        payload: dict[str, torch.Tensor] | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> Task:
+        st = self.state
+        if client_id in st.busy:
+            raise RuntimeError(f"client {client_id} already has a task")
+        profile = self.profiles[client_id]
+        if not profile.is_online(self.now):
+            raise RuntimeError(f"client {client_id} is offline at t={self.now:.1f}s")
+        steps = self.default_steps(client_id) if steps is None else steps
+        task = Task(
+            task_id=st.counters.tasks,
+            client_id=client_id,
+            version=st.version,
+            params=st.params,
+            steps=steps,
+            dispatched_at=self.now,
+            payload=payload or {},
+            options=options or {},
+        )
+        st.counters.tasks += 1
+        bytes_down = self.model_bytes + sum(t.numel() * t.element_size() for t in task.payload.values())
+        bytes_up = self.model_bytes * st.strategy.upload_copies
+        st.counters.bytes_down += bytes_down
+        timing = task_timing(
+            profile, flops=steps * self.flops_per_step, bytes_down=bytes_down, bytes_up=bytes_up,
+            jitter=self.jitter, rng=st.device_rng,
+        )
+        end = self.now + timing.total_s
+        lost_at = math.inf
+        if profile.dropout > 0 and st.device_rng.random() < profile.dropout:  # type: ignore[union-attr]
+            lost_at = self.now + st.device_rng.random() * timing.total_s  # type: ignore[union-attr]
+        lost_at = min(lost_at, profile.online_until(self.now))
+        if lost_at < end:
+            st.busy[client_id] = st.queue.push(lost_at, "failure", task)
+        else:
+            st.busy[client_id] = st.queue.push(end, "arrival", task)
+        return task
+
+    def cancel(self, task: Task) -> None:
+        event = self.state.busy.get(task.client_id)
+        if event is not None and event.data is task:
+            EventQueue.cancel(event)
+            del self.state.busy[task.client_id]
+
+    def set_timer(self, at: float, tag: str) -> Event:
+        return self.state.queue.push(max(at, self.now), "timer", tag)
+
+    def cancel_timer(self, handle: Event) -> None:
+        EventQueue.cancel(handle)
+
+    def commit(self, params: torch.Tensor, updates: list[Update], *, dropped: int = 0) -> None:
+        if not torch.isfinite(params).all():
+            raise DivergedError(
+                f"the global model became non-finite at aggregation {self.version + 1}; "
+                "lower training.lr or the strategy's server_lr"
+            )
+        st = self.state
+        st.params = params
+        st.version += 1
+        st.counters.updates += len(updates)
+        st.counters.dropped += dropped
+        self.checkpoint_due = True
+        if self.on_commit is not None:
+            self.on_commit(self)
+
+    # ----------------------------------------------------------------- the main loop
+    def task_seed(self, task_id: int) -> int:
+        return int(np.random.SeedSequence([self.seed, 3, task_id]).generate_state(1)[0])
+
+    def step(self) -> bool:
+        """Process one event; False when there is nothing left to do."""
+        st = self.state
+        if not st.started:
+            st.started = True
+            st.strategy.start(self)
+            return True
+        event = st.queue.pop()
+        if event is None:
+            self.stop("stalled")  # no event left: nobody can ever report again
+            return False
+        if self.max_sim_time_s is not None and event.time > self.max_sim_time_s:
+            st.queue.now = self.max_sim_time_s
+            self.stop("time limit")
+            return False
+        if event.kind == "arrival":
+            self._arrive(event.data)
+        elif event.kind == "failure":
+            task: Task = event.data
+            del st.busy[task.client_id]
+            st.counters.failed += 1
+            st.strategy.on_failure(self, task)
+        else:
+            st.strategy.on_timer(self, event.data)
+        return not self.stopping
+
+    def _arrive(self, task: Task) -> None:
+        st = self.state
+        del st.busy[task.client_id]
+        data = self.pool.data(task.client_id)
+        state = st.client_state.setdefault(task.client_id, {})
+        result = st.strategy.client_train(self.trainer, task, data, state, self.task_seed(task.task_id))
+        if not state:
+            del st.client_state[task.client_id]  # keep memory proportional to clients that hold state
+        st.counters.trained_steps += result.steps
+        st.counters.bytes_up += self.model_bytes * st.strategy.upload_copies
+        update = Update(
+            task=task,
+            params=result.params,
+            n_samples=data.n_samples,
+            steps=result.steps,
+            loss=result.loss,
+            arrived_at=self.now,
+            payload=result.payload,
+            stats=result.stats,
+            arrived_version=st.version,
+        )
+        st.strategy.on_update(self, update)

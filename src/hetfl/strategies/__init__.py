@@ -1,0 +1,48 @@
+"""Federated algorithms, one file each, all on the event-driven interface in :mod:`hetfl.strategies.base`."""
+
+from __future__ import annotations
+
+import inspect
+
+from hetfl.config import StrategyConfig
+from hetfl.errors import ConfigError
+from hetfl.strategies.base import ClientData, ClientResult, Server, Strategy, Task, Update
+from hetfl.strategies.fedavg import FedAvg
+from hetfl.strategies.fednova import FedNova
+from hetfl.strategies.fedopt import FedAdam, FedYogi
+from hetfl.strategies.fedprox import FedProx
+from hetfl.strategies.rounds import RoundStrategy
+from hetfl.strategies.scaffold import Scaffold
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (FedAvg, FedProx, FedNova, Scaffold, FedAdam, FedYogi)
+}
+
+
+def build_strategy(cfg: StrategyConfig) -> Strategy:
+    """Instantiate ``cfg.name`` with its parameters; a wrong name or parameter is a one-line ConfigError."""
+    cls = STRATEGIES.get(cfg.name)
+    if cls is None:
+        raise ConfigError(f"strategy.name: unknown algorithm '{cfg.name}' (known: {', '.join(sorted(STRATEGIES))})")
+    accepted = inspect.signature(cls.__init__).parameters
+    kwargs = dict(cfg.params)
+    for key in kwargs:
+        if key not in accepted or key in ("self", "clients_per_round", "deadline_s"):
+            known = [k for k in accepted if k not in ("self", "clients_per_round", "deadline_s")]
+            raise ConfigError(
+                f"strategy.params.{key}: not a parameter of {cfg.name} (known: {', '.join(known) or 'none'})"
+            )
+    if "clients_per_round" in accepted:
+        kwargs["clients_per_round"] = cfg.clients_per_round
+    if "deadline_s" in accepted:
+        kwargs["deadline_s"] = cfg.deadline_s
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"strategy.params: {cfg.name}: {err}") from None
+
+
+__all__ = [
+    "STRATEGIES", "build_strategy", "ClientData", "ClientResult", "Server", "Strategy", "Task", "Update",
+    "RoundStrategy", "FedAvg", "FedProx", "FedNova", "Scaffold", "FedAdam", "FedYogi",
+]

@@ -1,0 +1,164 @@
+"""The one strategy interface every algorithm implements, and the server it talks to.
+
+A strategy is event-driven. The engine (the virtual-clock simulator today, a Ray or gRPC
+backend later) calls its hooks when something happens:
+
+- ``start(server)``: the federation is ready; dispatch the first tasks.
+- ``on_update(server, update)``: client ``update.client_id`` returned ``update`` at ``server.now``.
+- ``on_failure(server, task)``: a client lost its task (went offline or dropped out).
+- ``on_timer(server, tag)``: a timer the strategy set has fired (round deadlines, group deadlines).
+
+It answers through the :class:`Server`: ``dispatch`` work to clients, ``cancel`` tasks it no longer
+wants, ``set_timer``, and ``commit`` a new global model (one aggregation = one server version).
+
+The client half of an algorithm, :meth:`Strategy.client_train`, runs where the data is and sees
+only the task and the client's own state, so the same class runs in a simulation and on a real client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from hetfl.training import LocalTrainer
+
+
+@dataclass
+class Task:
+    """Work sent to one client: start from ``params`` (global version ``version``), run ``steps`` steps."""
+
+    task_id: int
+    client_id: int
+    version: int
+    params: torch.Tensor
+    steps: int
+    dispatched_at: float
+    payload: dict[str, torch.Tensor] = field(default_factory=dict)  # extra tensors sent (counted in bytes)
+    options: dict[str, Any] = field(default_factory=dict)  # scalars for the client half (e.g. prox_mu)
+
+
+@dataclass
+class Update:
+    """What a client returned for ``task``."""
+
+    task: Task
+    params: torch.Tensor  # the client's model after local training
+    n_samples: int
+    steps: int
+    loss: float
+    arrived_at: float
+    payload: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)  # scalars (e.g. FedNova's a_i)
+
+    @property
+    def client_id(self) -> int:
+        return self.task.client_id
+
+    @property
+    def delta(self) -> torch.Tensor:
+        """Model change: client's result minus the model it started from."""
+        return self.params - self.task.params
+
+    @property
+    def staleness(self) -> int:
+        """How many aggregations happened since the task was dispatched (0 for synchronous rounds)."""
+        return self.arrived_version - self.task.version
+
+    arrived_version: int = 0
+
+
+@dataclass
+class ClientData:
+    """A client's local training data, as the client half of a strategy sees it."""
+
+    client_id: int
+    x: torch.Tensor
+    y: torch.Tensor
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.x.shape[0])
+
+
+@dataclass
+class ClientResult:
+    params: torch.Tensor
+    steps: int
+    loss: float
+    payload: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class Server(Protocol):
+    """What a strategy may ask of the engine. Implemented by the simulator (and later backends)."""
+
+    now: float  # simulated seconds (wall seconds in a real deployment)
+    version: int  # number of aggregations so far
+    params: torch.Tensor  # current global model (flat)
+    rng: np.random.Generator  # the server's random stream (client sampling)
+    n_clients: int
+
+    def available(self) -> list[int]: ...  # clients online and without a task, sorted
+
+    def next_available_time(self) -> float: ...  # when the next idle client comes online (inf if never)
+
+    def num_samples(self, client_id: int) -> int: ...
+
+    def default_steps(self, client_id: int) -> int: ...
+
+    def dispatch(
+        self,
+        client_id: int,
+        *,
+        steps: int | None = None,
+        payload: dict[str, torch.Tensor] | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> Task: ...
+
+    def cancel(self, task: Task) -> None: ...  # the task's result is no longer wanted (never computed)
+
+    def set_timer(self, at: float, tag: str) -> Any: ...
+
+    def cancel_timer(self, handle: Any) -> None: ...
+
+    def commit(self, params: torch.Tensor, updates: list[Update], *, dropped: int = 0) -> None: ...
+
+    @property
+    def stopping(self) -> bool: ...  # True once the run has met a stop condition
+
+
+class Strategy:
+    """Base class: subclasses override the hooks they need.
+
+    ``upload_copies`` is how many model-sized tensors a client sends back (SCAFFOLD: 2), so the
+    engine can time the upload before the client has computed anything.
+    """
+
+    name: ClassVar[str] = "base"
+    upload_copies: ClassVar[int] = 1
+
+    def start(self, server: Server) -> None:
+        raise NotImplementedError
+
+    def on_update(self, server: Server, update: Update) -> None:
+        raise NotImplementedError
+
+    def on_failure(self, server: Server, task: Task) -> None:
+        """A client lost its task; by default nothing waits on it."""
+
+    def on_timer(self, server: Server, tag: str) -> None:
+        """A timer fired; strategies that set timers override this."""
+
+    def client_train(
+        self, trainer: "LocalTrainer", task: Task, data: ClientData, state: dict[str, Any], seed: int
+    ) -> ClientResult:
+        """The client half: plain local training. ``state`` persists on the client between tasks."""
+        result = trainer.train(task.params, data.x, data.y, steps=task.steps, seed=seed, **task.options)
+        return ClientResult(result.params, result.steps, result.loss)
+
+    def check_training(self, optimizer: str, momentum: float) -> None:
+        """Refuse a local optimiser the algorithm's mathematics does not hold for (raise ConfigError)."""

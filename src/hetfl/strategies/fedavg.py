@@ -1,0 +1,39 @@
+"""FedAvg: federated averaging of client models, weighted by sample count.
+
+McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data",
+AISTATS 2017 (arXiv:1602.05629).
+
+    w <- w + eta_s * sum_i p_i (w_i - w),   p_i = n_i / sum_j n_j
+
+With ``server_lr = 1`` this is the sample-weighted mean of the client models.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hetfl.strategies.base import Server, Update
+from hetfl.strategies.rounds import RoundStrategy, sample_weights, weighted_delta
+
+
+class FedAvg(RoundStrategy):
+    """Federated averaging.
+
+    Parameters
+    ----------
+    clients_per_round, deadline_s
+        See :class:`~hetfl.strategies.rounds.RoundStrategy`.
+    server_lr : float, default 1.0
+        Server step size on the averaged model change.
+    """
+
+    name = "fedavg"
+
+    def __init__(self, *, clients_per_round: int = 10, deadline_s: float | None = None, server_lr: float = 1.0) -> None:
+        super().__init__(clients_per_round=clients_per_round, deadline_s=deadline_s)
+        if server_lr <= 0:
+            raise ValueError("server_lr must be positive")
+        self.server_lr = server_lr
+
+    def aggregate(self, server: Server, updates: list[Update]) -> torch.Tensor:
+        return server.params + self.server_lr * weighted_delta(updates, sample_weights(updates))

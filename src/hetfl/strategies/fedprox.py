@@ -1,0 +1,38 @@
+"""FedProx: FedAvg whose clients add a proximal term (mu/2)||w - w_global||^2 to their loss.
+
+Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020 (arXiv:1812.06127).
+The proximal term limits how far a client drifts on non-IID data; ``mu = 0`` is FedAvg.
+Aggregation is FedAvg's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hetfl.strategies.base import Server
+from hetfl.strategies.fedavg import FedAvg
+
+
+class FedProx(FedAvg):
+    """FedAvg with a proximal term on the clients.
+
+    Parameters
+    ----------
+    mu : float, default 0.01
+        Weight of the proximal term; its gradient ``mu * (w - w_global)`` is added at every local step.
+    clients_per_round, deadline_s, server_lr
+        As for :class:`~hetfl.strategies.fedavg.FedAvg`.
+    """
+
+    name = "fedprox"
+
+    def __init__(
+        self, *, mu: float = 0.01, clients_per_round: int = 10, deadline_s: float | None = None, server_lr: float = 1.0
+    ) -> None:
+        super().__init__(clients_per_round=clients_per_round, deadline_s=deadline_s, server_lr=server_lr)
+        if mu < 0:
+            raise ValueError("mu must be non-negative")
+        self.mu = mu
+
+    def configure(self, server: Server, client_id: int) -> dict[str, Any]:
+        return {"options": {"prox_mu": self.mu}}

@@ -1,0 +1,117 @@
+"""Synchronous rounds on the event-driven interface: sample, dispatch, wait (until a deadline), aggregate.
+
+Subclasses say what to send (:meth:`RoundStrategy.configure`) and how to combine what came back
+(:meth:`RoundStrategy.aggregate`); the round bookkeeping lives here once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from hetfl.strategies.base import Server, Strategy, Task, Update
+
+
+def sample_weights(updates: list[Update]) -> torch.Tensor:
+    """p_i = n_i / sum_j n_j over the updates of a round."""
+    n = torch.tensor([u.n_samples for u in updates], dtype=torch.float32)
+    return n / n.sum()
+
+
+def weighted_delta(updates: list[Update], weights: torch.Tensor) -> torch.Tensor:
+    """sum_i p_i * delta_i."""
+    return torch.stack([u.delta for u in updates]).T @ weights
+
+
+class RoundStrategy(Strategy):
+    """Round-based server: each round samples ``clients_per_round`` available clients uniformly.
+
+    Parameters
+    ----------
+    clients_per_round : int
+        Clients sampled per round (fewer if fewer are online).
+    deadline_s : float or None
+        Round deadline in simulated seconds after dispatch; updates not back by then are dropped
+        (their clients are told to stop, so their work is never computed). None waits for all.
+    """
+
+    def __init__(self, *, clients_per_round: int = 10, deadline_s: float | None = None) -> None:
+        if clients_per_round < 1:
+            raise ValueError("clients_per_round must be at least 1")
+        if deadline_s is not None and deadline_s <= 0:
+            raise ValueError("deadline_s must be positive (or None for no deadline)")
+        self.clients_per_round = clients_per_round
+        self.deadline_s = deadline_s
+        self._pending: dict[int, Task] = {}
+        self._received: list[Update] = []
+        self._dropped = 0
+        self._deadline: Any = None
+
+    # -- the two things an algorithm changes ------------------------------------------------
+    def configure(self, server: Server, client_id: int) -> dict[str, Any]:
+        """Keyword arguments for ``server.dispatch`` (steps, payload, options) for one client."""
+        return {}
+
+    def aggregate(self, server: Server, updates: list[Update]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def select(self, server: Server, available: list[int]) -> list[int]:
+        """Uniform sampling without replacement (sorted, so the dispatch order is reproducible)."""
+        k = min(self.clients_per_round, len(available))
+        return sorted(server.rng.choice(available, size=k, replace=False).tolist())
+
+    # -- round bookkeeping -----------------------------------------------------------------
+    def start(self, server: Server) -> None:
+        self._begin_round(server)
+
+    def _begin_round(self, server: Server) -> None:
+        if server.stopping:
+            return
+        available = server.available()
+        if not available:
+            wake = server.next_available_time()
+            if math.isfinite(wake):
+                server.set_timer(wake, "retry")
+            return  # nobody will ever come back: the engine sees an empty queue and stops
+        for client in self.select(server, available):
+            task = server.dispatch(client, **self.configure(server, client))
+            self._pending[task.task_id] = task
+        self._received, self._dropped = [], 0
+        if self.deadline_s is not None:
+            self._deadline = server.set_timer(server.now + self.deadline_s, "deadline")
+
+    def on_update(self, server: Server, update: Update) -> None:
+        if self._pending.pop(update.task.task_id, None) is None:
+            return  # not part of the current round
+        self._received.append(update)
+        if not self._pending:
+            self._close_round(server)
+
+    def on_failure(self, server: Server, task: Task) -> None:
+        if self._pending.pop(task.task_id, None) is None:
+            return
+        self._dropped += 1
+        if not self._pending:
+            self._close_round(server)
+
+    def on_timer(self, server: Server, tag: str) -> None:
+        if tag == "retry":
+            self._begin_round(server)
+        elif tag == "deadline":
+            self._deadline = None
+            for task in self._pending.values():
+                server.cancel(task)
+            self._dropped += len(self._pending)
+            self._pending.clear()
+            self._close_round(server)
+
+    def _close_round(self, server: Server) -> None:
+        if self._deadline is not None:
+            server.cancel_timer(self._deadline)
+            self._deadline = None
+        updates = self._received
+        params = self.aggregate(server, updates) if updates else server.params
+        server.commit(params, updates, dropped=self._dropped)
+        self._begin_round(server)

@@ -1,0 +1,47 @@
+"""Evaluation of a global model on every client's test split, in one forward pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from hetfl.training.local import LocalTrainer
+
+
+@dataclass
+class Evaluator:
+    """Scores a model on the union of the clients' test splits and on each split alone.
+
+    ``owner[i]`` is the client whose test split holds sample ``i``.
+    """
+
+    trainer: LocalTrainer
+    x: torch.Tensor
+    y: torch.Tensor
+    owner: np.ndarray
+    n_clients: int
+
+    @classmethod
+    def from_splits(cls, trainer: LocalTrainer, x: torch.Tensor, y: torch.Tensor, test: list[np.ndarray]) -> "Evaluator":
+        idx = np.concatenate(test) if test else np.zeros(0, dtype=np.int64)
+        owner = np.concatenate([np.full(len(t), c) for c, t in enumerate(test)]) if test else np.zeros(0, dtype=np.int64)
+        index = torch.from_numpy(idx.astype(np.int64))
+        return cls(trainer, x[index], y[index], owner.astype(np.int64), len(test))
+
+    def __call__(self, params: torch.Tensor) -> dict[str, float]:
+        logits = self.trainer.predict(params, self.x)
+        loss = float(F.cross_entropy(logits, self.y))
+        correct = (logits.argmax(1) == self.y).numpy().astype(np.float64)
+        hits = np.bincount(self.owner, weights=correct, minlength=self.n_clients)
+        sizes = np.bincount(self.owner, minlength=self.n_clients)
+        per_client = hits[sizes > 0] / sizes[sizes > 0]
+        return {
+            "accuracy": float(correct.mean()),
+            "loss": loss,
+            "client_acc_mean": float(per_client.mean()),
+            "client_acc_p10": float(np.percentile(per_client, 10)),
+            "client_acc_min": float(per_client.min()),
+        }

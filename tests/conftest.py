@@ -1,0 +1,64 @@
+"""Small federations built by hand, for tests that check the engine's arithmetic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hetfl.config import ModelConfig, TrainingConfig
+from hetfl.devices import DeviceProfile
+from hetfl.engine import ClientPool, Simulator
+from hetfl.models import build_model
+from hetfl.training import LocalTrainer
+
+
+def profile(client_id: int, *, speed: float = 1.0, flops: float = 1e6, bw: float = 1e5, latency: float = 0.0,
+            windows=None, dropout: float = 0.0) -> DeviceProfile:
+    return DeviceProfile(client_id=client_id, speed=speed, flops=flops, down_Bps=bw, up_Bps=bw,
+                         latency_s=latency, windows=windows, dropout=dropout, tier="test")
+
+
+def blobs(n: int, seed: int = 0, features: int = 4, classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linearly separable-ish Gaussian blobs."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    centers = torch.randn(classes, features, generator=g) * 3
+    return centers[y] + torch.randn(n, features, generator=g), y
+
+
+def make_simulator(strategy, sizes, profiles, *, training=None, seed=0, jitter=0.0, on_commit=None,
+                   model="logreg") -> Simulator:
+    x, y = blobs(sum(sizes), seed)
+    bounds = np.cumsum([0, *sizes])
+    indices = [torch.arange(bounds[i], bounds[i + 1]) for i in range(len(sizes))]
+    torch.manual_seed(seed)
+    net = build_model(ModelConfig(name=model, hidden=[8]), (x.shape[1],), 3)
+    trainer = LocalTrainer(net, training or TrainingConfig(local_steps=2, batch_size=4, lr=0.1))
+    return Simulator(strategy=strategy, trainer=trainer, pool=ClientPool(x, y, indices), profiles=profiles,
+                     flops_per_step=1e6, seed=seed, jitter=jitter, on_commit=on_commit)
+
+
+def run_rounds(sim: Simulator, rounds: int) -> Simulator:
+    def stop_after(s):
+        if s.version >= rounds:
+            s.stop("rounds")
+    sim.on_commit = stop_after
+    sim.proceed()
+    while sim.step():
+        pass
+    return sim
+
+
+@pytest.fixture
+def digits_config():
+    """A small digits experiment that runs in seconds."""
+    from hetfl.config import validate
+    return validate({
+        "name": "test", "seed": 0, "rounds": 5,
+        "data": {"dataset": "digits", "n_clients": 10, "partition": {"kind": "dirichlet", "alpha": 0.5}},
+        "devices": {"compute": {"distribution": "lognormal", "median_flops": 2e8}},
+        "model": {"name": "mlp", "hidden": [32]},
+        "training": {"lr": 0.05, "batch_size": 16, "local_steps": 10},
+        "strategy": {"name": "fedavg", "clients_per_round": 5},
+    })

@@ -1,0 +1,130 @@
+"""The simulator's time, byte and failure accounting, checked against hand computations."""
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from conftest import blobs, make_simulator, profile, run_rounds
+from hetfl.config import TrainingConfig
+from hetfl.strategies import STRATEGIES, FedAvg, FedProx, build_strategy
+from hetfl.config import StrategyConfig
+
+
+def test_round_time_is_the_slowest_client_computed_by_hand():
+    # logreg 4 -> 3: 15 parameters = 60 bytes each way. Steps 2, flops_per_step 1e6.
+    # client 0: 1e6 FLOP/s, 1e5 B/s, 0.01 s latency: 60/1e5 + .01 + 2 + 60/1e5 + .01 = 2.0212 s
+    # client 1: 4e6 FLOP/s: 0.5 s compute -> 0.5212 s.  The round ends when the slower returns.
+    profiles = [profile(0, flops=1e6, latency=0.01), profile(1, flops=4e6, latency=0.01)]
+    sim = run_rounds(make_simulator(FedAvg(clients_per_round=2), [8, 8], profiles), 1)
+    assert sim.now == pytest.approx(2 * (60 / 1e5 + 0.01) + 2.0)
+    assert sim.counters.bytes_down == 120 and sim.counters.bytes_up == 120
+    run_rounds(sim, 3)
+    assert sim.now == pytest.approx(3 * (2 * (60 / 1e5 + 0.01) + 2.0))
+
+
+def test_deadline_drops_the_straggler_without_training_it():
+    # client 2 needs 20 s; the deadline is 5 s: every round aggregates two updates, drops one
+    profiles = [profile(0, flops=1e6), profile(1, flops=1e6), profile(2, flops=1e5)]
+    sim = run_rounds(make_simulator(FedAvg(clients_per_round=3, deadline_s=5.0), [8, 8, 8], profiles), 4)
+    assert sim.counters.updates == 8 and sim.counters.dropped == 4
+    assert sim.counters.trained_steps == 8 * 2  # the straggler's work is never computed
+    assert sim.now == pytest.approx(4 * 5.0)
+    assert sim.counters.bytes_up == 8 * 60  # dropped clients never upload
+
+
+def test_dropout_is_reported_as_failure_and_the_round_goes_on():
+    profiles = [profile(0), profile(1, dropout=0.999999)]
+    sim = run_rounds(make_simulator(FedAvg(clients_per_round=2), [8, 8], profiles), 3)
+    assert sim.counters.failed == 3 and sim.counters.dropped == 3 and sim.counters.updates == 3
+    assert sim.now < 3 * 2.0013  # each failure comes before the task would have finished
+
+
+def test_offline_clients_are_not_sampled_and_going_offline_loses_the_task():
+    # client 1 is online only in [0, 1): its first task (2 s) is lost at t = 1; it is never picked again
+    profiles = [profile(0), profile(1, windows=((0.0, 1.0),))]
+    sim = run_rounds(make_simulator(FedAvg(clients_per_round=2), [8, 8], profiles), 3)
+    assert sim.counters.failed == 1
+    assert sim.counters.updates == 3  # client 0 alone in every round
+
+
+def test_waits_for_a_client_to_come_online():
+    # nobody is online before t = 100: the first round starts then
+    profiles = [profile(0, windows=((100.0, math.inf),))]
+    sim = run_rounds(make_simulator(FedAvg(clients_per_round=1), [8], profiles), 1)
+    assert sim.now == pytest.approx(100.0 + 2.0 + 2 * 60 / 1e5)
+
+
+def test_a_federation_nobody_can_join_stalls_instead_of_hanging():
+    profiles = [profile(0, windows=((5.0, 6.0),))]  # online only briefly, a task takes 2 s
+    sim = run_rounds(make_simulator(FedAvg(clients_per_round=1), [8], profiles), 10)
+    assert sim.stop_reason == "stalled"
+
+
+def test_fedavg_one_client_full_batch_equals_centralised_gradient_descent():
+    # one client holding all the data, batch = all of it, k local steps per round, R rounds
+    # == k * R steps of full-batch gradient descent from the same initial model
+    n, k, rounds, lr = 24, 3, 4, 0.2
+    training = TrainingConfig(lr=lr, batch_size=n, local_steps=k)
+    sim = make_simulator(FedAvg(clients_per_round=1), [n], [profile(0)], training=training)
+    w0 = sim.params.clone()
+    run_rounds(sim, rounds)
+
+    x, y = blobs(n, 0)
+    w = w0.clone().requires_grad_(True)
+    for _ in range(k * rounds):
+        weight, bias = w[:12].view(3, 4), w[12:]
+        loss = F.cross_entropy(x @ weight.T + bias, y)
+        (g,) = torch.autograd.grad(loss, w)
+        w = (w - lr * g).detach().requires_grad_(True)
+    assert torch.allclose(sim.params, w.detach(), atol=1e-6)
+
+
+def test_fedavg_of_identical_clients_equals_one_client():
+    # two clients with the same data and batch order average to the single client's model
+    training = TrainingConfig(lr=0.1, batch_size=8, local_steps=3)
+    one = run_rounds(make_simulator(FedAvg(clients_per_round=1), [8], [profile(0)], training=training), 1)
+    sim = make_simulator(FedAvg(clients_per_round=2), [8, 8], [profile(0), profile(1)], training=training)
+    sim.pool.train_indices[1] = sim.pool.train_indices[0] = one.pool.train_indices[0]
+    sim.pool.x, sim.pool.y = one.pool.x, one.pool.y
+    sim.task_seed = lambda task_id: one.task_seed(0)  # same batch order for both
+    run_rounds(sim, 1)
+    assert torch.allclose(sim.params, one.params, atol=1e-6)
+
+
+def test_fedprox_pulls_clients_towards_the_global_model():
+    training = TrainingConfig(lr=0.1, batch_size=4, local_steps=20)
+    drift = {}
+    for mu in (0.0, 10.0):
+        sim = make_simulator(FedProx(mu=mu, clients_per_round=1), [16], [profile(0)], training=training)
+        w0 = sim.params.clone()
+        run_rounds(sim, 1)
+        drift[mu] = float((sim.params - w0).norm())
+    assert drift[10.0] < 0.5 * drift[0.0]
+
+
+def test_jitter_is_deterministic_per_seed_and_varies_durations():
+    times = []
+    for seed in (0, 0, 1):
+        sim = run_rounds(make_simulator(FedAvg(clients_per_round=2), [8, 8], [profile(0), profile(1)], seed=seed,
+                                        jitter=0.3), 3)
+        times.append(sim.now)
+    assert times[0] == times[1] != times[2]
+    assert times[0] != pytest.approx(3 * 2.0012)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_learns_on_a_tiny_federation(name):
+    # the common test: each registered algorithm lowers the loss of a small federation
+    strategy = build_strategy(StrategyConfig(name=name, clients_per_round=3,
+                                             params={"server_lr": 0.1} if name in ("fedadam", "fedyogi") else {}))
+    training = TrainingConfig(lr=0.1, batch_size=4, local_steps=5)
+    sim = make_simulator(strategy, [12, 12, 12, 12], [profile(i, flops=1e6 * (i + 1)) for i in range(4)],
+                         training=training)
+    x, y = sim.pool.x, sim.pool.y
+    before = float(F.cross_entropy(sim.trainer.predict(sim.params, x), y))
+    run_rounds(sim, 5)
+    after = float(F.cross_entropy(sim.trainer.predict(sim.params, x), y))
+    assert after < 0.8 * before, (name, before, after)
+    assert sim.version == 5
