@@ -104,9 +104,11 @@ def test_dirichlet_skew_grows_as_alpha_shrinks():
 
 
 def test_dirichlet_respects_min_size():
-    for seed in range(5):
-        parts = dirichlet(LABELS, 20, np.random.default_rng(seed), alpha=0.05, min_size=25)
-        assert min(len(p) for p in parts) >= 25
+    def smallest(seed, min_size):
+        return min(len(p) for p in dirichlet(LABELS, 10, np.random.default_rng(seed), alpha=0.1, min_size=min_size))
+
+    assert min(smallest(seed, 1) for seed in range(5)) < 20  # the constraint binds
+    assert min(smallest(seed, 20) for seed in range(5)) >= 20
 
 
 def test_dirichlet_rejects_non_positive_alpha():
@@ -116,12 +118,31 @@ def test_dirichlet_rejects_non_positive_alpha():
         dirichlet(LABELS, 10, np.random.default_rng(0), alpha=-1.0)
 
 
-def test_dirichlet_gives_up_with_a_clear_error():
-    # 100 clients of at least 9 samples out of 1000 at alpha 0.01: no draw can satisfy it.
-    with pytest.raises(DataError, match="min_size"):
-        dirichlet(LABELS, 100, np.random.default_rng(0), alpha=0.01, min_size=9)
+def test_dirichlet_refuses_impossible_sizes_with_a_clear_error():
     with pytest.raises(DataError, match="need 1100 samples"):
         dirichlet(LABELS, 100, np.random.default_rng(0), alpha=1.0, min_size=11)
+
+
+def test_dirichlet_tops_up_short_clients_with_many_clients_and_small_alpha():
+    # 100 clients, alpha 0.1, 10 classes: plain draws essentially never give everyone 2 samples.
+    labels = np.repeat(np.arange(10), 180)
+    parts = dirichlet(labels, 100, np.random.default_rng(0), alpha=0.1, min_size=2)
+    sizes = np.array([len(p) for p in parts])
+    assert sizes.min() >= 2
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(labels)))
+    # still strongly skewed: for most clients one class is the majority of their data
+    top_share = np.array([np.bincount(labels[p]).max() / len(p) for p in parts])
+    assert np.median(top_share) >= 0.6
+
+
+def test_top_up_moves_exactly_the_shortfall_from_the_largest_clients():
+    from hetfl.data.partition import _top_up
+
+    counts = np.array([[10, 0, 1, 0], [5, 0, 0, 3]])  # classes x clients; totals 15, 0, 1, 3
+    fixed = _top_up(counts, 2, np.random.default_rng(0))
+    assert fixed.sum(axis=0).tolist() == [12, 2, 2, 3]  # 3 samples short, all given by client 0
+    assert (fixed.sum(axis=1) == counts.sum(axis=1)).all()  # class totals unchanged
+    assert (fixed[:, 3] == counts[:, 3]).all()
 
 
 def test_dirichlet_handles_100k_clients_quickly():
@@ -165,7 +186,8 @@ def test_quantity_sizes_are_skewed_and_sum_to_n():
 
 def test_quantity_smaller_exponent_is_more_skewed():
     def mean_cv(exponent):
-        return np.mean([cv([len(p) for p in quantity(LABELS, 20, np.random.default_rng(s), exponent=exponent)]) for s in range(10)])
+        draws = [quantity(LABELS, 20, np.random.default_rng(seed), exponent=exponent) for seed in range(10)]
+        return np.mean([cv([len(p) for p in parts]) for parts in draws])
 
     assert mean_cv(0.5) > mean_cv(5.0)
 

@@ -60,12 +60,37 @@ class ComputeConfig(Section):
     )
     tier_weights: dict[str, float] | None = Field(None, description="Tiers: share of clients in each tier (default equal).")
 
+    @model_validator(mode="after")
+    def _tiers_consistent(self) -> "ComputeConfig":
+        bad = [name for name, speed in self.tiers.items() if speed <= 0]
+        if bad:
+            raise ValueError(f"devices.compute.tiers: speed of tier '{bad[0]}' must be positive")
+        if self.tier_weights is not None:
+            _check_weights(self.tier_weights, "devices.compute.tier_weights", known=self.tiers)
+        return self
+
+
+def _check_weights(weights: dict[str, float], key: str, known) -> None:
+    unknown = [name for name in weights if name not in known]
+    if unknown:
+        raise ValueError(f"{key}: unknown tier '{unknown[0]}' (known: {', '.join(known)})")
+    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        raise ValueError(f"{key}: weights must be non-negative and not all zero")
+
 
 class NetworkConfig(Section):
     tiers: dict[str, float] = Field(
         default_factory=lambda: {"4g": 0.3, "wifi": 0.5, "ethernet": 0.2},
         description="Share of clients on each bandwidth tier (names from hetfl.devices.NETWORK_TIERS).",
     )
+
+    @field_validator("tiers")
+    @classmethod
+    def _known_tiers(cls, tiers: dict[str, float]) -> dict[str, float]:
+        from hetfl.devices.profiles import NETWORK_TIERS
+
+        _check_weights(tiers, "devices.network.tiers", known=NETWORK_TIERS)
+        return tiers
 
 
 class AvailabilityConfig(Section):
@@ -203,7 +228,19 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raise ConfigError(f"{path}:{where} is not valid YAML") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    _resolve_paths(raw, path.parent)
     return validate(apply_overrides(raw, overrides or []), source=str(path))
+
+
+PATH_KEYS = (("data", "path"), ("devices", "trace"))
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    """Relative file paths in a config file are relative to that file (so examples run from anywhere)."""
+    for section, key in PATH_KEYS:
+        node = raw.get(section)
+        if isinstance(node, dict) and isinstance(node.get(key), str) and not Path(node[key]).is_absolute():
+            node[key] = str((base / node[key]).resolve())
 
 
 def dump_config(config: ExperimentConfig) -> str:

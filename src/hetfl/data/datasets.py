@@ -382,9 +382,11 @@ def text_to_ids(texts: list[str]) -> np.ndarray:
 
 
 def _leaf_text(xs: list, ys: list, source: str) -> tuple[np.ndarray, np.ndarray]:
-    lengths = {len(s) for s in xs}
-    if len(lengths) != 1 or not all(isinstance(s, str) for s in xs):
-        raise DataError(f"{source}: expected text samples (x) as strings of one length, found lengths {sorted(lengths)[:5]}")
+    if not all(isinstance(s, str) for s in xs):
+        raise DataError(f"{source}: expected every text sample (x) to be a string")
+    lengths = sorted({len(s) for s in xs})
+    if len(lengths) != 1:
+        raise DataError(f"{source}: expected text samples (x) of one length, found lengths {lengths[:5]}")
     if not all(isinstance(c, str) and len(c) == 1 for c in ys):
         raise DataError(f"{source}: expected each text label (y) to be a single character")
     return text_to_ids(xs), text_to_ids(ys).ravel()
@@ -434,7 +436,9 @@ def _numeric_column(values: tuple[str, ...], name: str, path: Path) -> np.ndarra
         column = np.asarray(values, dtype=np.float64)
     except ValueError:
         bad = next(v for v in values if not _is_number(v))
-        raise DataError(f"{path}: column {name!r} is not numeric (value {bad!r}); every feature column must be a number") from None
+        raise DataError(
+            f"{path}: column {name!r} is not numeric (value {bad!r}); every feature column must be a number"
+        ) from None
     if not np.isfinite(column).all():
         raise DataError(f"{path}: column {name!r} has missing or non-finite values")
     return column

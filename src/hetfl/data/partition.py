@@ -38,7 +38,7 @@ from hetfl.config import DataConfig, PartitionConfig
 from hetfl.data.datasets import Dataset, load_dataset
 from hetfl.errors import DataError
 
-MAX_DIRICHLET_TRIES = 50
+MAX_DIRICHLET_TRIES = 20
 """Dirichlet draws tried before giving up on ``min_size``."""
 
 
@@ -149,8 +149,9 @@ def dirichlet(
         Dirichlet concentration, > 0: small (0.1) gives clients few classes, large (100) is
         nearly IID.
     min_size : int, default 2
-        Smallest client; the draw is repeated (up to :data:`MAX_DIRICHLET_TRIES` times) until
-        every client has this many samples.
+        Smallest client. The draw is repeated (up to :data:`MAX_DIRICHLET_TRIES` times) until
+        every client has this many samples; if none does, the draw closest to it is topped up
+        by moving the shortfall from the largest clients (see :func:`_top_up`).
 
     Returns
     -------
@@ -162,7 +163,7 @@ def dirichlet(
     ValueError
         If ``alpha <= 0``.
     DataError
-        If there are too few samples, or no draw satisfies ``min_size``.
+        If there are too few samples for ``n_clients * min_size``.
     """
     if not alpha > 0:
         raise ValueError(f"dirichlet: alpha must be positive, got {alpha}")
@@ -171,19 +172,48 @@ def dirichlet(
     codes, n_classes = _class_codes(labels)
     _check_clients(len(codes), n_clients, min_size)
     class_sizes = np.bincount(codes, minlength=n_classes)
+    best = None
     for _ in range(MAX_DIRICHLET_TRIES):
         shares = rng.dirichlet(np.full(n_clients, alpha), size=n_classes)  # (classes, clients)
         counts = rng.multinomial(class_sizes, shares)  # each row sums to its class size
-        if counts.sum(axis=0).min() >= min_size:
-            # Class-major runs: class 0's samples to clients 0..n-1, then class 1's, and so on.
-            owner = np.empty(len(codes), dtype=np.int64)
-            owner[_shuffled_by_class(codes, rng)] = np.repeat(np.tile(np.arange(n_clients), n_classes), counts.ravel())
-            return _parts_from_owner(owner, n_clients)
-    raise DataError(
-        f"dirichlet partition: no draw in {MAX_DIRICHLET_TRIES} gave all {n_clients} clients at least "
-        f"{min_size} samples (alpha={alpha}, {len(codes)} samples); raise data.partition.alpha, "
-        "lower data.partition.min_size or data.n_clients"
-    )
+        shortfall = np.maximum(min_size - counts.sum(axis=0), 0).sum()
+        if best is None or shortfall < best[0]:
+            best = (shortfall, counts)
+        if shortfall == 0:
+            break
+    counts = _top_up(best[1], min_size, rng)
+    # Class-major runs: class 0's samples to clients 0..n-1, then class 1's, and so on.
+    owner = np.empty(len(codes), dtype=np.int64)
+    owner[_shuffled_by_class(codes, rng)] = np.repeat(np.tile(np.arange(n_clients), n_classes), counts.ravel())
+    return _parts_from_owner(owner, n_clients)
+
+
+def _top_up(counts: np.ndarray, min_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Give every client (column) at least ``min_size`` samples by moving as few as possible.
+
+    The missing samples are taken from the clients with the most samples beyond ``min_size``
+    (the largest first), each donation drawn from the donor's own classes in proportion to them,
+    and handed to the short clients. With many clients and a small alpha a plain Dirichlet draw
+    almost never gives every client ``min_size`` samples; this moves only the shortfall.
+    """
+    totals = counts.sum(axis=0)
+    deficits = np.maximum(min_size - totals, 0)
+    need = int(deficits.sum())
+    if need == 0:
+        return counts
+    counts = counts.copy()
+    surplus = np.maximum(totals - min_size, 0)
+    order = np.argsort(-surplus, kind="stable")
+    give = np.minimum(surplus[order], np.maximum(need - (np.cumsum(surplus[order]) - surplus[order]), 0))
+    donated: list[np.ndarray] = []
+    for donor, k in zip(order[give > 0], give[give > 0]):
+        taken = rng.multivariate_hypergeometric(counts[:, donor], int(k))
+        counts[:, donor] -= taken
+        donated.append(np.repeat(np.arange(counts.shape[0]), taken))
+    classes = rng.permutation(np.concatenate(donated))
+    recipients = np.repeat(np.flatnonzero(deficits), deficits[deficits > 0])
+    np.add.at(counts, (classes, recipients), 1)
+    return counts
 
 
 def shards(

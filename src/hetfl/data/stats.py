@@ -145,9 +145,8 @@ def stats_table(stats: list[ClientStats], title: str = "Clients", top: int = 3) 
         if s is None:
             table.add_row("…", "…", "…", "…", f"({len(stats) - HEAD_ROWS - TAIL_ROWS} more)", "…")
         else:
-            table.add_row(
-                str(s.client), str(s.n_train), str(s.n_test), str(s.n_classes), top_labels(s.label_counts, top), f"{s.distance:.3f}"
-            )
+            cells = (s.client, s.n_train, s.n_test, s.n_classes, top_labels(s.label_counts, top), f"{s.distance:.3f}")
+            table.add_row(*map(str, cells))
     return table
 
 
