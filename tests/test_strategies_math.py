@@ -137,3 +137,14 @@ def test_algorithms_refuse_optimisers_their_mathematics_does_not_cover():
     with pytest.raises(ConfigError, match="training.optimizer"):
         FedNova().check_training("adam", 0.0)
     FedNova().check_training("sgd", 0.9)
+
+
+def test_per_algorithm_parameters_apply_to_their_algorithm_only():
+    cfg = StrategyConfig(name="fedavg", params={"server_lr": 0.5}, per_algorithm={"fedprox": {"mu": 0.3}})
+    assert build_strategy(cfg).server_lr == 0.5
+    prox = build_strategy(cfg.model_copy(update={"name": "fedprox", "params": cfg.params_for("fedprox")}))
+    assert prox.mu == 0.3 and prox.server_lr == 1.0
+    with pytest.raises(ConfigError, match="strategy.per_algorithm.fedprox.mux"):
+        build_strategy(StrategyConfig(per_algorithm={"fedprox": {"mux": 1}}))
+    with pytest.raises(ConfigError, match="strategy.per_algorithm.fedbest"):
+        build_strategy(StrategyConfig(per_algorithm={"fedbest": {}}))

@@ -112,9 +112,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     summaries = []
     for name in algorithms:
-        strategy = base.strategy.model_copy(update={"name": name, "params": base.strategy.params if name == base.strategy.name else {}})
-        cfg = base.model_copy(update={"strategy": strategy})
-        cfg = ExperimentConfig.model_validate(cfg.model_dump())
+        raw = base.model_dump()
+        raw["strategy"].update(name=name, params=base.strategy.params_for(name), per_algorithm={})
+        cfg = ExperimentConfig.model_validate(raw)
         summary = run_experiment(cfg, out / name, show_progress=not args.quiet, console=console)
         summaries.append(summary)
         if summary["status"] == "interrupted":

@@ -144,7 +144,16 @@ class StrategyConfig(Section):
     name: str = "fedavg"
     clients_per_round: int = Field(10, ge=1)
     deadline_s: float | None = Field(None, gt=0, description="Round deadline in simulated seconds; later updates are dropped.")
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict, description="Parameters of the algorithm `name`.")
+    per_algorithm: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Parameters by algorithm name, used whenever that algorithm runs (e.g. in hetfl compare): "
+        "{fedprox: {mu: 0.1}, fedadam: {server_lr: 0.03}}.",
+    )
+
+    def params_for(self, name: str) -> dict[str, Any]:
+        """The parameters algorithm ``name`` runs with: ``per_algorithm[name]``, then ``params`` if it is ``name``."""
+        return {**self.per_algorithm.get(name, {}), **(self.params if name == self.name else {})}
 
 
 class EvaluationConfig(Section):

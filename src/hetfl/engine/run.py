@@ -238,11 +238,12 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run ``cfg`` into the directory ``out`` (created; an earlier run there is replaced)."""
     out = Path(out)
+    fed = build_federation(cfg)  # first: a data or device error must not touch an earlier run in ``out``
+    fed.strategy()  # likewise for the strategy's parameters
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("metrics.jsonl", "summary.json", CHECKPOINT):
         (out / stale).unlink(missing_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
-    fed = build_federation(cfg)
     return Run(cfg, out, fed, resume=False).execute(show_progress, console)
 
 

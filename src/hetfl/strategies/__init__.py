@@ -25,13 +25,23 @@ def build_strategy(cfg: StrategyConfig) -> Strategy:
     if cls is None:
         raise ConfigError(f"strategy.name: unknown algorithm '{cfg.name}' (known: {', '.join(sorted(STRATEGIES))})")
     accepted = inspect.signature(cls.__init__).parameters
-    kwargs = dict(cfg.params)
-    for key in kwargs:
-        if key not in accepted or key in ("self", "clients_per_round", "deadline_s"):
-            known = [k for k in accepted if k not in ("self", "clients_per_round", "deadline_s")]
+    known = [k for k in accepted if k not in ("self", "clients_per_round", "deadline_s")]
+    for name, params in cfg.per_algorithm.items():
+        other = STRATEGIES.get(name)
+        if other is None:
+            raise ConfigError(f"strategy.per_algorithm.{name}: unknown algorithm (known: {', '.join(sorted(STRATEGIES))})")
+        other_known = [k for k in inspect.signature(other.__init__).parameters if k not in ("self", "clients_per_round", "deadline_s")]
+        for key in params:
+            if key not in other_known:
+                raise ConfigError(
+                    f"strategy.per_algorithm.{name}.{key}: not a parameter of {name} (known: {', '.join(other_known) or 'none'})"
+                )
+    for key in cfg.params:
+        if key not in known:
             raise ConfigError(
                 f"strategy.params.{key}: not a parameter of {cfg.name} (known: {', '.join(known) or 'none'})"
             )
+    kwargs = cfg.params_for(cfg.name)
     if "clients_per_round" in accepted:
         kwargs["clients_per_round"] = cfg.clients_per_round
     if "deadline_s" in accepted:

@@ -1,0 +1,469 @@
+"""``hetfl report DIR``: plots and one HTML page for a run, a comparison, or any folder of runs.
+
+Writes into DIR:
+
+- ``accuracy_vs_time.png``: global test accuracy against simulated time, the target accuracy
+  as a dashed line and a star where each run first reaches it;
+- ``accuracy_vs_round.png``: the same against rounds (aggregations), with the 10th-percentile
+  client accuracy dotted (how the worst-served clients fare);
+- ``bytes.png``: cumulative megabytes transferred (up + down) against simulated time;
+- ``report.html``: a summary table (the best value of each column highlighted), the three
+  images, and each run's configuration. Plain HTML and inline CSS, nothing fetched.
+
+Each run keeps its colour in all three plots and in the table. matplotlib is imported only
+when a report is drawn, and through its object API (no pyplot, no global backend change).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hetfl.errors import HetflError
+from hetfl.results.index import format_accuracy, format_duration, format_mb
+from hetfl.results.metrics import CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, find_runs, read_metrics, read_summary
+
+FIGSIZE = (7.0, 4.5)  # inches
+DPI = 120
+IMAGES = {
+    "accuracy_vs_time.png": "Global test accuracy against simulated time. Dashed: target accuracy; "
+    "star and dotted line: where a run first reaches it.",
+    "accuracy_vs_round.png": "Global test accuracy against rounds (aggregations). Dotted, same colour: "
+    "the 10th-percentile client accuracy.",
+    "bytes.png": "Cumulative data transferred, uploads plus downloads, against simulated time.",
+}
+REPORT_NAME = "report.html"
+
+
+@dataclass
+class _Run:
+    folder: Path
+    metrics: list[dict]
+    summary: dict
+    config: dict
+    config_text: str | None
+    has_summary: bool
+    label: str = ""
+    color: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def algorithm(self) -> str:
+        return str(self.summary.get("algorithm") or self.config.get("strategy", {}).get("name") or self.folder.name)
+
+    @property
+    def name(self) -> str:
+        return str(self.summary.get("name") or self.config.get("name") or self.folder.name)
+
+    @property
+    def target(self) -> float | None:
+        target = self.summary.get("target_accuracy")
+        if target is None:
+            target = self.config.get("evaluation", {}).get("target_accuracy")
+        return float(target) if isinstance(target, (int, float)) else None
+
+    def series(self, key: str) -> list[float]:
+        """One metric over the run's evaluations; ``nan`` where a record lacks it."""
+        out = []
+        for record in self.metrics:
+            value = record.get(key)
+            out.append(float(value) if isinstance(value, (int, float)) else math.nan)
+        return out
+
+    def first_at_target(self) -> dict | None:
+        """The first evaluation whose accuracy reaches the target, if any."""
+        if self.target is None:
+            return None
+        for record in self.metrics:
+            accuracy, time = record.get("accuracy"), record.get("sim_time_s")
+            if isinstance(accuracy, (int, float)) and isinstance(time, (int, float)) and accuracy >= self.target:
+                return record
+        return None
+
+
+# --------------------------------------------------------------------------- loading
+def _finite(values: list[float]) -> list[float]:
+    return [v for v in values if math.isfinite(v)]
+
+
+def _summary_from_metrics(run: _Run) -> dict:
+    """What summary.json would say, for a run that has not written one (still going, or killed)."""
+    last = run.metrics[-1]
+    accuracies = _finite(run.series("accuracy"))
+    reached = run.first_at_target()
+    return {
+        "status": "unfinished",
+        "final_accuracy": last.get("accuracy"),
+        "best_accuracy": max(accuracies) if accuracies else None,
+        "rounds": last.get("round"),
+        "sim_time_s": last.get("sim_time_s"),
+        "wall_time_s": last.get("wall_time_s"),
+        "bytes_up": last.get("bytes_up"),
+        "bytes_down": last.get("bytes_down"),
+        "time_to_target_s": reached.get("sim_time_s") if reached else None,
+        "target_accuracy": run.target,
+    }
+
+
+def _load_run(folder: Path) -> _Run:
+    config_text, config = None, {}
+    if (folder / CONFIG_NAME).is_file():
+        config_text = (folder / CONFIG_NAME).read_text(encoding="utf-8")
+        try:
+            loaded = yaml.safe_load(config_text)
+        except yaml.YAMLError:
+            loaded = None
+        config = loaded if isinstance(loaded, dict) else {}
+    metrics = read_metrics(folder / METRICS_NAME) if (folder / METRICS_NAME).is_file() else []
+    has_summary = (folder / SUMMARY_NAME).is_file()
+    summary = read_summary(folder / SUMMARY_NAME) if has_summary else {}
+    run = _Run(folder, metrics, summary, config, config_text, has_summary)
+    if metrics and not has_summary:
+        run.summary = {**_summary_from_metrics(run), "name": run.name, "algorithm": run.algorithm}
+        run.notes.append("no summary.json (still running, or stopped early): values computed from metrics.jsonl")
+    return run
+
+
+def _relative(folder: Path, root: Path) -> str:
+    try:
+        rel = folder.resolve().relative_to(root.resolve())
+    except ValueError:
+        return str(folder)
+    return str(rel) if str(rel) != "." else folder.resolve().name
+
+
+def _assign_labels(runs: list[_Run], root: Path) -> None:
+    """Label runs by algorithm; by name, then by folder, when that does not tell them apart."""
+    for attribute in ("algorithm", "name"):
+        labels = [getattr(run, attribute) for run in runs]
+        if len(set(labels)) == len(labels):
+            break
+    else:
+        labels = [_relative(run.folder, root) for run in runs]
+    for run, label in zip(runs, labels):
+        run.label = label
+
+
+def _assign_colors(runs: list[_Run]) -> None:
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    palette = colormaps["tab10"].colors if len(runs) <= 10 else colormaps["tab20"].colors
+    for i, run in enumerate(runs):
+        run.color = to_hex(palette[i % len(palette)])
+
+
+# --------------------------------------------------------------------------- plots
+def _time_unit(max_seconds: float) -> tuple[str, float]:
+    """The unit that keeps simulated-time tick labels short: s, min or h."""
+    if max_seconds <= 180:
+        return "s", 1.0
+    if max_seconds <= 3 * 3600:
+        return "min", 60.0
+    return "h", 3600.0
+
+
+def _figure():
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    ax.grid(True, color="#d0d0d0", linewidth=0.6)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    return fig, ax
+
+
+def _legend(fig, ax, extra_handles: list | None = None) -> None:
+    handles, _ = ax.get_legend_handles_labels()
+    handles += extra_handles or []
+    if len(handles) <= 6:
+        ax.legend(handles=handles, loc="best", fontsize="small", framealpha=0.9)
+    else:  # many runs: beside the plot, where it hides no line
+        fig.legend(handles=handles, loc="outside right upper", fontsize="small", frameon=False)
+
+
+def _accuracy_axis(ax, values: list[float]) -> None:
+    from matplotlib.ticker import PercentFormatter
+
+    finite = _finite(values)
+    if finite:
+        low, high = min(finite), max(finite)
+        pad = max(0.02, 0.05 * (high - low))
+        ax.set_ylim(max(0.0, low - pad), min(1.02, high + pad) if high <= 1.0 else high + pad)
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
+
+
+def _targets(runs: list[_Run]) -> list[float]:
+    return sorted({run.target for run in runs if run.target is not None})
+
+
+def _draw_targets(ax, runs: list[_Run]) -> None:
+    for target in _targets(runs):
+        ax.axhline(target, color="#555555", linestyle="--", linewidth=1.0, label=f"target {100 * target:g}%", zorder=1)
+
+
+def _points(run: _Run) -> dict:
+    """Dots on the line when a run has few evaluations (a single one would not show otherwise)."""
+    return {"marker": "o", "markersize": 3.5} if len(run.metrics) <= 20 else {}
+
+
+def _save(fig, path: Path) -> None:
+    fig.savefig(path, dpi=DPI, facecolor="white")
+
+
+def _plot_accuracy_vs_time(runs: list[_Run], out: Path, unit: tuple[str, float]) -> None:
+    from matplotlib.lines import Line2D
+
+    name, scale = unit
+    fig, ax = _figure()
+    shown: list[float] = []
+    marked = False
+    for run in runs:
+        t = [v / scale for v in run.series("sim_time_s")]
+        accuracy = run.series("accuracy")
+        ax.plot(t, accuracy, color=run.color, label=run.label, linewidth=1.8, zorder=3, **_points(run))
+        shown += accuracy
+        reached = run.first_at_target()
+        if reached is not None:
+            ax.plot(reached["sim_time_s"] / scale, reached["accuracy"], marker="*", markersize=13, color=run.color,
+                    markeredgecolor="black", markeredgewidth=0.6, linestyle="none", zorder=4)  # fmt: skip
+            marked = True
+    _draw_targets(ax, runs)
+    shown += _targets(runs)
+    _accuracy_axis(ax, shown)
+    bottom = ax.get_ylim()[0]
+    for run in runs:  # a dotted drop line from each star to the time axis
+        reached = run.first_at_target()
+        if reached is not None:
+            x = reached["sim_time_s"] / scale
+            ax.vlines(x, bottom, reached["accuracy"], color=run.color, linestyle=":", linewidth=1.1, zorder=2)
+    ax.set_xlim(left=0)
+    ax.set_xlabel(f"simulated time ({name})")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Accuracy against simulated time", loc="left", fontsize="medium")
+    star = Line2D([], [], marker="*", markersize=11, color="#999999", markeredgecolor="black",
+                  markeredgewidth=0.6, linestyle="none", label="reaches target")  # fmt: skip
+    _legend(fig, ax, [star] if marked else None)
+    _save(fig, out)
+
+
+def _plot_accuracy_vs_round(runs: list[_Run], out: Path) -> None:
+    from matplotlib.lines import Line2D
+
+    fig, ax = _figure()
+    shown: list[float] = []
+    has_p10 = False
+    faint = 0.85 if len(runs) <= 4 else 0.6
+    for run in runs:
+        rounds = run.series("round")
+        accuracy = run.series("accuracy")
+        ax.plot(rounds, accuracy, color=run.color, label=run.label, linewidth=1.8, zorder=3, **_points(run))
+        shown += accuracy
+        p10 = run.series("client_acc_p10")
+        if _finite(p10):
+            ax.plot(rounds, p10, color=run.color, linestyle=":", linewidth=1.4, alpha=faint, zorder=2)
+            shown += p10
+            has_p10 = True
+    _draw_targets(ax, runs)
+    shown += _targets(runs)
+    _accuracy_axis(ax, shown)
+    ax.set_xlim(left=0)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("round (aggregations)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Accuracy against rounds", loc="left", fontsize="medium")
+    dotted = Line2D([], [], color="#777777", linestyle=":", linewidth=1.4, label="client accuracy, 10th pct.")
+    _legend(fig, ax, [dotted] if has_p10 else None)
+    _save(fig, out)
+
+
+def _plot_bytes(runs: list[_Run], out: Path, unit: tuple[str, float]) -> None:
+    name, scale = unit
+    totals = {}
+    for run in runs:
+        totals[run.folder] = [u + d for u, d in zip(run.series("bytes_up"), run.series("bytes_down"))]
+    peak = max((v for values in totals.values() for v in _finite(values)), default=0.0)
+    size_unit, size_scale = ("GB", 1e9) if peak >= 10e9 else ("MB", 1e6)
+    fig, ax = _figure()
+    for run in runs:
+        t = [v / scale for v in run.series("sim_time_s")]
+        ax.plot(t, [v / size_scale for v in totals[run.folder]], color=run.color, label=run.label, linewidth=1.8)
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel(f"simulated time ({name})")
+    ax.set_ylabel(f"transferred, up + down ({size_unit})")
+    ax.set_title("Cumulative communication", loc="left", fontsize="medium")
+    _legend(fig, ax)
+    _save(fig, out)
+
+
+# --------------------------------------------------------------------------- HTML
+_CSS = """
+body { font: 15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
+       color: #222; max-width: 1000px; margin: 2em auto; padding: 0 1em; }
+h1 { font-size: 1.6em; margin-bottom: 0.1em; }
+h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
+.meta { color: #666; margin-top: 0; }
+.note { background: #fff8e1; border-left: 4px solid #f0b400; padding: 0.5em 0.8em; }
+table { border-collapse: collapse; font-size: 0.9em; width: 100%; }
+th, td { padding: 0.35em 0.6em; border-bottom: 1px solid #e4e4e4; white-space: nowrap; }
+th { text-align: left; background: #f5f5f5; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.best { background: #e3f4e6; font-weight: 600; }
+.swatch { display: inline-block; width: 0.8em; height: 0.8em; border-radius: 2px;
+          margin-right: 0.4em; vertical-align: -0.05em; }
+.status-completed { color: #1b7a2f; } .status-diverged { color: #c62828; }
+.status-interrupted, .status-stalled, .status-unfinished { color: #a86b00; }
+figure { margin: 1.5em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.9em; }
+details { margin: 0.4em 0; } summary { cursor: pointer; }
+pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+"""
+
+# (header, summary key, formatter, which value is best: "max", "min" or None)
+_COLUMNS: list[tuple[str, str, Any, str | None]] = [
+    ("final acc", "final_accuracy", format_accuracy, "max"),
+    ("best acc", "best_accuracy", format_accuracy, "max"),
+    ("time to target", "time_to_target_s", format_duration, "min"),
+    ("rounds", "rounds", lambda v: "—" if v is None else str(v), None),
+    ("simulated time", "sim_time_s", format_duration, "min"),
+    ("wall time", "wall_time_s", format_duration, "min"),
+    ("MB up", "bytes_up", format_mb, "min"),
+    ("MB down", "bytes_down", format_mb, "min"),
+]
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _best_cells(runs: list[_Run]) -> dict[str, str]:
+    """The best value of each ranked column, as shown, when the runs differ in it as shown."""
+    best = {}
+    for _, key, fmt, direction in _COLUMNS:
+        values = [v for v in (_number(run.summary.get(key)) for run in runs) if v is not None]
+        if not direction or not values:
+            continue
+        shown = {fmt(run.summary.get(key)) for run in runs}
+        if len(shown) > 1:
+            best[key] = fmt(max(values) if direction == "max" else min(values))
+    return best
+
+
+def _summary_table(runs: list[_Run]) -> str:
+    e = html.escape
+    show_label = any(run.label != run.algorithm for run in runs)
+    best = _best_cells(runs)
+    head = (["run"] if show_label else []) + ["algorithm", "status"] + [c[0] for c in _COLUMNS]
+    lines = ["<table>", "<tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>"]
+    for run in runs:
+        swatch = f'<span class="swatch" style="background:{run.color}"></span>'
+        cells = []
+        if show_label:
+            cells.append(f"<td>{swatch}{e(run.label)}</td>")
+        cells.append(f"<td>{'' if show_label else swatch}{e(run.algorithm)}</td>")
+        status = str(run.summary.get("status") or "—")
+        cells.append(f'<td class="status-{e(status)}">{e(status)}</td>')
+        for _, key, fmt, _ in _COLUMNS:
+            text = fmt(run.summary.get(key))
+            cells.append(f'<td class="num{" best" if best.get(key) == text else ""}">{e(text)}</td>')
+        lines.append("<tr>" + "".join(cells) + "</tr>")
+    lines.append("</table>")
+    return "\n".join(lines)
+
+
+def _common(runs: list[_Run], key: str, section: str | None = None) -> Any:
+    values = set()
+    for run in runs:
+        value = run.summary.get(key)
+        if value is None and section:
+            value = run.config.get(section, {}).get(key)
+        values.add(value)
+    return values.pop() if len(values) == 1 else None
+
+
+def _html(root: Path, runs: list[_Run], skipped: list[str]) -> str:
+    e = html.escape
+    title = f"hetfl report: {root.resolve().name}"
+    facts = [f"{len(runs)} run{'s' if len(runs) != 1 else ''}"]
+    dataset = _common(runs, "dataset", "data")
+    if dataset:
+        facts.append(f"dataset {dataset}")
+    n_clients = _common(runs, "n_clients", "data")
+    if n_clients:
+        facts.append(f"{n_clients} clients")
+    targets = _targets(runs)
+    if targets:
+        facts.append("target accuracy " + ", ".join(f"{100 * t:g}%" for t in targets))
+    facts.append(f"generated {datetime.now().strftime('%Y-%m-%d %H:%M')}")
+
+    notes = []
+    if skipped:
+        notes.append(f"Skipped, no metrics recorded: {', '.join(skipped)}.")
+    for run in runs:
+        notes += [f"{run.label}: {note}." for note in run.notes]
+
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{e(title)}</h1>",
+        f'<p class="meta">{e(" · ".join(facts))}<br><code>{e(str(root.resolve()))}</code></p>',
+        *(f'<p class="note">{e(note)}</p>' for note in notes),
+        "<h2>Summary</h2>",
+        _summary_table(runs),
+        '<p class="meta">Highlighted: the best value of each column (highest accuracy; '
+        "shortest time; fewest bytes). Times are simulated unless marked wall.</p>",
+        "<h2>Plots</h2>",
+    ]
+    for image, caption in IMAGES.items():
+        parts.append(f'<figure><img src="{image}" alt="{e(caption)}"><figcaption>{e(caption)}</figcaption></figure>')
+    parts.append("<h2>Configurations</h2>")
+    for run in runs:
+        where = _relative(run.folder, root)
+        body = f"<pre>{e(run.config_text)}</pre>" if run.config_text is not None else "<p>no config.yaml</p>"
+        about = " · ".join(dict.fromkeys(x for x in (run.name, where) if x != run.label))  # without repeats
+        parts.append(f"<details><summary><strong>{e(run.label)}</strong> {e(about)}</summary>{body}</details>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------- entry point
+def render_report(path: Path) -> Path:
+    """Draw the plots and write ``report.html`` for every run in or under ``path``; return the HTML path."""
+    root = Path(path)
+    folders = find_runs(root)
+    if not folders:
+        raise HetflError(f"no hetfl runs under {root} (expected metrics.jsonl files)")
+    runs, skipped = [], []
+    for folder in folders:
+        run = _load_run(folder)
+        if run.metrics:
+            runs.append(run)
+        else:
+            skipped.append(_relative(folder, root))
+    if not runs:
+        raise HetflError(f"no metrics recorded yet in the runs under {root} ({', '.join(skipped)})")
+    _assign_labels(runs, root)
+    _assign_colors(runs)
+
+    max_time = max((v for run in runs for v in _finite(run.series("sim_time_s"))), default=0.0)
+    unit = _time_unit(max_time)
+    try:
+        _plot_accuracy_vs_time(runs, root / "accuracy_vs_time.png", unit)
+        _plot_accuracy_vs_round(runs, root / "accuracy_vs_round.png")
+        _plot_bytes(runs, root / "bytes.png", unit)
+        out = root / REPORT_NAME
+        out.write_text(_html(root, runs, skipped), encoding="utf-8")
+    except OSError as err:
+        raise HetflError(f"{root}: cannot write the report ({err.strerror or err})") from None
+    return out
