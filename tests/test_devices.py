@@ -159,13 +159,18 @@ def test_network_tiers_follow_weights():
     assert set(nets) == {"4g", "ethernet"}
 
 
-def test_bad_tier_names_are_config_errors():
-    with pytest.raises(ConfigError, match=r"unknown tier '6g'.*3g, 4g, 5g, wifi, ethernet"):
-        build_profiles(devices(network={"tiers": {"6g": 1.0}}), 3, np.random.default_rng(0))
-    with pytest.raises(ConfigError, match="tier_weights: 'ultra'"):
-        build_profiles(devices(compute={"distribution": "tiers", "tier_weights": {"ultra": 1}}), 3, np.random.default_rng(0))
-    with pytest.raises(ConfigError, match="devices.network.tiers: weights"):
-        build_profiles(devices(network={"tiers": {"4g": 0.0}}), 3, np.random.default_rng(0))
+def test_bad_tier_names_are_config_errors_at_the_config_boundary():
+    from hetfl.config import validate
+
+    cases = [
+        ({"network": {"tiers": {"6g": 1.0}}}, r"devices.network.tiers: unknown tier '6g'.*3g, 4g, 5g, wifi, ethernet"),
+        ({"compute": {"distribution": "tiers", "tier_weights": {"ultra": 1}}}, r"devices.compute.tier_weights: unknown tier 'ultra'"),
+        ({"network": {"tiers": {"4g": 0.0}}}, "devices.network.tiers: weights"),
+        ({"compute": {"tiers": {"low": 0.0}}}, "devices.compute.tiers: speed of tier 'low'"),
+    ]
+    for raw, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            validate({"devices": raw})
 
 
 def test_same_seed_same_profiles():
