@@ -23,9 +23,11 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from hetfl.config import ExperimentConfig, load_config
+from hetfl.config import load_config, validate
 from hetfl.errors import DivergedError, HetflError
 
 EXIT_USER_ERROR = 2
@@ -33,7 +35,7 @@ EXIT_DIVERGED = 1
 EXIT_INTERRUPTED = 130
 
 # Rich falls back to 80 columns when output is not a terminal (a pipe, CI); tables need more.
-console = Console(width=None if sys.stdout.isatty() else 160)
+console = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
 
 
@@ -56,8 +58,18 @@ def _announce(summary: dict[str, Any], out: Path) -> None:
         f"[bold]{summary['algorithm']}[/]: {summary['status']}, accuracy {_fmt_acc(summary['final_accuracy'])} "
         f"(best {_fmt_acc(summary['best_accuracy'])}) after {summary['rounds']} rounds; "
         f"simulated {_fmt_time(summary['sim_time_s'])}, wall {_fmt_time(summary['wall_time_s'])}; "
-        f"target {summary['target_accuracy']} reached at {_fmt_time(summary['time_to_target_s'])}. Results: {out}"
+        f"target {summary['target_accuracy']} reached at {_fmt_time(summary['time_to_target_s'])}. Results: {escape(str(out))}"
     )
+
+
+def _one_line(message: object) -> str:
+    """A message on one line: the lines of a multi-line message joined with spaces."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def _error(message: object) -> None:
+    """``error: message`` on stderr, one line, printed as plain text (a path like ``data[/x]`` is not markup)."""
+    err_console.print(Text.assemble(("error:", "red"), " ", _one_line(message)), highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------- commands
@@ -65,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hetfl.engine.run import resume_experiment, run_experiment
 
     if args.resume:
-        if args.config:
+        if args.config or args.out:
             raise HetflError("hetfl run: give either CONFIG.yaml --out DIR, or --resume DIR, not both")
         out = Path(args.resume)
         summary = resume_experiment(out, args.set, show_progress=not args.quiet, console=console)
@@ -74,6 +86,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise HetflError("hetfl run: expected CONFIG.yaml --out DIR (or --resume DIR)")
         cfg = load_config(args.config, args.set)
         out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise HetflError(f"--out {out}: exists and is not a folder")
         summary = run_experiment(cfg, out, show_progress=not args.quiet, console=console)
     _announce(summary, out)
     return EXIT_INTERRUPTED if summary["status"] == "interrupted" else 0
@@ -101,29 +115,49 @@ def comparison_table(summaries: list[dict[str, Any]], title: str) -> Table:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from hetfl.engine.run import run_experiment
-    from hetfl.results import render_report
-    from hetfl.strategies import STRATEGIES
+    from hetfl.results import SUMMARY_NAME, read_summary, render_report
+    from hetfl.strategies import STRATEGIES, build_strategy
 
     base = load_config(args.config, args.set)
-    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    algorithms = list(dict.fromkeys(a.strip() for a in args.algorithms.split(",") if a.strip()))
     unknown = [a for a in algorithms if a not in STRATEGIES]
     if not algorithms or unknown:
         raise HetflError(f"--algorithms: unknown {', '.join(unknown) or '(none given)'} (known: {', '.join(sorted(STRATEGIES))})")
     out = Path(args.out)
-    summaries = []
-    for name in algorithms:
+    if out.exists() and not out.is_dir():
+        raise HetflError(f"--out {out}: exists and is not a folder")
+    configs = {}
+    for name in algorithms:  # every algorithm's parameters and optimiser are checked before the first run starts
         raw = base.model_dump()
         raw["strategy"].update(name=name, params=base.strategy.params_for(name), per_algorithm={})
-        cfg = ExperimentConfig.model_validate(raw)
-        summary = run_experiment(cfg, out / name, show_progress=not args.quiet, console=console)
+        cfg = validate(raw, source=f"{args.config} ({name})")
+        build_strategy(cfg.strategy).check_training(cfg.training.optimizer, cfg.training.momentum)
+        configs[name] = cfg
+    summaries, diverged, interrupted = [], [], False
+    for name, cfg in configs.items():
+        try:
+            summary = run_experiment(cfg, out / name, show_progress=not args.quiet, console=console)
+        except KeyboardInterrupt:  # while the next federation was being built: keep what the others measured
+            interrupted = True
+            break
+        except DivergedError as err:  # one algorithm diverging does not void the comparison
+            diverged.append(f"{name} diverged ({_one_line(err)})")
+            if not (out / name / SUMMARY_NAME).is_file():
+                continue
+            summary = read_summary(out / name / SUMMARY_NAME)
         summaries.append(summary)
         if summary["status"] == "interrupted":
+            interrupted = True
             break
-    console.print(comparison_table(summaries, f"{base.name}: {base.data.dataset}, {base.data.n_clients} clients, seed {base.seed}"))
-    (out / "comparison.json").write_text(json.dumps(summaries, indent=2))
-    html = render_report(out)
-    console.print(f"Report: {html}")
-    return EXIT_INTERRUPTED if summaries[-1]["status"] == "interrupted" else 0
+    title = f"{base.name}: {base.data.dataset}, {base.data.n_clients} clients, seed {base.seed}"
+    console.print(comparison_table(summaries, escape(title)))
+    if summaries:
+        (out / "comparison.json").write_text(json.dumps(summaries, indent=2))
+        console.print(f"Report: {escape(str(render_report(out)))}")
+    if diverged:
+        _error("; ".join(diverged))
+        return EXIT_DIVERGED
+    return EXIT_INTERRUPTED if interrupted else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -132,7 +166,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     path = Path(args.dir)
     if not path.is_dir():
         raise HetflError(f"{path}: no such directory")
-    console.print(f"Report: {render_report(path)}")
+    console.print(f"Report: {escape(str(render_report(path)))}")
     return 0
 
 
@@ -165,7 +199,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         status=args.status, min_accuracy=args.min_accuracy, limit=args.limit,
     )
     if not rows:
-        console.print(f"no runs recorded under {args.root}")
+        console.print(f"no runs recorded under {escape(str(args.root))}")
         return 0
     console.print(runs_table(rows))
     return 0
@@ -243,10 +277,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except DivergedError as err:
-        err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        _error(err)
         return EXIT_DIVERGED
     except HetflError as err:
-        err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        _error(err)
+        return EXIT_USER_ERROR
+    except OSError as err:  # the environment: an unwritable --out, a full disk, a file that vanished
+        where = err.filename if err.filename is not None else ""
+        _error(f"{where}: {err.strerror or err}" if where else (err.strerror or err))
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         err_console.print("interrupted")
