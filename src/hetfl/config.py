@@ -7,6 +7,7 @@ behind it trusts what it receives. An unknown key or a value of the wrong type i
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -178,6 +179,21 @@ class ExperimentConfig(Section):
 
 
 # --------------------------------------------------------------------------- loading
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` as a string (it wants ``1.0e-3``); here it is a float, as people expect."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _error_line(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "(top level)"
@@ -195,7 +211,7 @@ def _error_line(err: ValidationError, source: str) -> str:
 def parse_value(text: str) -> Any:
     """Parse the value of a ``--set key=value`` override as YAML (so ``0.1``, ``true``, ``[1,2]`` work)."""
     try:
-        return yaml.safe_load(text)
+        return _load_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -206,6 +222,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set strategy.name=fedprox")
         key, value = item.split("=", 1)
+        if not key.strip():
+            raise ConfigError(f"--set {item!r}: the key before '=' is empty")
         node = raw
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -230,7 +248,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -48,7 +48,10 @@ def _check_clients(n_samples: int, n_clients: int, min_size: int = 1) -> None:
         raise ValueError(f"n_clients must be at least 1, got {n_clients}")
     if n_clients * min_size > n_samples:
         need = f"{n_clients} clients" if min_size == 1 else f"{n_clients} clients of at least {min_size} samples"
-        raise DataError(f"{need} need {n_clients * min_size} samples; the data has {n_samples}")
+        raise DataError(
+            f"data.n_clients: {need} need {n_clients * min_size} samples; the data has {n_samples} "
+            "(lower data.n_clients or data.partition.min_size)"
+        )
 
 
 def _class_codes(labels: np.ndarray) -> tuple[np.ndarray, int]:

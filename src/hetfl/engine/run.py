@@ -180,7 +180,10 @@ class Run:
                 self.bar = self.progress.add_task(
                     self.cfg.strategy.name, total=self.cfg.rounds, completed=sim.version, acc="-", sim=_human_time(sim.now)
                 )
-                sim.proceed()
+                if sim.version >= self.cfg.rounds:
+                    sim.stop("rounds")  # resumed a finished run: nothing to do
+                else:
+                    sim.proceed()
                 while sim.step():
                     if sim.checkpoint_due and sim.version % every == 0:
                         self.save_checkpoint()
@@ -258,10 +261,37 @@ def resume_experiment(
     out = Path(out)
     if not (out / "config.yaml").is_file():
         raise HetflError(f"{out}: not a run directory (no config.yaml)")
+    before = load_config(out / "config.yaml")
     cfg = load_config(out / "config.yaml", overrides)
-    (out / "config.yaml").write_text(dump_config(cfg))
+    _check_resumable_change(before, cfg)
     fed = build_federation(cfg)
-    return Run(cfg, out, fed, resume=True).execute(show_progress, console)
+    fed.strategy()  # validate before anything in ``out`` changes
+    run = Run(cfg, out, fed, resume=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
+    return run.execute(show_progress, console)
+
+
+RESUMABLE = ("rounds", "max_sim_time_s", "checkpoint_every", "threads", "evaluation.")
+
+
+def _check_resumable_change(before: ExperimentConfig, after: ExperimentConfig) -> None:
+    """Refuse overrides on resume that would change the federation the checkpoint was taken in."""
+    old, new = _flatten(before.model_dump(mode="json")), _flatten(after.model_dump(mode="json"))
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key) and not key.startswith(RESUMABLE):
+            raise HetflError(
+                f"--set {key}: cannot change when resuming (the checkpoint was made with {old.get(key)!r}); "
+                "only rounds, max_sim_time_s, checkpoint_every, threads and evaluation.* can; start a new run instead"
+            )
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): node}
 
 
 def _human_time(seconds: float) -> str:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import typing
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
 
 from hetfl.config import StrategyConfig
 from hetfl.errors import ConfigError
@@ -41,7 +45,7 @@ def build_strategy(cfg: StrategyConfig) -> Strategy:
             raise ConfigError(
                 f"strategy.params.{key}: not a parameter of {cfg.name} (known: {', '.join(known) or 'none'})"
             )
-    kwargs = cfg.params_for(cfg.name)
+    kwargs = _typed(cls, cfg)
     if "clients_per_round" in accepted:
         kwargs["clients_per_round"] = cfg.clients_per_round
     if "deadline_s" in accepted:
@@ -50,6 +54,21 @@ def build_strategy(cfg: StrategyConfig) -> Strategy:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"strategy.params: {cfg.name}: {err}") from None
+
+
+def _typed(cls: type[Strategy], cfg: StrategyConfig) -> dict[str, Any]:
+    """The algorithm's parameters, each checked against its constructor's annotation (a bad one names its key)."""
+    hints = typing.get_type_hints(cls.__init__)
+    kwargs = cfg.params_for(cfg.name)
+    for key, value in kwargs.items():
+        if key not in hints:
+            continue
+        try:
+            kwargs[key] = TypeAdapter(hints[key]).validate_python(value)
+        except ValidationError as err:
+            where = f"strategy.params.{key}" if key in cfg.params else f"strategy.per_algorithm.{cfg.name}.{key}"
+            raise ConfigError(f"{where}: {err.errors()[0]['msg']} (got {value!r})") from None
+    return kwargs
 
 
 __all__ = [
