@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from hetfl.config import ModelConfig, TrainingConfig
 from hetfl.devices import DeviceProfile
@@ -62,3 +66,31 @@ def digits_config():
         "training": {"lr": 0.05, "batch_size": 16, "local_steps": 10},
         "strategy": {"name": "fedavg", "clients_per_round": 5},
     })
+
+
+# A federation that runs in a fraction of a second: 6 digits clients, 3 rounds of 3 clients, 5 local steps.
+TINY = {
+    "name": "tiny",
+    "seed": 0,
+    "rounds": 3,
+    "checkpoint_every": 1,
+    "data": {"dataset": "digits", "n_clients": 6, "partition": {"kind": "dirichlet", "alpha": 0.5}},
+    "devices": {"compute": {"distribution": "lognormal", "median_flops": 2.0e8}},
+    "model": {"name": "mlp", "hidden": [16]},
+    "training": {"lr": 0.05, "batch_size": 16, "local_steps": 5},
+    "strategy": {"name": "fedavg", "clients_per_round": 3},
+    "evaluation": {"target_accuracy": 0.2},
+}
+
+
+def write_config(folder: Path, filename: str = "config.yaml", base: dict | None = None, **changes) -> Path:
+    """``base`` (default TINY) with ``changes`` (``data__partition__alpha=0`` sets data.partition.alpha) written to ``folder/name``."""
+    raw = json.loads(json.dumps(TINY if base is None else base))
+    for key, value in changes.items():
+        node, parts = raw, key.split("__")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    path = folder / filename
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import TINY, write_config
 from hetfl.cli import main
 from hetfl.config import dump_config, load_config
 from hetfl.results import INDEX_NAME
@@ -26,34 +27,6 @@ METRIC_KEYS = {"round", "sim_time_s", "wall_time_s", "accuracy", "loss", "client
 SUMMARY_KEYS = {"algorithm", "status", "final_accuracy", "best_accuracy", "rounds", "sim_time_s", "wall_time_s",
                 "bytes_up", "bytes_down", "target_accuracy", "time_to_target_s"}  # fmt: skip
 IMAGES = ("accuracy_vs_time.png", "accuracy_vs_round.png", "bytes.png")
-
-# A federation that runs in a fraction of a second: 6 digits clients, 3 rounds of 3 clients, 5 local steps.
-TINY = {
-    "name": "tiny",
-    "seed": 0,
-    "rounds": 3,
-    "checkpoint_every": 1,
-    "data": {"dataset": "digits", "n_clients": 6, "partition": {"kind": "dirichlet", "alpha": 0.5}},
-    "devices": {"compute": {"distribution": "lognormal", "median_flops": 2.0e8}},
-    "model": {"name": "mlp", "hidden": [16]},
-    "training": {"lr": 0.05, "batch_size": 16, "local_steps": 5},
-    "strategy": {"name": "fedavg", "clients_per_round": 3},
-    "evaluation": {"target_accuracy": 0.2},
-}
-
-
-def write_config(folder: Path, filename: str = "config.yaml", **changes) -> Path:
-    """TINY with ``changes`` (``data__partition__alpha=0`` sets data.partition.alpha) written to ``folder/name``."""
-    raw = json.loads(json.dumps(TINY))
-    for key, value in changes.items():
-        node, parts = raw, key.split("__")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    path = folder / filename
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
-
 
 def cli(capsys, *argv) -> tuple[int, str, str]:
     """Run ``hetfl argv`` in-process; return (exit code, stdout, stderr)."""

@@ -17,21 +17,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import TINY as BASE
+from conftest import write_config as write_shared
 from hetfl.cli import main
 from hetfl.engine import run as engine_run
 
-TINY = {
-    "name": "e2e",
-    "seed": 3,
-    "rounds": 6,
-    "checkpoint_every": 1,
-    "data": {"dataset": "digits", "n_clients": 6, "partition": {"kind": "dirichlet", "alpha": 0.5}},
-    "devices": {"compute": {"distribution": "lognormal", "median_flops": 2.0e8}},
-    "model": {"name": "mlp", "hidden": [16]},
-    "training": {"lr": 0.05, "batch_size": 16, "local_steps": 5},
-    "strategy": {"name": "fedavg", "clients_per_round": 3},
-    "evaluation": {"target_accuracy": 0.2},
-}
+TINY = {**BASE, "name": "e2e", "seed": 3, "rounds": 6}
 
 # heterogeneity that exercises every event kind: deadlines (timers), dropouts (failures), devices
 # going offline (Markov availability), evaluation every other round
@@ -44,15 +35,7 @@ HARSH = {
 
 
 def write_config(folder: Path, filename: str = "config.yaml", **changes) -> Path:
-    raw = json.loads(json.dumps(TINY))
-    for key, value in changes.items():
-        node, parts = raw, key.split("__")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    path = folder / filename
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+    return write_shared(folder, filename, base=TINY, **changes)
 
 
 def hetfl(*argv) -> int:
