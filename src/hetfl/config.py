@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hetfl.errors import ConfigError
 
 
+MAX_AVAILABILITY_PERIODS = 100_000
+
+
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are checked on assignment."""
 
@@ -99,6 +102,17 @@ class AvailabilityConfig(Section):
     mean_online_s: float = Field(3600.0, gt=0)
     mean_offline_s: float = Field(600.0, gt=0)
     horizon_s: float = Field(7 * 24 * 3600.0, gt=0, description="Availability windows are drawn up to this time.")
+
+    @model_validator(mode="after")
+    def _not_too_many_periods(self) -> "AvailabilityConfig":
+        periods = 2 * self.horizon_s / (self.mean_online_s + self.mean_offline_s)
+        if self.kind == "markov" and periods > MAX_AVAILABILITY_PERIODS:
+            raise ValueError(
+                f"devices.availability: on/off periods of {self.mean_online_s:g} s + {self.mean_offline_s:g} s over "
+                f"horizon_s={self.horizon_s:g} make {periods:,.0f} periods per client; raise the means (seconds) "
+                f"or lower horizon_s (at most {MAX_AVAILABILITY_PERIODS:,} periods)"
+            )
+        return self
 
 
 class DevicesConfig(Section):

@@ -211,17 +211,25 @@ def _draw_choice(weights: dict[str, float], key: str, n: int, rng: np.random.Gen
 
 
 def _markov_windows(avail: AvailabilityConfig, rng: np.random.Generator) -> tuple[tuple[float, float], ...]:
-    """Alternating exponential online/offline periods up to the horizon, then online forever."""
+    """Alternating exponential online/offline periods up to the horizon, then online forever.
+
+    Periods are drawn in vectorised batches of (first, second) pairs, so parity never breaks.
+    """
     mean_on, mean_off, horizon = avail.mean_online_s, avail.mean_offline_s, avail.horizon_s
-    online = bool(rng.random() < mean_on / (mean_on + mean_off))
-    windows: list[tuple[float, float]] = []
-    t = 0.0
-    while t < horizon:
-        length = float(rng.exponential(mean_on if online else mean_off))
-        if online:
-            windows.append((t, t + length))
-        t += length
-        online = not online
+    online_first = bool(rng.random() < mean_on / (mean_on + mean_off))
+    first, second = (mean_on, mean_off) if online_first else (mean_off, mean_on)
+    batch = int(horizon / (mean_on + mean_off)) + 8
+    chunks, total = [], 0.0
+    while total < horizon:
+        pairs = np.column_stack([rng.exponential(first, batch), rng.exponential(second, batch)]).ravel()
+        chunks.append(pairs)
+        total += float(pairs.sum())
+    lengths = np.concatenate(chunks)
+    ends = np.cumsum(lengths)
+    n = int(np.searchsorted(ends, horizon, side="left")) + 1  # periods that start before the horizon
+    ends, starts = ends[:n], ends[:n] - lengths[:n]
+    is_online = (np.arange(n) % 2 == 0) == online_first
+    windows = [(float(a), float(b)) for a, b in zip(starts[is_online], ends[is_online])]
     if windows and windows[-1][1] >= horizon:  # the last online period runs past the horizon
         windows[-1] = (windows[-1][0], math.inf)
     else:  # an offline period runs past the horizon: online again from the horizon on
