@@ -431,3 +431,15 @@ def test_devices_and_algorithms_print(tmp_path, capsys):
     for name in STRATEGIES:
         assert name in out
     assert {"fedavg", "fedprox", "scaffold", "fednova", "fedadam", "fedyogi"} <= set(STRATEGIES)
+
+
+def test_configuration_reference_is_complete_and_the_doc_is_current(capsys):
+    from hetfl.config import reference, reference_markdown
+
+    rows = reference()
+    assert all(description for *_, description in rows), "every config key needs a description"
+    assert {"data.partition.alpha", "devices.compute.median_flops", "strategy.deadline_s"} <= {r[0] for r in rows}
+    doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert doc.read_text() == reference_markdown(), "regenerate: hetfl config --markdown > docs/configuration.md"
+    code, out, _ = cli(capsys, "config")
+    assert code == 0 and "data.partition.alpha" in out

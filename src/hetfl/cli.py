@@ -8,6 +8,7 @@
     hetfl devices CONFIG.yaml                                  the simulated devices
     hetfl runs [--root results] [--algorithm A] ...            past runs, from the SQLite index
     hetfl algorithms                                           what strategy.name accepts
+    hetfl config [--markdown]                                  every config key, type, default, meaning
 
 A user's mistake (bad config, missing file, diverging run) is one line on stderr and a non-zero
 exit, never a traceback.
@@ -206,14 +207,34 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_algorithms(args: argparse.Namespace) -> int:
+    import inspect
+
     from hetfl.strategies import STRATEGIES
 
-    table = Table(title="strategy.name")
+    table = Table(title="strategy.name, and its strategy.params")
     table.add_column("name")
     table.add_column("what it is")
+    table.add_column("parameters (default)")
     for name, cls in sorted(STRATEGIES.items()):
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
-        table.add_row(name, doc)
+        params = [f"{p.name}={p.default!r}" for p in inspect.signature(cls.__init__).parameters.values()
+                  if p.name not in ("self", "clients_per_round", "deadline_s")]
+        table.add_row(name, doc, ", ".join(params) or "—")
+    console.print(table)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from hetfl.config import reference, reference_markdown
+
+    if args.markdown:
+        sys.stdout.write(reference_markdown())
+        return 0
+    table = Table(title="configuration keys (set any with --set KEY=VALUE)")
+    for col in ("key", "type", "default", "meaning"):
+        table.add_column(col, overflow="fold")
+    for row in reference():
+        table.add_row(*row)
     console.print(table)
     return 0
 
@@ -267,8 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int)
     p.set_defaults(func=cmd_runs)
 
-    p = sub.add_parser("algorithms", help="list the available algorithms")
+    p = sub.add_parser("algorithms", help="list the available algorithms and their parameters")
     p.set_defaults(func=cmd_algorithms)
+
+    p = sub.add_parser("config", help="list every configuration key with its type, default and meaning")
+    p.add_argument("--markdown", action="store_true", help="print docs/configuration.md")
+    p.set_defaults(func=cmd_config)
     return parser
 
 

@@ -28,7 +28,9 @@ class Section(BaseModel):
 
 # --------------------------------------------------------------------------- data
 class PartitionConfig(Section):
-    kind: Literal["iid", "dirichlet", "shards", "quantity", "natural"] = "iid"
+    kind: Literal["iid", "dirichlet", "shards", "quantity", "natural"] = Field(
+        "iid", description="How samples are dealt to clients: IID, Dirichlet label skew, shards, power-law sizes, natural groups."
+    )
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller: more label skew).")
     classes_per_client: int = Field(2, ge=1, description="Shards: distinct classes per client.")
     exponent: float = Field(1.5, gt=0, description="Quantity skew: power-law exponent of client sizes.")
@@ -36,11 +38,13 @@ class PartitionConfig(Section):
 
 
 class DataConfig(Section):
-    dataset: Literal["digits", "mnist", "fashion_mnist", "cifar10", "leaf", "csv", "npz"] = "digits"
+    dataset: Literal["digits", "mnist", "fashion_mnist", "cifar10", "leaf", "csv", "npz"] = Field(
+        "digits", description="digits is built in (scikit-learn); the others are read from data.path."
+    )
     path: str | None = Field(None, description="Local file or folder; required for every dataset but digits.")
     label_column: str = Field("label", description="CSV: the column holding the class label.")
     id_column: str | None = Field(None, description="CSV: a column of natural client ids (for partition.kind=natural).")
-    n_clients: int = Field(20, ge=1)
+    n_clients: int = Field(20, ge=1, description="Number of clients the data is partitioned into.")
     partition: PartitionConfig = PartitionConfig()
     test_fraction: float = Field(0.2, gt=0, lt=1, description="Share of each client's samples kept for its test split.")
     normalize: bool = Field(True, description="Scale features to zero mean, unit variance (statistics of the training splits).")
@@ -54,7 +58,9 @@ class DataConfig(Section):
 
 # --------------------------------------------------------------------------- devices
 class ComputeConfig(Section):
-    distribution: Literal["constant", "lognormal", "pareto", "tiers"] = "lognormal"
+    distribution: Literal["constant", "lognormal", "pareto", "tiers"] = Field(
+        "lognormal", description="How relative compute speeds are drawn (pareto: heavy tail of slow devices)."
+    )
     median_flops: float = Field(2e9, gt=0, description="FLOP/s of the median device (the reference speed 1.0).")
     sigma: float = Field(0.5, ge=0, description="Log-normal: standard deviation of log speed.")
     pareto_shape: float = Field(1.5, gt=0, description="Pareto: tail index (smaller: heavier tail of slow devices).")
@@ -98,9 +104,11 @@ class NetworkConfig(Section):
 
 
 class AvailabilityConfig(Section):
-    kind: Literal["always", "markov"] = "always"
-    mean_online_s: float = Field(3600.0, gt=0)
-    mean_offline_s: float = Field(600.0, gt=0)
+    kind: Literal["always", "markov"] = Field(
+        "always", description="always online, or alternating exponential online/offline periods (markov)."
+    )
+    mean_online_s: float = Field(3600.0, gt=0, description="Markov: mean length of an online period (s).")
+    mean_offline_s: float = Field(600.0, gt=0, description="Markov: mean length of an offline period (s).")
     horizon_s: float = Field(7 * 24 * 3600.0, gt=0, description="Availability windows are drawn up to this time.")
 
     @model_validator(mode="after")
@@ -126,7 +134,7 @@ class DevicesConfig(Section):
 
 # --------------------------------------------------------------------------- model and training
 class ModelConfig(Section):
-    name: Literal["logreg", "mlp", "cnn"] = "mlp"
+    name: Literal["logreg", "mlp", "cnn"] = Field("mlp", description="Model architecture.")
     hidden: list[int] = Field(default_factory=lambda: [64], description="MLP: hidden layer widths.")
     channels: list[int] = Field(default_factory=lambda: [16, 32], description="CNN: channels of each conv block.")
 
@@ -139,11 +147,11 @@ class ModelConfig(Section):
 
 
 class TrainingConfig(Section):
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(32, ge=1)
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="Local optimiser (a new one each task).")
+    lr: float = Field(0.05, gt=0, description="Local learning rate.")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD heavy-ball momentum.")
+    weight_decay: float = Field(0.0, ge=0, description="L2 penalty of the local optimiser.")
+    batch_size: int = Field(32, ge=1, description="Local mini-batch size.")
     local_steps: int | None = Field(None, ge=1, description="Local optimiser steps per task (overrides local_epochs).")
     local_epochs: float = Field(1.0, gt=0, description="Passes over the client's data per task, when local_steps is unset.")
 
@@ -156,8 +164,8 @@ class StrategyConfig(Section):
     algorithm documents its own parameters in one place.
     """
 
-    name: str = "fedavg"
-    clients_per_round: int = Field(10, ge=1)
+    name: str = Field("fedavg", description="Algorithm (hetfl algorithms lists them).")
+    clients_per_round: int = Field(10, ge=1, description="Clients sampled per round (fewer if fewer are online).")
     deadline_s: float | None = Field(None, gt=0, description="Round deadline in simulated seconds; later updates are dropped.")
     params: dict[str, Any] = Field(default_factory=dict, description="Parameters of the algorithm `name`.")
     per_algorithm: dict[str, dict[str, Any]] = Field(
@@ -173,13 +181,13 @@ class StrategyConfig(Section):
 
 class EvaluationConfig(Section):
     every: int = Field(1, ge=1, description="Evaluate the global model every this many aggregations.")
-    target_accuracy: float = Field(0.9, gt=0, le=1)
-    stop_at_target: bool = False
+    target_accuracy: float = Field(0.9, gt=0, le=1, description="Accuracy whose first crossing gives time_to_target_s.")
+    stop_at_target: bool = Field(False, description="End the run once the target accuracy is reached.")
 
 
 class ExperimentConfig(Section):
-    name: str = "experiment"
-    seed: int = 0
+    name: str = Field("experiment", description="A label for the run (shown in tables and the run index).")
+    seed: int = Field(0, description="Seeds data partition, devices, model initialisation, sampling and batches.")
     rounds: int = Field(50, ge=1, description="Number of aggregations (server model versions) to run.")
     max_sim_time_s: float | None = Field(None, gt=0, description="Stop once simulated time passes this.")
     checkpoint_every: int = Field(10, ge=1, description="Checkpoint the server state every this many aggregations.")
@@ -286,3 +294,41 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
 
 def dump_config(config: ExperimentConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- reference
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if not getattr(annotation, "__args__", None) else None
+    text = text or str(annotation).replace("typing.", "")
+    return text.replace("NoneType", "None").replace(" | ", " or ")
+
+
+def reference(model: type[BaseModel] = ExperimentConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """Every config key as (key, type, default, description), walked from the pydantic models."""
+    rows: list[tuple[str, str, str, str]] = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows += reference(annotation, f"{key}.")
+            continue
+        default = field.get_default(call_default_factory=True)
+        rows.append((key, _type_name(annotation), yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip(),
+                     field.description or ""))
+    return rows
+
+
+def reference_markdown() -> str:
+    lines = [
+        "# Configuration reference",
+        "",
+        "Every key of an experiment file, generated from `hetfl.config` (`hetfl config --markdown`).",
+        "Unknown keys are errors. Relative paths are relative to the config file. Any key can be set",
+        "from the command line: `--set data.partition.alpha=0.1`.",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for key, kind, default, text in reference():
+        lines.append(f"| `{key}` | `{kind}` | `{default}` | {text} |".replace("`` ", "").replace("| `` |", "| |"))
+    return "\n".join(lines) + "\n"
