@@ -46,6 +46,20 @@ class Federation:
     pool: ClientPool
     flops_per_step: float
 
+    def describe(self) -> str:
+        """One line: what is being simulated."""
+        cfg, data = self.config, self.data
+        n_train = sum(len(t) for t in data.train)
+        n_test = sum(len(t) for t in data.test)
+        speeds = [p.speed for p in self.profiles]
+        spread = max(speeds) / min(speeds)
+        return (
+            f"{cfg.data.dataset}: {data.n_clients} clients ({n_train} train / {n_test} test samples, "
+            f"{cfg.data.partition.kind} partition); {cfg.model.name}: {self.trainer.numel:,} parameters, "
+            f"{self.trainer.numel * 4 / 1e3:.1f} kB a transfer, {self.flops_per_step / 1e6:.2f} MFLOP a step; "
+            f"device speeds span {spread:.1f}x"
+        )
+
     def strategy(self) -> Strategy:
         strategy = build_strategy(self.config.strategy)
         strategy.check_training(self.config.training.optimizer, self.config.training.momentum)
@@ -247,6 +261,8 @@ def run_experiment(
     for stale in ("metrics.jsonl", "summary.json", CHECKPOINT):
         (out / stale).unlink(missing_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
+    if show_progress and console is not None:
+        console.print(fed.describe(), highlight=False)
     return Run(cfg, out, fed, resume=False).execute(show_progress, console)
 
 
