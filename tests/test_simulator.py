@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -128,3 +130,27 @@ def test_every_strategy_learns_on_a_tiny_federation(name):
     after = float(F.cross_entropy(sim.trainer.predict(sim.params, x), y))
     assert after < 0.8 * before, (name, before, after)
     assert sim.version == 5
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_task_is_accounted_for_exactly_once_under_harsh_heterogeneity(name, seed):
+    # deadlines cancel stragglers, dropouts and offline windows lose tasks; nothing may leak or double-count
+    rng = np.random.default_rng(seed)
+    profiles = []
+    for i in range(8):
+        start = float(rng.uniform(0, 3))
+        windows = ((0.0, start), (start + float(rng.uniform(0.5, 2)), math.inf)) if i % 3 == 0 else None
+        profiles.append(profile(i, flops=float(rng.choice([2e5, 1e6, 5e6])), dropout=0.15, windows=windows))
+    strategy = build_strategy(StrategyConfig(name=name, clients_per_round=4, deadline_s=4.0,
+                                             params={"server_lr": 0.1} if name in ("fedadam", "fedyogi") else {}))
+    sim = make_simulator(strategy, [6] * 8, profiles, seed=seed)
+    run_rounds(sim, 12)
+    c = sim.counters
+    in_flight = len(sim.state.busy)
+    assert c.tasks == c.arrived + c.failed + c.cancelled + in_flight
+    assert c.updates + c.dropped == c.arrived + c.failed + c.cancelled  # a round strategy uses or drops each one
+    assert c.bytes_up == c.arrived * sim.model_bytes * strategy.upload_copies
+    assert c.bytes_down >= c.tasks * sim.model_bytes
+    assert c.trained_steps == c.arrived * 2  # only arrived tasks were trained (2 local steps each)
+    assert c.failed > 0 and c.cancelled > 0, "the scenario should exercise failures and deadlines"

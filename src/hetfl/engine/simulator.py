@@ -54,6 +54,8 @@ class Counters:
     updates: int = 0  # client updates aggregated
     dropped: int = 0  # updates a strategy gave up on (late, lost)
     failed: int = 0  # tasks lost by clients (dropout, offline)
+    cancelled: int = 0  # tasks the strategy gave up on before they arrived (never trained)
+    arrived: int = 0  # tasks whose update reached the server (trained)
     tasks: int = 0  # tasks dispatched
     trained_steps: int = 0  # local steps actually computed
 
@@ -240,6 +242,7 @@ class Simulator:
         if event is not None and event.data is task:
             EventQueue.cancel(event)
             del self.state.busy[task.client_id]
+            self.state.counters.cancelled += 1
 
     def set_timer(self, at: float, tag: str) -> Event:
         return self.state.queue.push(max(at, self.now), "timer", tag)
@@ -301,6 +304,7 @@ class Simulator:
         if not state:
             del st.client_state[task.client_id]  # keep memory proportional to clients that hold state
         st.counters.trained_steps += result.steps
+        st.counters.arrived += 1
         st.counters.bytes_up += self.model_bytes * st.strategy.upload_copies
         update = Update(
             task=task,
