@@ -137,7 +137,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     summaries, diverged, interrupted = [], [], False
     for name, cfg in configs.items():
         try:
-            summary = run_experiment(cfg, out / name, show_progress=not args.quiet, console=console)
+            summary = run_experiment(cfg, out / name, show_progress=not args.quiet, console=console,
+                                     describe=name == algorithms[0])  # the same federation for all: say it once
         except KeyboardInterrupt:  # while the next federation was being built: keep what the others measured
             interrupted = True
             break

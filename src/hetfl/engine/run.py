@@ -251,9 +251,18 @@ class Run:
 
 
 def run_experiment(
-    cfg: ExperimentConfig, out: str | Path, *, show_progress: bool = True, console: Console | None = None
+    cfg: ExperimentConfig,
+    out: str | Path,
+    *,
+    show_progress: bool = True,
+    console: Console | None = None,
+    describe: bool = True,
 ) -> dict[str, Any]:
-    """Run ``cfg`` into the directory ``out`` (created; an earlier run there is replaced)."""
+    """Run ``cfg`` into the directory ``out`` (created; an earlier run there is replaced).
+
+    With a ``console`` and ``show_progress``, a progress bar, and first (if ``describe``) one line
+    saying what is simulated.
+    """
     out = Path(out)
     fed = build_federation(cfg)  # first: a data or device error must not touch an earlier run in ``out``
     fed.strategy()  # likewise for the strategy's parameters
@@ -261,7 +270,7 @@ def run_experiment(
     for stale in ("metrics.jsonl", "summary.json", CHECKPOINT):
         (out / stale).unlink(missing_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
-    if show_progress and console is not None:
+    if describe and show_progress and console is not None:
         console.print(fed.describe(), highlight=False)
     return Run(cfg, out, fed, resume=False).execute(show_progress, console)
 
