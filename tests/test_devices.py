@@ -167,6 +167,8 @@ def test_bad_tier_names_are_config_errors_at_the_config_boundary():
         ({"compute": {"distribution": "tiers", "tier_weights": {"ultra": 1}}}, r"devices.compute.tier_weights: unknown tier 'ultra'"),
         ({"network": {"tiers": {"4g": 0.0}}}, "devices.network.tiers: weights"),
         ({"compute": {"tiers": {"low": 0.0}}}, "devices.compute.tiers: speed of tier 'low'"),
+        ({"compute": {"distribution": "tiers", "tiers": {}}}, "devices.compute.tiers: at least one tier"),
+        ({"network": {"tiers": {}}}, "devices.network.tiers: weights"),
     ]
     for raw, message in cases:
         with pytest.raises(ConfigError, match=message):

@@ -72,6 +72,8 @@ class ComputeConfig(Section):
 
     @model_validator(mode="after")
     def _tiers_consistent(self) -> "ComputeConfig":
+        if self.distribution == "tiers" and not self.tiers:
+            raise ValueError("devices.compute.tiers: at least one tier is needed for distribution 'tiers'")
         bad = [name for name, speed in self.tiers.items() if speed <= 0]
         if bad:
             raise ValueError(f"devices.compute.tiers: speed of tier '{bad[0]}' must be positive")

@@ -49,7 +49,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 from rich.table import Table
 
-from hetfl.errors import ConfigError
 
 if TYPE_CHECKING:
     from hetfl.config import AvailabilityConfig, DevicesConfig
@@ -146,12 +145,9 @@ def build_profiles(cfg: DevicesConfig, n_clients: int, rng: np.random.Generator)
         loaded = load_trace(cfg.trace, n_clients, cfg.compute.median_flops, default_dropout=cfg.dropout)
         return [replace(p, client_id=i) for i, p in enumerate(loaded)]
 
-    for name in cfg.network.tiers:
-        if name not in NETWORK_TIERS:
-            known = ", ".join(NETWORK_TIERS)
-            raise ConfigError(f"devices.network.tiers: unknown tier '{name}'; known tiers: {known}")
+    # tier names, speeds and weights were checked where the config was validated (hetfl.config)
     speeds, compute_labels = _draw_speeds(cfg, n_clients, rng)
-    network_names = _draw_choice(cfg.network.tiers, "devices.network.tiers", n_clients, rng)
+    network_names = _draw_choice(cfg.network.tiers, n_clients, rng)
 
     profiles = []
     for i in range(n_clients):
@@ -185,27 +181,15 @@ def _draw_speeds(cfg: DevicesConfig, n: int, rng: np.random.Generator) -> tuple[
         x = 1.0 + rng.pareto(compute.pareto_shape, size=n)  # classic Pareto, minimum 1, median 2**(1/shape)
         speeds = 2.0 ** (1.0 / compute.pareto_shape) / x
         return np.maximum(speeds, MIN_PARETO_SPEED), [kind] * n
-    # tiers
-    if not compute.tiers:
-        raise ConfigError("devices.compute.tiers: at least one tier is needed")
-    for name, speed in compute.tiers.items():
-        if not speed > 0:
-            raise ConfigError(f"devices.compute.tiers.{name}: a tier's relative speed must be positive, got {speed}")
     weights = compute.tier_weights or {name: 1.0 for name in compute.tiers}
-    for name in weights:
-        if name not in compute.tiers:
-            known = ", ".join(compute.tiers)
-            raise ConfigError(f"devices.compute.tier_weights: '{name}' is not one of devices.compute.tiers ({known})")
-    names = _draw_choice(weights, "devices.compute.tier_weights", n, rng)
+    names = _draw_choice(weights, n, rng)
     return np.array([compute.tiers[name] for name in names], dtype=float), names
 
 
-def _draw_choice(weights: dict[str, float], key: str, n: int, rng: np.random.Generator) -> list[str]:
-    """Draw ``n`` names with probabilities proportional to ``weights``."""
+def _draw_choice(weights: dict[str, float], n: int, rng: np.random.Generator) -> list[str]:
+    """Draw ``n`` names with probabilities proportional to ``weights`` (validated by the config)."""
     names = list(weights)
     w = np.array([weights[name] for name in names], dtype=float)
-    if len(w) == 0 or np.any(w < 0) or not np.isfinite(w).all() or w.sum() <= 0:
-        raise ConfigError(f"{key}: weights must be non-negative with a positive sum, got {weights}")
     picks = rng.choice(len(names), size=n, p=w / w.sum())
     return [names[k] for k in picks]
 
