@@ -196,6 +196,9 @@ def cmd_devices(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from hetfl.results import list_runs, runs_table
 
+    if not Path(args.root).is_dir():
+        console.print(f"no runs recorded under {args.root} (it does not exist yet)", highlight=False)
+        return 0
     rows = list_runs(
         Path(args.root), algorithm=args.algorithm, dataset=args.dataset, name=args.name,
         status=args.status, min_accuracy=args.min_accuracy, limit=args.limit,
