@@ -31,6 +31,7 @@ from rich.text import Text
 from hetfl.config import load_config, validate
 from hetfl.errors import DivergedError, HetflError
 
+DEFAULT_RESULTS = "results"
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 1
 EXIT_INTERRUPTED = 130
@@ -196,11 +197,12 @@ def cmd_devices(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from hetfl.results import list_runs, runs_table
 
-    if not Path(args.root).is_dir():
-        console.print(f"no runs recorded under {args.root} (it does not exist yet)", highlight=False)
+    root = Path(args.root or DEFAULT_RESULTS)
+    if args.root is None and not root.is_dir():  # a fresh checkout; a root the user names must exist
+        console.print(f"no runs recorded yet (no {root}/ folder here)", highlight=False)
         return 0
     rows = list_runs(
-        Path(args.root), algorithm=args.algorithm, dataset=args.dataset, name=args.name,
+        root, algorithm=args.algorithm, dataset=args.dataset, name=args.name,
         status=args.status, min_accuracy=args.min_accuracy, limit=args.limit,
     )
     if not rows:
@@ -283,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_devices)
 
     p = sub.add_parser("runs", help="list past runs from the results index")
-    p.add_argument("--root", default="results", help="results root to search (default: results)")
+    p.add_argument("--root", help=f"results root to search (default: {DEFAULT_RESULTS})")
     p.add_argument("--algorithm")
     p.add_argument("--dataset")
     p.add_argument("--name")
