@@ -206,7 +206,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         status=args.status, min_accuracy=args.min_accuracy, limit=args.limit,
     )
     if not rows:
-        console.print(f"no runs recorded under {escape(str(args.root))}")
+        console.print(f"no runs recorded under {escape(str(root))}")
         return 0
     console.print(runs_table(rows))
     return 0
