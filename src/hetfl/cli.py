@@ -75,6 +75,13 @@ def _error(message: object) -> None:
 
 
 # ---------------------------------------------------------------------------- commands
+def _out_dir(value: str) -> Path:
+    out = Path(value)
+    if out.exists() and not out.is_dir():
+        raise HetflError(f"--out {out}: exists and is not a folder")
+    return out
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from hetfl.engine.run import resume_experiment, run_experiment
 
@@ -87,9 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not args.config or not args.out:
             raise HetflError("hetfl run: expected CONFIG.yaml --out DIR (or --resume DIR)")
         cfg = load_config(args.config, args.set)
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise HetflError(f"--out {out}: exists and is not a folder")
+        out = _out_dir(args.out)
         summary = run_experiment(cfg, out, show_progress=not args.quiet, console=console)
     _announce(summary, out)
     return EXIT_INTERRUPTED if summary["status"] == "interrupted" else 0
@@ -125,15 +130,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     unknown = [a for a in algorithms if a not in STRATEGIES]
     if not algorithms or unknown:
         raise HetflError(f"--algorithms: unknown {', '.join(unknown) or '(none given)'} (known: {', '.join(sorted(STRATEGIES))})")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise HetflError(f"--out {out}: exists and is not a folder")
+    out = _out_dir(args.out)
     configs = {}
     for name in algorithms:  # every algorithm's parameters and optimiser are checked before the first run starts
         raw = base.model_dump()
         raw["strategy"].update(name=name, params=base.strategy.params_for(name), per_algorithm={})
         cfg = validate(raw, source=f"{args.config} ({name})")
-        build_strategy(cfg.strategy).check_training(cfg.training.optimizer, cfg.training.momentum)
+        build_strategy(cfg.strategy, cfg.training)
         configs[name] = cfg
     summaries, diverged, interrupted = [], [], False
     for name, cfg in configs.items():
@@ -213,9 +216,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_algorithms(args: argparse.Namespace) -> int:
-    import inspect
-
-    from hetfl.strategies import STRATEGIES
+    from hetfl.strategies import STRATEGIES, parameters
 
     table = Table(title="strategy.name, and its strategy.params")
     table.add_column("name")
@@ -223,8 +224,7 @@ def cmd_algorithms(args: argparse.Namespace) -> int:
     table.add_column("parameters (default)")
     for name, cls in sorted(STRATEGIES.items()):
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
-        params = [f"{p.name}={p.default!r}" for p in inspect.signature(cls.__init__).parameters.values()
-                  if p.name not in ("self", "clients_per_round", "deadline_s")]
+        params = [f"{p.name}={p.default!r}" for p in parameters(cls)]
         table.add_row(name, doc, ", ".join(params) or "—")
     console.print(table)
     return 0

@@ -332,5 +332,5 @@ def reference_markdown() -> str:
         "|---|---|---|---|",
     ]
     for key, kind, default, text in reference():
-        lines.append(f"| `{key}` | `{kind}` | `{default}` | {text} |".replace("`` ", "").replace("| `` |", "| |"))
+        lines.append(f"| `{key}` | `{kind}` | `{default}` | {text} |")
     return "\n".join(lines) + "\n"

@@ -61,9 +61,7 @@ class Federation:
         )
 
     def strategy(self) -> Strategy:
-        strategy = build_strategy(self.config.strategy)
-        strategy.check_training(self.config.training.optimizer, self.config.training.momentum)
-        return strategy
+        return build_strategy(self.config.strategy, self.config.training)
 
     def simulator(self, strategy: Strategy | None = None, on_commit=None) -> Simulator:
         cfg = self.config
@@ -116,11 +114,11 @@ class Tracker:
 class Run:
     """A run directory being written: evaluation, logging, checkpoints and the summary."""
 
-    def __init__(self, cfg: ExperimentConfig, out: Path, fed: Federation, *, resume: bool) -> None:
+    def __init__(self, cfg: ExperimentConfig, out: Path, fed: Federation, strategy: Strategy, *, resume: bool) -> None:
         self.cfg, self.out, self.fed = cfg, out, fed
         self.tracker = Tracker(cfg.evaluation.target_accuracy)
         self.wall_before = 0.0  # wall seconds spent by earlier processes (resume)
-        self.sim = fed.simulator(on_commit=self._on_commit)
+        self.sim = fed.simulator(strategy, on_commit=self._on_commit)  # on resume, the checkpoint's replaces it
         resumed_round = self._load_checkpoint() if resume else None
         self.log = MetricsLog(out / "metrics.jsonl", resume_from_round=resumed_round)
         self.started = time.perf_counter()
@@ -265,14 +263,14 @@ def run_experiment(
     """
     out = Path(out)
     fed = build_federation(cfg)  # first: a data or device error must not touch an earlier run in ``out``
-    fed.strategy()  # likewise for the strategy's parameters
+    strategy = fed.strategy()  # likewise for the strategy's parameters
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("metrics.jsonl", "summary.json", CHECKPOINT):
         (out / stale).unlink(missing_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
     if describe and show_progress and console is not None:
         console.print(fed.describe(), highlight=False)
-    return Run(cfg, out, fed, resume=False).execute(show_progress, console)
+    return Run(cfg, out, fed, strategy, resume=False).execute(show_progress, console)
 
 
 def resume_experiment(
@@ -290,8 +288,7 @@ def resume_experiment(
     cfg = load_config(out / "config.yaml", overrides)
     _check_resumable_change(before, cfg)
     fed = build_federation(cfg)
-    fed.strategy()  # validate before anything in ``out`` changes
-    run = Run(cfg, out, fed, resume=True)
+    run = Run(cfg, out, fed, fed.strategy(), resume=True)  # validated before anything in ``out`` changes
     (out / "config.yaml").write_text(dump_config(cfg))
     return run.execute(show_progress, console)
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import inspect
 import typing
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from hetfl.config import StrategyConfig
+from hetfl.config import StrategyConfig, TrainingConfig
 from hetfl.errors import ConfigError
 from hetfl.strategies.base import ClientData, ClientResult, Server, Strategy, Task, Update
 from hetfl.strategies.fedavg import FedAvg
@@ -23,37 +24,48 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 
-def build_strategy(cfg: StrategyConfig) -> Strategy:
-    """Instantiate ``cfg.name`` with its parameters; a wrong name or parameter is a one-line ConfigError."""
+ROUND_KEYS = ("self", "clients_per_round", "deadline_s")  # set from strategy.* keys, not strategy.params
+
+
+def parameters(cls: type[Strategy]) -> list[inspect.Parameter]:
+    """The constructor parameters a user sets through ``strategy.params``."""
+    return [p for p in inspect.signature(cls.__init__).parameters.values() if p.name not in ROUND_KEYS]
+
+
+def _check_keys(cls: type[Strategy], name: str, keys: Iterable[str], where: str) -> None:
+    known = [p.name for p in parameters(cls)]
+    for key in keys:
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: not a parameter of {name} (known: {', '.join(known) or 'none'})")
+
+
+def build_strategy(cfg: StrategyConfig, training: TrainingConfig | None = None) -> Strategy:
+    """Instantiate ``cfg.name`` with its parameters; a wrong name or parameter is a one-line ConfigError.
+
+    With ``training``, also refuse a local optimiser the algorithm's mathematics does not cover.
+    """
     cls = STRATEGIES.get(cfg.name)
     if cls is None:
         raise ConfigError(f"strategy.name: unknown algorithm '{cfg.name}' (known: {', '.join(sorted(STRATEGIES))})")
-    accepted = inspect.signature(cls.__init__).parameters
-    known = [k for k in accepted if k not in ("self", "clients_per_round", "deadline_s")]
     for name, params in cfg.per_algorithm.items():
         other = STRATEGIES.get(name)
         if other is None:
             raise ConfigError(f"strategy.per_algorithm.{name}: unknown algorithm (known: {', '.join(sorted(STRATEGIES))})")
-        other_known = [k for k in inspect.signature(other.__init__).parameters if k not in ("self", "clients_per_round", "deadline_s")]
-        for key in params:
-            if key not in other_known:
-                raise ConfigError(
-                    f"strategy.per_algorithm.{name}.{key}: not a parameter of {name} (known: {', '.join(other_known) or 'none'})"
-                )
-    for key in cfg.params:
-        if key not in known:
-            raise ConfigError(
-                f"strategy.params.{key}: not a parameter of {cfg.name} (known: {', '.join(known) or 'none'})"
-            )
+        _check_keys(other, name, params, f"strategy.per_algorithm.{name}")
+    _check_keys(cls, cfg.name, cfg.params, "strategy.params")
     kwargs = _typed(cls, cfg)
+    accepted = inspect.signature(cls.__init__).parameters
     if "clients_per_round" in accepted:
         kwargs["clients_per_round"] = cfg.clients_per_round
     if "deadline_s" in accepted:
         kwargs["deadline_s"] = cfg.deadline_s
     try:
-        return cls(**kwargs)
+        strategy = cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"strategy.params: {cfg.name}: {err}") from None
+    if training is not None:
+        strategy.check_training(training.optimizer, training.momentum)
+    return strategy
 
 
 def _typed(cls: type[Strategy], cfg: StrategyConfig) -> dict[str, Any]:
@@ -72,6 +84,6 @@ def _typed(cls: type[Strategy], cfg: StrategyConfig) -> dict[str, Any]:
 
 
 __all__ = [
-    "STRATEGIES", "build_strategy", "ClientData", "ClientResult", "Server", "Strategy", "Task", "Update",
+    "STRATEGIES", "build_strategy", "parameters", "ClientData", "ClientResult", "Server", "Strategy", "Task", "Update",
     "RoundStrategy", "FedAvg", "FedProx", "FedNova", "Scaffold", "FedAdam", "FedYogi",
 ]
