@@ -30,6 +30,7 @@ from rich.text import Text
 
 from hetfl.config import load_config, validate
 from hetfl.errors import DivergedError, HetflError
+from hetfl.results import format_duration
 
 DEFAULT_RESULTS = "results"
 EXIT_USER_ERROR = 2
@@ -41,16 +42,6 @@ console = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
 
 
-def _fmt_time(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.2f} h"
-
-
 def _fmt_acc(value: float | None) -> str:
     return "—" if value is None else f"{value:.4f}"
 
@@ -59,8 +50,8 @@ def _announce(summary: dict[str, Any], out: Path) -> None:
     console.print(
         f"[bold]{summary['algorithm']}[/]: {summary['status']}, accuracy {_fmt_acc(summary['final_accuracy'])} "
         f"(best {_fmt_acc(summary['best_accuracy'])}) after {summary['rounds']} rounds; "
-        f"simulated {_fmt_time(summary['sim_time_s'])}, wall {_fmt_time(summary['wall_time_s'])}; "
-        f"target {summary['target_accuracy']} reached at {_fmt_time(summary['time_to_target_s'])}. Results: {escape(str(out))}"
+        f"simulated {format_duration(summary['sim_time_s'])}, wall {format_duration(summary['wall_time_s'])}; "
+        f"target {summary['target_accuracy']} reached at {format_duration(summary['time_to_target_s'])}. Results: {escape(str(out))}"
     )
 
 
@@ -108,13 +99,13 @@ def comparison_table(summaries: list[dict[str, Any]], title: str) -> Table:
     reached = [s["time_to_target_s"] for s in summaries if s["time_to_target_s"] is not None]
     fastest = min(reached) if reached else None
     for s in summaries:
-        ttt = _fmt_time(s["time_to_target_s"])
+        ttt = format_duration(s["time_to_target_s"])
         if fastest is not None and s["time_to_target_s"] == fastest:
             ttt = f"[bold green]{ttt}[/]"
         table.add_row(
             s["algorithm"], s["status"], _fmt_acc(s["final_accuracy"]), _fmt_acc(s["best_accuracy"]), ttt,
             "—" if s["rounds_to_target"] is None else str(s["rounds_to_target"]),
-            _fmt_time(s["sim_time_s"]), _fmt_time(s["wall_time_s"]),
+            format_duration(s["sim_time_s"]), format_duration(s["wall_time_s"]),
             f"{s['bytes_up'] / 1e6:.2f}", f"{s['bytes_down'] / 1e6:.2f}",
         )
     return table

@@ -7,7 +7,6 @@ A run directory holds ``config.yaml`` (resolved), ``metrics.jsonl`` (one evaluat
 from __future__ import annotations
 
 import datetime as dt
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from hetfl.engine.simulator import ClientPool, Simulator
 from hetfl.errors import DivergedError, HetflError
 from hetfl.models import build_model, flops_per_sample
 from hetfl.models.cost import training_flops
-from hetfl.results import MetricsLog, record_run, write_summary
+from hetfl.results import MetricsLog, format_duration, record_run, write_summary
 from hetfl.strategies import Strategy, build_strategy
 from hetfl.training import LocalTrainer
 from hetfl.training.evaluate import Evaluator
@@ -160,7 +159,7 @@ class Run:
             sim.stop("rounds")
         if self.bar is not None:
             acc = self.tracker.last.get("accuracy", float("nan"))
-            self.progress.update(self.bar, completed=sim.version, acc=f"{acc:.3f}", sim=_human_time(sim.now))
+            self.progress.update(self.bar, completed=sim.version, acc=f"{acc:.3f}", sim=format_duration(sim.now))
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
@@ -190,7 +189,7 @@ class Run:
         try:
             with self.progress:
                 self.bar = self.progress.add_task(
-                    self.cfg.strategy.name, total=self.cfg.rounds, completed=sim.version, acc="-", sim=_human_time(sim.now)
+                    self.cfg.strategy.name, total=self.cfg.rounds, completed=sim.version, acc="-", sim=format_duration(sim.now)
                 )
                 if sim.version >= self.cfg.rounds:
                     sim.stop("rounds")  # resumed a finished run: nothing to do
@@ -314,13 +313,3 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(value, f"{prefix}{key}."))
         return out
     return {prefix.rstrip("."): node}
-
-
-def _human_time(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "inf"
-    if seconds < 120:
-        return f"{seconds:.1f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f}min"
-    return f"{seconds / 3600:.2f}h"
