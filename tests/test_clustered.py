@@ -80,8 +80,8 @@ def test_ifca_sends_all_k_models_and_the_bytes_count_them():
     strategy = IFCA(n_clusters=3, clients_per_round=2)
     sim = labelled_simulator(strategy, n_per_group=1)
     run_rounds(sim, 2)
-    assert sim.counters.bytes_down == sim.counters.tasks * 3 * sim.model_bytes
-    assert sim.counters.bytes_up == sim.counters.arrived * sim.model_bytes
+    assert sim.counters.bytes_down == sim.counters.tasks * 3 * sim.shared_bytes
+    assert sim.counters.bytes_up == sim.counters.arrived * sim.shared_bytes
     # the K initial models differ, and the global one is one of them
     assert len({tuple(m[:3].tolist()) for m in strategy.models}) == 3
     assert any(m is sim.params for m in strategy.models)

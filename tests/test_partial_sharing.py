@@ -1,4 +1,4 @@
-"""FedPer, FedRep and LG-FedAvg: which part is shared, which stays on the client, on cases worked out by hand."""
+"""FedPer and FedRep: which part is shared, which stays on the client, on cases worked out by hand."""
 
 import json
 from types import SimpleNamespace
@@ -11,7 +11,7 @@ from hetfl.engine.run import Run, build_federation
 from hetfl.errors import ConfigError
 from hetfl.models import build_model
 from hetfl.models.zoo import MLP
-from hetfl.strategies import FedAvg, FedPer, FedRep, LGFedAvg, Task, Update
+from hetfl.strategies import FedAvg, FedPer, FedRep, Task, Update
 from hetfl.strategies.base import ClientData
 from hetfl.training import LocalTrainer
 from hetfl.training.local import head_slice
@@ -77,10 +77,10 @@ def test_grad_mask_freezes_the_masked_entries_even_with_momentum():
 
 
 # -- the server: the sample-weighted mean of what came back ----------------------------------------
-@pytest.mark.parametrize("cls", [FedPer, FedRep, LGFedAvg])
+@pytest.mark.parametrize("cls", [FedPer, FedRep])
 def test_aggregation_is_the_sample_weighted_mean_of_shared_and_private_parts(cls):
     # flat = [body(2), head(2)]; returns [1,2,3,4] (n=1) and [5,6,7,8] (n=3):
-    # shared part (FedPer/FedRep: body, LG: head) = 0.25 * first + 0.75 * second; so is the private part,
+    # shared part (the body) = 0.25 * first + 0.75 * second; so is the private part,
     # by the documented choice: a trained start for first-time clients.
     server = SimpleNamespace(params=torch.zeros(4))
     new = cls().aggregate(server, [update([0] * 4, [1, 2, 3, 4], 1), update([0] * 4, [5, 6, 7, 8], 3)])
@@ -105,19 +105,9 @@ def test_fedper_client_starts_from_the_global_body_and_its_own_head():
     assert torch.equal(state["head"], torch.tensor([2.0, 2.0]))
 
 
-def test_lgfedavg_client_starts_from_its_own_body_and_the_global_head():
-    trainer, state, strategy = adding_trainer(), {}, LGFedAvg()
-    strategy.client_train(trainer, task([0, 0, 0, 0]), DATA, state, seed=0)
-    assert torch.equal(state["body"], torch.ones(2))
-    strategy.client_train(trainer, task([10, 10, 10, 10]), DATA, state, seed=0)
-    assert torch.equal(trainer.starts[1], torch.tensor([1.0, 1.0, 10.0, 10.0]))  # own body, global head
-    assert torch.equal(state["body"], torch.tensor([2.0, 2.0]))
-
-
 @pytest.mark.parametrize("cls, state, expected", [
     (FedPer, {"head": torch.tensor([2.0, 3.0])}, [5.0, 5.0, 2.0, 3.0]),   # global body + own head
     (FedRep, {"head": torch.tensor([2.0, 3.0])}, [5.0, 5.0, 2.0, 3.0]),
-    (LGFedAvg, {"body": torch.tensor([2.0, 3.0])}, [2.0, 3.0, 5.0, 5.0]),  # own body + global head
 ])
 def test_personal_params_mix_the_global_shared_part_with_the_clients_own(cls, state, expected):
     trainer, strategy, glob = adding_trainer(), cls(), torch.full((4,), 5.0)
@@ -157,7 +147,7 @@ def test_fedrep_trains_the_head_with_the_body_frozen_then_the_body_with_the_head
     assert result.steps == 3 and result.stats == {"head_steps": 4.0}  # the engine times the task's steps
 
 
-@pytest.mark.parametrize("cls", [FedPer, FedRep, LGFedAvg])
+@pytest.mark.parametrize("cls", [FedPer, FedRep])
 def test_logreg_has_no_body_to_split_off(cls):
     with pytest.raises(ConfigError, match="mlp or cnn"):
         cls().check_model("logreg")

@@ -162,7 +162,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raw = base.model_dump()
         raw["strategy"].update(name=name, params=base.strategy.params_for(name), per_algorithm={})
         cfg = validate(raw, source=f"{args.config} ({name})")
-        build_strategy(cfg.strategy, cfg.training, cfg.model)
+        strategy = build_strategy(cfg.strategy, cfg.training, cfg.model)
+        if len(cfg.model.zoo) > 1 and not strategy.model_heterogeneous:
+            raise HetflError(
+                f"model.zoo: {name} trains one architecture on every client; compare it without model.zoo, or compare "
+                "model-heterogeneous algorithms (marked [model zoo: yes] by hetfl algorithms)"
+            )
         configs[name] = cfg
     summaries, diverged, interrupted = [], [], False
     for name, cfg in configs.items():
@@ -212,6 +217,12 @@ def cmd_partition(args: argparse.Namespace) -> int:
     detail = {"dirichlet": f" alpha={part.alpha}", "shards": f" k={part.classes_per_client}",
               "quantity": f" exponent={part.exponent}",
               "embedding": f" alpha={part.alpha} clusters={part.n_clusters} ({source})"}.get(part.kind, "")
+    skew = cfg.data.feature_skew
+    if skew.kind != "none":
+        groups = f" in {skew.groups} levels" if skew.groups else ""
+        detail += f", {skew.kind} up to {skew.strength:g}{' degrees' if skew.kind == 'rotation' else ' sigma'}{groups}"
+    if fed.drift is not None:
+        detail += f", drift at {fed.drift.at_s:g} s swapping " + " ".join(f"{a}<->{b}" for a, b in fed.drift.pairs)
     console.print(stats_table(partition_stats(fed), f"{cfg.data.dataset}: {cfg.data.n_clients} clients, {part.kind}{detail}"))
     return 0
 
@@ -282,8 +293,10 @@ def cmd_algorithms(args: argparse.Namespace) -> int:
 
     def module_doc(cls: type) -> str:  # one algorithm a file: the module docstring names the paper
         if cls.__module__ in shared:  # FedAdam and FedYogi, FedStale and FedVARP: tell them apart
-            return class_doc(cls)
-        return _first_line(getattr(sys.modules.get(cls.__module__), "__doc__", None), cls.__doc__)
+            text = class_doc(cls)
+        else:
+            text = _first_line(getattr(sys.modules.get(cls.__module__), "__doc__", None), cls.__doc__)
+        return text + (" [model zoo: yes]" if getattr(cls, "model_heterogeneous", False) else "")
 
     def class_doc(cls: type) -> str:  # several selections a file: the class docstring
         return _first_line(cls.__doc__, getattr(sys.modules.get(cls.__module__), "__doc__", None))

@@ -62,6 +62,63 @@ class PartitionConfig(Section):
         return self
 
 
+class FeatureSkewConfig(Section):
+    """Feature distribution skew: a per-client transform of the inputs (see hetfl.data.skew)."""
+
+    kind: Literal["none", "noise", "rotation"] = Field(
+        "none",
+        description="Per-client input transform: none, Gaussian noise of a per-client sigma (Li et al. 2021, "
+        "arXiv:2102.02079), or rotation of image inputs by a per-client angle (rotated-MNIST style).",
+    )
+    strength: float | None = Field(
+        None,
+        ge=0,
+        description="The largest level, required unless kind is none. noise: sigma in units of the feature's standard "
+        "deviation over the training samples; rotation: angle in degrees (counter-clockwise). Levels are spread evenly "
+        "from 0 to it, one per client, and dealt to clients in a seeded random order.",
+    )
+    groups: int | None = Field(
+        None,
+        ge=2,
+        description="Use only this many evenly spaced levels (0 to strength), dealt round-robin over the shuffled "
+        "clients (e.g. rotation with strength 270 and groups 4: 0, 90, 180, 270 degrees); unset: one level per client.",
+    )
+
+    @model_validator(mode="after")
+    def _strength_needed(self) -> "FeatureSkewConfig":
+        if self.kind != "none" and self.strength is None:
+            unit = "sigma in feature standard deviations" if self.kind == "noise" else "angle in degrees"
+            raise ValueError(f"data.feature_skew.strength: set the largest level for kind '{self.kind}' ({unit})")
+        return self
+
+
+class DriftConfig(Section):
+    """Concept drift: some clients' label mapping changes at a simulated time (see hetfl.data.skew.LabelDrift)."""
+
+    kind: Literal["none", "swap"] = Field(
+        "none", description="none, or swap: drifting clients swap `pairs` pairs of classes from time at_s on."
+    )
+    at_s: float | None = Field(
+        None,
+        ge=0,
+        description="Simulated seconds at which the drift happens (labels change for t >= at_s); required for swap. "
+        "Seconds, not rounds: asynchronous algorithms have no rounds, and one clock keeps runs of different "
+        "algorithms comparable.",
+    )
+    clients: float = Field(
+        0.5, ge=0, le=1, description="Share of clients that drift (clients * n_clients rounded, halves up; chosen with the seed)."
+    )
+    pairs: int = Field(
+        1, ge=1, description="Swap: disjoint pairs of classes exchanged, chosen with the seed; one permutation for all drifting clients."
+    )
+
+    @model_validator(mode="after")
+    def _time_needed(self) -> "DriftConfig":
+        if self.kind != "none" and self.at_s is None:
+            raise ValueError(f"data.drift.at_s: set the simulated time (seconds) of the drift for kind '{self.kind}'")
+        return self
+
+
 class DataConfig(Section):
     dataset: Literal["digits", "mnist", "fashion_mnist", "cifar10", "leaf", "csv", "npz"] = Field(
         "digits", description="digits is built in (scikit-learn); the others are read from data.path."
@@ -71,6 +128,8 @@ class DataConfig(Section):
     id_column: str | None = Field(None, description="CSV: a column of natural client ids (for partition.kind=natural).")
     n_clients: int = Field(20, ge=1, description="Number of clients the data is partitioned into.")
     partition: PartitionConfig = PartitionConfig()
+    feature_skew: FeatureSkewConfig = FeatureSkewConfig()
+    drift: DriftConfig = DriftConfig()
     test_fraction: float = Field(0.2, gt=0, lt=1, description="Share of each client's samples kept for its test split.")
     normalize: bool = Field(True, description="Scale features to zero mean, unit variance (statistics of the training splits).")
 
@@ -160,7 +219,9 @@ class DevicesConfig(Section):
 
 
 # --------------------------------------------------------------------------- model and training
-class ModelConfig(Section):
+class ArchitectureConfig(Section):
+    """One architecture: which model and its sizes."""
+
     name: Literal["logreg", "mlp", "cnn"] = Field("mlp", description="Model architecture.")
     hidden: list[int] = Field(default_factory=lambda: [64], description="MLP: hidden layer widths.")
     channels: list[int] = Field(default_factory=lambda: [16, 32], description="CNN: channels of each conv block.")
@@ -171,6 +232,57 @@ class ModelConfig(Section):
         if any(v <= 0 for v in value):
             raise ValueError("every width must be a positive integer")
         return value
+
+    def label(self) -> str:
+        """A short name: ``mlp[64]``, ``cnn[16,32]``, ``logreg``."""
+        sizes = self.hidden if self.name == "mlp" else self.channels if self.name == "cnn" else None
+        return self.name if sizes is None else f"{self.name}[{','.join(map(str, sizes))}]"
+
+
+class ModelConfig(ArchitectureConfig):
+    """The federation's reference architecture (``name``, ``hidden``, ``channels``) and, optionally, a zoo.
+
+    Without ``zoo`` every client trains the reference architecture. With it, each client trains one of
+    the zoo's architectures, chosen by ``assign``; only model-heterogeneous algorithms accept that
+    (``hetfl algorithms`` marks them). The reference architecture remains the server's model where an
+    algorithm has one (FML's shared model).
+    """
+
+    feature_dim: int | None = Field(
+        None,
+        ge=1,
+        description="Width of the representation every architecture hands its classifier head; a layer of this width "
+        "(Linear + ReLU; linear for logreg) ends the body where it would otherwise differ. Model-heterogeneous "
+        "algorithms that share heads, prototypes or adapters need one width across the zoo.",
+    )
+    zoo: list[ArchitectureConfig] = Field(
+        default_factory=list,
+        description="Client architectures (smallest first for assign: speed), e.g. [{name: logreg}, {name: mlp, "
+        "hidden: [32]}, {name: cnn}]; empty: every client trains the reference architecture.",
+    )
+    assign: Literal["speed", "tier", "cycle", "explicit"] = Field(
+        "speed",
+        description="How clients get a zoo architecture: speed (clients ranked by compute speed, split into equal "
+        "groups, slowest to zoo[0]), tier (devices.compute tier name -> zoo index in `tiers`), cycle (client i gets "
+        "zoo[i mod len]), explicit (`assignment`).",
+    )
+    tiers: dict[str, int] = Field(
+        default_factory=dict, description="assign: tier: zoo index of each devices.compute tier, e.g. {low: 0, mid: 1, high: 2}."
+    )
+    assignment: list[int] | None = Field(None, description="assign: explicit: the zoo index of every client, in client order.")
+
+    @model_validator(mode="after")
+    def _zoo_consistent(self) -> "ModelConfig":
+        k = len(self.zoo)
+        if self.assign == "tier" and k and not self.tiers:
+            raise ValueError("model.tiers: assign 'tier' needs the zoo index of each compute tier, e.g. {low: 0, high: 1}")
+        for where, indices in (("model.tiers", list(self.tiers.values())), ("model.assignment", self.assignment or [])):
+            bad = [i for i in indices if not 0 <= i < max(k, 1)]
+            if bad:
+                raise ValueError(f"{where}: zoo index {bad[0]} is out of range (model.zoo has {k} architectures)")
+        if self.assign == "explicit" and k and self.assignment is None:
+            raise ValueError("model.assignment: assign 'explicit' needs the zoo index of every client")
+        return self
 
 
 class TrainingConfig(Section):

@@ -1,4 +1,4 @@
-"""Datasets read from local paths, partitioners that deal them out to clients, and their statistics."""
+"""Datasets read from local paths, partitioners that deal them out to clients, feature skew and concept drift, and their statistics."""
 
 from hetfl.data.datasets import ALL_LETTERS, Dataset, load_dataset
 from hetfl.data.partition import (
@@ -17,7 +17,16 @@ from hetfl.data.partition import (
     shards,
     split_train_test,
 )
-from hetfl.data.stats import ClientStats, federation_skew, js_distance, partition_stats, stats_table
+from hetfl.data.skew import LabelDrift, feature_levels, image_shape, rotate
+from hetfl.data.stats import (
+    ClientStats,
+    feature_distance,
+    feature_distances,
+    federation_skew,
+    js_distance,
+    partition_stats,
+    stats_table,
+)
 
 __all__ = [
     "ALL_LETTERS",
@@ -25,13 +34,18 @@ __all__ = [
     "ClientStats",
     "Dataset",
     "FederatedData",
+    "LabelDrift",
     "dirichlet",
     "embedding",
     "embedding_clusters",
+    "feature_distance",
+    "feature_distances",
     "feature_embedding",
+    "feature_levels",
     "federate",
     "federation_skew",
     "iid",
+    "image_shape",
     "js_distance",
     "load_dataset",
     "load_embeddings",
@@ -39,6 +53,7 @@ __all__ = [
     "normalize",
     "partition_stats",
     "quantity",
+    "rotate",
     "shards",
     "split_train_test",
     "stats_table",

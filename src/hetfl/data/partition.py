@@ -44,6 +44,7 @@ import numpy as np
 
 from hetfl.config import DataConfig, PartitionConfig
 from hetfl.data.datasets import Dataset, load_dataset
+from hetfl.data.skew import LabelDrift, add_noise, check_feature_skew, feature_levels, feature_std, rotate_clients
 from hetfl.errors import DataError
 
 MAX_DIRICHLET_TRIES = 20
@@ -579,12 +580,20 @@ class FederatedData:
     clusters : numpy.ndarray or None
         Embedding cluster id of every sample (int64, ``0..n_clusters-1``) when the partition is
         embedding-based, else None.
+    feature_levels : numpy.ndarray or None
+        Feature skew level of each client (``data.feature_skew``: noise sigma in feature standard
+        deviations, or rotation angle in degrees), float64 by client id; None without feature skew.
+    drift : LabelDrift or None
+        The concept drift (``data.drift``): which clients relabel their samples, how and when;
+        None without drift. Labels in ``dataset.y`` are the original ones.
     """
 
     dataset: Dataset
     train: list[np.ndarray]
     test: list[np.ndarray]
     clusters: np.ndarray | None = None
+    feature_levels: np.ndarray | None = None
+    drift: LabelDrift | None = None
 
     @property
     def n_clients(self) -> int:
@@ -644,17 +653,36 @@ def federate(cfg: DataConfig, seed: int) -> FederatedData:
     FederatedData
         The dataset and each client's train and test indices. Float features are standardised
         with statistics of the union of the training splits when ``cfg.normalize``; token ids
-        are left alone.
+        are left alone. With ``cfg.feature_skew``, each client's samples (train and test) are
+        transformed in place (:mod:`hetfl.data.skew`): rotation before normalisation, noise
+        after; the levels are kept in ``feature_levels``. With ``cfg.drift``, ``drift`` says
+        which clients relabel their samples and when (the labels themselves are not changed).
+
+    Notes
+    -----
+    Randomness comes from four generators spawned from ``seed``: partition, split, feature skew,
+    drift; adding feature skew or drift leaves the partition and the splits as they were.
     """
     ds = load_dataset(cfg)
     if cfg.n_clients > len(ds):
         source = ds.name if cfg.path is None else f"{ds.name} at {cfg.path}"
         raise DataError(f"data.n_clients={cfg.n_clients} exceeds the {len(ds)} samples of {source}")
-    partition_rng, split_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    partition_rng, split_rng, skew_rng, drift_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4)
+    )
+    skew = cfg.feature_skew
+    check_feature_skew(skew, ds)
     partitioner = PARTITIONERS[cfg.partition.kind]
     params = _partition_params(cfg.partition, ds, partition_rng)
     parts = partitioner(ds.y, cfg.n_clients, partition_rng, **params)
     train, test = split_train_test(parts, ds.y, cfg.test_fraction, split_rng)
+    levels = None if skew.kind == "none" else feature_levels(cfg.n_clients, skew.strength, skew_rng, skew.groups)
+    rows = [np.concatenate([tr, te]) for tr, te in zip(train, test)] if levels is not None else []
+    if skew.kind == "rotation":
+        rotate_clients(ds.x, rows, levels)
     if cfg.normalize and ds.vocab_size is None and ds.x.dtype.kind == "f":
         normalize(ds.x, np.concatenate(train))
-    return FederatedData(ds, train, test, clusters=params.get("clusters"))
+    if skew.kind == "noise":
+        add_noise(ds.x, rows, levels, feature_std(ds.x, np.concatenate(train)), skew_rng)
+    drift = LabelDrift.from_config(cfg.drift, cfg.n_clients, ds.n_classes, drift_rng)
+    return FederatedData(ds, train, test, clusters=params.get("clusters"), feature_levels=levels, drift=drift)

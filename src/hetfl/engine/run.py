@@ -22,9 +22,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from hetfl.config import ExperimentConfig, dump_config, load_config
 from hetfl.data import FederatedData, federate
 from hetfl.devices import DeviceProfile, build_profiles
-from hetfl.engine.simulator import ClientPool, Simulator
-from hetfl.errors import DivergedError, HetflError
+from hetfl.engine.simulator import ClientModels, ClientPool, Simulator
+from hetfl.errors import ConfigError, DivergedError, HetflError
 from hetfl.models import build_model, flops_per_sample
+from hetfl.models.assign import assign_architectures
 from hetfl.models.cost import training_flops
 from hetfl.results import MetricsLog, format_duration, record_run, write_summary
 from hetfl.strategies import Strategy, build_strategy
@@ -61,6 +62,7 @@ class Federation:
     evaluator: Evaluator
     pool: ClientPool
     flops_per_step: float
+    models: ClientModels  # each client's architecture (one trainer for all without a model zoo)
 
     def describe(self) -> str:
         """One line: what is being simulated."""
@@ -69,15 +71,33 @@ class Federation:
         n_test = sum(len(t) for t in data.test)
         speeds = [p.speed for p in self.profiles]
         spread = max(speeds) / min(speeds)
+        if cfg.model.zoo:
+            counts = np.bincount(self.models.of_client, minlength=len(self.models.trainers))
+            model = "zoo of " + ", ".join(
+                f"{t.label} ({t.numel:,} parameters, {f / 1e6:.2f} MFLOP a step) x{k}"
+                for t, f, k in zip(self.models.trainers, self.models.flops_per_step, counts)
+            )
+        else:
+            model = (
+                f"{cfg.model.name}: {self.trainer.numel:,} parameters, {self.trainer.numel * 4 / 1e3:.1f} kB a transfer, "
+                f"{self.flops_per_step / 1e6:.2f} MFLOP a step"
+            )
         return (
             f"{cfg.data.dataset}: {data.n_clients} clients ({n_train} train / {n_test} test samples, "
-            f"{cfg.data.partition.kind} partition); {cfg.model.name}: {self.trainer.numel:,} parameters, "
-            f"{self.trainer.numel * 4 / 1e3:.1f} kB a transfer, {self.flops_per_step / 1e6:.2f} MFLOP a step; "
-            f"device speeds span {spread:.1f}x"
+            f"{cfg.data.partition.kind} partition); {model}; device speeds span {spread:.1f}x"
         )
 
     def strategy(self) -> Strategy:
-        return build_strategy(self.config.strategy, self.config.training, self.config.model)
+        cfg = self.config
+        strategy = build_strategy(cfg.strategy, cfg.training, cfg.model)
+        if self.models.heterogeneous and not strategy.model_heterogeneous:
+            raise ConfigError(
+                f"model.zoo: {cfg.strategy.name} trains one architecture on every client, and the zoo assigns "
+                f"{len(np.unique(self.models.of_client))}; use a model-heterogeneous algorithm "
+                "(hetfl algorithms marks them) or drop model.zoo"
+            )
+        strategy.check_models(self.models.trainers)
+        return strategy
 
     def simulator(self, strategy: Strategy | None = None, on_commit=None) -> Simulator:
         cfg = self.config
@@ -91,6 +111,7 @@ class Federation:
             jitter=cfg.devices.jitter,
             on_commit=on_commit,
             max_sim_time_s=cfg.max_sim_time_s,
+            models=self.models,
         )
 
 
@@ -98,15 +119,28 @@ def build_federation(cfg: ExperimentConfig) -> Federation:
     torch.set_num_threads(cfg.threads)
     data = federate(cfg.data, cfg.seed)
     profiles = build_profiles(cfg.devices, data.n_clients, np.random.default_rng([cfg.seed, 4]))
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # initialises the reference model, then each zoo architecture in turn
+    trainer, flops = _trainer(cfg.model, cfg, data)
+    if cfg.model.zoo:
+        zoo = [_trainer(arch, cfg, data) for arch in cfg.model.zoo]
+        for member, _ in zoo:
+            member.reference = trainer
+        models = ClientModels([t for t, _ in zoo], [f for _, f in zoo], assign_architectures(cfg.model, profiles))
+    else:
+        models = ClientModels.single(trainer, flops, data.n_clients)
     ds = data.dataset
-    model = build_model(cfg.model, ds.input_shape, ds.n_classes, ds.vocab_size)
-    forward = flops_per_sample(model, ds.input_shape, token_input=ds.vocab_size is not None)
-    trainer = LocalTrainer(model, cfg.training)
     x, y = torch.from_numpy(ds.x), torch.from_numpy(ds.y)
-    pool = ClientPool(x, y, [torch.from_numpy(t.astype(np.int64)) for t in data.train], ds.n_classes)
-    evaluator = Evaluator.from_splits(trainer, x, y, data.test)
-    return Federation(cfg, data, profiles, trainer, evaluator, pool, training_flops(forward, cfg.training.batch_size))
+    pool = ClientPool(x, y, [torch.from_numpy(t.astype(np.int64)) for t in data.train], ds.n_classes, data.drift)
+    evaluator = Evaluator.from_splits(trainer, x, y, data.test, data.drift)
+    return Federation(cfg, data, profiles, trainer, evaluator, pool, flops, models)
+
+
+def _trainer(arch, cfg: ExperimentConfig, data: FederatedData) -> tuple[LocalTrainer, float]:
+    """A trainer of architecture ``arch`` (the reference or a zoo member) and the FLOPs of one of its steps."""
+    ds = data.dataset
+    model = build_model(arch, ds.input_shape, ds.n_classes, ds.vocab_size, cfg.model.feature_dim)
+    forward = flops_per_sample(model, ds.input_shape, token_input=ds.vocab_size is not None)
+    return LocalTrainer(model, cfg.training, arch.label()), training_flops(forward, cfg.training.batch_size)
 
 
 @dataclass
@@ -150,21 +184,33 @@ class Run:
 
     def evaluate(self) -> dict[str, Any]:
         """Evaluate the global model; append one record (``docs/metrics.md``) to metrics.jsonl."""
-        sim = self.sim
+        sim, evaluator = self.sim, self.fed.evaluator
         c = sim.counters
+        if sim.strategy.global_model:
+            scores = evaluator(sim.params, sim.now)
+            personal = evaluator.personal(sim.params, sim.personal_model, sim.now) if sim.strategy.personalised else {}
+        else:  # no global model (model-heterogeneous FL): the clients' own models are what there is to score
+            personal = evaluator.personal(sim.params, sim.personal_model, sim.now)
+            scores = {
+                "accuracy": personal["personal_accuracy"],
+                "loss": personal["personal_loss"],
+                "client_acc_mean": personal["personal_acc_mean"],
+                "client_acc_p10": personal["personal_acc_p10"],
+                "client_acc_min": personal["personal_acc_min"],
+            }
         record = {
             "round": sim.version,
             "sim_time_s": sim.now,
             "wall_time_s": self.wall_time(),
-            **self.fed.evaluator(sim.params),
+            **scores,
             "bytes_up": c.bytes_up,
             "bytes_down": c.bytes_down,
             "updates": c.updates,
             "dropped": c.dropped,
+            "train_flops": c.trained_flops,
             **sim.fairness(),  # starts a new staleness window
+            **personal,
         }
-        if sim.strategy.personalised:  # each client's test split with its own model
-            record.update(self.fed.evaluator.personal(sim.params, sim.personal_model))
         for key, value in sim.strategy.metrics().items():
             if key in record:
                 raise ValueError(
@@ -205,8 +251,8 @@ class Run:
         if not path.is_file():
             raise HetflError(f"{path}: no checkpoint to resume from")
         saved = torch.load(path, weights_only=False)
-        if not hasattr(saved["state"].counters, "busy_s"):
-            raise HetflError(f"{path}: written by an older hetfl, without the per-client counters; start a new run")
+        if not hasattr(saved["state"].counters, "trained_flops"):
+            raise HetflError(f"{path}: written by an older hetfl, without the FLOP counters; start a new run")
         self.sim.state = saved["state"]
         self.wall_before = saved["wall_time_s"]
         self.tracker = saved["tracker"]
@@ -277,6 +323,10 @@ class Run:
             "dropped": c.dropped,
             "failed_tasks": c.failed,
             "trained_steps": c.trained_steps,
+            "train_flops": c.trained_flops,
+            "flops_per_task": c.trained_flops / c.arrived if c.arrived else None,
+            "architectures": [t.label for t in self.fed.models.trainers],
+            "architecture": self.fed.models.of_client.tolist(),
             "staleness_histogram": {str(k): v for k, v in sorted(c.staleness.items())},
             "staleness_mean": fairness["staleness_mean"],
             "staleness_max": fairness["staleness_max"],

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from hetfl.data.skew import LabelDrift
 from hetfl.devices import DeviceProfile, task_timing
 from hetfl.engine.clock import Event, EventQueue
 from hetfl.errors import DivergedError
@@ -45,17 +46,51 @@ class ClientPool:
     y: torch.Tensor
     train_indices: list[torch.Tensor]
     n_classes: int = 0  # 0: the largest label + 1
+    drift: LabelDrift | None = None  # concept drift: some clients' labels change at a simulated time
 
     def __post_init__(self) -> None:
         if not self.n_classes:
             self.n_classes = int(self.y.max()) + 1 if self.y.numel() else 1
 
-    def data(self, client_id: int) -> ClientData:
+    def data(self, client_id: int, t: float = 0.0) -> ClientData:
+        """Client ``client_id``'s training data at simulated time ``t`` (its labels after a drift, once drifted)."""
         idx = self.train_indices[client_id]
-        return ClientData(client_id, self.x[idx], self.y[idx])
+        y = self.y[idx]
+        if self.drift is not None:
+            y = self.drift.labels(client_id, y, t)
+        return ClientData(client_id, self.x[idx], y)
 
     def n_samples(self, client_id: int) -> int:
         return int(self.train_indices[client_id].numel())
+
+
+@dataclass
+class ClientModels:
+    """Which architecture each client trains: one trainer per architecture, and what a step of it costs.
+
+    ``of_client[c]`` indexes ``trainers`` and ``flops_per_step``. With one architecture every client
+    shares the one trainer (the usual case); a model zoo (``model.zoo``) gives several.
+    """
+
+    trainers: list[LocalTrainer]
+    flops_per_step: list[float]
+    of_client: np.ndarray
+
+    @classmethod
+    def single(cls, trainer: LocalTrainer, flops_per_step: float, n_clients: int) -> "ClientModels":
+        return cls([trainer], [flops_per_step], np.zeros(n_clients, dtype=np.int64))
+
+    @property
+    def heterogeneous(self) -> bool:
+        """True when clients train more than one architecture."""
+        return len(np.unique(self.of_client)) > 1
+
+    def trainer(self, client_id: int) -> LocalTrainer:
+        return self.trainers[self.of_client[client_id]]
+
+    def flops(self, client_id: int) -> float:
+        """FLOPs of one local step of ``client_id``'s architecture."""
+        return self.flops_per_step[self.of_client[client_id]]
 
 
 def _zeros(dtype: type = np.int64) -> np.ndarray:
@@ -75,6 +110,7 @@ class Counters:
     arrived: int = 0  # tasks whose update reached the server (trained)
     tasks: int = 0  # tasks dispatched
     trained_steps: int = 0  # local steps actually computed
+    trained_flops: float = 0.0  # FLOPs of those steps, each at its client's architecture
     staleness: dict[int, int] = field(default_factory=dict)  # staleness at commit -> aggregated updates
     staleness_window: dict[int, int] = field(default_factory=dict)  # the same, since the last evaluation
     participation: np.ndarray = field(default_factory=_zeros)  # aggregated updates per client
@@ -119,13 +155,17 @@ class Simulator:
     strategy : Strategy
         The algorithm.
     trainer : LocalTrainer
-        Trains the shared model instance for whichever client's task arrives.
+        The reference architecture: the server's model (``server.trainer``), and every client's
+        unless ``models`` says otherwise.
     pool : ClientPool
         Clients' training data.
     profiles : list of DeviceProfile
         One per client.
     flops_per_step : float
-        FLOPs of one local optimiser step (same model for every client).
+        FLOPs of one local optimiser step of ``trainer``.
+    models : ClientModels, optional
+        Each client's architecture (a model zoo); only strategies with ``model_heterogeneous`` accept
+        more than one. Default: every client trains ``trainer``.
     seed : int
         Seeds the server's sampling stream, the device stream and every task's batch order.
     jitter : float
@@ -149,15 +189,18 @@ class Simulator:
         initial_params: torch.Tensor | None = None,
         on_commit: Callable[["Simulator"], None] | None = None,
         max_sim_time_s: float | None = None,
+        models: ClientModels | None = None,
     ) -> None:
         if len(profiles) != len(pool.train_indices):
             raise ValueError(f"{len(profiles)} device profiles for {len(pool.train_indices)} clients")
         self.trainer, self.pool, self.profiles = trainer, pool, profiles
+        self.models = models or ClientModels.single(trainer, flops_per_step, len(profiles))
+        if self.models.heterogeneous and not strategy.model_heterogeneous:
+            raise ValueError(f"{strategy.name} needs one architecture for every client; the clients have several")
         self.flops_per_step, self.seed, self.jitter = flops_per_step, seed, jitter
-        self.model_bytes = trainer.numel * 4
         self.on_commit = on_commit
         self.max_sim_time_s = max_sim_time_s
-        params = trainer.flat.clone() if initial_params is None else initial_params.clone()
+        params = strategy.initial_params(trainer) if initial_params is None else initial_params.clone()
         self.state = SimState(
             params=params,
             strategy=strategy,
@@ -198,6 +241,12 @@ class Simulator:
     @property
     def n_clients(self) -> int:
         return len(self.profiles)
+
+    @property
+    def shared_bytes(self) -> int:
+        """Bytes of the server's parameters: what a download carries (besides a task's payload)."""
+        params = self.state.params
+        return params.numel() * params.element_size()
 
     @property
     def stopping(self) -> bool:
@@ -263,11 +312,12 @@ class Simulator:
         )
         st.counters.tasks += 1
         st.counters.dispatched[client_id] += 1
-        bytes_down = self.model_bytes + sum(t.numel() * t.element_size() for t in task.payload.values())
-        bytes_up = self.model_bytes * st.strategy.upload_copies
+        bytes_down = self.shared_bytes + sum(t.numel() * t.element_size() for t in task.payload.values())
+        bytes_up = self.shared_bytes * st.strategy.upload_copies
         st.counters.bytes_down += bytes_down
         timing = task_timing(
-            profile, flops=st.strategy.compute_steps(steps) * self.flops_per_step, bytes_down=bytes_down, bytes_up=bytes_up,
+            profile, flops=st.strategy.compute_steps(steps) * self.models.flops(client_id), bytes_down=bytes_down,
+            bytes_up=bytes_up,
             jitter=self.jitter, rng=st.device_rng,
         )
         end = self.now + timing.total_s
@@ -349,13 +399,16 @@ class Simulator:
             "idle_frac": mean_or_none(idle),
         }
 
-    def personal_model(self, client_id: int) -> torch.Tensor | None:
-        """The model ``client_id`` would use now (its strategy's ``personal_params``; None: the global one)."""
+    def personal_model(self, client_id: int) -> tuple[LocalTrainer, torch.Tensor] | None:
+        """The model ``client_id`` would use now, with its architecture's trainer (its strategy's
+        ``personal_params``); None: the global model."""
         st = self.state
         seed = int(np.random.SeedSequence([self.seed, 5, client_id, st.version]).generate_state(1)[0])
-        return st.strategy.personal_params(
-            self.trainer, st.params, self.pool.data(client_id), st.client_state.get(client_id, {}), seed
+        trainer = self.models.trainer(client_id)
+        params = st.strategy.personal_params(
+            trainer, st.params, self.pool.data(client_id, self.now), st.client_state.get(client_id, {}), seed
         )
+        return None if params is None else (trainer, params)
 
     # ----------------------------------------------------------------- the main loop
     def task_seed(self, task_id: int) -> int:
@@ -394,14 +447,17 @@ class Simulator:
         st = self.state
         del st.busy[task.client_id]
         st.counters.busy_s[task.client_id] += self.now - task.dispatched_at
-        data = self.pool.data(task.client_id)
+        data = self.pool.data(task.client_id, task.dispatched_at)  # the data the client held when it began
         state = st.client_state.setdefault(task.client_id, {})
-        result = st.strategy.client_train(self.trainer, task, data, state, self.task_seed(task.task_id))
+        trainer = self.models.trainer(task.client_id)
+        result = st.strategy.client_train(trainer, task, data, state, self.task_seed(task.task_id))
         if not state:
             del st.client_state[task.client_id]  # keep memory proportional to clients that hold state
-        st.counters.trained_steps += st.strategy.compute_steps(result.steps)
+        steps = st.strategy.compute_steps(result.steps)
+        st.counters.trained_steps += steps
+        st.counters.trained_flops += steps * self.models.flops(task.client_id)
         st.counters.arrived += 1
-        st.counters.bytes_up += self.model_bytes * st.strategy.upload_copies
+        st.counters.bytes_up += self.shared_bytes * st.strategy.upload_copies
         update = Update(
             task=task,
             params=result.params,

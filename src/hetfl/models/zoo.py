@@ -2,6 +2,14 @@
 
 Inputs are either float features shaped ``input_shape`` or integer token sequences (LEAF Shakespeare),
 which are one-hot encoded by :class:`OneHot` in front of the model.
+
+Every model is a *body* followed by a linear classifier *head* (the last ``nn.Linear``, whose
+parameters are the last in ``parameters()`` order). The head's input is the model's representation.
+Given ``feature_dim``, every architecture hands its head a representation of that width, so models
+of different families can share a head, class prototypes or an adapter on the representation
+(model-heterogeneous FL): the MLP appends a hidden layer of that width unless its last one has it,
+the CNN projects its flattened feature map with Linear + ReLU, and logistic regression becomes a
+linear model with a rank-``feature_dim`` bottleneck (Linear, no activation, then the head).
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hetfl.config import ModelConfig
+from hetfl.config import ArchitectureConfig
 from hetfl.errors import ConfigError
 
 
@@ -28,19 +36,24 @@ class OneHot(nn.Module):
 
 
 class LogisticRegression(nn.Module):
-    def __init__(self, in_features: int, n_classes: int) -> None:
+    """A linear classifier; with ``feature_dim``, a linear map to that width first (still a linear model)."""
+
+    def __init__(self, in_features: int, n_classes: int, feature_dim: int | None = None) -> None:
         super().__init__()
-        self.linear = nn.Linear(in_features, n_classes)
+        self.project = nn.Linear(in_features, feature_dim) if feature_dim else nn.Identity()
+        self.linear = nn.Linear(feature_dim or in_features, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x.flatten(1))
+        return self.linear(self.project(x.flatten(1)))
 
 
 class MLP(nn.Module):
-    def __init__(self, in_features: int, hidden: list[int], n_classes: int) -> None:
+    def __init__(self, in_features: int, hidden: list[int], n_classes: int, feature_dim: int | None = None) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = in_features
+        if feature_dim and (not hidden or hidden[-1] != feature_dim):
+            hidden = [*hidden, feature_dim]
         for h in hidden:
             layers += [nn.Linear(width, h), nn.ReLU()]
             width = h
@@ -57,7 +70,9 @@ class CNN(nn.Module):
     Pooling stops once the feature map is 2x2 or smaller, so 8x8 digits and 32x32 CIFAR both work.
     """
 
-    def __init__(self, image_shape: tuple[int, int, int], channels: list[int], n_classes: int) -> None:
+    def __init__(
+        self, image_shape: tuple[int, int, int], channels: list[int], n_classes: int, feature_dim: int | None = None
+    ) -> None:
         super().__init__()
         c, h, w = image_shape
         self.image_shape = image_shape
@@ -69,11 +84,13 @@ class CNN(nn.Module):
                 h, w = h // 2, w // 2
             c = out
         self.features = nn.Sequential(*blocks)
-        self.classifier = nn.Linear(c * h * w, n_classes)
+        width = c * h * w
+        self.project = nn.Sequential(nn.Linear(width, feature_dim), nn.ReLU()) if feature_dim else nn.Identity()
+        self.classifier = nn.Linear(feature_dim or width, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(x.shape[0], *self.image_shape)
-        return self.classifier(self.features(x).flatten(1))
+        return self.classifier(self.project(self.features(x).flatten(1)))
 
 
 def _image_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -91,9 +108,17 @@ def _image_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
 
 
 def build_model(
-    cfg: ModelConfig, input_shape: tuple[int, ...], n_classes: int, vocab_size: int | None = None
+    cfg: ArchitectureConfig,
+    input_shape: tuple[int, ...],
+    n_classes: int,
+    vocab_size: int | None = None,
+    feature_dim: int | None = None,
 ) -> nn.Module:
-    """Build the configured model for inputs of ``input_shape`` (token inputs when ``vocab_size`` is set)."""
+    """Build the configured model for inputs of ``input_shape`` (token inputs when ``vocab_size`` is set).
+
+    ``feature_dim``: the width of the representation the head receives (see the module docstring);
+    None keeps each architecture's natural width.
+    """
     prefix: list[nn.Module] = []
     if vocab_size is not None:
         if cfg.name == "cnn":
@@ -103,9 +128,9 @@ def build_model(
     else:
         in_features = math.prod(input_shape)
     if cfg.name == "logreg":
-        body: nn.Module = LogisticRegression(in_features, n_classes)
+        body: nn.Module = LogisticRegression(in_features, n_classes, feature_dim)
     elif cfg.name == "mlp":
-        body = MLP(in_features, cfg.hidden, n_classes)
+        body = MLP(in_features, cfg.hidden, n_classes, feature_dim)
     else:
-        body = CNN(_image_shape(input_shape), cfg.channels, n_classes)
+        body = CNN(_image_shape(input_shape), cfg.channels, n_classes, feature_dim)
     return nn.Sequential(*prefix, body) if prefix else body

@@ -12,6 +12,7 @@ from pydantic import TypeAdapter, ValidationError
 from hetfl.config import ModelConfig, SelectionConfig, StrategyConfig, TrainingConfig
 from hetfl.errors import ConfigError
 from hetfl.strategies.base import ClientData, ClientResult, Server, Strategy, Task, Update
+from hetfl.strategies.adapters import AdapterFL
 from hetfl.strategies.clustered import FLHC
 from hetfl.strategies.ditto import Ditto
 from hetfl.strategies.fedasync import FedAsync
@@ -24,7 +25,12 @@ from hetfl.strategies.fedprox import FedProx
 from hetfl.strategies.fedstale import FedStale, FedVARP
 from hetfl.strategies.ifca import IFCA
 from hetfl.strategies.finetune import FedAvgFineTune
-from hetfl.strategies.partial import FedPer, FedRep, LGFedAvg
+from hetfl.strategies.fml import FML
+from hetfl.strategies.fedgh import FedGH
+from hetfl.strategies.fedproto import FedProto
+from hetfl.strategies.hetero import LGFedAvg, LocalOnly
+from hetfl.strategies.partial import FedPer, FedRep
+from hetfl.strategies.pfedgate import PFedGate
 from hetfl.strategies.rounds import RoundStrategy
 from hetfl.strategies.scaffold import Scaffold
 from hetfl.strategies.selection import SELECTIONS, HeteRoSelect, Oort, RandomSelection, Selection
@@ -32,7 +38,8 @@ from hetfl.strategies.selection import SELECTIONS, HeteRoSelect, Oort, RandomSel
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
     for cls in (FedAvg, FedProx, FedNova, Scaffold, FedAdam, FedYogi, FedStale, FedVARP, FedAsync, FedBuff, FedCompass,
-                Ditto, FedAvgFineTune, FedPer, FedRep, LGFedAvg, IFCA, FLHC)
+                Ditto, FedAvgFineTune, FedPer, FedRep, LGFedAvg, IFCA, FLHC, LocalOnly, FedProto, FedGH, PFedGate,
+                FML, AdapterFL)
 }
 
 
@@ -130,7 +137,9 @@ __all__ = [
     "FedAvg", "FedProx", "FedNova", "Scaffold", "FedAdam", "FedYogi", "FedStale", "FedVARP",
     "FedAsync", "FedBuff", "FedCompass",
     "Ditto", "FedAvgFineTune",
-    "FedPer", "FedRep", "LGFedAvg",
+    "FedPer", "FedRep", "LGFedAvg", "LocalOnly", "FedProto", "FedGH",
+    "PFedGate",
+    "FML", "AdapterFL",
     "IFCA", "FLHC",
     "Selection", "RandomSelection", "Oort", "HeteRoSelect",
 ]

@@ -101,7 +101,7 @@ class Server(Protocol):
     params: torch.Tensor  # current global model (flat)
     rng: np.random.Generator  # the server's random stream (client sampling)
     n_clients: int
-    trainer: "LocalTrainer"  # the architecture, for server-side computation (stale-update recovery)
+    trainer: "LocalTrainer"  # the reference architecture, for server-side computation (stale-update recovery)
 
     def available(self) -> list[int]: ...  # clients online and without a task, sorted
 
@@ -135,13 +135,26 @@ class Server(Protocol):
 class Strategy:
     """Base class: subclasses override the hooks they need.
 
-    ``upload_copies`` is how many model-sized tensors a client sends back (SCAFFOLD: 2), so the
-    engine can time the upload before the client has computed anything.
+    ``upload_copies`` is how many tensors of the server's parameters' size a client sends back
+    (SCAFFOLD: 2), so the engine can time the upload before the client has computed anything.
+
+    ``global_model``: ``server.params`` is a model of the reference architecture, which the engine
+    evaluates as the global model. Strategies whose server holds something else (a classifier head,
+    class prototypes, adapters) set it False, and clients' own models are evaluated instead.
+    ``model_heterogeneous``: the strategy works when clients train different architectures (a
+    model zoo); the client half then gets the trainer of the client's own architecture.
     """
 
     name: ClassVar[str] = "base"
     upload_copies: ClassVar[int] = 1
     personalised: ClassVar[bool] = False  # clients use their own models (see personal_params)
+    global_model: ClassVar[bool] = True
+    model_heterogeneous: ClassVar[bool] = False
+
+    def initial_params(self, trainer: "LocalTrainer") -> torch.Tensor:
+        """The server's parameters before the first aggregation, given the reference architecture's
+        ``trainer``: its initial model by default."""
+        return trainer.initial.clone()
 
     def start(self, server: Server) -> None:
         raise NotImplementedError
@@ -186,6 +199,9 @@ class Strategy:
 
     def check_model(self, model_name: str) -> None:
         """Refuse a model the algorithm cannot work with (raise ConfigError), before the run starts."""
+
+    def check_models(self, trainers: list["LocalTrainer"]) -> None:
+        """Refuse a set of client architectures (a model zoo) the algorithm cannot combine (raise ConfigError)."""
 
     def held_updates(self) -> int:
         """Updates received but not aggregated yet (a buffer, an open group): none by default."""

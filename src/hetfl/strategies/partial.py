@@ -1,4 +1,5 @@
-"""Personalisation by sharing part of the model: FedPer, FedRep and LG-FedAvg.
+"""Personalisation by sharing part of the model: FedPer and FedRep (LG-FedAvg, which shares the head
+and so also works across architectures, is in :mod:`hetfl.strategies.hetero`).
 
 Every model of the zoo ends in a linear classifier, the *head* (:func:`~hetfl.training.local.head_slice`:
 the tail of the flat parameter vector); everything before it is the *body* (the representation). One
@@ -10,9 +11,6 @@ part is federated, the other stays on each client, in its ``state``:
 - FedRep: Collins et al., "Exploiting Shared Representations for Personalized Federated Learning",
   ICML 2021 (arXiv:2102.07078), Algorithm 1. Like FedPer, but a task first trains the head alone
   (``head_steps`` steps, body frozen), then the body alone (the task's steps, head frozen).
-- LG-FedAvg: Liang et al., "Think Locally, Act Globally: Federated Learning with Local and Global
-  Representations" (arXiv:2001.01523). The mirror image: the head is federated, each client keeps
-  its own body (its local representation).
 
 The server, over a round's updates with p_i = n_i / sum_j n_j, sets the shared part to
 
@@ -45,7 +43,7 @@ from hetfl.training.local import head_slice
 
 
 class PartialSharing(RoundStrategy):
-    """Rounds in which one part of the model (``private``: "head" or "body") stays on each client.
+    """Rounds in which one part of the model (``private``: "head" here; "body" works too) stays on each client.
 
     Parameters
     ----------
@@ -105,19 +103,6 @@ class FedPer(PartialSharing):
 
     name = "fedper"
     private = "head"
-
-
-class LGFedAvg(PartialSharing):
-    """LG-FedAvg: federated head, a body of its own on each client (Liang et al., arXiv:2001.01523).
-
-    Parameters
-    ----------
-    clients_per_round, deadline_s, selection
-        See :class:`~hetfl.strategies.rounds.RoundStrategy`.
-    """
-
-    name = "lgfedavg"
-    private = "body"
 
 
 class FedRep(PartialSharing):

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from hetfl.data.skew import LabelDrift
 from hetfl.training.local import LocalTrainer
 
 
@@ -24,46 +25,77 @@ class Evaluator:
     y: torch.Tensor
     owner: np.ndarray
     n_clients: int
+    drift: LabelDrift | None = None  # from drift.at_s on, drifting clients' test labels are the new ones
 
     @classmethod
-    def from_splits(cls, trainer: LocalTrainer, x: torch.Tensor, y: torch.Tensor, test: list[np.ndarray]) -> "Evaluator":
+    def from_splits(
+        cls, trainer: LocalTrainer, x: torch.Tensor, y: torch.Tensor, test: list[np.ndarray], drift: LabelDrift | None = None
+    ) -> "Evaluator":
         idx = np.concatenate(test) if test else np.zeros(0, dtype=np.int64)
         owner = np.concatenate([np.full(len(t), c) for c, t in enumerate(test)]) if test else np.zeros(0, dtype=np.int64)
         index = torch.from_numpy(idx.astype(np.int64))
-        return cls(trainer, x[index], y[index], owner.astype(np.int64), len(test))
+        return cls(trainer, x[index], y[index], owner.astype(np.int64), len(test), drift)
 
-    def personal(self, global_params: torch.Tensor, models: Callable[[int], torch.Tensor | None]) -> dict[str, float]:
-        """Each client's own test split scored with its own model ``models(c)`` (None: the global one).
+    def labels(self, t: float) -> torch.Tensor:
+        """The test labels at simulated time ``t``: a drifting client's rows relabelled once it has drifted."""
+        if self.drift is None or t < self.drift.at_s:
+            return self.y
+        moved = torch.from_numpy(self.drift.drifting[self.owner])
+        return torch.where(moved, torch.from_numpy(self.drift.mapping)[self.y], self.y)
 
-        Returns the mean, 10th percentile and minimum over clients with a test split, and how many
-        clients used a model of their own.
+    def personal(
+        self,
+        global_params: torch.Tensor,
+        models: Callable[[int], tuple[LocalTrainer, torch.Tensor] | None],
+        t: float = 0.0,
+    ) -> dict[str, float]:
+        """Each client's own test split scored with its own model ``models(c)``: an architecture's trainer
+        and its parameters (None: the global model ``global_params``, scored by ``self.trainer``).
+
+        Returns the mean, 10th percentile and minimum of the clients' accuracies (clients with a test
+        split), how many clients used a model of their own, and, pooled over all test samples, the
+        accuracy and loss of the clients' own models (``personal_accuracy``, ``personal_loss``).
         """
-        global_hits = (self.trainer.predict(global_params, self.x).argmax(1) == self.y).numpy()
         accuracy, own = [], 0
+        hits = loss_sum = 0.0
+        y = self.labels(t)
+        global_logits: torch.Tensor | None = None  # computed once, if some client uses the global model
         sizes = np.bincount(self.owner, minlength=self.n_clients)
         by_client = np.split(np.argsort(self.owner, kind="stable"), np.cumsum(sizes)[:-1])
         for c, rows in enumerate(by_client):  # rows of client c's test split, in one pass over owner
             if not len(rows):
                 continue
-            params = models(c)
-            if params is None:
-                accuracy.append(float(global_hits[rows].mean()))
-                continue
-            own += 1
             index = torch.from_numpy(rows)
-            accuracy.append(float((self.trainer.predict(params, self.x[index]).argmax(1) == self.y[index]).float().mean()))
+            model = models(c)
+            if model is None:
+                if global_logits is None:
+                    global_logits = self.trainer.predict(global_params, self.x)
+                logits = global_logits[index]
+            else:
+                own += 1
+                trainer, params = model
+                logits = trainer.predict(params, self.x[index])
+            correct = (logits.argmax(1) == y[index]).double()
+            accuracy.append(float(correct.mean()))
+            hits += float(correct.sum())
+            loss_sum += float(F.cross_entropy(logits, y[index], reduction="sum"))
         acc = np.array(accuracy)
+        n = max(int(sizes.sum()), 1)
         return {
             "personal_acc_mean": float(acc.mean()),
             "personal_acc_p10": float(np.percentile(acc, 10)),
             "personal_acc_min": float(acc.min()),
             "personal_models": float(own),
+            "personal_accuracy": hits / n,
+            "personal_loss": loss_sum / n,
         }
 
-    def __call__(self, params: torch.Tensor) -> dict[str, float]:
+    def __call__(self, params: torch.Tensor, t: float = 0.0) -> dict[str, float]:
+        """The model ``params`` on every test split, with the labels of simulated time ``t``."""
+        y = self.labels(t)
         logits = self.trainer.predict(params, self.x)
-        loss = float(F.cross_entropy(logits, self.y))
-        correct = (logits.argmax(1) == self.y).numpy().astype(np.float64)
+        loss = float(F.cross_entropy(logits, y))
+        correct = (logits.argmax(1) == y).numpy().astype(np.float64)
         hits = np.bincount(self.owner, weights=correct, minlength=self.n_clients)
         sizes = np.bincount(self.owner, minlength=self.n_clients)
         per_client = hits[sizes > 0] / sizes[sizes > 0]

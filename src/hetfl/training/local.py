@@ -9,6 +9,7 @@ are one vector operation on the flat gradient.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -48,15 +49,24 @@ def head_slice(model: nn.Module) -> slice:
     In every model of the zoo they are the last parameters in ``model.parameters()`` order, so the head
     is the tail of the flat buffer and everything before it is the body (the representation).
     """
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to serve as its classifier head")
     params = list(model.parameters())
-    head = list(linears[-1].parameters())
+    head = list(classifier_head(model).parameters())
     if [id(p) for p in params[len(params) - len(head):]] != [id(p) for p in head]:
         raise ValueError(f"{type(model).__name__}: the last nn.Linear's parameters are not the last of the model")
     total = sum(p.numel() for p in params)
     return slice(total - sum(p.numel() for p in head), total)
+
+
+def classifier_head(model: nn.Module) -> nn.Linear:
+    """The model's classifier head: its last ``nn.Linear`` (see :func:`head_slice`)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to serve as its classifier head")
+    return linears[-1]
+
+
+Regularizer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(features, logits, y) -> scalar`` added to a batch's cross-entropy (FedProto's prototype pull)."""
 
 
 class LocalTrainer:
@@ -68,16 +78,47 @@ class LocalTrainer:
         The architecture; its parameters are re-homed into flat buffers.
     cfg : TrainingConfig
         Optimiser, learning rate, batch size, local steps or epochs.
+    label : str
+        A short name of the architecture (``mlp[64]``), for reports.
+
+    Attributes
+    ----------
+    initial : torch.Tensor
+        The parameters the model was built with: where a client of this architecture starts when
+        it keeps a model of its own (model-heterogeneous FL).
+    head : nn.Linear
+        The classifier head; its input is the model's representation (:meth:`features`).
+    reference : LocalTrainer
+        The federation's reference architecture (``model.name``), whose parameters a global-model
+        strategy's ``server.params`` are; itself unless a zoo gives this client another one.
     """
 
-    def __init__(self, model: nn.Module, cfg: TrainingConfig) -> None:
+    def __init__(self, model: nn.Module, cfg: TrainingConfig, label: str = "") -> None:
         self.model = model
         self.cfg = cfg
+        self.label = label or type(model).__name__.lower()
         self.flat, self.grad = flatten_parameters(model)
+        self.initial = self.flat.clone()
+        self.head = classifier_head(model)
+        self.reference: LocalTrainer = self
 
     @property
     def numel(self) -> int:
         return self.flat.numel()
+
+    def twin(self) -> "LocalTrainer":
+        """A second trainer of this architecture on its own deep copy of the model (made once, then cached),
+        for algorithms that train two models of one architecture side by side (FML's private and shared
+        models). Its parameters are whatever was last loaded into it; load before use."""
+        import copy
+
+        twin = self.__dict__.get("_twin")
+        if twin is None:
+            twin = LocalTrainer(copy.deepcopy(self.model), self.cfg, self.label)
+            twin.initial = self.initial.clone()
+            twin.reference = self.reference
+            self._twin = twin
+        return twin
 
     def steps_for(self, n_samples: int) -> int:
         """Local steps of a task on a client holding ``n_samples`` training samples."""
@@ -85,8 +126,10 @@ class LocalTrainer:
             return self.cfg.local_steps
         return max(1, math.ceil(self.cfg.local_epochs * n_samples / self.cfg.batch_size))
 
-    def _optimizer(self, lr: float) -> torch.optim.Optimizer:
-        params = list(self.model.parameters())
+    def optimizer(self, lr: float | None = None, params: list[torch.Tensor] | None = None) -> torch.optim.Optimizer:
+        """A fresh local optimiser (``training.optimizer``) over ``params`` (default: the model's)."""
+        lr = self.cfg.lr if lr is None else lr
+        params = list(self.model.parameters()) if params is None else params
         if self.cfg.optimizer == "adam":
             return torch.optim.Adam(params, lr=lr, weight_decay=self.cfg.weight_decay)
         return torch.optim.SGD(params, lr=lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
@@ -103,30 +146,28 @@ class LocalTrainer:
         correction: torch.Tensor | None = None,
         lr: float | None = None,
         grad_mask: torch.Tensor | None = None,
+        regularizer: Regularizer | None = None,
     ) -> LocalResult:
         """Run ``steps`` optimiser steps from ``params`` on (x, y); mini-batches reshuffled every epoch.
 
         ``prox_mu`` adds FedProx's gradient ``mu * (w - params)``; ``correction`` is added to every
         gradient (SCAFFOLD's ``c - c_i``); ``grad_mask`` then multiplies the flat gradient (0 freezes an
         entry: FedRep's head and body phases; ``weight_decay``, applied inside the optimiser, still
-        decays frozen entries). Batches are drawn from a generator seeded by ``seed``, so a task's
-        result does not depend on what else ran before it.
+        decays frozen entries); ``regularizer(features, logits, y)`` is added to each batch's loss.
+        Batches are drawn from a generator seeded by ``seed`` (:meth:`batches`), so a task's result
+        does not depend on what else ran before it.
         """
         self.flat.copy_(params)
         anchor = params if prox_mu else None
-        opt = self._optimizer(lr if lr is not None else self.cfg.lr)
-        gen = torch.Generator().manual_seed(seed)
-        n, bs = x.shape[0], min(self.cfg.batch_size, x.shape[0])
-        order = torch.randperm(n, generator=gen)
-        cursor = 0
+        opt = self.optimizer(lr)
         loss_sum = torch.zeros(())
-        for _ in range(steps):
-            if cursor + bs > n:
-                order, cursor = torch.randperm(n, generator=gen), 0
-            batch = order[cursor : cursor + bs]
-            cursor += bs
+        for batch in self.batches(x.shape[0], steps, seed):
             self.grad.zero_()
-            loss = F.cross_entropy(self.model(x[batch]), y[batch])
+            if regularizer is None:
+                loss = F.cross_entropy(self.model(x[batch]), y[batch])
+            else:
+                features, logits = self.features(x[batch])
+                loss = F.cross_entropy(logits, y[batch]) + regularizer(features, logits, y[batch])
             loss.backward()
             if anchor is not None:
                 self.grad.add_(self.flat - anchor, alpha=prox_mu)
@@ -142,6 +183,27 @@ class LocalTrainer:
                 f"training diverged (loss {mean_loss}); lower training.lr or check the data normalisation"
             )
         return LocalResult(self.flat.clone(), steps, mean_loss)
+
+    def batches(self, n: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
+        """Index batches of ``steps`` local steps over ``n`` samples: a seeded permutation, reshuffled every epoch."""
+        gen = torch.Generator().manual_seed(seed)
+        bs = min(self.cfg.batch_size, n)
+        order, cursor = torch.randperm(n, generator=gen), 0
+        for _ in range(steps):
+            if cursor + bs > n:
+                order, cursor = torch.randperm(n, generator=gen), 0
+            yield order[cursor : cursor + bs]
+            cursor += bs
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(representation, logits) of the current parameters on ``x``: the head's input and output."""
+        captured: list[torch.Tensor] = []
+        handle = self.head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
+        try:
+            logits = self.model(x)
+        finally:
+            handle.remove()
+        return captured[0], logits
 
     @torch.no_grad()
     def predict(self, params: torch.Tensor, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
