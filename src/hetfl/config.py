@@ -119,11 +119,50 @@ class DriftConfig(Section):
         return self
 
 
-class DataConfig(Section):
-    dataset: Literal["digits", "mnist", "fashion_mnist", "cifar10", "leaf", "csv", "npz"] = Field(
-        "digits", description="digits is built in (scikit-learn); the others are read from data.path."
+class TextConfig(Section):
+    """The built-in ``text`` dataset: byte-level language modelling on text that ships with Python (hetfl.data.text)."""
+
+    styles: list[str] = Field(
+        default_factory=lambda: ["code", "prose"],
+        description="Text styles, dealt to clients round-robin (client i gets styles[i mod len]): code (standard-library "
+        "source), prose (the help() topics), legal (LICENSE.txt), mail (the email package's test messages).",
     )
-    path: str | None = Field(None, description="Local file or folder; required for every dataset but digits.")
+    tokens_per_client: int = Field(
+        4096, ge=2, description="Bytes of text each client holds, cut into non-overlapping windows of context + 1 bytes."
+    )
+    context: int = Field(
+        32, ge=1, description="Tokens a sample gives the model (x); y is the same window shifted by one (next bytes)."
+    )
+
+    @field_validator("styles")
+    @classmethod
+    def _known_styles(cls, styles: list[str]) -> list[str]:
+        from hetfl.data.text import SOURCES
+
+        if not styles:
+            raise ValueError("name at least one style")
+        unknown = [s for s in styles if s not in SOURCES]
+        if unknown:
+            raise ValueError(f"unknown style '{unknown[0]}' (known: {', '.join(SOURCES)})")
+        return styles
+
+    @model_validator(mode="after")
+    def _one_window(self) -> "TextConfig":
+        if self.tokens_per_client < 2 * (self.context + 1):
+            raise ValueError(
+                f"data.text.tokens_per_client: {self.tokens_per_client} bytes make fewer than two windows of context + 1 "
+                f"= {self.context + 1} (one to train, one to test); raise it or lower data.text.context"
+            )
+        return self
+
+
+class DataConfig(Section):
+    dataset: Literal["digits", "text", "mnist", "fashion_mnist", "cifar10", "leaf", "csv", "npz"] = Field(
+        "digits",
+        description="digits (scikit-learn) and text (byte-level language modelling on Python's own text, data.text) are "
+        "built in; the others are read from data.path.",
+    )
+    path: str | None = Field(None, description="Local file or folder; required for every dataset but digits and text.")
     label_column: str = Field("label", description="CSV: the column holding the class label.")
     id_column: str | None = Field(None, description="CSV: a column of natural client ids (for partition.kind=natural).")
     n_clients: int = Field(20, ge=1, description="Number of clients the data is partitioned into.")
@@ -132,12 +171,27 @@ class DataConfig(Section):
     drift: DriftConfig = DriftConfig()
     test_fraction: float = Field(0.2, gt=0, lt=1, description="Share of each client's samples kept for its test split.")
     normalize: bool = Field(True, description="Scale features to zero mean, unit variance (statistics of the training splits).")
+    text: TextConfig = TextConfig()
 
     @model_validator(mode="after")
     def _path_needed(self) -> "DataConfig":
-        if self.dataset != "digits" and not self.path:
+        if self.dataset not in BUILT_IN and not self.path:
             raise ValueError(f"data.path: dataset '{self.dataset}' is read from a local path; set data.path")
+        if self.dataset == "text":
+            if "kind" not in self.partition.model_fields_set:
+                self.partition.kind = "natural"  # each client's own corpus: the only partition text has
+            elif self.partition.kind != "natural":
+                raise ValueError(
+                    f"data.partition.kind: the text dataset gives every client its own corpus (natural groups); "
+                    f"'{self.partition.kind}' would mix them, use natural"
+                )
+            if self.drift.kind != "none":
+                raise ValueError("data.drift.kind: the text dataset has next-token targets, not classes to swap; set none")
         return self
+
+
+BUILT_IN = ("digits", "text")
+"""Datasets that need no data.path."""
 
 
 # --------------------------------------------------------------------------- devices
@@ -222,9 +276,15 @@ class DevicesConfig(Section):
 class ArchitectureConfig(Section):
     """One architecture: which model and its sizes."""
 
-    name: Literal["logreg", "mlp", "cnn"] = Field("mlp", description="Model architecture.")
+    name: Literal["logreg", "mlp", "cnn", "tinylm"] = Field(
+        "mlp", description="Model architecture (tinylm: a tiny decoder-only transformer, for data.dataset text)."
+    )
     hidden: list[int] = Field(default_factory=lambda: [64], description="MLP: hidden layer widths.")
     channels: list[int] = Field(default_factory=lambda: [16, 32], description="CNN: channels of each conv block.")
+    d_model: int = Field(32, ge=1, description="TinyLM: width of the embeddings and the residual stream.")
+    n_heads: int = Field(4, ge=1, description="TinyLM: attention heads per layer (must divide d_model).")
+    d_ff: int = Field(64, ge=1, description="TinyLM: hidden channels of each feed-forward layer.")
+    n_layers: int = Field(2, ge=1, description="TinyLM: transformer blocks (its context is data.text.context).")
 
     @field_validator("hidden", "channels")
     @classmethod
@@ -233,10 +293,32 @@ class ArchitectureConfig(Section):
             raise ValueError("every width must be a positive integer")
         return value
 
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ArchitectureConfig":
+        if self.name == "tinylm" and self.d_model % self.n_heads:
+            raise ValueError(f"model.n_heads: {self.n_heads} heads must divide d_model ({self.d_model})")
+        return self
+
     def label(self) -> str:
-        """A short name: ``mlp[64]``, ``cnn[16,32]``, ``logreg``."""
+        """A short name: ``mlp[64]``, ``cnn[16,32]``, ``logreg``, ``tinylm[d32,h4,f64,l2]``."""
+        if self.name == "tinylm":
+            return f"tinylm[d{self.d_model},h{self.n_heads},f{self.d_ff},l{self.n_layers}]"
         sizes = self.hidden if self.name == "mlp" else self.channels if self.name == "cnn" else None
         return self.name if sizes is None else f"{self.name}[{','.join(map(str, sizes))}]"
+
+
+class PretrainConfig(Section):
+    """How the pretrained TinyLM base (``model.pretrained``) is made; see hetfl.models.pretrain."""
+
+    steps: int = Field(600, ge=1, description="Optimiser steps (Adam) on the pretraining corpus.")
+    batch_size: int = Field(32, ge=1, description="Windows per pretraining step.")
+    lr: float = Field(1e-2, gt=0, description="Adam learning rate of pretraining.")
+    seed: int = Field(0, description="Seeds the base model's initialisation and the pretraining batches.")
+    cache_dir: str | None = Field(
+        None,
+        description="Folder of cached pretrained weights (one file per model sizes, corpus and settings); unset: "
+        "$HETFL_CACHE, else ~/.cache/hetfl.",
+    )
 
 
 class ModelConfig(ArchitectureConfig):
@@ -270,6 +352,12 @@ class ModelConfig(ArchitectureConfig):
         default_factory=dict, description="assign: tier: zoo index of each devices.compute tier, e.g. {low: 0, mid: 1, high: 2}."
     )
     assignment: list[int] | None = Field(None, description="assign: explicit: the zoo index of every client, in client order.")
+    pretrained: bool = Field(
+        False,
+        description="TinyLM: start from a base pretrained in-project on a style-mixed corpus of Python's own text, "
+        "disjoint from the clients' text (model.pretrain; cached on disk, so only the first run pays for it).",
+    )
+    pretrain: PretrainConfig = PretrainConfig()
 
     @model_validator(mode="after")
     def _zoo_consistent(self) -> "ModelConfig":
@@ -282,6 +370,8 @@ class ModelConfig(ArchitectureConfig):
                 raise ValueError(f"{where}: zoo index {bad[0]} is out of range (model.zoo has {k} architectures)")
         if self.assign == "explicit" and k and self.assignment is None:
             raise ValueError("model.assignment: assign 'explicit' needs the zoo index of every client")
+        if self.pretrained and self.name != "tinylm":
+            raise ValueError(f"model.pretrained: only tinylm has a pretrained base; model.name is {self.name}")
         return self
 
 
@@ -347,6 +437,15 @@ class ExperimentConfig(Section):
     training: TrainingConfig = TrainingConfig()
     strategy: StrategyConfig = StrategyConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+
+    @model_validator(mode="after")
+    def _model_fits_data(self) -> "ExperimentConfig":
+        lm = [a.name == "tinylm" for a in [self.model, *self.model.zoo]]
+        if self.data.dataset == "text" and not all(lm):
+            raise ValueError("model.name: the text dataset is next-token prediction; use tinylm (and tinylm in model.zoo)")
+        if self.data.dataset != "text" and any(lm):
+            raise ValueError(f"model.name: tinylm is a language model for data.dataset text, not {self.data.dataset}")
+        return self
 
 
 # --------------------------------------------------------------------------- loading

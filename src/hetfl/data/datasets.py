@@ -6,6 +6,13 @@ partitioner makes the per-client splits). Loaders and the files they expect:
 
 =================  =====================================================================
 ``digits``         scikit-learn's bundled 8x8 digits; ``x`` is ``(N, 64)``, raw 0..16.
+``text``           built in: byte-level language modelling on text that ships with Python
+                   (:mod:`hetfl.data.text`, ``data.text``). Client ``c`` gets
+                   ``tokens_per_client`` bytes of style ``styles[c mod S]``, cut into
+                   non-overlapping windows of ``context + 1`` bytes (the tail dropped);
+                   ``x`` is a window's first ``context`` bytes, ``y`` its last ``context``
+                   (the next-token targets), both int64 ``(N, context)``; ``groups`` is the
+                   client, so ``partition.kind: natural`` deals each client its own text.
 ``mnist``          a folder with the IDX files ``train-images-idx3-ubyte``,
 ``fashion_mnist``  ``train-labels-idx1-ubyte`` and optionally ``t10k-images-idx3-ubyte``,
                    ``t10k-labels-idx1-ubyte``, each plain or ``.gz``; ``x`` is
@@ -72,7 +79,8 @@ class Dataset:
     x : numpy.ndarray
         float32 features shaped ``(N, *input_shape)``, or int64 token ids ``(N, seq_len)``.
     y : numpy.ndarray
-        int64 labels in ``[0, n_classes)``.
+        int64 labels in ``[0, n_classes)``, ``(N,)``; for language modelling (``text``) the next-token
+        targets ``(N, L)`` of each input sequence.
     n_classes : int
         Number of classes.
     groups : numpy.ndarray or None
@@ -99,6 +107,7 @@ class Dataset:
 # --------------------------------------------------------------------------- entry point
 EXPECTED = {
     "digits": "nothing (it ships with scikit-learn)",
+    "text": "nothing (it reads text that ships with Python)",
     "mnist": "a folder with train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz]",
     "fashion_mnist": "a folder with train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz]",
     "cifar10": "a folder with the python batches data_batch_1..data_batch_5 and test_batch",
@@ -109,13 +118,15 @@ EXPECTED = {
 """What each dataset expects at ``data.path``, for error messages."""
 
 
-def load_dataset(cfg: DataConfig) -> Dataset:
+def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     """Load the dataset named by ``cfg.dataset`` from ``cfg.path``.
 
     Parameters
     ----------
     cfg : DataConfig
         The validated ``data`` section.
+    seed : int, default 0
+        Seeds what a built-in dataset draws (``text``: which text each client gets).
 
     Returns
     -------
@@ -129,6 +140,8 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     """
     if cfg.dataset == "digits":
         return _check(_load_digits(), "sklearn digits")
+    if cfg.dataset == "text":
+        return _check(load_text(cfg, seed), "text")
     path = Path(cfg.path).expanduser()
     if not path.exists():
         raise DataError(f"data.path: {path} does not exist; dataset '{cfg.dataset}' expects {EXPECTED[cfg.dataset]}")
@@ -142,7 +155,8 @@ def _check(ds: Dataset, source: str) -> Dataset:
         raise DataError(f"{source}: {n} samples but {len(ds.y)} labels; expected one label per sample")
     if n == 0:
         raise DataError(f"{source}: no samples found")
-    if ds.y.ndim != 1 or ds.y.dtype != np.int64:
+    sequence = ds.vocab_size is not None and ds.y.shape == ds.x.shape  # next-token targets of each input token
+    if (ds.y.ndim != 1 and not sequence) or ds.y.dtype != np.int64:
         raise DataError(f"{source}: labels must be a 1-d integer array, got shape {ds.y.shape} {ds.y.dtype}")
     if ds.y.min() < 0 or ds.y.max() >= ds.n_classes:
         raise DataError(f"{source}: labels must lie in 0..{ds.n_classes - 1}, found {ds.y.min()}..{ds.y.max()}")
@@ -157,6 +171,29 @@ def _load_digits() -> Dataset:
 
     bunch = load_digits()
     return Dataset("digits", bunch.data.astype(np.float32), bunch.target.astype(np.int64), n_classes=10)
+
+
+# --------------------------------------------------------------------------- text
+def load_text(cfg: DataConfig, seed: int) -> Dataset:
+    """The ``text`` dataset: every client's byte stream (:func:`hetfl.data.text.client_corpora`) as LM windows."""
+    from hetfl.data.text import VOCAB_SIZE, client_corpora
+
+    text = cfg.text
+    try:
+        corpora = client_corpora(cfg.n_clients, tuple(text.styles), seed, tokens_per_client=text.tokens_per_client)
+    except ValueError as err:
+        raise DataError(f"data.text.tokens_per_client: {err}") from None
+    rows = [lm_rows(tokens, text.context) for tokens in corpora.tokens]
+    windows = np.concatenate(rows)
+    groups = np.repeat(np.arange(cfg.n_clients, dtype=np.int64), [len(r) for r in rows])
+    x, y = np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])
+    return Dataset("text", x, y, n_classes=VOCAB_SIZE, groups=groups, vocab_size=VOCAB_SIZE)
+
+
+def lm_rows(tokens: np.ndarray, context: int) -> np.ndarray:
+    """A token stream cut into non-overlapping rows of ``context + 1`` tokens ``(n, context + 1)``, the tail dropped."""
+    n = len(tokens) // (context + 1)
+    return np.asarray(tokens[: n * (context + 1)], dtype=np.int64).reshape(n, context + 1)
 
 
 # --------------------------------------------------------------------------- helpers

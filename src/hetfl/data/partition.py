@@ -638,6 +638,14 @@ def _partition_params(partition: PartitionConfig, ds: Dataset, rng: np.random.Ge
     return {}
 
 
+def sample_labels(ds: Dataset) -> np.ndarray:
+    """One label per sample, for partitioners and the stratified split: ``ds.y``, or for next-token targets
+    ``(N, L)`` (language modelling) the sample's natural group (all zeros without groups)."""
+    if ds.y.ndim == 1:
+        return ds.y
+    return ds.groups if ds.groups is not None else np.zeros(len(ds.y), dtype=np.int64)
+
+
 def federate(cfg: DataConfig, seed: int) -> FederatedData:
     """Load the dataset, partition it among clients, split each client, normalise.
 
@@ -663,7 +671,7 @@ def federate(cfg: DataConfig, seed: int) -> FederatedData:
     Randomness comes from four generators spawned from ``seed``: partition, split, feature skew,
     drift; adding feature skew or drift leaves the partition and the splits as they were.
     """
-    ds = load_dataset(cfg)
+    ds = load_dataset(cfg, seed)
     if cfg.n_clients > len(ds):
         source = ds.name if cfg.path is None else f"{ds.name} at {cfg.path}"
         raise DataError(f"data.n_clients={cfg.n_clients} exceeds the {len(ds)} samples of {source}")
@@ -674,8 +682,9 @@ def federate(cfg: DataConfig, seed: int) -> FederatedData:
     check_feature_skew(skew, ds)
     partitioner = PARTITIONERS[cfg.partition.kind]
     params = _partition_params(cfg.partition, ds, partition_rng)
-    parts = partitioner(ds.y, cfg.n_clients, partition_rng, **params)
-    train, test = split_train_test(parts, ds.y, cfg.test_fraction, split_rng)
+    labels = sample_labels(ds)
+    parts = partitioner(labels, cfg.n_clients, partition_rng, **params)
+    train, test = split_train_test(parts, labels, cfg.test_fraction, split_rng)
     levels = None if skew.kind == "none" else feature_levels(cfg.n_clients, skew.strength, skew_rng, skew.groups)
     rows = [np.concatenate([tr, te]) for tr, te in zip(train, test)] if levels is not None else []
     if skew.kind == "rotation":

@@ -243,11 +243,16 @@ def partition_stats(fed: FederatedData, features: bool | None = None) -> list[Cl
 
 
 def _group_skew(fed: FederatedData, groups: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
-    """Training samples of each group per client ``(clients, groups)``, and each client's JS distance from the total."""
+    """Training samples of each group per client ``(clients, groups)``, and each client's JS distance from the total.
+
+    With sequence labels (text), every target token is counted: the label histogram is the client's byte histogram.
+    """
     n_clients = fed.n_clients
     train_sizes = np.array([len(t) for t in fed.train], dtype=np.int64)
     client = np.repeat(np.arange(n_clients), train_sizes)
     codes = groups[np.concatenate(fed.train)] if n_clients else np.empty(0, dtype=np.int64)
+    if codes.ndim > 1:  # next-token targets (language modelling): every token counts, the histogram is of bytes
+        client, codes = np.repeat(client, codes[0].size), codes.reshape(-1)
     counts = np.bincount(client * n_groups + codes, minlength=n_clients * n_groups).reshape(n_clients, n_groups)
     return counts, js_distance(counts, counts.sum(axis=0))
 

@@ -7,6 +7,7 @@ A run directory holds ``config.yaml`` (resolved), ``metrics.jsonl`` (one evaluat
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -97,6 +98,7 @@ class Federation:
                 "(hetfl algorithms marks them) or drop model.zoo"
             )
         strategy.check_models(self.models.trainers)
+        strategy.check_devices(self.profiles)
         return strategy
 
     def simulator(self, strategy: Strategy | None = None, on_commit=None) -> Simulator:
@@ -136,11 +138,23 @@ def build_federation(cfg: ExperimentConfig) -> Federation:
 
 
 def _trainer(arch, cfg: ExperimentConfig, data: FederatedData) -> tuple[LocalTrainer, float]:
-    """A trainer of architecture ``arch`` (the reference or a zoo member) and the FLOPs of one of its steps."""
+    """A trainer of architecture ``arch`` (the reference or a zoo member) and the FLOPs of one of its steps.
+
+    With ``model.pretrained`` a TinyLM starts from the pretrained base (:mod:`hetfl.models.pretrain`):
+    its ``trainer.initial``, what every client and the server start from."""
     ds = data.dataset
     model = build_model(arch, ds.input_shape, ds.n_classes, ds.vocab_size, cfg.model.feature_dim)
+    if cfg.model.pretrained and arch.name == "tinylm":
+        from hetfl.models.pretrain import load_or_pretrain
+
+        load_or_pretrain(model, cfg.model.pretrain, cfg.data, cfg.seed)
     forward = flops_per_sample(model, ds.input_shape, token_input=ds.vocab_size is not None)
     return LocalTrainer(model, cfg.training, arch.label()), training_flops(forward, cfg.training.batch_size)
+
+
+def _perplexity(loss: float) -> float:
+    """exp(mean next-token cross-entropy): the language-model score of an evaluation."""
+    return math.exp(loss) if loss < 700 else math.inf
 
 
 @dataclass
@@ -203,6 +217,7 @@ class Run:
             "sim_time_s": sim.now,
             "wall_time_s": self.wall_time(),
             **scores,
+            **({"perplexity": _perplexity(scores["loss"])} if self.fed.data.dataset.y.ndim > 1 else {}),
             "bytes_up": c.bytes_up,
             "bytes_down": c.bytes_down,
             "updates": c.updates,
@@ -309,8 +324,10 @@ class Run:
             "final_accuracy": last.get("accuracy"),
             "best_accuracy": self.tracker.best_accuracy,
             "final_loss": last.get("loss"),
+            "final_perplexity": last.get("perplexity"),
             "client_acc_mean": last.get("client_acc_mean"),
             "client_acc_p10": last.get("client_acc_p10"),
+            "client_acc_min": last.get("client_acc_min"),
             "personal_acc_mean": last.get("personal_acc_mean"),
             "personal_acc_p10": last.get("personal_acc_p10"),
             "personal_acc_min": last.get("personal_acc_min"),

@@ -312,8 +312,8 @@ class Simulator:
         )
         st.counters.tasks += 1
         st.counters.dispatched[client_id] += 1
-        bytes_down = self.shared_bytes + sum(t.numel() * t.element_size() for t in task.payload.values())
-        bytes_up = self.shared_bytes * st.strategy.upload_copies
+        bytes_down, bytes_up = st.strategy.transfer_bytes(self, task)
+        task.bytes_up = bytes_up
         st.counters.bytes_down += bytes_down
         timing = task_timing(
             profile, flops=st.strategy.compute_steps(steps) * self.models.flops(client_id), bytes_down=bytes_down,
@@ -457,7 +457,7 @@ class Simulator:
         st.counters.trained_steps += steps
         st.counters.trained_flops += steps * self.models.flops(task.client_id)
         st.counters.arrived += 1
-        st.counters.bytes_up += self.shared_bytes * st.strategy.upload_copies
+        st.counters.bytes_up += task.bytes_up
         update = Update(
             task=task,
             params=result.params,

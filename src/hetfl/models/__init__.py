@@ -1,4 +1,4 @@
-"""Model zoo and cost accounting: logistic regression, MLP and a small CNN."""
+"""Model zoo and cost accounting: logistic regression, MLP, a small CNN, and TinyLM (transformer.py) with LoRA and pruning."""
 
 from hetfl.models.zoo import CNN, MLP, LogisticRegression, build_model
 from hetfl.models.cost import flops_per_sample, model_bytes

@@ -1,5 +1,10 @@
 """The models clients train: small, CPU-friendly, without buffers (the whole state is the parameters).
 
+``tinylm`` is the language model of the ``text`` dataset (:class:`hetfl.models.transformer.TinyLM`, its
+context the data's sequence length, vocabulary the data's): it maps token ids ``(N, L)`` to next-token
+logits ``(N, L, V)`` and has no classifier head in the sense below (its output projection is the tied
+token embedding), so the head-sharing algorithms do not apply to it.
+
 Inputs are either float features shaped ``input_shape`` or integer token sequences (LEAF Shakespeare),
 which are one-hot encoded by :class:`OneHot` in front of the model.
 
@@ -119,6 +124,13 @@ def build_model(
     ``feature_dim``: the width of the representation the head receives (see the module docstring);
     None keeps each architecture's natural width.
     """
+    if cfg.name == "tinylm":
+        if vocab_size is None or len(input_shape) != 1:
+            raise ConfigError("model.name: tinylm reads token sequences; use data.dataset text")
+        from hetfl.models.transformer import TinyLM
+
+        return TinyLM(vocab_size=vocab_size, d_model=cfg.d_model, n_heads=cfg.n_heads, d_ff=cfg.d_ff,
+                      n_layers=cfg.n_layers, context=input_shape[0])
     prefix: list[nn.Module] = []
     if vocab_size is not None:
         if cfg.name == "cnn":

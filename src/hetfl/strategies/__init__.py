@@ -27,6 +27,7 @@ from hetfl.strategies.ifca import IFCA
 from hetfl.strategies.finetune import FedAvgFineTune
 from hetfl.strategies.fml import FML
 from hetfl.strategies.fedgh import FedGH
+from hetfl.strategies.fedlora import FedLoRA
 from hetfl.strategies.fedproto import FedProto
 from hetfl.strategies.hetero import LGFedAvg, LocalOnly
 from hetfl.strategies.partial import FedPer, FedRep
@@ -39,7 +40,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
     for cls in (FedAvg, FedProx, FedNova, Scaffold, FedAdam, FedYogi, FedStale, FedVARP, FedAsync, FedBuff, FedCompass,
                 Ditto, FedAvgFineTune, FedPer, FedRep, LGFedAvg, IFCA, FLHC, LocalOnly, FedProto, FedGH, PFedGate,
-                FML, AdapterFL)
+                FML, AdapterFL, FedLoRA)
 }
 
 
@@ -139,7 +140,7 @@ __all__ = [
     "Ditto", "FedAvgFineTune",
     "FedPer", "FedRep", "LGFedAvg", "LocalOnly", "FedProto", "FedGH",
     "PFedGate",
-    "FML", "AdapterFL",
+    "FML", "AdapterFL", "FedLoRA",
     "IFCA", "FLHC",
     "Selection", "RandomSelection", "Oort", "HeteRoSelect",
 ]

@@ -39,6 +39,7 @@ class Task:
     dispatched_at: float
     payload: dict[str, torch.Tensor] = field(default_factory=dict)  # extra tensors sent (counted in bytes)
     options: dict[str, Any] = field(default_factory=dict)  # scalars for the client half (e.g. prox_mu)
+    bytes_up: int = 0  # what the client's upload will carry (Strategy.transfer_bytes, fixed at dispatch)
 
 
 @dataclass
@@ -102,6 +103,7 @@ class Server(Protocol):
     rng: np.random.Generator  # the server's random stream (client sampling)
     n_clients: int
     trainer: "LocalTrainer"  # the reference architecture, for server-side computation (stale-update recovery)
+    profiles: list[Any]  # each client's DeviceProfile, as the devices registered (compute tier, speed)
 
     def available(self) -> list[int]: ...  # clients online and without a task, sorted
 
@@ -189,6 +191,21 @@ class Strategy:
         """
         return None
 
+    def transfer_bytes(self, server: Server, task: Task) -> tuple[int, int]:
+        """Bytes ``task`` downloads and uploads, asked at dispatch (the engine times the task with them).
+
+        By default the server's parameters and the task's payload down, ``upload_copies`` times the
+        server's parameters up. Strategies whose clients download or upload only part of them (an
+        adapter truncated to the client's rank) or something else (FLoRA's stacked adapters) override it.
+        """
+        shared = server.params.numel() * server.params.element_size()
+        payload = sum(t.numel() * t.element_size() for t in task.payload.values())
+        return shared + payload, shared * self.upload_copies
+
+    def check_devices(self, profiles: list[Any]) -> None:
+        """Refuse device profiles the algorithm's parameters do not cover (raise ConfigError), before the run
+        starts; e.g. a rank per compute tier that misses one of the devices' tiers."""
+
     def compute_steps(self, steps: int) -> int:
         """Local optimiser steps a task of ``steps`` costs the client, for its simulated compute time and
         ``trained_steps`` (Ditto also trains a personal model, FedRep a head phase); ``steps`` by default."""
@@ -219,7 +236,7 @@ def client_report(data: ClientData, n_classes: int) -> dict[str, float]:
     (0: one class; 1: all classes equally); ``n_labels``: classes present. Client selection
     (HeteRo-Select's label diversity) reads these.
     """
-    counts = torch.bincount(data.y.long(), minlength=n_classes).double()
+    counts = torch.bincount(data.y.long().flatten(), minlength=n_classes).double()  # next-token targets: every token
     p = counts[counts > 0] / counts.sum()
     entropy = float(-(p * p.log()).sum()) / np.log(n_classes) if n_classes > 1 and len(p) > 1 else 0.0
     return {"label_entropy": entropy, "n_labels": float(len(p))}

@@ -1,4 +1,9 @@
-"""Evaluation of a global model on every client's test split, in one forward pass."""
+"""Evaluation of a global model on every client's test split, in one forward pass.
+
+Labels are classes ``(N,)``, or next-token targets ``(N, L)`` for language modelling: then every token is
+one prediction, ``loss`` is the mean cross-entropy per token and ``accuracy`` is next-token accuracy
+(every test sample has ``L`` tokens, so per-client accuracies are means over the client's tokens).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,15 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from hetfl.data.skew import LabelDrift
-from hetfl.training.local import LocalTrainer
+from hetfl.training.local import LocalTrainer, task_loss
+
+
+def hits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per sample, the share of its predictions that are right: 0/1 for a class, next-token accuracy for a sequence."""
+    correct = (logits.argmax(-1) == y).double()
+    return correct if correct.dim() == 1 else correct.flatten(1).mean(1)
 
 
 @dataclass
@@ -57,7 +67,7 @@ class Evaluator:
         accuracy and loss of the clients' own models (``personal_accuracy``, ``personal_loss``).
         """
         accuracy, own = [], 0
-        hits = loss_sum = 0.0
+        hit_sum = loss_sum = 0.0
         y = self.labels(t)
         global_logits: torch.Tensor | None = None  # computed once, if some client uses the global model
         sizes = np.bincount(self.owner, minlength=self.n_clients)
@@ -75,10 +85,10 @@ class Evaluator:
                 own += 1
                 trainer, params = model
                 logits = trainer.predict(params, self.x[index])
-            correct = (logits.argmax(1) == y[index]).double()
+            correct = hits(logits, y[index])
             accuracy.append(float(correct.mean()))
-            hits += float(correct.sum())
-            loss_sum += float(F.cross_entropy(logits, y[index], reduction="sum"))
+            hit_sum += float(correct.sum())
+            loss_sum += float(task_loss(logits, y[index], reduction="sum")) / max(y[0].numel(), 1)
         acc = np.array(accuracy)
         n = max(int(sizes.sum()), 1)
         return {
@@ -86,7 +96,7 @@ class Evaluator:
             "personal_acc_p10": float(np.percentile(acc, 10)),
             "personal_acc_min": float(acc.min()),
             "personal_models": float(own),
-            "personal_accuracy": hits / n,
+            "personal_accuracy": hit_sum / n,
             "personal_loss": loss_sum / n,
         }
 
@@ -94,11 +104,11 @@ class Evaluator:
         """The model ``params`` on every test split, with the labels of simulated time ``t``."""
         y = self.labels(t)
         logits = self.trainer.predict(params, self.x)
-        loss = float(F.cross_entropy(logits, y))
-        correct = (logits.argmax(1) == y).numpy().astype(np.float64)
-        hits = np.bincount(self.owner, weights=correct, minlength=self.n_clients)
+        loss = float(task_loss(logits, y))
+        correct = hits(logits, y).numpy()
+        client_hits = np.bincount(self.owner, weights=correct, minlength=self.n_clients)
         sizes = np.bincount(self.owner, minlength=self.n_clients)
-        per_client = hits[sizes > 0] / sizes[sizes > 0]
+        per_client = client_hits[sizes > 0] / sizes[sizes > 0]
         return {
             "accuracy": float(correct.mean()),
             "loss": loss,

@@ -65,6 +65,16 @@ def classifier_head(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
+def task_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of ``logits`` against ``y``, over every prediction.
+
+    Classification: logits ``(B, C)``, labels ``(B,)``. Language modelling: logits ``(B, L, V)``, next-token
+    targets ``(B, L)``, every token one prediction (``mean``: the mean over all ``B * L`` tokens, which is
+    :func:`hetfl.models.transformer.lm_loss`). The flattening is a no-op reshape for classification.
+    """
+    return F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction=reduction)
+
+
 Regularizer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``(features, logits, y) -> scalar`` added to a batch's cross-entropy (FedProto's prototype pull)."""
 
@@ -150,6 +160,7 @@ class LocalTrainer:
     ) -> LocalResult:
         """Run ``steps`` optimiser steps from ``params`` on (x, y); mini-batches reshuffled every epoch.
 
+        The loss is :func:`task_loss`: cross-entropy per sample, or per token for language modelling.
         ``prox_mu`` adds FedProx's gradient ``mu * (w - params)``; ``correction`` is added to every
         gradient (SCAFFOLD's ``c - c_i``); ``grad_mask`` then multiplies the flat gradient (0 freezes an
         entry: FedRep's head and body phases; ``weight_decay``, applied inside the optimiser, still
@@ -164,10 +175,10 @@ class LocalTrainer:
         for batch in self.batches(x.shape[0], steps, seed):
             self.grad.zero_()
             if regularizer is None:
-                loss = F.cross_entropy(self.model(x[batch]), y[batch])
+                loss = task_loss(self.model(x[batch]), y[batch])
             else:
                 features, logits = self.features(x[batch])
-                loss = F.cross_entropy(logits, y[batch]) + regularizer(features, logits, y[batch])
+                loss = task_loss(logits, y[batch]) + regularizer(features, logits, y[batch])
             loss.backward()
             if anchor is not None:
                 self.grad.add_(self.flat - anchor, alpha=prox_mu)
