@@ -340,3 +340,20 @@ def test_compare_table_shows_personal_accuracy_only_when_a_run_is_personalised()
     assert "pers." in text and max(len(line.rstrip()) for line in text.splitlines()) <= 120
     rows = {line.split()[0]: line.split() for line in text.splitlines() if line.strip().startswith("fed")}
     assert rows["fedper"][2:5] == ["0.9123", "0.9300", "0.9876"] and rows["fedavg"][4] == "—"
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "ditto", "fedgh", "pfedgate"])
+def test_every_field_a_run_writes_is_defined_in_docs_metrics(tmp_path, strategy):
+    from pathlib import Path
+
+    from hetfl.config import validate
+    from hetfl.engine.run import run_experiment
+    from tests.conftest import TINY
+
+    raw = json.loads(json.dumps(TINY))
+    raw["strategy"]["name"] = strategy
+    summary = run_experiment(validate(raw), tmp_path / "r", show_progress=False)
+    record = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
+    doc = (Path(__file__).parent.parent / "docs" / "metrics.md").read_text()
+    missing = [key for key in [*record, *summary] if f"`{key}`" not in doc]
+    assert not missing, f"define these in docs/metrics.md: {missing}"
