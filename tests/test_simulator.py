@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from conftest import blobs, make_simulator, profile, run_rounds
 from hetfl.config import TrainingConfig
+from hetfl.errors import ConfigError
 from hetfl.strategies import STRATEGIES, FedAvg, FedProx, RoundStrategy, build_strategy
 from hetfl.config import StrategyConfig
 
@@ -116,6 +117,18 @@ def test_jitter_is_deterministic_per_seed_and_varies_durations():
     assert times[0] != pytest.approx(3 * 2.0012)
 
 
+def model_for(strategy, first: str = "logreg") -> str:
+    """The first of the common tests' small classifiers the strategy takes (FedPer needs a body: an MLP);
+    skip a strategy that takes neither (FedSpine prunes language models; its own tests run it end to end)."""
+    for model in dict.fromkeys((first, "mlp")):
+        try:
+            strategy.check_model(model)
+            return model
+        except ConfigError as err:
+            refusal = err
+    pytest.skip(f"{strategy.name} refuses the common tests' models: {refusal}")
+
+
 def federation_loss(sim) -> float:
     """The global model's loss on all training data, or, without a global model, the mean of each client's
     own model's loss on its own data."""
@@ -135,7 +148,7 @@ def test_every_strategy_learns_on_a_tiny_federation(name):
     strategy = build_strategy(StrategyConfig(name=name, clients_per_round=3,
                                              params={"server_lr": 0.1} if name in ("fedadam", "fedyogi") else {}))
     training = TrainingConfig(lr=0.1, batch_size=4, local_steps=5)
-    model = "mlp" if name == "lgfedavg" else "logreg"  # LG-FedAvg needs a body to keep
+    model = model_for(strategy, "mlp" if name == "lgfedavg" else "logreg")  # LG-FedAvg needs a body to keep
     sim = make_simulator(strategy, [12, 12, 12, 12], [profile(i, flops=1e6 * (i + 1)) for i in range(4)],
                          training=training, model=model)
     before = federation_loss(sim)
@@ -157,8 +170,9 @@ def test_every_task_is_accounted_for_exactly_once_under_harsh_heterogeneity(name
         profiles.append(profile(i, flops=float(rng.choice([2e5, 1e6, 5e6])), dropout=0.15, windows=windows))
     strategy = build_strategy(StrategyConfig(name=name, clients_per_round=4, deadline_s=4.0,
                                              params={"server_lr": 0.1} if name in ("fedadam", "fedyogi") else {}))
+    model = model_for(strategy)
     rounds_based = isinstance(strategy, RoundStrategy)  # rounds also count lost and cut tasks as dropped
-    sim = make_simulator(strategy, [6] * 8, profiles, seed=seed)
+    sim = make_simulator(strategy, [6] * 8, profiles, seed=seed, model=model)
     steps = []
     on_update = strategy.on_update
     strategy.on_update = lambda server, update: (steps.append(update.steps), on_update(server, update))

@@ -28,6 +28,10 @@ wifi        50             20           15
 ethernet    1000           1000         2
 ==========  =============  ===========  ============
 
+Memory (``devices.memory``): the bytes a device can train in, ``memory_bytes`` (unlimited by default),
+one limit for every device or one per compute tier. Only strategies that size a model per device read it
+(fedspine); device traces carry no memory column, so trace devices get ``devices.memory.limit``.
+
 Availability: ``always`` (``windows=None``) or ``markov``, an alternating online/offline process
 with exponential period lengths (means ``mean_online_s`` and ``mean_offline_s``). Each client
 starts online with the stationary probability ``mean_online / (mean_online + mean_offline)``;
@@ -94,6 +98,7 @@ class DeviceProfile:
     windows: tuple[tuple[float, float], ...] | None = None
     dropout: float = 0.0  # probability that a task given to this client is never returned
     tier: str = ""  # e.g. "mid/wifi", for reports
+    memory_bytes: float = math.inf  # memory the device can train in (devices.memory); inf: unlimited
 
     def _last_start_at_or_before(self, t: float) -> int:
         """Index of the last window starting at or before ``t``; -1 if none."""
@@ -143,7 +148,8 @@ def build_profiles(cfg: DevicesConfig, n_clients: int, rng: np.random.Generator)
         from hetfl.devices.trace import load_trace  # here, as trace.py imports this module
 
         loaded = load_trace(cfg.trace, n_clients, cfg.compute.median_flops, default_dropout=cfg.dropout)
-        return [replace(p, client_id=i) for i, p in enumerate(loaded)]
+        memory = math.inf if cfg.memory.limit is None else cfg.memory.limit  # traces carry no memory column
+        return [replace(p, client_id=i, memory_bytes=memory) for i, p in enumerate(loaded)]
 
     # tier names, speeds and weights were checked where the config was validated (hetfl.config)
     speeds, compute_labels = _draw_speeds(cfg, n_clients, rng)
@@ -164,9 +170,16 @@ def build_profiles(cfg: DevicesConfig, n_clients: int, rng: np.random.Generator)
                 windows=windows,
                 dropout=cfg.dropout,
                 tier=f"{compute_labels[i]}/{net.name}",
+                memory_bytes=_memory(cfg, compute_labels[i]),
             )
         )
     return profiles
+
+
+def _memory(cfg: DevicesConfig, compute_label: str) -> float:
+    """Memory in bytes of a device of compute tier ``compute_label``: its tier's, else the limit, else unlimited."""
+    value = cfg.memory.tiers.get(compute_label, cfg.memory.limit)
+    return math.inf if value is None else float(value)
 
 
 def _draw_speeds(cfg: DevicesConfig, n: int, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:

@@ -9,6 +9,10 @@ How a task flows:
 2. The main loop pops events in simulated-time order (ties: first scheduled, first delivered).
 3. An ``arrival`` runs the real local training, lazily, only now, and hands the update to the
    strategy. A task the strategy cancelled (say, after a round deadline) is never trained.
+   With ``training.vectorize`` the first arrival that needs training also trains, in one batched
+   :func:`~hetfl.training.vectorized.train_many` call, every other in-flight task that will arrive, is
+   plain local training (:meth:`Strategy.local_training`) and has the same architecture and options;
+   their results wait in a cache until their own arrival (see :meth:`Simulator._train_batched`).
 4. The strategy aggregates and calls :meth:`Simulator.commit`; the simulator's observer evaluates,
    logs and decides whether to stop. Checkpoints are taken between events, when state is whole.
 
@@ -34,8 +38,10 @@ from hetfl.devices import DeviceProfile, task_timing
 from hetfl.engine.clock import Event, EventQueue
 from hetfl.errors import DivergedError
 from hetfl.results.fairness import OnlineTime, fastest, idle_fractions, jain_index, mean_or_none, staleness_stats
-from hetfl.strategies.base import ClientData, Strategy, Task, Update, client_report
+from hetfl.strategies.base import ClientData, ClientResult, Strategy, Task, Update, client_report
 from hetfl.training import LocalTrainer
+from hetfl.training.local import LocalResult
+from hetfl.training.vectorized import train_many
 
 
 @dataclass
@@ -111,6 +117,7 @@ class Counters:
     tasks: int = 0  # tasks dispatched
     trained_steps: int = 0  # local steps actually computed
     trained_flops: float = 0.0  # FLOPs of those steps, each at its client's architecture
+    wasted_steps: int = 0  # steps trained ahead in a batch for tasks then cancelled (not in trained_steps)
     staleness: dict[int, int] = field(default_factory=dict)  # staleness at commit -> aggregated updates
     staleness_window: dict[int, int] = field(default_factory=dict)  # the same, since the last evaluation
     participation: np.ndarray = field(default_factory=_zeros)  # aggregated updates per client
@@ -174,6 +181,9 @@ class Simulator:
         Called as ``on_commit(sim)`` after each aggregation; evaluation and logging live there.
     max_sim_time_s : float, optional
         Events after this simulated time are not processed.
+    vectorize : {"auto", "on", "off"}, optional
+        Batch the local training of in-flight tasks (``training.vectorize``); default: ``trainer.cfg``'s,
+        whose ``vectorize_min_tasks`` and ``vectorize_max_params`` also bound ``auto``.
     """
 
     def __init__(
@@ -190,6 +200,7 @@ class Simulator:
         on_commit: Callable[["Simulator"], None] | None = None,
         max_sim_time_s: float | None = None,
         models: ClientModels | None = None,
+        vectorize: str | None = None,
     ) -> None:
         if len(profiles) != len(pool.train_indices):
             raise ValueError(f"{len(profiles)} device profiles for {len(pool.train_indices)} clients")
@@ -211,6 +222,16 @@ class Simulator:
         self._stop_reason: str | None = None
         self.checkpoint_due = False
         self.online_time = OnlineTime([p.windows for p in profiles])  # derived from the profiles: not state
+        cfg = trainer.cfg
+        self.vectorize = vectorize or getattr(cfg, "vectorize", "off")
+        if self.vectorize not in ("auto", "on", "off"):
+            raise ValueError(f"vectorize must be auto, on or off; got {self.vectorize!r}")
+        self.vectorize_min_tasks: int = getattr(cfg, "vectorize_min_tasks", 1)
+        self.vectorize_max_params: int = getattr(cfg, "vectorize_max_params", 0)
+        # results trained ahead, by task id, with the task they belong to. Not state: a checkpoint drops
+        # them and a resumed run retrains them (a task's result depends only on its inputs fixed at dispatch).
+        self._trained: dict[int, tuple[Task, LocalResult]] = {}
+        self.batches: list[int] = []  # the size of every batched train_many call (diagnostics)
         self.fast_clients = fastest([p.flops for p in profiles])
 
     # ----------------------------------------------------------------- Server protocol
@@ -241,6 +262,10 @@ class Simulator:
     @property
     def n_clients(self) -> int:
         return len(self.profiles)
+
+    def step_flops(self, client_id: int) -> float:
+        """FLOPs of one local step of ``client_id``'s architecture."""
+        return self.models.flops(client_id)
 
     @property
     def shared_bytes(self) -> int:
@@ -314,9 +339,10 @@ class Simulator:
         st.counters.dispatched[client_id] += 1
         bytes_down, bytes_up = st.strategy.transfer_bytes(self, task)
         task.bytes_up = bytes_up
+        task.flops = st.strategy.task_flops(self, task)
         st.counters.bytes_down += bytes_down
         timing = task_timing(
-            profile, flops=st.strategy.compute_steps(steps) * self.models.flops(client_id), bytes_down=bytes_down,
+            profile, flops=task.flops, bytes_down=bytes_down,
             bytes_up=bytes_up,
             jitter=self.jitter, rng=st.device_rng,
         )
@@ -336,6 +362,7 @@ class Simulator:
         if event is not None and event.data is task:
             EventQueue.cancel(event)
             del self.state.busy[task.client_id]
+            self._discard(task)
             self.state.counters.cancelled += 1
             self.state.counters.busy_s[task.client_id] += self.now - task.dispatched_at
 
@@ -436,6 +463,7 @@ class Simulator:
         elif event.kind == "failure":
             task: Task = event.data
             del st.busy[task.client_id]
+            self._discard(task)
             st.counters.failed += 1
             st.counters.busy_s[task.client_id] += self.now - task.dispatched_at
             st.strategy.on_failure(self, task)
@@ -450,12 +478,14 @@ class Simulator:
         data = self.pool.data(task.client_id, task.dispatched_at)  # the data the client held when it began
         state = st.client_state.setdefault(task.client_id, {})
         trainer = self.models.trainer(task.client_id)
-        result = st.strategy.client_train(trainer, task, data, state, self.task_seed(task.task_id))
+        result = self._train_batched(task, trainer)
+        if result is None:
+            result = st.strategy.client_train(trainer, task, data, state, self.task_seed(task.task_id))
         if not state:
             del st.client_state[task.client_id]  # keep memory proportional to clients that hold state
         steps = st.strategy.compute_steps(result.steps)
         st.counters.trained_steps += steps
-        st.counters.trained_flops += steps * self.models.flops(task.client_id)
+        st.counters.trained_flops += task.flops
         st.counters.arrived += 1
         st.counters.bytes_up += task.bytes_up
         update = Update(
@@ -470,3 +500,72 @@ class Simulator:
             arrived_version=st.version,
         )
         st.strategy.on_update(self, update)
+
+    # ----------------------------------------------------------------- batched local training
+    def _train_batched(self, task: Task, trainer: LocalTrainer) -> ClientResult | None:
+        """``task``'s result from a batch (trained now or earlier), or None: train it on its own.
+
+        Batched: ``task`` and every other in-flight task whose event is an arrival (a task that will be
+        lost is never trained, as on the sequential path), that is not trained yet, whose strategy's
+        :meth:`~hetfl.strategies.base.Strategy.local_training` gives the same non-tensor options and
+        whose client trains ``trainer``'s architecture. Each task keeps its own inputs (start, steps,
+        seed, data), so a result equals ``client_train``'s up to floating-point summation order. With
+        ``auto``, only a group of at least ``vectorize_min_tasks`` tasks of a model of at most
+        ``vectorize_max_params`` parameters; ``off``: never.
+        """
+        if self.vectorize == "off":
+            return None
+        cached = self._trained.pop(task.task_id, None)
+        if cached is not None and cached[0] is task:  # (another task object: a state restored from a checkpoint)
+            return ClientResult(cached[1].params, cached[1].steps, cached[1].loss)
+        strategy = self.state.strategy
+        options = strategy.local_training(task)
+        if options is None:
+            return None
+        key = _options_key(options)
+        group, group_options = [task], [options]
+        for event in self.state.busy.values():
+            other: Task = event.data
+            if event.kind != "arrival" or other is task or self.models.trainer(other.client_id) is not trainer:
+                continue
+            if other.task_id in self._trained and self._trained[other.task_id][0] is other:
+                continue
+            other_options = strategy.local_training(other)
+            if other_options is not None and _options_key(other_options) == key:
+                group.append(other)
+                group_options.append(other_options)
+        if self.vectorize == "auto" and (len(group) < self.vectorize_min_tasks or trainer.numel > self.vectorize_max_params):
+            return None
+        kwargs = {
+            name: torch.stack([o[name].expand(trainer.numel) for o in group_options])
+            if isinstance(value, torch.Tensor) else value
+            for name, value in options.items()
+        }
+        datasets = [self.pool.data(t.client_id, t.dispatched_at) for t in group]
+        try:
+            results = train_many(
+                trainer,
+                torch.stack([t.params for t in group]),
+                [(d.x, d.y) for d in datasets],
+                [t.steps for t in group],
+                [self.task_seed(t.task_id) for t in group],
+                **kwargs,
+            )
+        except DivergedError:
+            return None  # train on its own: the error, if any, comes at the arrival of the task that diverges
+        self.batches.append(len(group))
+        for other, result in zip(group[1:], results[1:]):
+            self._trained[other.task_id] = (other, result)
+        first = results[0]
+        return ClientResult(first.params, first.steps, first.loss)
+
+    def _discard(self, task: Task) -> None:
+        """Forget ``task``'s result trained ahead, if any (it will never arrive), counting the work wasted."""
+        cached = self._trained.pop(task.task_id, None)
+        if cached is not None and cached[0] is task:
+            self.state.counters.wasted_steps += self.state.strategy.compute_steps(cached[1].steps)
+
+
+def _options_key(options: dict[str, Any]) -> list[tuple[str, Any]]:
+    """What tasks batched together share: the options' names, and the values of the non-tensor ones."""
+    return sorted((name, None if isinstance(value, torch.Tensor) else value) for name, value in options.items())

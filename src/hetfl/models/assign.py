@@ -20,25 +20,38 @@ from hetfl.devices import DeviceProfile
 from hetfl.errors import ConfigError
 
 
+def speed_groups(profiles: Sequence[DeviceProfile], k: int) -> np.ndarray:
+    """Clients ranked by relative compute speed (ties by id) and cut into ``k`` groups whose sizes differ by
+    at most one: the group of every client, 0 for the slowest."""
+    n = len(profiles)
+    order = np.lexsort((np.arange(n), [p.speed for p in profiles]))  # slowest first, ties by id
+    group = np.empty(n, dtype=np.int64)
+    group[order] = np.arange(n) * k // n
+    return group
+
+
+def by_tier(profiles: Sequence[DeviceProfile], values: dict, key: str, what: str) -> list:
+    """``values[tier]`` for every client's compute tier; a tier missing from ``values`` is a one-line error
+    naming the config ``key`` (``what`` says what it maps a tier to)."""
+    tiers = [p.tier.split("/")[0] for p in profiles]
+    missing = sorted({t for t in tiers if t not in values})
+    if missing:
+        raise ConfigError(
+            f"{key}: no {what} for compute tier '{missing[0]}' (the devices' tiers: {', '.join(sorted(set(tiers)))}; "
+            "values by tier need devices.compute.distribution: tiers)"
+        )
+    return [values[t] for t in tiers]
+
+
 def assign_architectures(cfg: ModelConfig, profiles: Sequence[DeviceProfile]) -> np.ndarray:
     """The zoo index of every client (all zeros without a zoo)."""
     n, k = len(profiles), len(cfg.zoo)
     if k <= 1:
         return np.zeros(n, dtype=np.int64)
     if cfg.assign == "speed":
-        order = np.lexsort((np.arange(n), [p.speed for p in profiles]))  # slowest first, ties by id
-        arch = np.empty(n, dtype=np.int64)
-        arch[order] = np.arange(n) * k // n
-        return arch
+        return speed_groups(profiles, k)
     if cfg.assign == "tier":
-        tiers = [p.tier.split("/")[0] for p in profiles]
-        missing = sorted({t for t in tiers if t not in cfg.tiers})
-        if missing:
-            raise ConfigError(
-                f"model.tiers: no zoo index for compute tier '{missing[0]}' (the devices' tiers: "
-                f"{', '.join(sorted(set(tiers)))}; assign 'tier' needs devices.compute.distribution: tiers)"
-            )
-        return np.array([cfg.tiers[t] for t in tiers], dtype=np.int64)
+        return np.array(by_tier(profiles, cfg.tiers, "model.tiers", "zoo index"), dtype=np.int64)
     if cfg.assign == "cycle":
         return np.arange(n, dtype=np.int64) % k
     assignment = cfg.assignment or []

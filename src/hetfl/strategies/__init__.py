@@ -28,6 +28,7 @@ from hetfl.strategies.finetune import FedAvgFineTune
 from hetfl.strategies.fml import FML
 from hetfl.strategies.fedgh import FedGH
 from hetfl.strategies.fedlora import FedLoRA
+from hetfl.strategies.fedspine import FedSpine
 from hetfl.strategies.fedproto import FedProto
 from hetfl.strategies.hetero import LGFedAvg, LocalOnly
 from hetfl.strategies.partial import FedPer, FedRep
@@ -40,7 +41,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
     for cls in (FedAvg, FedProx, FedNova, Scaffold, FedAdam, FedYogi, FedStale, FedVARP, FedAsync, FedBuff, FedCompass,
                 Ditto, FedAvgFineTune, FedPer, FedRep, LGFedAvg, IFCA, FLHC, LocalOnly, FedProto, FedGH, PFedGate,
-                FML, AdapterFL, FedLoRA)
+                FML, AdapterFL, FedLoRA, FedSpine)
 }
 
 
@@ -140,7 +141,7 @@ __all__ = [
     "Ditto", "FedAvgFineTune",
     "FedPer", "FedRep", "LGFedAvg", "LocalOnly", "FedProto", "FedGH",
     "PFedGate",
-    "FML", "AdapterFL", "FedLoRA",
+    "FML", "AdapterFL", "FedLoRA", "FedSpine",
     "IFCA", "FLHC",
     "Selection", "RandomSelection", "Oort", "HeteRoSelect",
 ]

@@ -13,6 +13,8 @@ wants, ``set_timer``, and ``commit`` a new global model (one aggregation = one s
 
 The client half of an algorithm, :meth:`Strategy.client_train`, runs where the data is and sees
 only the task and the client's own state, so the same class runs in a simulation and on a real client.
+When it is plain local training, :meth:`Strategy.local_training` says so, and the simulator may
+train many such tasks together (``training.vectorize``) with the same results.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Task:
     payload: dict[str, torch.Tensor] = field(default_factory=dict)  # extra tensors sent (counted in bytes)
     options: dict[str, Any] = field(default_factory=dict)  # scalars for the client half (e.g. prox_mu)
     bytes_up: int = 0  # what the client's upload will carry (Strategy.transfer_bytes, fixed at dispatch)
+    flops: float = 0.0  # what the client computes for it (Strategy.task_flops, fixed at dispatch)
 
 
 @dataclass
@@ -94,6 +97,10 @@ class ClientResult:
     stats: dict[str, float] = field(default_factory=dict)
 
 
+BATCHABLE_OPTIONS = frozenset({"lr", "prox_mu", "correction", "grad_mask"})
+"""``Task.options`` that :func:`hetfl.training.vectorized.train_many` takes as keyword arguments."""
+
+
 class Server(Protocol):
     """What a strategy may ask of the engine. Implemented by the simulator (and later backends)."""
 
@@ -112,6 +119,8 @@ class Server(Protocol):
     def num_samples(self, client_id: int) -> int: ...
 
     def default_steps(self, client_id: int) -> int: ...
+
+    def step_flops(self, client_id: int) -> float: ...  # FLOPs of one local step of the client's architecture
 
     def dispatch(
         self,
@@ -181,6 +190,20 @@ class Strategy:
         result = trainer.train(task.params, data.x, data.y, steps=task.steps, seed=seed, **task.options)
         return ClientResult(result.params, result.steps, result.loss)
 
+    def local_training(self, task: Task) -> dict[str, Any] | None:
+        """The keyword arguments of :func:`hetfl.training.vectorized.train_many` that train ``task``
+        (``lr``, ``prox_mu``, ``correction``, ``grad_mask``), when the client half is plain local training
+        that the engine may batch with other tasks; None when it does something else.
+
+        By default: ``task.options`` when :meth:`client_train` is this class's (``trainer.train(task.params,
+        ..., **task.options)``, which FedAvg, FedProx and the asynchronous strategies use) and the options
+        are ones ``train_many`` takes; None for any strategy that overrides :meth:`client_train` (Ditto,
+        SCAFFOLD, FedNova, ...), which must then override this hook too if its client half can be batched.
+        """
+        if type(self).client_train is not Strategy.client_train or not set(task.options) <= BATCHABLE_OPTIONS:
+            return None
+        return dict(task.options)
+
     def personal_params(
         self, trainer: "LocalTrainer", params: torch.Tensor, data: ClientData, state: dict[str, Any], seed: int
     ) -> torch.Tensor | None:
@@ -201,6 +224,14 @@ class Strategy:
         shared = server.params.numel() * server.params.element_size()
         payload = sum(t.numel() * t.element_size() for t in task.payload.values())
         return shared + payload, shared * self.upload_copies
+
+    def task_flops(self, server: Server, task: Task) -> float:
+        """FLOPs ``task`` costs its client, asked at dispatch: its simulated compute time and ``train_flops``.
+
+        By default ``compute_steps(task.steps)`` steps of the client's architecture
+        (``server.step_flops``); FedSpine charges the pruned model and the rank it chose.
+        """
+        return self.compute_steps(task.steps) * server.step_flops(task.client_id)
 
     def check_devices(self, profiles: list[Any]) -> None:
         """Refuse device profiles the algorithm's parameters do not cover (raise ConfigError), before the run

@@ -66,6 +66,7 @@ import torch
 from torch import nn
 
 from hetfl.errors import ConfigError, DivergedError
+from hetfl.models.assign import by_tier, speed_groups
 from hetfl.models.lora import aggregate_flora, aggregate_hetlora, aggregate_naive, truncate
 from hetfl.models.transformer import TinyLM
 from hetfl.strategies.base import ClientData, ClientResult, Server, Task, Update
@@ -162,19 +163,8 @@ class FedLoRA(RoundStrategy):
         if self.ranks is None:
             return np.full(n, self.rank, dtype=np.int64)
         if isinstance(self.ranks, dict):
-            tiers = [p.tier.split("/")[0] for p in profiles]
-            missing = sorted({t for t in tiers if t not in self.ranks})
-            if missing:
-                raise ConfigError(
-                    f"strategy.params.ranks: no rank for compute tier '{missing[0]}' (the devices' tiers: "
-                    f"{', '.join(sorted(set(tiers)))}; ranks by tier needs devices.compute.distribution: tiers)"
-                )
-            return np.array([self.ranks[t] for t in tiers], dtype=np.int64)
-        k = len(self.ranks)
-        order = np.lexsort((np.arange(n), [p.speed for p in profiles]))  # slowest first, ties by id
-        out = np.empty(n, dtype=np.int64)
-        out[order] = np.asarray(self.ranks, dtype=np.int64)[np.arange(n) * k // n]
-        return out
+            return np.array(by_tier(profiles, self.ranks, "strategy.params.ranks", "rank"), dtype=np.int64)
+        return np.asarray(self.ranks, dtype=np.int64)[speed_groups(profiles, len(self.ranks))]
 
     def check_devices(self, profiles: list[Any]) -> None:
         self.resolve_ranks(profiles)
