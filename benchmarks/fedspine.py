@@ -22,9 +22,8 @@ engine's count); ``params``: mean parameter count of the devices' final models; 
 measured inference latency of the devices' final models (one forward pass of 8 windows, median of 20),
 per compute tier.
 
-Caveat: the engine times every task as a full-model step (it does not call ``task_flops`` yet), so the
-simulated times differ between arms only by their bytes; ``GFLOP (arm)`` is what pruning would save.
-The last line of the output is one JSON object, for scripts.
+The engine times every task with ``Strategy.task_flops``, so a pruned, low-rank task takes less simulated
+time than a full one. The last line of the output is one JSON object, for scripts.
 """
 
 from __future__ import annotations
