@@ -285,3 +285,16 @@ def test_personalised_model_heterogeneous_methods_are_registered_as_such():
         cls = STRATEGIES[name]
         assert cls.model_heterogeneous and cls.personalised and not cls.global_model
     assert not STRATEGIES["fedavg"].model_heterogeneous
+
+
+def test_compare_refuses_a_single_architecture_algorithm_on_a_zoo_before_any_run(tmp_path, capsys):
+    from hetfl.cli import main
+    from tests.conftest import write_config
+
+    config = write_config(tmp_path, model={"name": "mlp", "hidden": [16], "feature_dim": 16, "zoo": ZOO})
+    capsys.readouterr()
+    code = main(["compare", str(config), "--algorithms", "fedgh,fedavg", "--out", str(tmp_path / "cmp"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code != 0 and "model.zoo: fedavg trains one architecture on every client" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "cmp" / "fedgh").exists()  # refused before the first run

@@ -147,7 +147,7 @@ def comparison_table(summaries: list[dict[str, Any]], title: str) -> Table:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from hetfl.engine.run import run_experiment
+    from hetfl.engine.run import check_architectures, run_experiment
     from hetfl.results import SUMMARY_NAME, read_summary, render_report
     from hetfl.strategies import STRATEGIES, build_strategy
 
@@ -163,11 +163,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raw["strategy"].update(name=name, params=base.strategy.params_for(name), per_algorithm={})
         cfg = validate(raw, source=f"{args.config} ({name})")
         strategy = build_strategy(cfg.strategy, cfg.training, cfg.model)
-        if len(cfg.model.zoo) > 1 and not strategy.model_heterogeneous:
-            raise HetflError(
-                f"model.zoo: {name} trains one architecture on every client; compare it without model.zoo, or compare "
-                "model-heterogeneous algorithms (marked [model zoo: yes] by hetfl algorithms)"
-            )
+        check_architectures(strategy, len(cfg.model.zoo))  # before any run starts (assignment needs the devices)
         configs[name] = cfg
     summaries, diverged, interrupted = [], [], False
     for name, cfg in configs.items():

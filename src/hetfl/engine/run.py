@@ -91,12 +91,7 @@ class Federation:
     def strategy(self) -> Strategy:
         cfg = self.config
         strategy = build_strategy(cfg.strategy, cfg.training, cfg.model)
-        if self.models.heterogeneous and not strategy.model_heterogeneous:
-            raise ConfigError(
-                f"model.zoo: {cfg.strategy.name} trains one architecture on every client, and the zoo assigns "
-                f"{len(np.unique(self.models.of_client))}; use a model-heterogeneous algorithm "
-                "(hetfl algorithms marks them) or drop model.zoo"
-            )
+        check_architectures(strategy, len(np.unique(self.models.of_client)))
         strategy.check_models(self.models.trainers)
         strategy.check_devices(self.profiles)
         return strategy
@@ -114,6 +109,15 @@ class Federation:
             on_commit=on_commit,
             max_sim_time_s=cfg.max_sim_time_s,
             models=self.models,
+        )
+
+
+def check_architectures(strategy: Strategy, architectures: int) -> None:
+    """Refuse a single-architecture ``strategy`` for clients that train ``architectures`` different ones."""
+    if architectures > 1 and not strategy.model_heterogeneous:
+        raise ConfigError(
+            f"model.zoo: {strategy.name} trains one architecture on every client, and the zoo assigns {architectures}; "
+            "use a model-heterogeneous algorithm (marked [model zoo: yes] by hetfl algorithms) or drop model.zoo"
         )
 
 
