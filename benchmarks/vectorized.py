@@ -1,6 +1,7 @@
 """Vectorised local training: client updates per second, K tasks at once, against training them one by one.
 
     .venv/bin/python benchmarks/vectorized.py [--models mlp-64 ...] [--clients 100 1000]
+                                              [--dataset digits|synthetic]
                                               [--tasks 10 100 1000] [--threads 1 2]
                                               [--steps 10] [--batch-size 16] [--repeats 3]
 
@@ -28,7 +29,9 @@ Digits has 1,797 samples (1,437 for training after the test split), so ``data.n_
 refused by the partitioner (``data.n_clients=10000 exceeds the 1797 samples of digits``); the script
 reports that and goes on. 10,000 tasks at once are better measured as batches of K drawn from a
 smaller federation, which is what ``--tasks`` does. With 100 clients every client holds 14 training
-samples (batches of 14); with 1,000, one (batches of 1).
+samples (batches of 14); with 1,000, one (batches of 1). ``--dataset synthetic`` measures the same on
+FedProx's Synthetic(1, 1) (``data.dataset: synthetic``: 60 features, 10 classes, at least 40 training
+samples a client, generated per client), which any number of clients can have: 10,000 included.
 
 Row for benchmarks/README.md:
 | `vectorized.py` | client updates per second of K local-training tasks at once (`train_many`, vmap) against `LocalTrainer.train` in a loop, by model, K and torch threads; median of `--repeats`, ratio measured in the same process |
@@ -75,11 +78,14 @@ def model_config(spec: str) -> dict[str, Any]:
     raise SystemExit(f"--models: {spec!r} is not mlp-W[-W...], cnn-C[-C...] or logreg")
 
 
-def federation(model: str, n_clients: int, steps: int, batch_size: int) -> Federation:
+def federation(model: str, n_clients: int, steps: int, batch_size: int, dataset: str = "digits") -> Federation:
+    data = {"dataset": "digits", "n_clients": n_clients, "partition": {"kind": "iid"}}
+    if dataset == "synthetic":
+        data = {"dataset": "synthetic", "n_clients": n_clients}
     cfg = validate({
         "name": "vectorized-benchmark",
         "seed": 0,
-        "data": {"dataset": "digits", "n_clients": n_clients, "partition": {"kind": "iid"}},
+        "data": data,
         "model": model_config(model),
         "training": {"optimizer": "sgd", "lr": 0.05, "batch_size": batch_size, "local_steps": steps},
     })
@@ -91,9 +97,9 @@ class Tasks:
 
     def __init__(self, fed: Federation, k: int, steps: int) -> None:
         pool = fed.pool
-        clients = [j % len(pool.train_indices) for j in range(k)]
+        clients = [j % pool.n_clients for j in range(k)]
         self.trainer = fed.trainer
-        self.data = [(pool.x[pool.train_indices[c]], pool.y[pool.train_indices[c]]) for c in clients]
+        self.data = [(d.x, d.y) for d in (pool.data(c) for c in clients)]
         self.steps, self.seeds = [steps] * k, list(range(k))
         self.starts = fed.trainer.initial.expand(k, -1).contiguous()
 
@@ -142,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", nargs="+", type=int, default=[100, 1000, 10000],
                         help="data.n_clients of the digits federations (default: 100 1000 10000)")
     parser.add_argument("--tasks", nargs="+", type=int, default=[10, 100, 1000], help="K (default: 10 100 1000)")
+    parser.add_argument("--dataset", choices=["digits", "synthetic"], default="digits", help="(default: digits)")
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="torch threads (default: 1 2)")
     parser.add_argument("--steps", type=int, default=10, help="local steps of every task (default 10)")
     parser.add_argument("--batch-size", type=int, default=16, help="training.batch_size (default 16)")
@@ -154,19 +161,19 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     rows: list[dict[str, Any]] = []
     refused: dict[str, str] = {}
-    table = Table(title=f"digits, {args.steps} local steps, batch {args.batch_size}, SGD; median of {args.repeats}")
+    table = Table(title=f"{args.dataset}, {args.steps} local steps, batch {args.batch_size}, SGD; median of {args.repeats}")
     for col in ("model", "params", "clients", "batch", "K", "threads", "sequential upd/s", "vectorised upd/s",
                 "speed-up", "max |diff|"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for model in args.models:
         for n_clients in args.clients:
             try:
-                fed = federation(model, n_clients, args.steps, args.batch_size)
+                fed = federation(model, n_clients, args.steps, args.batch_size, args.dataset)
             except HetflError as err:
                 refused[f"{model} n_clients={n_clients}"] = str(err)
                 console.print(f"[yellow]{model}, n_clients={n_clients}: refused: {err}[/]")
                 continue
-            sizes = [int(i.numel()) for i in fed.pool.train_indices]
+            sizes = fed.pool.sample_counts().tolist()
             batch = f"{min(args.batch_size, min(sizes))}-{min(args.batch_size, max(sizes))}"
             for k in args.tasks:
                 tasks = Tasks(fed, k, args.steps)
@@ -196,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(json.dumps({
         "benchmark": "vectorized",
+        "dataset": args.dataset,
         "date": dt.date.today().isoformat(),
         "steps": args.steps,
         "batch_size": args.batch_size,

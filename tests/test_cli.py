@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import TINY, write_config
+from conftest import write_config
 from hetfl.cli import main
 from hetfl.config import dump_config, load_config
 from hetfl.results import INDEX_NAME

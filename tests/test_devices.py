@@ -218,7 +218,7 @@ def test_describe_profiles_table():
 # --------------------------------------------------------------------------- traces
 def test_trace_round_trip(tmp_path):
     cfg = devices(availability={"kind": "markov", "horizon_s": 30_000}, dropout=0.05)
-    profiles = build_profiles(cfg, 30, np.random.default_rng(3))
+    profiles = list(build_profiles(cfg, 30, np.random.default_rng(3)))  # a DeviceTable; a list to append to
     odd = DeviceProfile(
         client_id=30, speed=0.1 + 0.2, flops=123456789.123, down_Bps=0.1 * 125_000, up_Bps=33.3 * 125_000,
         latency_s=0.0123, windows=((1e-05, 0.5), (7.0, math.inf)), dropout=0.0, tier="x, y",

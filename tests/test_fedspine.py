@@ -183,14 +183,33 @@ def test_cost_and_bytes_depend_on_the_arm(tmp_path):
 
 # --------------------------------------------------------------------------- end to end
 def test_run_experiment_on_text_is_deterministic_and_reports_devices(tmp_path):
-    runs = []
+    runs, summaries = [], []
     for name in ("a", "b"):
         summary = run_experiment(validate(spine_config(tmp_path)), tmp_path / name, show_progress=False)
         lines = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         for line in lines:
             line.pop("wall_time_s")
         runs.append((summary["final_perplexity"], lines))
+        summaries.append(summary)
     assert runs[0] == runs[1]
+    # summary.json: every client's choices, one per aggregated update (no deadline, no dropout), and its final model
+    report = summaries[0]["strategy_summary"]
+    assert [s["strategy_summary"]["choices"] for s in summaries] == [report["choices"]] * 2  # deterministic
+    assert [len(c) for c in report["choices"]] == summaries[0]["participation"]
+    choices = sorted((c for cs in report["choices"] for c in cs), key=lambda c: c["t"])
+    first = next(c for c in choices if c["gain"] > 0)  # the first positive rate sets the scale: reward 1 - 1/e
+    assert first["reward"] == pytest.approx(1 - np.exp(-1))
+    assert all(0 <= c["reward"] < 1 and c["version"] < 3 and (c["ratio"], c["rank"]) in [(0.0, 2), (0.0, 4), (0.5, 2), (0.5, 4)]
+               for c in choices)
+    # d 16, 4 heads of 4, d_ff 32, 2 layers, context 16, tied: 256*16 + 16*16 + 2*16 + 2*2224 = 8832 parameters;
+    # half pruned (2 heads, 16 channels): per layer 64 + 3*(16*8 + 8) + (8*16 + 16) + 2*(16*16 + 16) = 1160 -> 6704
+    for device, history in zip(report["devices"], report["choices"]):
+        if history:
+            assert (device["ratio"], device["rank"]) == (history[-1]["ratio"], history[-1]["rank"])
+            assert device["params"] == {0.0: 8832, 0.5: 6704}[device["ratio"]] and device["memory_bytes"] > 0
+        else:
+            assert device["params"] == 8832 and device["ratio"] is None and device["memory_bytes"] is None
+        assert device["latency_s"] > 0
     last = runs[0][1][-1]
     assert last["perplexity"] < 256 and sum(v for k, v in last.items() if k.startswith("fedspine_arm_")) == pytest.approx(1)
     fed = build_federation(validate(spine_config(tmp_path)))

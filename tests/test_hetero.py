@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from hetfl.config import ArchitectureConfig, ModelConfig, TrainingConfig, validate
 from hetfl.engine import ClientPool, Simulator
-from hetfl.engine.run import Run, build_federation, run_experiment
+from hetfl.engine.run import build_federation, run_experiment
 from hetfl.engine.simulator import ClientModels
 from hetfl.errors import ConfigError
 from hetfl.models import build_model

@@ -20,8 +20,7 @@ from hetfl.errors import ConfigError, HetflError
 from hetfl.models.lora import truncate
 from hetfl.models.pretrain import load_or_pretrain
 from hetfl.models.transformer import TinyLM, lm_loss
-from hetfl.strategies import FedLoRA, Task, Update, build_strategy
-from hetfl.config import StrategyConfig
+from hetfl.strategies import FedLoRA, Task, Update
 from hetfl.training.local import task_loss
 
 

@@ -9,6 +9,7 @@ from hetfl.models.lora import (
     aggregate_flora,
     aggregate_hetlora,
     aggregate_naive,
+    adapter_norm,
     attach_lora,
     hetlora_sparsity_weights,
     load_lora_state,
@@ -16,9 +17,13 @@ from hetfl.models.lora import (
     merge_into,
     merge_lora,
     pad_rank,
+    sparsity_weights,
     truncate,
 )
 from hetfl.models.transformer import TinyLM
+from hetfl.strategies import FedLoRA, Task, Update
+
+from conftest import make_simulator, profile
 
 
 def tiny() -> TinyLM:
@@ -204,3 +209,79 @@ def test_aggregators_refuse_mismatched_inputs():
         aggregate_flora([A], [torch.zeros(2, 2)], [1.0])
     with pytest.raises(ValueError, match="positive"):
         aggregate_hetlora([A, A], [B, B], [0.0, 0.0])
+
+
+# --- the fedlora strategy: FLoRA's downloads, HetLoRA's sparsity weights -------------------------------
+
+
+def _server(sim, params):
+    """What FedLoRA's server half reads: the reference trainer, the current params, the device profiles."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(trainer=sim.trainer, params=params, profiles=[profile(c) for c in range(3)])
+
+
+def _arrival(client: int, rank: int, n: int, factors) -> "Update":
+    task = Task(task_id=client, client_id=client, version=0, params=torch.zeros(0), steps=0, dispatched_at=0.0,
+                options={"rank": rank})
+    return Update(task=task, params=FedLoRA.pack(factors), n_samples=n, steps=0, loss=0.0, arrived_at=0.0)
+
+
+def test_flora_downloads_per_layer_the_smaller_of_the_stacks_and_the_dense_weight():
+    strategy = FedLoRA(aggregation="flora", clients_per_round=1)
+    sim = make_simulator(strategy, [8, 8, 8], [profile(c) for c in range(3)])
+    layer, = strategy.layers(sim.trainer)
+    assert (layer.d_out, layer.d_in) == (3, 4)  # logreg: one 3 x 4 weight = 12 numbers; a rank of stack: 3 + 4 = 7
+    g = torch.Generator().manual_seed(0)
+    params = sim.params
+    for round_, expected in ((1, {"stacks": 7}), (2, {"dense": 12})):  # missed ranks 1: 7 < 12; 2: 14 > 12
+        factors = [(torch.randn(1, 4, generator=g), torch.randn(3, 1, generator=g))]
+        params = strategy.aggregate(_server(sim, params), [_arrival(0, 1, 8, factors)])  # a rank-1 round
+        server = _server(sim, params)
+        plan = strategy.configure(server, 2)  # client 2 took part in no round: it has missed `round_` stacks
+        assert plan["options"]["stack_ranks"] == [1] * round_
+        assert {k: v.numel() for k, v in plan["payload"].items()} == expected
+        task = Task(9, 2, round_, params, 0, 0.0, plan["payload"], plan["options"])
+        assert strategy.transfer_bytes(server, task) == (4 * sum(expected.values()), 4 * 4 * 7)  # up: its rank-4 adapters
+        state: dict = {}
+        strategy.client_train(sim.trainer, task, sim.pool.data(2), state, seed=0)
+        assert torch.equal(state["base"], params)  # either way it holds the server's model, bit for bit
+    assert torch.equal(plan["payload"]["dense"], params[layer.weight])
+    assert FedLoRA.dense_layers([layer], 0) == [] and FedLoRA.dense_layers([layer], 1) == []
+    assert FedLoRA.dense_layers([layer], 2) == [0]
+
+
+def test_hetlora_norm_weighting_weights_clients_by_the_frobenius_norm_of_their_update():
+    strategy = FedLoRA(aggregation="hetlora", ranks=[1, 2], weighting="norm", clients_per_round=2)
+    sim = make_simulator(strategy, [8, 8], [profile(0), profile(1)])
+    A1, B1 = torch.tensor([[1.0, 0, 0, 0]]), torch.tensor([[3.0], [0], [0]])  # B1 A1: one entry 3, norm 3
+    A2 = torch.tensor([[0.0, 1, 0, 0], [0, 0, 1, 0]])
+    B2 = torch.tensor([[0.0, 0], [0, 0], [1, 0]])  # B2 A2: one entry 1, norm 1
+    updates = [_arrival(0, 1, 1, [(A1, B1)]), _arrival(1, 2, 3, [(A2, B2)])]  # samples 1 : 3, norms 3 : 1
+    (A, B), = strategy.unpack(strategy.layers(sim.trainer), strategy.aggregate(_server(sim, sim.params), updates), 2)
+    torch.testing.assert_close(A, torch.tensor([[0.75, 0.25, 0, 0], [0, 0, 0.25, 0]]))  # p = 3/4, 1/4
+    torch.testing.assert_close(B, torch.tensor([[2.25, 0], [0, 0], [0.25, 0]]))
+    samples = FedLoRA(aggregation="hetlora", ranks=[1, 2], clients_per_round=2)
+    (A, B), = samples.unpack(samples.layers(sim.trainer), samples.aggregate(_server(sim, sim.params), updates), 2)
+    torch.testing.assert_close(A[0], torch.tensor([0.25, 0.75, 0, 0]))  # by samples: p = 1/4, 3/4
+
+
+def test_sparsity_weights_take_one_norm_over_all_of_a_clients_layers():
+    one = [(t([[3, 0]]), t([[1], [0]])), (t([[0, 4]]), t([[1], [0]]))]  # layer norms 3 and 4: sqrt(9 + 16) = 5
+    other = [(t([[0, 0]]), t([[1], [0]])), (t([[5, 0]]), t([[3], [0]]))]  # 0 and 15: 15
+    torch.testing.assert_close(adapter_norm(one), torch.tensor(5.0, dtype=torch.float64))
+    torch.testing.assert_close(sparsity_weights([one, other]), t([0.25, 0.75]))
+    zero = [(t([[1, 0]]), t([[0], [0]]))]  # B = 0: no change yet, equal weights
+    torch.testing.assert_close(sparsity_weights([zero, zero]), t([0.5, 0.5]))
+
+
+def test_norm_weighting_is_only_for_hetlora_and_says_which_key():
+    from hetfl.config import validate
+    from hetfl.errors import ConfigError
+    from hetfl.strategies import build_strategy
+
+    cfg = validate({"data": {"dataset": "text"}, "model": {"name": "tinylm"},
+                    "strategy": {"name": "fedlora", "params": {"aggregation": "flora", "weighting": "norm"}}})
+    with pytest.raises(ConfigError) as err:
+        build_strategy(cfg.strategy, cfg.training, cfg.model)
+    assert "weighting" in str(err.value) and "\n" not in str(err.value)

@@ -10,7 +10,6 @@ import io
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 from rich.console import Console

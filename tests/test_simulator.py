@@ -9,6 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from conftest import blobs, make_simulator, profile, run_rounds
+from hetfl.engine import ClientPool
 from hetfl.config import TrainingConfig
 from hetfl.errors import ConfigError
 from hetfl.strategies import STRATEGIES, FedAvg, FedProx, RoundStrategy, build_strategy
@@ -89,8 +90,8 @@ def test_fedavg_of_identical_clients_equals_one_client():
     training = TrainingConfig(lr=0.1, batch_size=8, local_steps=3)
     one = run_rounds(make_simulator(FedAvg(clients_per_round=1), [8], [profile(0)], training=training), 1)
     sim = make_simulator(FedAvg(clients_per_round=2), [8, 8], [profile(0), profile(1)], training=training)
-    sim.pool.train_indices[1] = sim.pool.train_indices[0] = one.pool.train_indices[0]
-    sim.pool.x, sim.pool.y = one.pool.x, one.pool.y
+    same = one.pool.train_indices[0]
+    sim.pool = ClientPool(one.pool.x, one.pool.y, [same, same])
     sim.task_seed = lambda task_id: one.task_seed(0)  # same batch order for both
     run_rounds(sim, 1)
     assert torch.allclose(sim.params, one.params, atol=1e-6)

@@ -9,6 +9,10 @@
     hetfl runs [--root results] [--algorithm A] ...            past runs, from the SQLite index
     hetfl algorithms                                           what strategy.name and strategy.selection.name accept
     hetfl config [--markdown]                                  every config key, type, default, meaning
+    hetfl partition CONFIG.yaml --export DIR                   each client's data as DIR/client_<i>.npz
+    hetfl tokens N --out tokens.yaml                           N client tokens for a deployment
+    hetfl server CONFIG.yaml --address HOST:PORT --out DIR     a real server (gRPC), see docs/deployment.md
+    hetfl client --server HOST:PORT --token-file F --data D    a real client
 
 A user's mistake (bad config, missing file, diverging run) is one line on stderr and a non-zero
 exit, never a traceback.
@@ -47,12 +51,23 @@ def _fmt_acc(value: float | None) -> str:
     return "—" if value is None else f"{value:.4f}"
 
 
+def _fmt_ppl(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
 def _announce(summary: dict[str, Any], out: Path) -> None:
+    """The line after a run: its score (a language model's perplexity, else accuracy), times, target, folder."""
+    if summary.get("final_perplexity") is not None:  # a language model: accuracy is next-token accuracy
+        score = (f"perplexity {_fmt_ppl(summary['final_perplexity'])}, next-token accuracy "
+                 f"{_fmt_acc(summary['final_accuracy'])} (best {_fmt_acc(summary['best_accuracy'])})")
+        target = "next-token accuracy target"
+    else:
+        score = f"accuracy {_fmt_acc(summary['final_accuracy'])} (best {_fmt_acc(summary['best_accuracy'])})"
+        target = "target"
     console.print(
-        f"[bold]{summary['algorithm']}[/]: {summary['status']}, accuracy {_fmt_acc(summary['final_accuracy'])} "
-        f"(best {_fmt_acc(summary['best_accuracy'])}) after {summary['rounds']} rounds; "
+        f"[bold]{summary['algorithm']}[/]: {summary['status']}, {score} after {summary['rounds']} rounds; "
         f"simulated {format_duration(summary['sim_time_s'])}, wall {format_duration(summary['wall_time_s'])}; "
-        f"target {summary['target_accuracy']} reached at {format_duration(summary['time_to_target_s'])}. Results: {escape(str(out))}"
+        f"{target} {summary['target_accuracy']} reached at {format_duration(summary['time_to_target_s'])}. Results: {escape(str(out))}"
     )
 
 
@@ -116,6 +131,8 @@ _COMPARE_COLUMNS: list[tuple[str, str, Any]] = [
 ]
 # shown only when some run is personalised: the mean accuracy of clients' own models on their own test data
 _PERSONAL_COLUMN = ("pers.\nacc", "personal_acc_mean", _fmt_acc)
+# shown only when some run is a language model: its final perplexity (accuracy is then next-token accuracy)
+_PERPLEXITY_COLUMN = ("final\nppl", "final_perplexity", _fmt_ppl)
 
 
 def comparison_table(summaries: list[dict[str, Any]], title: str) -> Table:
@@ -129,6 +146,9 @@ def comparison_table(summaries: list[dict[str, Any]], title: str) -> Table:
     if any(s.get("personal_acc_mean") is not None for s in summaries):
         columns.insert(2, _PERSONAL_COLUMN)
         table.caption += " pers. acc: mean accuracy of each client's own model on its own test split."
+    if any(s.get("final_perplexity") is not None for s in summaries):
+        columns.insert(0, _PERPLEXITY_COLUMN)
+        table.caption += " ppl: perplexity of the language model (acc: next-token accuracy)."
     table.add_column("algorithm", justify="left", no_wrap=True)
     table.add_column("status", justify="left")
     for header, _, _ in columns:
@@ -147,6 +167,7 @@ def comparison_table(summaries: list[dict[str, Any]], title: str) -> Table:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from hetfl.engine.backends import share_ray
     from hetfl.engine.run import check_architectures, run_experiment
     from hetfl.results import SUMMARY_NAME, read_summary, render_report
     from hetfl.strategies import STRATEGIES, build_strategy
@@ -166,6 +187,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         check_architectures(strategy, len(cfg.model.zoo))  # before any run starts (assignment needs the devices)
         configs[name] = cfg
     summaries, diverged, interrupted = [], [], False
+    share_ray(base)  # backend.name ray: one Ray for every run, not one started and stopped per algorithm
     for name, cfg in configs.items():
         try:
             summary = run_experiment(cfg, out / name, show_progress=not args.quiet, console=console,
@@ -207,6 +229,12 @@ def cmd_partition(args: argparse.Namespace) -> int:
     from hetfl.data import federate, partition_stats, stats_table
 
     cfg = load_config(args.config, args.set)
+    if args.export:
+        from hetfl.deploy.export import export_partitions
+
+        files = export_partitions(cfg, args.export)
+        console.print(f"wrote {len(files) - 1} client files and test.npz to {escape(str(args.export))}", highlight=False)
+        return 0
     fed = federate(cfg.data, cfg.seed)
     part = cfg.data.partition
     source = "embeddings file" if part.embeddings else f"PCA {part.embedding_dim}"
@@ -312,9 +340,92 @@ def cmd_config(args: argparse.Namespace) -> int:
     for col in ("key", "type", "default", "meaning"):
         table.add_column(col, overflow="fold")
     for row in reference():
-        table.add_row(*row)
+        table.add_row(*(Text(cell) for cell in row))  # plain text: a description's [brackets] are not markup
     console.print(table)
     return 0
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    from hetfl.deploy.tokens import write_tokens
+
+    if args.clients < 1:
+        raise HetflError("hetfl tokens: the number of clients must be at least 1")
+    if Path(args.out).exists() and not args.force:
+        raise HetflError(f"--out {args.out}: exists; add --force to replace it (its clients would need new tokens)")
+    write_tokens(args.out, args.clients)
+    console.print(f"wrote {args.clients} tokens to {escape(args.out)} (client ids 0..{args.clients - 1}; keep it private)",
+                  highlight=False)
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from hetfl.deploy.server import serve_command
+
+    summary = serve_command(
+        args.config, address=args.address, out=args.out, overrides=args.set, tokens=args.tokens,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+        min_clients=args.min_clients, fresh=args.fresh, quiet=args.quiet,
+    )
+    console.print(  # no simulated time here: sim_time_s is the run's wall-clock duration
+        f"[bold]{escape(summary['algorithm'])}[/]: {summary['status']}, accuracy {_fmt_acc(summary['final_accuracy'])} "
+        f"(best {_fmt_acc(summary['best_accuracy'])}) after {summary['rounds']} rounds in "
+        f"{format_duration(summary['sim_time_s'])}; {summary['updates']} updates aggregated, {summary['failed_tasks']} "
+        f"tasks lost or rejected. Results: {escape(args.out)}"
+    )
+    return EXIT_INTERRUPTED if summary["status"] == "interrupted" else 0
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from hetfl.deploy.client import client_command
+
+    return client_command(
+        server=args.server, token=args.token, token_file=args.token_file, data=args.data, tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, give_up_after_s=args.give_up_after, threads=args.threads,
+        attack=args.attack, faults=args.fault, quiet=args.quiet,
+    )
+
+
+def _deploy_parsers(sub: Any, with_overrides: Any) -> None:
+    """``hetfl tokens``, ``hetfl server`` and ``hetfl client`` (docs/deployment.md)."""
+    p = sub.add_parser("tokens", help="write a token file for a deployment: one secret token per client id")
+    p.add_argument("clients", type=int, help="number of clients (ids 0..N-1; data.n_clients of the config)")
+    p.add_argument("--out", required=True, help="token file to write (YAML; give it to hetfl server --tokens)")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(func=cmd_tokens)
+
+    p = sub.add_parser("server", help="run a config's strategy with real clients over gRPC (wall clock)",
+                       description="Run CONFIG's strategy with real clients (hetfl client) over gRPC. Results go to "
+                       "--out as for hetfl run; if --out holds a checkpoint, the run resumes from it.")
+    p.add_argument("config", help="experiment YAML (its data section says what the server evaluates on)")
+    p.add_argument("--address", default="0.0.0.0:50051", help="HOST:PORT to listen on (default 0.0.0.0:50051)")
+    p.add_argument("--out", required=True, help="run directory: metrics.jsonl, summary.json, checkpoint.pt, server.log")
+    p.add_argument("--tokens", help="token file (YAML or CSV) mapping tokens to client ids; default deploy.tokens")
+    p.add_argument("--tls-cert", help="the server's certificate (PEM); with --tls-key, clients must use TLS")
+    p.add_argument("--tls-key", help="the server certificate's private key (PEM)")
+    p.add_argument("--tls-client-ca", help="mutual TLS: clients must present a certificate signed by this CA (PEM)")
+    p.add_argument("--min-clients", type=int, help="connected clients to wait for before starting (default deploy.min_clients)")
+    p.add_argument("--fresh", action="store_true", help="start anew even if --out holds a checkpoint")
+    p.add_argument("--quiet", action="store_true", help="log warnings only")
+    with_overrides(p)
+    p.set_defaults(func=cmd_server)
+
+    p = sub.add_parser("client", help="join a hetfl server and train on local data",
+                       description="Join a hetfl server with a token, train on local data, send updates until the run ends.")
+    p.add_argument("--server", required=True, help="HOST:PORT of the hetfl server")
+    p.add_argument("--token", help="this client's token (visible to other users in the process list: prefer --token-file)")
+    p.add_argument("--token-file", help="a file holding this client's token")
+    p.add_argument("--data", required=True, help="local training data: an .npz with arrays x and y (hetfl partition --export)")
+    p.add_argument("--tls-ca", help="CA certificate (PEM) that signed the server's certificate; enables TLS")
+    p.add_argument("--tls-cert", help="mutual TLS: this client's certificate (PEM)")
+    p.add_argument("--tls-key", help="mutual TLS: this client's private key (PEM)")
+    p.add_argument("--give-up-after", type=float, default=600.0, metavar="SECONDS",
+                   help="exit with an error after the server was unreachable this long (default 600)")
+    p.add_argument("--threads", type=int, help="torch threads for local training (default: the config's threads)")
+    p.add_argument("--attack", metavar="scaled-random:SCALE",
+                   help="for robustness tests only: send the start model plus SCALE * Gaussian noise instead of training's result")
+    p.add_argument("--fault", action="append", default=[], help=argparse.SUPPRESS)  # tests: nan-once, bad-shape-once, die-on-task:N
+    p.add_argument("--quiet", action="store_true", help="log warnings only")
+    p.set_defaults(func=cmd_client)
 
 
 # ---------------------------------------------------------------------------- parser
@@ -348,8 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("partition", help="print per-client data statistics")
     p.add_argument("config")
+    p.add_argument("--export", metavar="DIR", help="write each client's training data to DIR/client_<i>.npz (x, y) "
+                   "and the test splits to DIR/test.npz, for hetfl client --data")
     with_overrides(p)
     p.set_defaults(func=cmd_partition)
+
+    _deploy_parsers(sub, with_overrides)
 
     p = sub.add_parser("devices", help="print the simulated device profiles")
     p.add_argument("config")

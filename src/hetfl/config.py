@@ -156,11 +156,40 @@ class TextConfig(Section):
         return self
 
 
+class SyntheticConfig(Section):
+    """The built-in ``synthetic`` dataset: Synthetic(alpha, beta) of Li et al. (FedProx, arXiv:1812.06127, section 5.1),
+    each client's samples generated from (seed, client) when it trains (hetfl.data.synthetic)."""
+
+    alpha: float = Field(
+        1.0, ge=0, description="How much the clients' softmax models differ: u_k ~ N(0, alpha), W_k, b_k ~ N(u_k, 1) "
+        "(alpha a standard deviation, as in the authors' generator)."
+    )
+    beta: float = Field(
+        1.0, ge=0, description="How much the clients' inputs differ: B_k ~ N(0, beta), v_k ~ N(B_k, 1), x ~ N(v_k, Sigma)."
+    )
+    size_mean_log: float = Field(4.0, description="Samples per client: floor(LogNormal(size_mean_log, size_sigma_log)) + min_size.")
+    size_sigma_log: float = Field(2.0, ge=0, description="Samples per client: sigma of the log-normal (the paper's 2).")
+    min_size: int = Field(50, ge=2, description="Samples per client: added to the log-normal draw (the paper's 50).")
+    max_size: int | None = Field(
+        None, ge=2, description="Samples per client: at most this many (unset: the paper's uncapped heavy tail)."
+    )
+    eval_clients: int = Field(
+        100, ge=1, description="Clients, drawn once with the seed, whose test splits are the evaluation set (at most n_clients)."
+    )
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "SyntheticConfig":
+        if self.max_size is not None and self.max_size < self.min_size:
+            raise ValueError(f"data.synthetic.max_size: {self.max_size} is below min_size={self.min_size}")
+        return self
+
+
 class DataConfig(Section):
-    dataset: Literal["digits", "text", "mnist", "fashion_mnist", "cifar10", "leaf", "csv", "npz"] = Field(
+    dataset: Literal["digits", "text", "synthetic", "mnist", "fashion_mnist", "cifar10", "leaf", "csv", "npz"] = Field(
         "digits",
-        description="digits (scikit-learn) and text (byte-level language modelling on Python's own text, data.text) are "
-        "built in; the others are read from data.path.",
+        description="digits (scikit-learn), text (byte-level language modelling on Python's own text, data.text) and "
+        "synthetic (FedProx's Synthetic(alpha, beta), generated per client, data.synthetic) are built in; the others are "
+        "read from data.path.",
     )
     path: str | None = Field(None, description="Local file or folder; required for every dataset but digits and text.")
     label_column: str = Field("label", description="CSV: the column holding the class label.")
@@ -172,6 +201,7 @@ class DataConfig(Section):
     test_fraction: float = Field(0.2, gt=0, lt=1, description="Share of each client's samples kept for its test split.")
     normalize: bool = Field(True, description="Scale features to zero mean, unit variance (statistics of the training splits).")
     text: TextConfig = TextConfig()
+    synthetic: SyntheticConfig = SyntheticConfig()
 
     @model_validator(mode="after")
     def _path_needed(self) -> "DataConfig":
@@ -187,10 +217,23 @@ class DataConfig(Section):
                 )
             if self.drift.kind != "none":
                 raise ValueError("data.drift.kind: the text dataset has next-token targets, not classes to swap; set none")
+        if self.dataset == "synthetic":
+            changed = [k for k, v in PartitionConfig().model_dump().items() if getattr(self.partition, k) != v]
+            if changed:  # (compared with the defaults: a resolved config.yaml lists every key)
+                key = changed[0]
+                raise ValueError(
+                    f"data.partition.{key}: the synthetic dataset generates every client's own data (non-IID by "
+                    "construction); there is no pool to partition, remove data.partition"
+                )
+            if self.feature_skew.kind != "none":
+                raise ValueError(
+                    "data.feature_skew.kind: the synthetic dataset's clients already differ in their inputs "
+                    "(data.synthetic.beta); set none"
+                )
         return self
 
 
-BUILT_IN = ("digits", "text")
+BUILT_IN = ("digits", "text", "synthetic")
 """Datasets that need no data.path."""
 
 
@@ -284,6 +327,22 @@ class MemoryConfig(Section):
         return tiers
 
 
+class ByzantineConfig(Section):
+    """Simulated attackers: some clients return a corrupted model instead of their training result
+    (hetfl.devices.byzantine). Simulation only: it tests robust aggregation (strategy.aggregator)."""
+
+    fraction: float = Field(
+        0.0, ge=0, lt=1, description="Share of clients that are Byzantine (fraction * n_clients rounded, halves up; chosen "
+        "with the seed, fixed for the run); 0: none."
+    )
+    attack: Literal["sign_flip", "scaled_random"] = Field(
+        "sign_flip",
+        description="What an attacker returns, with d its honest change (trained model minus the model it started from): "
+        "sign_flip: start - scale * d; scaled_random: start + a Gaussian direction of length scale * ||d|| (seeded by task).",
+    )
+    scale: float = Field(10.0, gt=0, description="Strength of the attack (see attack).")
+
+
 class DevicesConfig(Section):
     trace: str | None = Field(None, description="CSV or JSON device trace; overrides the distributions below.")
     compute: ComputeConfig = ComputeConfig()
@@ -292,6 +351,7 @@ class DevicesConfig(Section):
     memory: MemoryConfig = MemoryConfig()
     dropout: float = Field(0.0, ge=0, lt=1, description="Probability that a client never returns a task.")
     jitter: float = Field(0.1, ge=0, description="Per-task log-normal noise (sigma) on compute and network time.")
+    byzantine: ByzantineConfig = ByzantineConfig()
 
     @model_validator(mode="after")
     def _memory_tiers_known(self) -> "DevicesConfig":
@@ -440,6 +500,13 @@ class TrainingConfig(Section):
     vectorize_max_params: int = Field(
         VECTORIZE_MAX_PARAMS, ge=1, description="auto: the largest model (parameters) trained together."
     )
+    state_memory_mb: float | None = Field(
+        1024.0,
+        ge=0,
+        description="Memory budget (MiB) for per-client tensors kept between tasks (Ditto's personal models, SCAFFOLD's "
+        "control variates, FedStale's stored updates): the least recently used beyond it are spilled to memory-mapped "
+        "temporary files (in TMPDIR), with identical results; null: unlimited, 0: everything spilled.",
+    )
 
     @field_validator("vectorize", mode="before")
     @classmethod
@@ -456,6 +523,55 @@ class SelectionConfig(Section):
     params: dict[str, Any] = Field(default_factory=dict, description="Parameters of the selection `name`.")
 
 
+class AggregatorConfig(Section):
+    """How the server combines the clients' model changes (hetfl.strategies.robust): the weighted mean, or a rule
+    robust to Byzantine clients. Algorithms that aggregate a mean of changes take it (fedavg, fedprox, fedadam,
+    fedyogi, fedbuff); the others refuse a rule other than mean."""
+
+    rule: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum"] = Field(
+        "mean",
+        description="mean (the algorithm's own weighted mean), median or trimmed_mean (coordinate-wise; Yin et al., ICML "
+        "2018), krum or multi_krum (Blanchard et al., NeurIPS 2017). Robust rules give every update one vote.",
+    )
+    trim_frac: float = Field(
+        0.1, ge=0, lt=0.5, description="trimmed_mean: drop the floor(trim_frac * K) largest and as many smallest values "
+        "of each coordinate over the K updates."
+    )
+    byzantine: int = Field(
+        1, ge=0, description="krum, multi_krum: f, the Byzantine updates tolerated; needs more than 2f + 2 updates per "
+        "aggregation (multi_krum averages the K - f best)."
+    )
+
+
+class PrivacyConfig(Section):
+    """Client-level differential privacy, DP-FedAvg (McMahan et al., ICLR 2018; hetfl.strategies.robust): each
+    client's change clipped to L2 norm clip, Gaussian noise on their sum. Off unless clip is set."""
+
+    clip: float | None = Field(
+        None, gt=0, description="C: every client change is scaled down to L2 norm at most C; unset: no differential privacy."
+    )
+    noise_multiplier: float = Field(
+        1.0, ge=0, description="z: the noise added to the sum of a round's clipped changes is N(0, (z C)^2 I); 0: "
+        "clipping only (no privacy guarantee: dp_epsilon is null)."
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="The delta at which dp_epsilon is reported.")
+
+    @model_validator(mode="after")
+    def _clip_needed(self) -> "PrivacyConfig":
+        defaults = PrivacyConfig.model_fields
+        others = [name for name in ("noise_multiplier", "delta") if getattr(self, name) != defaults[name].default]
+        if self.clip is None and others:  # a resolved config.yaml lists the defaults: only a changed value is an error
+            raise ValueError(
+                f"strategy.privacy.clip: set the clipping norm C to use differential privacy "
+                f"({others[0]} alone does nothing)"
+            )
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.clip is not None
+
+
 class StrategyConfig(Section):
     """Which algorithm runs and its parameters.
 
@@ -469,6 +585,12 @@ class StrategyConfig(Section):
     params: dict[str, Any] = Field(default_factory=dict, description="Parameters of the algorithm `name`.")
     selection: SelectionConfig = Field(
         default_factory=SelectionConfig, description="Which clients a round-based algorithm trains each round."
+    )
+    aggregator: AggregatorConfig = Field(
+        default_factory=AggregatorConfig, description="How the server combines client changes: the mean or a robust rule."
+    )
+    privacy: PrivacyConfig = Field(
+        default_factory=PrivacyConfig, description="Client-level differential privacy (DP-FedAvg): off unless clip is set."
     )
     per_algorithm: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
@@ -487,6 +609,86 @@ class EvaluationConfig(Section):
     stop_at_target: bool = Field(False, description="End the run once the target accuracy is reached.")
 
 
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported (without importing it)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken or blocked installation
+        return False
+
+
+class BackendConfig(Section):
+    """Where clients' local training runs; the virtual clock and the strategy stay in the hetfl process, so every
+    backend gives the same run for the same seed (docs/architecture.md, "Backends")."""
+
+    name: Literal["inprocess", "ray"] = Field(
+        "inprocess",
+        description="inprocess: in the hetfl process, at each task's arrival (batched per training.vectorize); ray: on "
+        "Ray workers, each task from its dispatch on (pip install hetfl[ray]).",
+    )
+    address: str | None = Field(
+        None,
+        description="ray: the cluster to use, as ray.init(address=...): auto (a cluster started on this machine with "
+        "ray start), ray://HOST:10001 (Ray Client); unset: start a local Ray for the run and stop it at the end.",
+    )
+    num_workers: int | None = Field(
+        None, ge=1, description="ray, local only: tasks trained at once, each with `threads` torch threads; unset: this "
+        "machine's cores / threads.",
+    )
+    runtime_env: dict[str, Any] = Field(
+        default_factory=dict,
+        description="ray: passed to ray.init(runtime_env=...) so a cluster's workers can import hetfl, e.g. {py_modules: "
+        "[/path/to/src/hetfl], pip: [torch==2.13.0, pydantic, pyyaml, rich, matplotlib]}; paths are as seen from where "
+        "hetfl runs.",
+    )
+
+    @model_validator(mode="after")
+    def _usable(self) -> "BackendConfig":
+        if self.name == "ray" and not _installed("ray"):
+            raise ValueError("backend.name: ray is not installed; pip install hetfl[ray]")
+        if self.address is not None and self.num_workers is not None:
+            raise ValueError("backend.num_workers: only for a local Ray; a cluster at backend.address has its own workers")
+        return self
+
+
+class DeployConfig(Section):
+    """A real deployment (``hetfl server`` / ``hetfl client`` over gRPC, docs/deployment.md); ignored by the simulator."""
+
+    min_clients: int | None = Field(
+        None, ge=1, description="Connected clients the server waits for before the strategy starts; unset: all data.n_clients."
+    )
+    heartbeat_timeout_s: float = Field(
+        30.0, gt=0, description="A client silent this long (no heartbeat, poll or upload) is disconnected and its task failed."
+    )
+    task_timeout_s: float | None = Field(
+        None, gt=0, description="Fail a task not returned this many seconds after dispatch, even if its client is alive; unset: none."
+    )
+    poll_s: float = Field(
+        10.0, gt=0, description="How long a client's request for work waits at the server before it asks again (long poll)."
+    )
+    max_update_norm: float | None = Field(
+        None, gt=0, description="Reject an update whose L2 distance from the model it started from exceeds this; unset: no bound."
+    )
+    compression: Literal["none", "float16", "topk"] = Field(
+        "none", description="How clients encode their uploads: none (exact), float16 (half the bytes), topk (the delta's "
+        "largest entries, 8 bytes each)."
+    )
+    topk_ratio: float = Field(0.01, gt=0, le=1, description="topk: the share of the delta's entries a client sends.")
+    secure_aggregation: bool = Field(
+        False, description="Pairwise-masked secure aggregation: the server sees only the cohort's sum (FedAvg and FedProx)."
+    )
+    secagg_clip: float = Field(
+        1000.0, gt=0, description="Secure aggregation: each entry of n_k * (client model - start) is clipped to +-this."
+    )
+    secagg_scale: float = Field(1000.0, gt=0, description="Secure aggregation: the fixed-point factor (resolution 1/scale).")
+    tokens: str | None = Field(
+        None, description="Token file (YAML or CSV: token -> client id, and revoked tokens); --tokens overrides it."
+    )
+    chunk_bytes: int = Field(1 << 20, ge=1024, le=1 << 30, description="Bytes per chunk of a streamed model or update.")
+
+
 class ExperimentConfig(Section):
     name: str = Field("experiment", description="A label for the run (shown in tables and the run index).")
     seed: int = Field(0, description="Seeds data partition, devices, model initialisation, sampling and batches.")
@@ -500,6 +702,8 @@ class ExperimentConfig(Section):
     training: TrainingConfig = TrainingConfig()
     strategy: StrategyConfig = StrategyConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    backend: BackendConfig = BackendConfig()
+    deploy: DeployConfig = DeployConfig()
 
     @model_validator(mode="after")
     def _model_fits_data(self) -> "ExperimentConfig":
@@ -523,7 +727,7 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _load_yaml(text: str) -> Any:
+def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
@@ -544,7 +748,7 @@ def _error_line(err: ValidationError, source: str) -> str:
 def parse_value(text: str) -> Any:
     """Parse the value of a ``--set key=value`` override as YAML (so ``0.1``, ``true``, ``[1,2]`` work)."""
     try:
-        return _load_yaml(text)
+        return load_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -581,7 +785,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = _load_yaml(path.read_text()) or {}
+        raw = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -592,7 +796,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     return validate(apply_overrides(raw, overrides or []), source=str(path))
 
 
-PATH_KEYS = (("data", "path"), ("data", "partition", "embeddings"), ("devices", "trace"))
+PATH_KEYS = (("data", "path"), ("data", "partition", "embeddings"), ("devices", "trace"), ("deploy", "tokens"))
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:

@@ -142,6 +142,11 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
         return _check(_load_digits(), "sklearn digits")
     if cfg.dataset == "text":
         return _check(load_text(cfg, seed), "text")
+    if cfg.dataset == "synthetic":
+        raise DataError(
+            "data.dataset: synthetic has no pooled samples; each client's are generated when it trains "
+            "(hetfl.data.synthetic.SyntheticData), so it cannot be loaded or partitioned as a whole"
+        )
     path = Path(cfg.path).expanduser()
     if not path.exists():
         raise DataError(f"data.path: {path} does not exist; dataset '{cfg.dataset}' expects {EXPECTED[cfg.dataset]}")

@@ -607,6 +607,25 @@ class FederatedData:
     def input_shape(self) -> tuple[int, ...]:
         return self.dataset.input_shape
 
+    @property
+    def vocab_size(self) -> int | None:
+        return self.dataset.vocab_size
+
+    @property
+    def sequence_targets(self) -> bool:
+        """Whether a sample's target is a sequence (next tokens, scored by perplexity) rather than a class."""
+        return self.dataset.y.ndim > 1
+
+    @property
+    def train_sizes(self) -> np.ndarray:
+        """Every client's number of training samples."""
+        return np.array([len(t) for t in self.train], dtype=np.int64)
+
+    @property
+    def test_sizes(self) -> np.ndarray:
+        """Every client's number of test samples."""
+        return np.array([len(t) for t in self.test], dtype=np.int64)
+
 
 def _partition_params(partition: PartitionConfig, ds: Dataset, rng: np.random.Generator) -> dict:
     """The keyword arguments of the configured partitioner (for embedding, the clusters, drawn with ``rng``)."""

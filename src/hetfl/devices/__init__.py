@@ -9,11 +9,13 @@ from hetfl.devices.profiles import (
     describe_profiles,
     task_timing,
 )
+from hetfl.devices.table import DeviceTable
 from hetfl.devices.trace import load_trace, save_trace
 
 __all__ = [
     "NETWORK_TIERS",
     "DeviceProfile",
+    "DeviceTable",
     "NetworkTier",
     "TaskTiming",
     "build_profiles",

@@ -56,6 +56,7 @@ from rich.table import Table
 
 if TYPE_CHECKING:
     from hetfl.config import AvailabilityConfig, DevicesConfig
+    from hetfl.devices.table import DeviceTable
 
 BYTES_PER_MBIT = 1e6 / 8  # 1 Mbit/s = 125,000 bytes/s
 MIN_PARETO_SPEED = 1e-3
@@ -137,43 +138,46 @@ class DeviceProfile:
 
 
 # --------------------------------------------------------------------------- drawing profiles
-def build_profiles(cfg: DevicesConfig, n_clients: int, rng: np.random.Generator) -> list[DeviceProfile]:
+def build_profiles(cfg: DevicesConfig, n_clients: int, rng: np.random.Generator) -> DeviceTable:
     """Draw one profile per client from the ``devices`` config (or read them from its trace).
 
     With a trace, client ``i`` of the federation gets the ``i``-th trace device in order of its id
     (``client_id`` is renumbered ``0..n_clients-1``); ``devices.dropout`` applies to every device
     whose trace row gives no dropout. The same ``rng`` state gives the same profiles.
+
+    Returns a :class:`~hetfl.devices.table.DeviceTable`: the profiles as columns, a sequence of
+    :class:`DeviceProfile` to whoever indexes or iterates it.
     """
+    from hetfl.devices.table import DeviceTable  # here, as table.py imports this module
+
     if cfg.trace:
         from hetfl.devices.trace import load_trace  # here, as trace.py imports this module
 
         loaded = load_trace(cfg.trace, n_clients, cfg.compute.median_flops, default_dropout=cfg.dropout)
         memory = math.inf if cfg.memory.limit is None else cfg.memory.limit  # traces carry no memory column
-        return [replace(p, client_id=i, memory_bytes=memory) for i, p in enumerate(loaded)]
+        return DeviceTable.from_profiles([replace(p, client_id=i, memory_bytes=memory) for i, p in enumerate(loaded)])
 
     # tier names, speeds and weights were checked where the config was validated (hetfl.config)
     speeds, compute_labels = _draw_speeds(cfg, n_clients, rng)
     network_names = _draw_choice(cfg.network.tiers, n_clients, rng)
-
-    profiles = []
-    for i in range(n_clients):
-        net = NETWORK_TIERS[network_names[i]]
-        windows = _markov_windows(cfg.availability, rng) if cfg.availability.kind == "markov" else None
-        profiles.append(
-            DeviceProfile(
-                client_id=i,
-                speed=float(speeds[i]),
-                flops=float(speeds[i]) * cfg.compute.median_flops,
-                down_Bps=net.down_mbps * BYTES_PER_MBIT,
-                up_Bps=net.up_mbps * BYTES_PER_MBIT,
-                latency_s=net.latency_ms / 1000,
-                windows=windows,
-                dropout=cfg.dropout,
-                tier=f"{compute_labels[i]}/{net.name}",
-                memory_bytes=_memory(cfg, compute_labels[i]),
-            )
-        )
-    return profiles
+    nets = [NETWORK_TIERS[name] for name in network_names]
+    memory_of = {label: _memory(cfg, label) for label in set(compute_labels)}
+    windows = (
+        [_markov_windows(cfg.availability, rng) for _ in range(n_clients)]  # client by client, as the draws were always made
+        if cfg.availability.kind == "markov" else None
+    )
+    speeds = np.asarray(speeds, dtype=float)
+    return DeviceTable.from_columns(
+        speed=speeds,
+        flops=speeds * cfg.compute.median_flops,
+        down_Bps=np.array([net.down_mbps * BYTES_PER_MBIT for net in nets]),
+        up_Bps=np.array([net.up_mbps * BYTES_PER_MBIT for net in nets]),
+        latency_s=np.array([net.latency_ms / 1000 for net in nets]),
+        dropout=np.full(n_clients, float(cfg.dropout)),
+        memory_bytes=np.array([memory_of[label] for label in compute_labels], dtype=float),
+        tiers=[f"{label}/{name}" for label, name in zip(compute_labels, network_names)],
+        windows=windows,
+    )
 
 
 def _memory(cfg: DevicesConfig, compute_label: str) -> float:

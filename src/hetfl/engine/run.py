@@ -22,7 +22,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hetfl.config import ExperimentConfig, dump_config, load_config
 from hetfl.data import FederatedData, federate
-from hetfl.devices import DeviceProfile, build_profiles
+from hetfl.data.synthetic import SyntheticData, SyntheticPool
+from hetfl.devices import DeviceTable, build_profiles
+from hetfl.devices.byzantine import Byzantine
+from hetfl.engine.backends import build_backend
 from hetfl.engine.simulator import ClientModels, ClientPool, Simulator
 from hetfl.errors import ConfigError, DivergedError, HetflError
 from hetfl.models import build_model, flops_per_sample
@@ -57,21 +60,22 @@ class Federation:
     """Everything a run is built from, made deterministically from the config and its seed."""
 
     config: ExperimentConfig
-    data: FederatedData
-    profiles: list[DeviceProfile]
+    data: FederatedData | SyntheticData
+    profiles: DeviceTable  # a sequence of DeviceProfile, stored as columns
     trainer: LocalTrainer
     evaluator: Evaluator
     pool: ClientPool
     flops_per_step: float
     models: ClientModels  # each client's architecture (one trainer for all without a model zoo)
 
-    def describe(self) -> str:
-        """One line: what is being simulated."""
+    def describe(self, strategy: Strategy | None = None) -> str:
+        """One line: what is being simulated; what a transfer carries is the ``strategy``'s
+        (:meth:`Strategy.describe_transfer`, default: the config's), e.g. only adapters for fedlora."""
         cfg, data = self.config, self.data
-        n_train = sum(len(t) for t in data.train)
-        n_test = sum(len(t) for t in data.test)
-        speeds = [p.speed for p in self.profiles]
-        spread = max(speeds) / min(speeds)
+        n_train = int(data.train_sizes.sum())
+        n_test = int(data.test_sizes.sum())
+        speeds = np.asarray(self.profiles.speed)  # a DeviceTable's column
+        spread = float(speeds.max() / speeds.min())
         if cfg.model.zoo:
             counts = np.bincount(self.models.of_client, minlength=len(self.models.trainers))
             model = "zoo of " + ", ".join(
@@ -79,13 +83,15 @@ class Federation:
                 for t, f, k in zip(self.models.trainers, self.models.flops_per_step, counts)
             )
         else:
+            transfer = (strategy or self.strategy()).describe_transfer(self.trainer)
             model = (
-                f"{cfg.model.name}: {self.trainer.numel:,} parameters, {self.trainer.numel * 4 / 1e3:.1f} kB a transfer, "
+                f"{cfg.model.name}: {self.trainer.numel:,} parameters, {transfer}, "
                 f"{self.flops_per_step / 1e6:.2f} MFLOP a step"
             )
         return (
             f"{cfg.data.dataset}: {data.n_clients} clients ({n_train} train / {n_test} test samples, "
-            f"{cfg.data.partition.kind} partition); {model}; device speeds span {spread:.1f}x"
+            f"{'generated per client' if cfg.data.dataset == 'synthetic' else f'{cfg.data.partition.kind} partition'}); "
+            f"{model}; device speeds span {spread:.1f}x"
         )
 
     def strategy(self) -> Strategy:
@@ -109,6 +115,8 @@ class Federation:
             on_commit=on_commit,
             max_sim_time_s=cfg.max_sim_time_s,
             models=self.models,
+            byzantine=Byzantine(cfg.devices.byzantine, len(self.profiles), cfg.seed) if cfg.devices.byzantine.fraction else None,
+            backend=build_backend(cfg.backend, threads=cfg.threads, training=cfg.training),
         )
 
 
@@ -123,7 +131,7 @@ def check_architectures(strategy: Strategy, architectures: int) -> None:
 
 def build_federation(cfg: ExperimentConfig) -> Federation:
     torch.set_num_threads(cfg.threads)
-    data = federate(cfg.data, cfg.seed)
+    data = SyntheticData(cfg.data, cfg.seed) if cfg.data.dataset == "synthetic" else federate(cfg.data, cfg.seed)
     profiles = build_profiles(cfg.devices, data.n_clients, np.random.default_rng([cfg.seed, 4]))
     torch.manual_seed(cfg.seed)  # initialises the reference model, then each zoo architecture in turn
     trainer, flops = _trainer(cfg.model, cfg, data)
@@ -134,9 +142,14 @@ def build_federation(cfg: ExperimentConfig) -> Federation:
         models = ClientModels([t for t, _ in zoo], [f for _, f in zoo], assign_architectures(cfg.model, profiles))
     else:
         models = ClientModels.single(trainer, flops, data.n_clients)
+    if isinstance(data, SyntheticData):  # samples generated per client on demand; a fixed subset of clients is the test set
+        pool: ClientPool | SyntheticPool = SyntheticPool(data)
+        x_test, y_test, owner = data.test_set()
+        evaluator = Evaluator(trainer, x_test, y_test, owner, data.n_clients, data.drift)
+        return Federation(cfg, data, profiles, trainer, evaluator, pool, flops, models)
     ds = data.dataset
     x, y = torch.from_numpy(ds.x), torch.from_numpy(ds.y)
-    pool = ClientPool(x, y, [torch.from_numpy(t.astype(np.int64)) for t in data.train], ds.n_classes, data.drift)
+    pool = ClientPool(x, y, data.train, ds.n_classes, data.drift)  # one concatenated index array and offsets
     evaluator = Evaluator.from_splits(trainer, x, y, data.test, data.drift)
     return Federation(cfg, data, profiles, trainer, evaluator, pool, flops, models)
 
@@ -146,7 +159,7 @@ def _trainer(arch, cfg: ExperimentConfig, data: FederatedData) -> tuple[LocalTra
 
     With ``model.pretrained`` a TinyLM starts from the pretrained base (:mod:`hetfl.models.pretrain`):
     its ``trainer.initial``, what every client and the server start from."""
-    ds = data.dataset
+    ds = data  # input_shape, n_classes, vocab_size: a FederatedData's or a SyntheticData's
     model = build_model(arch, ds.input_shape, ds.n_classes, ds.vocab_size, cfg.model.feature_dim)
     if cfg.model.pretrained and arch.name == "tinylm":
         from hetfl.models.pretrain import load_or_pretrain
@@ -182,11 +195,19 @@ class Tracker:
 class Run:
     """A run directory being written: evaluation, logging, checkpoints and the summary."""
 
-    def __init__(self, cfg: ExperimentConfig, out: Path, fed: Federation, strategy: Strategy, *, resume: bool) -> None:
+    def __init__(
+        self, cfg: ExperimentConfig, out: Path, fed: Federation, strategy: Strategy, *, resume: bool, engine: Any = None
+    ) -> None:
+        """``engine``: the server the strategy runs on, the simulator by default; the deployment server
+        (:mod:`hetfl.deploy.server`) passes itself and gets this run's evaluation, logging and checkpoints."""
         self.cfg, self.out, self.fed = cfg, out, fed
         self.tracker = Tracker(cfg.evaluation.target_accuracy)
         self.wall_before = 0.0  # wall seconds spent by earlier processes (resume)
-        self.sim = fed.simulator(strategy, on_commit=self._on_commit)  # on resume, the checkpoint's replaces it
+        if engine is None:
+            self.sim = fed.simulator(strategy, on_commit=self._on_commit)  # on resume, the checkpoint's replaces it
+        else:
+            self.sim = engine
+            engine.on_commit = self._on_commit
         resumed_round = self._load_checkpoint() if resume else None
         self.log = MetricsLog(out / "metrics.jsonl", resume_from_round=resumed_round)
         self.started = time.perf_counter()
@@ -221,13 +242,14 @@ class Run:
             "sim_time_s": sim.now,
             "wall_time_s": self.wall_time(),
             **scores,
-            **({"perplexity": _perplexity(scores["loss"])} if self.fed.data.dataset.y.ndim > 1 else {}),
+            **({"perplexity": _perplexity(scores["loss"])} if self.fed.data.sequence_targets else {}),
             "bytes_up": c.bytes_up,
             "bytes_down": c.bytes_down,
             "updates": c.updates,
             "dropped": c.dropped,
             "train_flops": c.trained_flops,
             **sim.fairness(),  # starts a new staleness window
+            **sim.engine_metrics(),
             **personal,
         }
         for key, value in sim.strategy.metrics().items():
@@ -272,7 +294,12 @@ class Run:
         saved = torch.load(path, weights_only=False)
         if not hasattr(saved["state"].counters, "trained_flops"):
             raise HetflError(f"{path}: written by an older hetfl, without the FLOP counters; start a new run")
+        if isinstance(saved["state"].client_state, dict):
+            raise HetflError(f"{path}: written by an older hetfl, without the client-state store; start a new run")
         self.sim.state = saved["state"]
+        memory_mb, store = self.cfg.training.state_memory_mb, getattr(self.sim, "client_store", None)
+        if store is not None:  # the budget may differ from the checkpoint's (--set on resume): it changes no result
+            store.set_budget(math.inf if memory_mb is None else memory_mb * 2**20)
         self.wall_before = saved["wall_time_s"]
         self.tracker = saved["tracker"]
         return self.sim.version
@@ -305,6 +332,9 @@ class Run:
         except DivergedError:
             self.finish("diverged")
             raise
+        finally:
+            if isinstance(sim, Simulator):
+                sim.close()  # the backend's workers (a local Ray it started) are released, whatever happened
         if status == "completed":
             if sim.stop_reason == "stalled":
                 status = "stalled"
@@ -353,7 +383,7 @@ class Run:
             "staleness_max": fairness["staleness_max"],
             "participation": c.participation.tolist(),
             "tasks_per_client": c.dispatched.tolist(),
-            "client_speed": [p.speed for p in self.fed.profiles],
+            "client_speed": self.fed.profiles.speed.tolist(),
             "participation_jain": fairness["participation_jain"],
             "participated_frac": fairness["participated_frac"],
             "idle_fast_frac": fairness["idle_fast_frac"],
@@ -362,6 +392,7 @@ class Run:
             "time_to_target_s": self.tracker.time_to_target_s,
             "rounds_to_target": self.tracker.rounds_to_target,
             "started_at": self.started_at,
+            "strategy_summary": self.sim.strategy.summary(self.sim),
         }
         write_summary(self.out / "summary.json", summary)
         record_run(self.out, summary)
@@ -389,7 +420,7 @@ def run_experiment(
         (out / stale).unlink(missing_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
     if describe and show_progress and console is not None:
-        console.print(fed.describe(), highlight=False)
+        console.print(fed.describe(strategy), highlight=False)
     return Run(cfg, out, fed, strategy, resume=False).execute(show_progress, console)
 
 
@@ -413,7 +444,7 @@ def resume_experiment(
     return run.execute(show_progress, console)
 
 
-RESUMABLE = ("rounds", "max_sim_time_s", "checkpoint_every", "threads", "evaluation.")
+RESUMABLE = ("rounds", "max_sim_time_s", "checkpoint_every", "threads", "evaluation.", "backend.", "training.state_memory_mb")
 
 
 def _check_resumable_change(before: ExperimentConfig, after: ExperimentConfig) -> None:
@@ -423,7 +454,8 @@ def _check_resumable_change(before: ExperimentConfig, after: ExperimentConfig) -
         if old.get(key) != new.get(key) and not key.startswith(RESUMABLE):
             raise HetflError(
                 f"--set {key}: cannot change when resuming (the checkpoint was made with {old.get(key)!r}); "
-                "only rounds, max_sim_time_s, checkpoint_every, threads and evaluation.* can; start a new run instead"
+                "only rounds, max_sim_time_s, checkpoint_every, threads, evaluation.*, backend.* and "
+                "training.state_memory_mb can; start a new run instead"
             )
 
 

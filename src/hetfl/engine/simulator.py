@@ -12,7 +12,9 @@ How a task flows:
    With ``training.vectorize`` the first arrival that needs training also trains, in one batched
    :func:`~hetfl.training.vectorized.train_many` call, every other in-flight task that will arrive, is
    plain local training (:meth:`Strategy.local_training`) and has the same architecture and options;
-   their results wait in a cache until their own arrival (see :meth:`Simulator._train_batched`).
+   their results wait in a cache until their own arrival (see :class:`~hetfl.engine.backends.InProcess`).
+   Where the client halves run is the simulator's ``backend`` (:mod:`hetfl.engine.backends`): in this
+   process at the arrival, or on Ray workers from the dispatch on; the run is the same.
 4. The strategy aggregates and calls :meth:`Simulator.commit`; the simulator's observer evaluates,
    logs and decides whether to stop. Checkpoints are taken between events, when state is whole.
 
@@ -27,6 +29,7 @@ Simulated time (what a deployment would take) is ``now``; wall time is measured 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -34,40 +37,97 @@ import numpy as np
 import torch
 
 from hetfl.data.skew import LabelDrift
-from hetfl.devices import DeviceProfile, task_timing
+from hetfl.devices import DeviceProfile, DeviceTable, task_timing
+from hetfl.devices.byzantine import Byzantine
+from hetfl.engine.backends import Backend, InProcess
 from hetfl.engine.clock import Event, EventQueue
+from hetfl.engine.store import ClientStates, ParamStore
 from hetfl.errors import DivergedError
-from hetfl.results.fairness import OnlineTime, fastest, idle_fractions, jain_index, mean_or_none, staleness_stats
-from hetfl.strategies.base import ClientData, ClientResult, Strategy, Task, Update, client_report
+from hetfl.results.fairness import fastest, idle_fractions, jain_index, mean_or_none, staleness_stats
+from hetfl.strategies.base import ClientData, Strategy, Task, Update, client_report
 from hetfl.training import LocalTrainer
-from hetfl.training.local import LocalResult
-from hetfl.training.vectorized import train_many
 
 
-@dataclass
 class ClientPool:
-    """The clients' local training data: one tensor pair, and each client's index array into it."""
+    """The clients' local training data: one tensor pair, and every client's sample indices into it.
 
-    x: torch.Tensor
-    y: torch.Tensor
-    train_indices: list[torch.Tensor]
-    n_classes: int = 0  # 0: the largest label + 1
-    drift: LabelDrift | None = None  # concept drift: some clients' labels change at a simulated time
+    The indices of all clients are one concatenated int64 tensor, client ``c``'s being
+    ``index[offsets[c]:offsets[c + 1]]`` (sorted, as the partitioner made them): two arrays, however
+    many clients, instead of a tensor object per client. ``train_indices`` (client ``c``'s index
+    tensor, as a read-only sequence) is kept for code that reads it.
 
-    def __post_init__(self) -> None:
-        if not self.n_classes:
-            self.n_classes = int(self.y.max()) + 1 if self.y.numel() else 1
+    Parameters
+    ----------
+    x, y : torch.Tensor
+        Every sample's features and label.
+    train_indices : sequence of array-like
+        Client ``c``'s sample indices into ``x`` and ``y``.
+    n_classes : int, default 0
+        Number of classes; 0: the largest label + 1.
+    drift : LabelDrift, optional
+        Concept drift: some clients' labels change at a simulated time.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        train_indices: Sequence[Any],
+        n_classes: int = 0,
+        drift: LabelDrift | None = None,
+    ) -> None:
+        parts = [np.asarray(t, dtype=np.int64).reshape(-1) for t in train_indices]
+        sizes = np.array([len(p) for p in parts], dtype=np.int64)
+        self.x, self.y = x, y
+        self.index = torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.n_classes = n_classes or (int(y.max()) + 1 if y.numel() else 1)
+        self.drift = drift
+
+    @property
+    def n_clients(self) -> int:
+        return len(self.offsets) - 1
+
+    def indices(self, client_id: int) -> torch.Tensor:
+        """Client ``client_id``'s sample indices (a view into the concatenated index)."""
+        return self.index[self.offsets[client_id] : self.offsets[client_id + 1]]
+
+    @property
+    def train_indices(self) -> Sequence[torch.Tensor]:
+        """Every client's index tensor, as a read-only sequence (views; nothing is copied)."""
+        return _IndexView(self)
 
     def data(self, client_id: int, t: float = 0.0) -> ClientData:
         """Client ``client_id``'s training data at simulated time ``t`` (its labels after a drift, once drifted)."""
-        idx = self.train_indices[client_id]
+        idx = self.indices(client_id)
         y = self.y[idx]
         if self.drift is not None:
             y = self.drift.labels(client_id, y, t)
         return ClientData(client_id, self.x[idx], y)
 
     def n_samples(self, client_id: int) -> int:
-        return int(self.train_indices[client_id].numel())
+        return int(self.offsets[client_id + 1] - self.offsets[client_id])
+
+    def sample_counts(self) -> np.ndarray:
+        """Every client's number of training samples."""
+        return np.diff(self.offsets)
+
+
+class _IndexView(Sequence):
+    """``pool.train_indices``: client ``c``'s index tensor at ``[c]``."""
+
+    def __init__(self, pool: ClientPool) -> None:
+        self.pool = pool
+
+    def __len__(self) -> int:
+        return self.pool.n_clients
+
+    def __getitem__(self, c: Any) -> Any:
+        if isinstance(c, slice):
+            return [self.pool.indices(i) for i in range(*c.indices(len(self)))]
+        if not -len(self) <= c < len(self):
+            raise IndexError(f"client {c} out of range for {len(self)} clients")
+        return self.pool.indices(c % len(self))
 
 
 @dataclass
@@ -132,6 +192,31 @@ class Counters:
             busy_s=np.zeros(n_clients, dtype=np.float64),
         )
 
+    def new_task(
+        self, client_id: int, version: int, params: torch.Tensor, steps: int, now: float,
+        payload: dict[str, torch.Tensor] | None, options: dict[str, Any] | None,
+    ) -> Task:
+        """A task for ``client_id`` from the server's model ``params`` (version ``version``), counted as
+        dispatched; tasks are numbered in dispatch order (the number seeds the client's training)."""
+        task = Task(
+            task_id=self.tasks, client_id=client_id, version=version, params=params, steps=steps,
+            dispatched_at=now, payload=payload or {}, options=options or {},
+        )
+        self.tasks += 1
+        self.dispatched[client_id] += 1
+        return task
+
+    def count_commit(self, version: int, updates: list[Update], dropped: int) -> None:
+        """An aggregation of ``updates`` into the model after ``version`` (their staleness is counted
+        against it), giving up on ``dropped``."""
+        for update in updates:
+            staleness = version - update.task.version
+            self.staleness[staleness] = self.staleness.get(staleness, 0) + 1
+            self.staleness_window[staleness] = self.staleness_window.get(staleness, 0) + 1
+            self.participation[update.task.client_id] += 1
+        self.updates += len(updates)
+        self.dropped += dropped
+
     def take_staleness_window(self) -> dict[int, int]:
         """The staleness histogram since the last call (or the start), and a fresh window."""
         window, self.staleness_window = self.staleness_window, {}
@@ -147,7 +232,7 @@ class SimState:
     queue: EventQueue = field(default_factory=EventQueue)
     version: int = 0
     busy: dict[int, Event] = field(default_factory=dict)
-    client_state: dict[int, dict[str, Any]] = field(default_factory=dict)
+    client_state: ClientStates = field(default_factory=ClientStates)  # tensors in a ParamStore under a memory budget
     counters: Counters = field(default_factory=Counters)  # the simulator sizes it for its clients
     server_rng: np.random.Generator | None = None
     device_rng: np.random.Generator | None = None
@@ -164,10 +249,10 @@ class Simulator:
     trainer : LocalTrainer
         The reference architecture: the server's model (``server.trainer``), and every client's
         unless ``models`` says otherwise.
-    pool : ClientPool
-        Clients' training data.
-    profiles : list of DeviceProfile
-        One per client.
+    pool : ClientPool or SyntheticPool
+        Clients' training data (``n_clients``, ``data(c, t)``, ``n_samples(c)``, ``sample_counts()``).
+    profiles : sequence of DeviceProfile
+        One per client; kept as a :class:`~hetfl.devices.DeviceTable` (``server.profiles[c]`` builds a profile).
     flops_per_step : float
         FLOPs of one local optimiser step of ``trainer``.
     models : ClientModels, optional
@@ -183,7 +268,18 @@ class Simulator:
         Events after this simulated time are not processed.
     vectorize : {"auto", "on", "off"}, optional
         Batch the local training of in-flight tasks (``training.vectorize``); default: ``trainer.cfg``'s,
-        whose ``vectorize_min_tasks`` and ``vectorize_max_params`` also bound ``auto``.
+        whose ``vectorize_min_tasks`` and ``vectorize_max_params`` also bound ``auto``. Only for the
+        default backend.
+    backend : Backend, optional
+        Where client halves run (:mod:`hetfl.engine.backends`); default: :class:`~hetfl.engine.backends.InProcess`
+        with ``vectorize``. Call :meth:`close` when done with a :class:`~hetfl.engine.backends.RayBackend`.
+    byzantine : Byzantine, optional
+        Simulated attackers (``devices.byzantine``, :mod:`hetfl.devices.byzantine`): their uploads are corrupted
+        before the strategy sees them. Default: none.
+
+    Per-client tensors (client states, and what strategies keep per client through ``client_store``)
+    live in a :class:`~hetfl.engine.store.ParamStore` whose memory budget is ``trainer.cfg``'s
+    ``state_memory_mb`` (``training.state_memory_mb``; None: unlimited); beyond it they spill to disk.
     """
 
     def __init__(
@@ -191,8 +287,8 @@ class Simulator:
         *,
         strategy: Strategy,
         trainer: LocalTrainer,
-        pool: ClientPool,
-        profiles: list[DeviceProfile],
+        pool: Any,
+        profiles: Sequence[DeviceProfile],
         flops_per_step: float,
         seed: int,
         jitter: float = 0.0,
@@ -201,10 +297,12 @@ class Simulator:
         max_sim_time_s: float | None = None,
         models: ClientModels | None = None,
         vectorize: str | None = None,
+        backend: Backend | None = None,
+        byzantine: Byzantine | None = None,
     ) -> None:
-        if len(profiles) != len(pool.train_indices):
-            raise ValueError(f"{len(profiles)} device profiles for {len(pool.train_indices)} clients")
-        self.trainer, self.pool, self.profiles = trainer, pool, profiles
+        if len(profiles) != pool.n_clients:
+            raise ValueError(f"{len(profiles)} device profiles for {pool.n_clients} clients")
+        self.trainer, self.pool, self.profiles = trainer, pool, DeviceTable.from_profiles(profiles)
         self.models = models or ClientModels.single(trainer, flops_per_step, len(profiles))
         if self.models.heterogeneous and not strategy.model_heterogeneous:
             raise ValueError(f"{strategy.name} needs one architecture for every client; the clients have several")
@@ -212,27 +310,27 @@ class Simulator:
         self.on_commit = on_commit
         self.max_sim_time_s = max_sim_time_s
         params = strategy.initial_params(trainer) if initial_params is None else initial_params.clone()
+        memory_mb = getattr(trainer.cfg, "state_memory_mb", None)
         self.state = SimState(
             params=params,
             strategy=strategy,
             counters=Counters.for_clients(len(profiles)),
             server_rng=np.random.default_rng([seed, 1]),
             device_rng=np.random.default_rng([seed, 2]),
+            client_state=ClientStates(ParamStore(math.inf if memory_mb is None else memory_mb * 2**20)),
         )
         self._stop_reason: str | None = None
         self.checkpoint_due = False
-        self.online_time = OnlineTime([p.windows for p in profiles])  # derived from the profiles: not state
+        self.online_time = self.profiles.online_seconds  # derived from the profiles: not state
         cfg = trainer.cfg
-        self.vectorize = vectorize or getattr(cfg, "vectorize", "off")
-        if self.vectorize not in ("auto", "on", "off"):
-            raise ValueError(f"vectorize must be auto, on or off; got {self.vectorize!r}")
-        self.vectorize_min_tasks: int = getattr(cfg, "vectorize_min_tasks", 1)
-        self.vectorize_max_params: int = getattr(cfg, "vectorize_max_params", 0)
-        # results trained ahead, by task id, with the task they belong to. Not state: a checkpoint drops
-        # them and a resumed run retrains them (a task's result depends only on its inputs fixed at dispatch).
-        self._trained: dict[int, tuple[Task, LocalResult]] = {}
-        self.batches: list[int] = []  # the size of every batched train_many call (diagnostics)
-        self.fast_clients = fastest([p.flops for p in profiles])
+        # where client halves run; not state (work started ahead is redone by a resumed run)
+        self.backend = backend or InProcess(
+            vectorize or getattr(cfg, "vectorize", "off"),
+            min_tasks=getattr(cfg, "vectorize_min_tasks", 1), max_params=getattr(cfg, "vectorize_max_params", 0),
+        )
+        self.backend.bind(self)
+        self.fast_clients = fastest(self.profiles.flops)
+        self.byzantine = byzantine
 
     # ----------------------------------------------------------------- Server protocol
     @property
@@ -262,6 +360,11 @@ class Simulator:
     @property
     def n_clients(self) -> int:
         return len(self.profiles)
+
+    @property
+    def client_store(self) -> ParamStore:
+        """Where per-client tensors live under the memory budget (client states; FedStale's memory)."""
+        return self.state.client_state.store
 
     def step_flops(self, client_id: int) -> float:
         """FLOPs of one local step of ``client_id``'s architecture."""
@@ -296,13 +399,27 @@ class Simulator:
         elif self.state.started:
             self.state.strategy.on_proceed(self)
 
+    def _idle(self) -> np.ndarray:
+        """Whether each client is without a task."""
+        idle = np.ones(self.n_clients, dtype=bool)
+        busy = self.state.busy
+        idle[np.fromiter(busy, dtype=np.int64, count=len(busy))] = False
+        return idle
+
     def available(self) -> list[int]:
-        now, busy = self.now, self.state.busy
-        return [c for c, p in enumerate(self.profiles) if c not in busy and p.is_online(now)]
+        """Clients online now and without a task, ascending (numpy masks over the device table)."""
+        idle = self._idle()
+        if not self.profiles.all_always:
+            idle &= self.profiles.online_mask(self.now)
+        return np.flatnonzero(idle).tolist()
 
     def next_available_time(self) -> float:
-        now, busy = self.now, self.state.busy
-        return min((p.next_online(now) for c, p in enumerate(self.profiles) if c not in busy), default=math.inf)
+        """When the next client without a task is online: ``now`` if one is, inf if none ever will be."""
+        if self.profiles.all_always:
+            return self.now if len(self.state.busy) < self.n_clients else math.inf
+        times = self.profiles.next_online(self.now)
+        times[~self._idle()] = math.inf
+        return float(times.min()) if len(times) else math.inf
 
     def num_samples(self, client_id: int) -> int:
         return self.pool.n_samples(client_id)
@@ -325,18 +442,7 @@ class Simulator:
         if not profile.is_online(self.now):
             raise RuntimeError(f"client {client_id} is offline at t={self.now:.1f}s")
         steps = self.default_steps(client_id) if steps is None else steps
-        task = Task(
-            task_id=st.counters.tasks,
-            client_id=client_id,
-            version=st.version,
-            params=st.params,
-            steps=steps,
-            dispatched_at=self.now,
-            payload=payload or {},
-            options=options or {},
-        )
-        st.counters.tasks += 1
-        st.counters.dispatched[client_id] += 1
+        task = st.counters.new_task(client_id, st.version, st.params, steps, self.now, payload, options)
         bytes_down, bytes_up = st.strategy.transfer_bytes(self, task)
         task.bytes_up = bytes_up
         task.flops = st.strategy.task_flops(self, task)
@@ -355,6 +461,7 @@ class Simulator:
             st.busy[client_id] = st.queue.push(lost_at, "failure", task)
         else:
             st.busy[client_id] = st.queue.push(end, "arrival", task)
+            self.backend.start(task)  # a task that will be lost is never trained
         return task
 
     def cancel(self, task: Task) -> None:
@@ -379,16 +486,9 @@ class Simulator:
                 "lower training.lr or the strategy's server_lr"
             )
         st = self.state
-        c = st.counters
-        for update in updates:
-            staleness = st.version - update.task.version
-            c.staleness[staleness] = c.staleness.get(staleness, 0) + 1
-            c.staleness_window[staleness] = c.staleness_window.get(staleness, 0) + 1
-            c.participation[update.task.client_id] += 1
+        st.counters.count_commit(st.version, updates, dropped)
         st.params = params
         st.version += 1
-        c.updates += len(updates)
-        c.dropped += dropped
         self.checkpoint_due = True
         if self.on_commit is not None:
             self.on_commit(self)
@@ -439,7 +539,12 @@ class Simulator:
 
     # ----------------------------------------------------------------- the main loop
     def task_seed(self, task_id: int) -> int:
-        return int(np.random.SeedSequence([self.seed, 3, task_id]).generate_state(1)[0])
+        return task_seed(self.seed, task_id)
+
+    def engine_metrics(self) -> dict[str, Any]:
+        """What this engine adds to an evaluation record; the simulator adds nothing (the deployment server
+        adds rejected updates and connected clients)."""
+        return {}
 
     def step(self) -> bool:
         """Process one event; False when there is nothing left to do."""
@@ -476,21 +581,20 @@ class Simulator:
         del st.busy[task.client_id]
         st.counters.busy_s[task.client_id] += self.now - task.dispatched_at
         data = self.pool.data(task.client_id, task.dispatched_at)  # the data the client held when it began
-        state = st.client_state.setdefault(task.client_id, {})
-        trainer = self.models.trainer(task.client_id)
-        result = self._train_batched(task, trainer)
-        if result is None:
-            result = st.strategy.client_train(trainer, task, data, state, self.task_seed(task.task_id))
-        if not state:
-            del st.client_state[task.client_id]  # keep memory proportional to clients that hold state
+        state = st.client_state.load(task.client_id)  # materialised while the client is active
+        result = self.backend.result(task, data, state)  # client_train's, which updates ``state``
+        st.client_state.save(task.client_id, state)  # back into the store (an empty state costs nothing)
         steps = st.strategy.compute_steps(result.steps)
         st.counters.trained_steps += steps
         st.counters.trained_flops += task.flops
         st.counters.arrived += 1
         st.counters.bytes_up += task.bytes_up
+        params = result.params
+        if self.byzantine is not None:
+            params = self.byzantine.returned(task.client_id, task.task_id, task.params, params)
         update = Update(
             task=task,
-            params=result.params,
+            params=params,
             n_samples=data.n_samples,
             steps=result.steps,
             loss=result.loss,
@@ -501,71 +605,21 @@ class Simulator:
         )
         st.strategy.on_update(self, update)
 
-    # ----------------------------------------------------------------- batched local training
-    def _train_batched(self, task: Task, trainer: LocalTrainer) -> ClientResult | None:
-        """``task``'s result from a batch (trained now or earlier), or None: train it on its own.
-
-        Batched: ``task`` and every other in-flight task whose event is an arrival (a task that will be
-        lost is never trained, as on the sequential path), that is not trained yet, whose strategy's
-        :meth:`~hetfl.strategies.base.Strategy.local_training` gives the same non-tensor options and
-        whose client trains ``trainer``'s architecture. Each task keeps its own inputs (start, steps,
-        seed, data), so a result equals ``client_train``'s up to floating-point summation order. With
-        ``auto``, only a group of at least ``vectorize_min_tasks`` tasks of a model of at most
-        ``vectorize_max_params`` parameters; ``off``: never.
-        """
-        if self.vectorize == "off":
-            return None
-        cached = self._trained.pop(task.task_id, None)
-        if cached is not None and cached[0] is task:  # (another task object: a state restored from a checkpoint)
-            return ClientResult(cached[1].params, cached[1].steps, cached[1].loss)
-        strategy = self.state.strategy
-        options = strategy.local_training(task)
-        if options is None:
-            return None
-        key = _options_key(options)
-        group, group_options = [task], [options]
-        for event in self.state.busy.values():
-            other: Task = event.data
-            if event.kind != "arrival" or other is task or self.models.trainer(other.client_id) is not trainer:
-                continue
-            if other.task_id in self._trained and self._trained[other.task_id][0] is other:
-                continue
-            other_options = strategy.local_training(other)
-            if other_options is not None and _options_key(other_options) == key:
-                group.append(other)
-                group_options.append(other_options)
-        if self.vectorize == "auto" and (len(group) < self.vectorize_min_tasks or trainer.numel > self.vectorize_max_params):
-            return None
-        kwargs = {
-            name: torch.stack([o[name].expand(trainer.numel) for o in group_options])
-            if isinstance(value, torch.Tensor) else value
-            for name, value in options.items()
-        }
-        datasets = [self.pool.data(t.client_id, t.dispatched_at) for t in group]
-        try:
-            results = train_many(
-                trainer,
-                torch.stack([t.params for t in group]),
-                [(d.x, d.y) for d in datasets],
-                [t.steps for t in group],
-                [self.task_seed(t.task_id) for t in group],
-                **kwargs,
-            )
-        except DivergedError:
-            return None  # train on its own: the error, if any, comes at the arrival of the task that diverges
-        self.batches.append(len(group))
-        for other, result in zip(group[1:], results[1:]):
-            self._trained[other.task_id] = (other, result)
-        first = results[0]
-        return ClientResult(first.params, first.steps, first.loss)
-
+    # ----------------------------------------------------------------- the backend
     def _discard(self, task: Task) -> None:
-        """Forget ``task``'s result trained ahead, if any (it will never arrive), counting the work wasted."""
-        cached = self._trained.pop(task.task_id, None)
-        if cached is not None and cached[0] is task:
-            self.state.counters.wasted_steps += self.state.strategy.compute_steps(cached[1].steps)
+        """``task`` will never arrive: the backend drops the work it started for it (wasted work is counted)."""
+        self.backend.forget(task)
+
+    @property
+    def batches(self) -> list[int]:
+        """The size of every batched ``train_many`` call of the in-process backend (diagnostics)."""
+        return self.backend.batches
+
+    def close(self) -> None:
+        """Release the backend's workers (a Ray cluster it started); the simulator is done."""
+        self.backend.close()
 
 
-def _options_key(options: dict[str, Any]) -> list[tuple[str, Any]]:
-    """What tasks batched together share: the options' names, and the values of the non-tensor ones."""
-    return sorted((name, None if isinstance(value, torch.Tensor) else value) for name, value in options.items())
+def task_seed(seed: int, task_id: int) -> int:
+    """The seed of task ``task_id``'s mini-batch order in a run seeded ``seed`` (the simulator's and a deployment's)."""
+    return int(np.random.SeedSequence([seed, 3, task_id]).generate_state(1)[0])

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from hetfl.config import ModelConfig
-from hetfl.devices import DeviceProfile
+from hetfl.devices import DeviceProfile, DeviceTable
 from hetfl.errors import ConfigError
 
 
@@ -24,7 +24,8 @@ def speed_groups(profiles: Sequence[DeviceProfile], k: int) -> np.ndarray:
     """Clients ranked by relative compute speed (ties by id) and cut into ``k`` groups whose sizes differ by
     at most one: the group of every client, 0 for the slowest."""
     n = len(profiles)
-    order = np.lexsort((np.arange(n), [p.speed for p in profiles]))  # slowest first, ties by id
+    speeds = profiles.speed if isinstance(profiles, DeviceTable) else [p.speed for p in profiles]  # a column, or a list
+    order = np.lexsort((np.arange(n), speeds))  # slowest first, ties by id
     group = np.empty(n, dtype=np.int64)
     group[order] = np.arange(n) * k // n
     return group
@@ -33,7 +34,8 @@ def speed_groups(profiles: Sequence[DeviceProfile], k: int) -> np.ndarray:
 def by_tier(profiles: Sequence[DeviceProfile], values: dict, key: str, what: str) -> list:
     """``values[tier]`` for every client's compute tier; a tier missing from ``values`` is a one-line error
     naming the config ``key`` (``what`` says what it maps a tier to)."""
-    tiers = [p.tier.split("/")[0] for p in profiles]
+    names = profiles.tiers.tolist() if isinstance(profiles, DeviceTable) else [p.tier for p in profiles]
+    tiers = [t.split("/")[0] for t in names]
     missing = sorted({t for t in tiers if t not in values})
     if missing:
         raise ConfigError(

@@ -20,8 +20,9 @@ EMNLP 2024, arXiv:2401.06432) -- :func:`aggregate_hetlora`::
   ``sum_{i < r_j} B[:, i] A[i, :]``, the first ``r_j`` rank-one components. Component ``i`` is averaged
   over all clients with the zeros of those with ``r_k <= i`` included, so it is shrunk by
   ``sum_{k: r_k > i} p_k``. HetLoRA's sparsity-weighted aggregation sets ``p_k`` proportional to
-  ``||B_k A_k||_F`` (:func:`hetlora_sparsity_weights`); its local rank self-pruning is a client-side rule
-  not implemented here.
+  ``||B_k A_k||_F`` (:func:`hetlora_sparsity_weights` for one layer; :func:`sparsity_weights` for a
+  client's adapters on several layers, :func:`adapter_norm`); its local rank self-pruning is a
+  client-side rule not implemented here.
 
 FLoRA (Wang et al., "FLoRA: Federated Fine-Tuning Large Language Models with Heterogeneous Low-Rank
 Adaptations", NeurIPS 2024, arXiv:2409.05976) -- :func:`aggregate_flora`::
@@ -235,7 +236,27 @@ def aggregate_hetlora(
 def hetlora_sparsity_weights(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor]) -> torch.Tensor:
     """HetLoRA's sparsity-weighted aggregation weights: ``p_k = ||B_k A_k||_F / sum_l ||B_l A_l||_F``."""
     _check(As, Bs, [1.0] * len(As))
-    norms = torch.stack([torch.linalg.matrix_norm(B @ A) for A, B in zip(As, Bs)])
+    return sparsity_weights([[(A, B)] for A, B in zip(As, Bs)])
+
+
+def adapter_norm(factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Frobenius norm of the change a client's adapters make, over all its layers at once:
+    ``sqrt(sum_layers ||B_l A_l||_F^2)`` for ``factors`` = one ``(A, B)`` per layer."""
+    return torch.sqrt(sum(torch.linalg.matrix_norm(B @ A) ** 2 for A, B in factors))
+
+
+def sparsity_weights(clients: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]]) -> torch.Tensor:
+    """HetLoRA's sparsity weights (Cho et al., arXiv:2401.06432) of clients with adapters on several layers::
+
+        p_k = ||dW_k||_F / sum_j ||dW_j||_F,      ||dW_k||_F = adapter_norm(client k's factors)
+
+    ``clients``: per client, one ``(A, B)`` per layer. Equal weights when every norm is 0 (adapters that
+    change nothing, e.g. B = 0 before any training)."""
+    if not clients:
+        raise ValueError("need the factors of at least one client")
+    norms = torch.stack([adapter_norm(factors) for factors in clients])
+    if not torch.isfinite(norms).all():
+        raise ValueError("a client's adapters are not finite")
     if norms.sum() <= 0:
         return torch.full_like(norms, 1.0 / len(norms))
     return norms / norms.sum()

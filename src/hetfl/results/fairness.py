@@ -58,8 +58,8 @@ def fastest(flops: Sequence[float], share: float = FAST_SHARE) -> np.ndarray:
     """Indices of the ``ceil(share * n)`` clients with the most FLOP/s (at least one; ties: lower index first)."""
     n = len(flops)
     k = max(1, math.ceil(share * n)) if n else 0
-    order = sorted(range(n), key=lambda c: (-flops[c], c))
-    return np.array(order[:k], dtype=np.int64)
+    order = np.lexsort((np.arange(n), -np.asarray(flops, dtype=float)))  # most FLOP/s first, ties by index
+    return order[:k].astype(np.int64)
 
 
 def idle_fractions(busy_s: np.ndarray, online_s: np.ndarray) -> np.ndarray:

@@ -6,6 +6,9 @@ Writes into DIR:
   as a dashed line and a star where each run first reaches it;
 - ``accuracy_vs_round.png``: the same against rounds (aggregations), with the 10th-percentile
   client accuracy dotted (how the worst-served clients fare);
+- ``perplexity_vs_time.png`` (language-model runs only, those whose metrics have ``perplexity``):
+  perplexity against simulated time, on a log axis, with each run's lowest perplexity marked (for them
+  ``accuracy`` in the other plots is next-token accuracy);
 - ``bytes.png``: cumulative megabytes transferred (up + down) against simulated time;
 - ``staleness.png``: each run's staleness distribution (share of aggregated updates at most x versions stale);
 - ``participation.png``: each run's aggregated updates per client, clients sorted by device
@@ -48,6 +51,11 @@ STALENESS_IMAGE = (
     "staleness.png",
     "Staleness of the aggregated updates: server versions committed between a task's dispatch and the "
     "aggregation that used it (0: trained on the current model). One panel per run.",
+)
+PERPLEXITY_IMAGE = (
+    "perplexity_vs_time.png",
+    "Perplexity of the language model (exp of the mean next-token cross-entropy on the test windows; lower is "
+    "better) against simulated time, log scale. Dot: each run's lowest perplexity.",
 )
 PARTICIPATION_IMAGE = (
     "participation.png",
@@ -117,6 +125,7 @@ def _summary_from_metrics(run: _Run) -> dict:
         "status": "unfinished",
         "final_accuracy": last.get("accuracy"),
         "best_accuracy": max(accuracies) if accuracies else None,
+        "final_perplexity": last.get("perplexity"),
         "rounds": last.get("round"),
         "sim_time_s": last.get("sim_time_s"),
         "wall_time_s": last.get("wall_time_s"),
@@ -177,6 +186,10 @@ def _load_run(folder: Path) -> _Run:
 def _has_staleness(run: _Run) -> bool:
     hist = run.summary.get("staleness_histogram")
     return isinstance(hist, dict) and bool(hist)
+
+
+def _has_perplexity(run: _Run) -> bool:
+    return bool(_finite(run.series("perplexity")))
 
 
 def _has_participation(run: _Run) -> bool:
@@ -339,6 +352,33 @@ def _plot_accuracy_vs_round(runs: list[_Run], out: Path) -> None:
     _save(fig, out)
 
 
+def _plot_perplexity_vs_time(runs: list[_Run], out: Path, unit: tuple[str, float]) -> None:
+    """Perplexity against simulated time for the language-model runs; a dot at each run's lowest."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    name, scale = unit
+    fig, ax = _figure()
+    for run in runs:
+        t = [v / scale for v in run.series("sim_time_s")]
+        ppl = run.series("perplexity")
+        ax.plot(t, ppl, color=run.color, label=run.label, linewidth=1.8, zorder=3, **_points(run))
+        finite = [(p, x) for p, x in zip(ppl, t) if math.isfinite(p)]
+        low, at = min(finite)
+        ax.plot(at, low, marker="o", markersize=7, color=run.color, markeredgecolor="black", markeredgewidth=0.6,
+                linestyle="none", zorder=4)  # fmt: skip
+    ax.set_yscale("log")
+    low, high = ax.get_ylim()
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    # a range within a decade or two has few decade ticks: label the minor ones (2, 3, ... 9) too
+    ax.yaxis.set_minor_formatter(NullFormatter() if high / low > 30 else FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlim(left=0)
+    ax.set_xlabel(f"simulated time ({name})")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title("Perplexity against simulated time", loc="left", fontsize="medium")
+    _legend(fig, ax)
+    _save(fig, out)
+
+
 def _plot_bytes(runs: list[_Run], out: Path, unit: tuple[str, float]) -> None:
     name, scale = unit
     totals = {}
@@ -477,6 +517,8 @@ pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; 
 """
 
 # (header, summary key, formatter, which value is best: "max", "min" or None)
+# shown only when some run is a language model (its summary has final_perplexity)
+_PERPLEXITY_COLUMN = ("final perplexity", "final_perplexity", lambda v: "—" if v is None else f"{v:.2f}", "min")
 _COLUMNS: list[tuple[str, str, Any, str | None]] = [
     ("final acc", "final_accuracy", format_accuracy, "max"),
     ("best acc", "best_accuracy", format_accuracy, "max"),
@@ -496,10 +538,17 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
+def _columns(runs: list[_Run]) -> list[tuple[str, str, Any, str | None]]:
+    """The table's columns: final perplexity first when some run is a language model."""
+    if any(_number(run.summary.get("final_perplexity")) is not None for run in runs):
+        return [_PERPLEXITY_COLUMN, *_COLUMNS]
+    return list(_COLUMNS)
+
+
 def _best_cells(runs: list[_Run]) -> dict[str, str]:
     """The best value of each ranked column, as shown, when the runs differ in it as shown."""
     best = {}
-    for _, key, fmt, direction in _COLUMNS:
+    for _, key, fmt, direction in _columns(runs):
         values = [v for v in (_number(run.summary.get(key)) for run in runs) if v is not None]
         if not direction or not values:
             continue
@@ -513,7 +562,8 @@ def _summary_table(runs: list[_Run]) -> str:
     e = html.escape
     show_label = any(run.label != run.algorithm for run in runs)
     best = _best_cells(runs)
-    head = (["run"] if show_label else []) + ["algorithm", "status"] + [c[0] for c in _COLUMNS]
+    columns = _columns(runs)
+    head = (["run"] if show_label else []) + ["algorithm", "status"] + [c[0] for c in columns]
     lines = ["<table>", "<tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>"]
     for run in runs:
         swatch = f'<span class="swatch" style="background:{run.color}"></span>'
@@ -523,7 +573,7 @@ def _summary_table(runs: list[_Run]) -> str:
         cells.append(f"<td>{'' if show_label else swatch}{e(run.algorithm)}</td>")
         status = str(run.summary.get("status") or "—")
         cells.append(f'<td class="status-{e(status)}">{e(status)}</td>')
-        for _, key, fmt, _ in _COLUMNS:
+        for _, key, fmt, _ in columns:
             text = fmt(run.summary.get(key))
             cells.append(f'<td class="num{" best" if best.get(key) == text else ""}">{e(text)}</td>')
         lines.append("<tr>" + "".join(cells) + "</tr>")
@@ -615,6 +665,12 @@ def render_report(path: Path) -> Path:
     try:
         _plot_accuracy_vs_time(runs, root / "accuracy_vs_time.png", unit)
         _plot_accuracy_vs_round(runs, root / "accuracy_vs_round.png")
+        lm = [run for run in runs if _has_perplexity(run)]
+        if lm:
+            _plot_perplexity_vs_time(lm, root / PERPLEXITY_IMAGE[0], unit)
+            images = {PERPLEXITY_IMAGE[0]: PERPLEXITY_IMAGE[1], **images}  # first: what an LM run is judged by
+        else:
+            (root / PERPLEXITY_IMAGE[0]).unlink(missing_ok=True)
         _plot_bytes(runs, root / "bytes.png", unit)
         for (image, caption), has, plot in ((STALENESS_IMAGE, _has_staleness, _plot_staleness),
                                             (PARTICIPATION_IMAGE, _has_participation, _plot_participation)):  # fmt: skip

@@ -45,7 +45,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 
-ROUND_KEYS = ("self", "clients_per_round", "deadline_s", "selection")  # set from strategy.* keys, not strategy.params
+ROUND_KEYS = ("self", "clients_per_round", "deadline_s", "selection", "aggregator", "privacy")  # set from strategy.* keys, not strategy.params
 
 
 def parameters(cls: type) -> list[inspect.Parameter]:
@@ -95,12 +95,33 @@ def build_strategy(
             f"strategy.selection.name: {cfg.name} does not run rounds, so it takes no client selection "
             "(selections apply to round-based algorithms such as fedavg)"
         )
+    _robust_options(cls, cfg, accepted, kwargs)
     strategy = _instantiate(cls, kwargs, f"strategy.params: {cfg.name}")
     if training is not None:
         strategy.check_training(training.optimizer, training.momentum)
     if model is not None:
         strategy.check_model(model.name)
     return strategy
+
+
+def _robust_options(cls: type, cfg: StrategyConfig, accepted: Any, kwargs: dict[str, Any]) -> None:
+    """Pass ``strategy.aggregator`` and ``strategy.privacy`` to algorithms that take them; refuse them elsewhere."""
+    takers = sorted(name for name, other in STRATEGIES.items() if "aggregator" in inspect.signature(other.__init__).parameters)
+    private = sorted(name for name, other in STRATEGIES.items() if "privacy" in inspect.signature(other.__init__).parameters)
+    if "aggregator" in accepted:
+        kwargs["aggregator"] = cfg.aggregator
+    elif cfg.aggregator.rule != "mean":
+        raise ConfigError(
+            f"strategy.aggregator.rule: {cfg.name} does not aggregate a mean of client changes, so a robust rule would "
+            f"change its mathematics (robust rules apply to {', '.join(takers)})"
+        )
+    if "privacy" in accepted:
+        kwargs["privacy"] = cfg.privacy
+    elif cfg.privacy.enabled:
+        raise ConfigError(
+            f"strategy.privacy.clip: DP-FedAvg is defined for a round's mean of uniformly sampled clients' changes, which "
+            f"{cfg.name} does not aggregate (privacy applies to {', '.join(private)})"
+        )
 
 
 def build_selection(cfg: SelectionConfig) -> Selection:

@@ -1,7 +1,7 @@
 """The one strategy interface every algorithm implements, and the server it talks to.
 
-A strategy is event-driven. The engine (the virtual-clock simulator today, a Ray or gRPC
-backend later) calls its hooks when something happens:
+A strategy is event-driven. The engine (the virtual-clock simulator, whose client halves may run
+on Ray workers, or a gRPC deployment) calls its hooks when something happens:
 
 - ``start(server)``: the federation is ready; dispatch the first tasks.
 - ``on_update(server, update)``: client ``update.client_id`` returned ``update`` at ``server.now``.
@@ -12,13 +12,15 @@ It answers through the :class:`Server`: ``dispatch`` work to clients, ``cancel``
 wants, ``set_timer``, and ``commit`` a new global model (one aggregation = one server version).
 
 The client half of an algorithm, :meth:`Strategy.client_train`, runs where the data is and sees
-only the task and the client's own state, so the same class runs in a simulation and on a real client.
-When it is plain local training, :meth:`Strategy.local_training` says so, and the simulator may
+only the task and the client's own state, so the same class runs in a simulation and on a real client
+(or a Ray worker, which holds a copy of the strategy as it was built: the client half must not read what
+the server half changes during a run). When it is plain local training, :meth:`Strategy.local_training` says so, and the simulator may
 train many such tasks together (``training.vectorize``) with the same results.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -102,7 +104,12 @@ BATCHABLE_OPTIONS = frozenset({"lr", "prox_mu", "correction", "grad_mask"})
 
 
 class Server(Protocol):
-    """What a strategy may ask of the engine. Implemented by the simulator (and later backends)."""
+    """What a strategy may ask of the engine. Implemented by the simulator (and later backends).
+
+    Optionally, ``client_store``: a :class:`~hetfl.engine.store.ParamStore` for tensors a strategy keeps per
+    client (FedStale's stored updates), under the run's memory budget; a strategy asks for it with
+    ``getattr(server, "client_store", None)`` and keeps a plain dict when the engine has none.
+    """
 
     now: float  # simulated seconds (wall seconds in a real deployment)
     version: int  # number of aggregations so far
@@ -110,7 +117,7 @@ class Server(Protocol):
     rng: np.random.Generator  # the server's random stream (client sampling)
     n_clients: int
     trainer: "LocalTrainer"  # the reference architecture, for server-side computation (stale-update recovery)
-    profiles: list[Any]  # each client's DeviceProfile, as the devices registered (compute tier, speed)
+    profiles: Sequence[Any]  # each client's DeviceProfile, as the devices registered (the simulator: a DeviceTable)
 
     def available(self) -> list[int]: ...  # clients online and without a task, sorted
 
@@ -161,6 +168,9 @@ class Strategy:
     personalised: ClassVar[bool] = False  # clients use their own models (see personal_params)
     global_model: ClassVar[bool] = True
     model_heterogeneous: ClassVar[bool] = False
+    # aggregation is the sample-weighted mean of the updates (FedAvg, FedProx), so a deployment may aggregate
+    # securely: the server then sees only the cohort's sum (hetfl.deploy, deploy.secure_aggregation)
+    linear_aggregation: ClassVar[bool] = False
 
     def initial_params(self, trainer: "LocalTrainer") -> torch.Tensor:
         """The server's parameters before the first aggregation, given the reference architecture's
@@ -186,7 +196,11 @@ class Strategy:
     def client_train(
         self, trainer: "LocalTrainer", task: Task, data: ClientData, state: dict[str, Any], seed: int
     ) -> ClientResult:
-        """The client half: plain local training. ``state`` persists on the client between tasks."""
+        """The client half: plain local training. ``state`` persists on the client between tasks.
+
+        It may read its arguments and the strategy's parameters (what the constructor and the ``check_*``
+        hooks set), never what the server half changes during the run: a Ray worker runs it on a copy of the
+        strategy made before the run started (:mod:`hetfl.engine.backends`)."""
         result = trainer.train(task.params, data.x, data.y, steps=task.steps, seed=seed, **task.options)
         return ClientResult(result.params, result.steps, result.loss)
 
@@ -225,6 +239,15 @@ class Strategy:
         payload = sum(t.numel() * t.element_size() for t in task.payload.values())
         return shared + payload, shared * self.upload_copies
 
+    def describe_transfer(self, trainer: "LocalTrainer") -> str:
+        """What one task moves, a few words for the run's one-line description (``hetfl run``), given the
+        reference ``trainer``: by default the size of the server's parameters (:meth:`initial_params`: the model,
+        or the part a model-heterogeneous strategy shares). Strategies whose ``transfer_bytes`` differ (adapters
+        of the client's rank) say so."""
+        params = self.initial_params(trainer)
+        size = params.numel() * params.element_size()
+        return f"{size / 1e3:.1f} kB a transfer" if size else "nothing transferred"
+
     def task_flops(self, server: Server, task: Task) -> float:
         """FLOPs ``task`` costs its client, asked at dispatch: its simulated compute time and ``train_flops``.
 
@@ -257,6 +280,12 @@ class Strategy:
 
     def metrics(self) -> dict[str, float]:
         """Algorithm-specific numbers for ``metrics.jsonl`` (groups formed, recovery cost); none by default."""
+        return {}
+
+    def summary(self, server: Server) -> dict[str, Any]:
+        """Algorithm-specific results for ``summary.json`` (its ``strategy_summary``), asked once when the run
+        ends, with the server as it ended (e.g. FedSpine's per-client choice history); none by default.
+        Values must be JSON-serialisable."""
         return {}
 
 

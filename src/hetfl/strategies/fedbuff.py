@@ -11,15 +11,22 @@ K updates are in the buffer the server takes one step and empties it:
 
 with tau_i = (server version at aggregation) - (version client i started from). The K updates form
 one aggregation (one server version). As in the paper, updates are not weighted by sample count.
+``strategy.aggregator`` replaces the buffer's mean by a robust rule (:mod:`hetfl.strategies.robust`: every
+buffered change one vote, scaled by the buffer's mean s(tau)); differential privacy is not offered, since
+the buffer is filled by whoever arrives first, not by a uniform sample of the clients.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from hetfl.config import AggregatorConfig
 from hetfl.strategies.asynchronous import AsyncStrategy
 from hetfl.strategies.base import Server, Update
 from hetfl.strategies.recovery import RecoveryConfig
+from hetfl.strategies.robust import Aggregation
 from hetfl.strategies.staleness import StalenessKind, check_staleness, staleness_weight
 
 
@@ -40,6 +47,8 @@ class FedBuff(AsyncStrategy):
         a of the polynomial or hinge.
     staleness_b : int, default 4
         b, the hinge's knee.
+    aggregator : AggregatorConfig, optional
+        ``strategy.aggregator``: how the buffer is combined; default: the mean above.
     """
 
     name = "fedbuff"
@@ -54,6 +63,7 @@ class FedBuff(AsyncStrategy):
         staleness: StalenessKind = "polynomial",
         staleness_a: float = 0.5,
         staleness_b: int = 4,
+        aggregator: AggregatorConfig | None = None,
     ) -> None:
         super().__init__(concurrency=concurrency, recovery=recovery)
         if buffer_size < 1:
@@ -67,6 +77,7 @@ class FedBuff(AsyncStrategy):
         self.staleness_a = staleness_a
         self.staleness_b = staleness_b
         self.buffer: list[Update] = []
+        self.aggregation = Aggregation(aggregator, cohort=buffer_size, cohort_key="strategy.params.buffer_size")
 
     def receive(self, server: Server, update: Update) -> None:
         self.buffer.append(update)
@@ -74,11 +85,14 @@ class FedBuff(AsyncStrategy):
             return
         updates, self.buffer = self.buffer, []
         s = torch.tensor([self.weight(server.version - u.task.version) for u in updates])
-        step = torch.stack([u.delta for u in updates]).T @ s / len(updates)
+        step = self.aggregation.delta(server, torch.stack([u.delta for u in updates]), s) / len(updates)
         server.commit(server.params + self.server_lr * step, updates)
 
     def held_updates(self) -> int:
         return len(self.buffer)
+
+    def metrics(self) -> dict[str, Any]:
+        return {**super().metrics(), **self.aggregation.metrics()}
 
     def weight(self, tau: int) -> float:
         """s(tau) with this strategy's staleness function."""

@@ -7,21 +7,30 @@ on some of its linear layers; each client has a rank of its own, fitted to its d
 - ``hetlora``: Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models"
   (EMNLP 2024, arXiv:2401.06432). The server keeps adapters of the largest rank R; a client of rank r
   downloads their first r components (:func:`~hetfl.models.lora.truncate`), trains them and sends them
-  back; the server zero-pads them to R (:func:`~hetfl.models.lora.pad_rank`) and takes the sample-weighted
-  mean (:func:`~hetfl.models.lora.aggregate_hetlora`, p_k = n_k / sum_j n_j). A component i that no
-  update of the round has (every client's rank <= i) keeps its previous value (hetfl's choice: a round of
-  small-rank clients would otherwise erase it); one that some have is averaged with the others' zeros,
-  i.e. shrunk by the weight of the clients that have it, as in the paper. (HetLoRA's sparsity weights and
-  rank self-pruning are not used.)
+  back; the server zero-pads them to R (:func:`~hetfl.models.lora.pad_rank`) and takes their weighted
+  mean (:func:`~hetfl.models.lora.aggregate_hetlora`). ``weighting: samples`` (the default): p_k = n_k /
+  sum_j n_j, client k's training samples. ``weighting: norm``: HetLoRA's sparsity-weighted aggregation,
+  p_k = ||dW_k||_F / sum_j ||dW_j||_F with dW_k = B_k A_k the change client k's adapters make, its Frobenius
+  norm taken over every adapted layer at once (sqrt of the sum of the layers' squared norms; one weight a
+  client, :func:`~hetfl.models.lora.adapter_norm`), so that clients whose adapters say little (small
+  updates, typically of a rank too large for their data) count less; sample counts are not used. A
+  component i that no update of the round has (every client's rank <= i) keeps its previous value (hetfl's
+  choice: a round of small-rank clients would otherwise erase it); one that some have is averaged with
+  the others' zeros, i.e. shrunk by the weight of the clients that have it, as in the paper. (HetLoRA's
+  local rank self-pruning is not implemented: every client trains the rank its device is given.)
 - ``flora``: Wang et al., "FLoRA: Federated Fine-Tuning Large Language Models with Heterogeneous Low-Rank
   Adaptations" (NeurIPS 2024, arXiv:2409.05976). Each client trains fresh adapters of its rank (A drawn
   at random, B = 0); the server stacks the round's adapters (:func:`~hetfl.models.lora.aggregate_flora`,
   rank sum_k r_k), so that B A = sum_k p_k B_k A_k exactly, and the stack is merged into the base:
   W <- W + B A, on the server and on every client. Clients keep their merged base in their state; a task
-  carries the stacks of every round since the client last merged (its payload), which it merges in order
-  before training. The server's ``params`` are the merged model (base plus every stack so far), so
-  ``global_model`` is True and the engine scores it; every client that has caught up holds exactly the
-  same bits, since client and server add the same products in the same order.
+  carries what the client needs to catch up with the server's model since it last merged (its payload):
+  per adapted layer, the stacks of every round it missed, which it merges in order before training, or,
+  when that is smaller, the layer's current dense weight on the server (d_out x d_in numbers, for sum_s r_s
+  (d_in + d_out) of stacks: the dense weight wins once the missed ranks add up to more than
+  d_in d_out / (d_in + d_out)), which it copies. The server's ``params`` are the merged model (base plus
+  every stack so far), so ``global_model`` is True and the engine scores it; every client that has caught
+  up holds exactly the same bits, since client and server add the same products in the same order (or
+  the client copies the server's weight).
 - ``fedavg``: the factors averaged separately (:func:`~hetfl.models.lora.aggregate_naive`), one rank for
   every client only. Not the mean of the products (it has cross terms B_k A_l); the baseline HetLoRA and
   FLoRA improve on.
@@ -43,9 +52,10 @@ even differentiated, and ``trainer.flat`` holds the base bit for bit before and 
 
 What travels (``transfer_bytes``), float32: an adapter of rank r is r * sum_layers (d_in + d_out) numbers.
 ``hetlora``/``fedavg``: a task downloads the rank-r truncation of the server's adapters and uploads its
-rank-r adapters. ``flora``: a task downloads the stacks the client has not merged yet (sum of the ranks
-of the round's clients, per round; a client that missed rounds downloads all of them, so bytes grow with
-clients per round and with absence) and uploads its rank-r adapters; never the model.
+rank-r adapters. ``flora``: a task downloads, per adapted layer, the smaller of the stacks the client has
+not merged yet (sum of the ranks of the round's clients, per round; a client that missed rounds downloads
+all of them, so stacks grow with clients per round and with absence) and the layer's dense weight, and
+uploads its rank-r adapters; never the whole model (the rest of it does not change).
 
 Evaluation. ``flora``: the server's merged model (the global model, every client's model once caught
 up). ``hetlora``/``fedavg``: there is no model on the server, only adapters (``global_model`` False); each
@@ -67,7 +77,7 @@ from torch import nn
 
 from hetfl.errors import ConfigError, DivergedError
 from hetfl.models.assign import by_tier, speed_groups
-from hetfl.models.lora import aggregate_flora, aggregate_hetlora, aggregate_naive, truncate
+from hetfl.models.lora import aggregate_flora, aggregate_hetlora, aggregate_naive, sparsity_weights, truncate
 from hetfl.models.transformer import TinyLM
 from hetfl.strategies.base import ClientData, ClientResult, Server, Task, Update
 from hetfl.strategies.rounds import RoundStrategy, sample_weights
@@ -112,6 +122,9 @@ class FedLoRA(RoundStrategy):
         Every client's rank, unless ``ranks`` is set.
     ranks : list of int or dict of str to int, optional
         Ranks by device speed (a list, slowest group first) or by compute tier (tier name -> rank).
+    weighting : {"samples", "norm"}, default "samples"
+        hetlora's client weights: training samples, or HetLoRA's sparsity weights (the Frobenius norm of each
+        client's adapter product; module docstring). ``norm`` needs ``aggregation: hetlora``.
     targets : list of str, optional
         Attribute names of the linear layers that get adapters; default ``["q", "v"]`` on TinyLM, every
         linear layer on other models.
@@ -127,6 +140,7 @@ class FedLoRA(RoundStrategy):
         aggregation: Literal["hetlora", "flora", "fedavg"] = "hetlora",
         rank: int = 4,
         ranks: list[int] | dict[str, int] | None = None,
+        weighting: Literal["samples", "norm"] = "samples",
         targets: list[str] | None = None,
         clients_per_round: int = 10,
         deadline_s: float | None = None,
@@ -146,7 +160,12 @@ class FedLoRA(RoundStrategy):
             )
         if targets is not None and not targets:
             raise ValueError("targets must name at least one linear layer (e.g. [q, v]), or be unset")
-        self.aggregation = aggregation
+        if weighting not in ("samples", "norm"):
+            raise ValueError(f"weighting must be samples or norm; got {weighting!r}")
+        if weighting == "norm" and aggregation != "hetlora":
+            raise ValueError(f"weighting norm is HetLoRA's sparsity-weighted aggregation; set aggregation: hetlora "
+                             f"(got {aggregation}) or weighting: samples")
+        self.rule, self.weighting = aggregation, weighting  # self.aggregation is RoundStrategy's (robust rules)
         self.rank, self.ranks = rank, ranks
         self.targets = None if targets is None else tuple(targets)
         self.max_rank = max(values) if values else rank
@@ -220,42 +239,71 @@ class FedLoRA(RoundStrategy):
                  torch.zeros(layer.d_out, rank)) for layer in layers]
 
     def initial_params(self, trainer) -> torch.Tensor:
-        if self.aggregation == "flora":
+        if self.rule == "flora":
             return trainer.initial.clone()  # the (pretrained) base: stacks are merged into it
         return self.pack(self.fresh(self.layers(trainer), self.max_rank, torch.Generator().manual_seed(INIT_SEED)))
 
     # -- the server half ----------------------------------------------------------------------------
     def configure(self, server: Server, client_id: int) -> dict[str, Any]:
         options: dict[str, Any] = {"rank": self.client_rank(server, client_id)}
-        if self.aggregation != "flora":
+        if self.rule != "flora":
             return {"options": options}
         missed = self._history[self._synced.get(client_id, 0) :]
-        options |= {"stack_ranks": [r for r, _ in missed], "synced_to": len(self._history)}
-        payload = {"stacks": torch.cat([s for _, s in missed])} if missed else {}
+        layers = self.layers(server.trainer)
+        dense = self.dense_layers(layers, sum(r for r, _ in missed))
+        options |= {"stack_ranks": [r for r, _ in missed], "synced_to": len(self._history), "dense_layers": dense}
+        payload = {}
+        stacked = [i for i in range(len(layers)) if i not in dense]
+        if missed and stacked:  # per missed round, the stacked factors of the layers that travel as stacks
+            payload["stacks"] = torch.cat([self.pack([factors[i] for i in stacked])
+                                           for r, s in missed for factors in [self.unpack(layers, s, r)]])
+        if missed and dense:  # the server's current weights of the others: what the stacks would have made
+            payload["dense"] = torch.cat([server.params[layers[i].weight] for i in dense])
         return {"options": options, "payload": payload}
+
+    @staticmethod
+    def dense_layers(layers: list[Layer], rank: int) -> list[int]:
+        """FLoRA: the layers (indices) a client catching up on stacks of total rank ``rank`` downloads dense,
+        because ``d_out * d_in < rank * (d_in + d_out)`` numbers (a tie goes to the stacks); none for rank 0."""
+        return [i for i, layer in enumerate(layers) if layer.d_out * layer.d_in < rank * (layer.d_in + layer.d_out)]
 
     def transfer_bytes(self, server: Server, task: Task) -> tuple[int, int]:
         up = 4 * self.adapter_numel(self.layers(server.trainer), task.options["rank"])
-        if self.aggregation == "flora":
+        if self.rule == "flora":  # per layer the smaller of its stacks and its dense weight (configure)
             return sum(t.numel() * t.element_size() for t in task.payload.values()), up
         return up, up  # the rank-r truncation down, rank-r adapters up
 
+    def client_ranks(self) -> list[int]:
+        """The ranks clients may train, smallest first."""
+        values = list(self.ranks.values()) if isinstance(self.ranks, dict) else list(self.ranks or [self.rank])
+        return sorted(set(values))
+
+    def describe_transfer(self, trainer) -> str:
+        layers = self.layers(trainer)
+        ranks = self.client_ranks()
+        sizes = [4 * self.adapter_numel(layers, r) / 1e3 for r in (ranks[0], ranks[-1])]
+        what = f"rank-{ranks[0]} adapters, {sizes[0]:.1f} kB" if len(ranks) == 1 else (
+            f"adapters of rank {ranks[0]}-{ranks[-1]}, {sizes[0]:.1f}-{sizes[1]:.1f} kB")
+        if self.rule == "flora":
+            return f"{what} up, the missed rounds' stacks (or dense weights) of {len(layers)} layers down"
+        return f"{what} a transfer"
+
     def on_update(self, server: Server, update: Update) -> None:
-        if self.aggregation == "flora":  # it trained, so it merged what the task carried (even if the round is over)
+        if self.rule == "flora":  # it trained, so it merged what the task carried (even if the round is over)
             self._synced[update.client_id] = update.task.options["synced_to"]
         super().on_update(server, update)
 
     def aggregate(self, server: Server, updates: list[Update]) -> torch.Tensor:
         layers = self.layers(server.trainer)
         clients = [self.unpack(layers, u.params, u.task.options["rank"]) for u in updates]
-        weights = sample_weights(updates)
-        if self.aggregation == "flora":
+        weights = sparsity_weights(clients) if self.weighting == "norm" else sample_weights(updates)
+        if self.rule == "flora":
             stack = [aggregate_flora([c[i][0] for c in clients], [c[i][1] for c in clients], weights)
                      for i in range(len(layers))]
             rank = stack[0][0].shape[0]
             self._history.append((rank, self.pack(stack)))
             return self.merge(layers, server.params, stack)
-        if self.aggregation == "fedavg":
+        if self.rule == "fedavg":
             return self.pack([aggregate_naive([c[i][0] for c in clients], [c[i][1] for c in clients], weights)
                               for i in range(len(layers))])
         old = self.unpack(layers, server.params, self.max_rank)
@@ -271,13 +319,22 @@ class FedLoRA(RoundStrategy):
     def client_train(self, trainer, task: Task, data: ClientData, state: dict[str, Any], seed: int) -> ClientResult:
         layers = self.layers(trainer)
         rank = int(task.options["rank"])
-        if self.aggregation == "flora":
+        if self.rule == "flora":
             base = state.get("base", trainer.initial)
+            dense = task.options.get("dense_layers", [])
+            stacked = [layer for i, layer in enumerate(layers) if i not in dense]
             stacks, offset = task.payload.get("stacks"), 0
             for r in task.options["stack_ranks"]:  # merge the rounds missed, in order, as the server did
-                n = self.adapter_numel(layers, r)
-                base = self.merge(layers, base, self.unpack(layers, stacks[offset : offset + n], r))
+                n = self.adapter_numel(stacked, r)
+                if n:
+                    base = self.merge(stacked, base, self.unpack(stacked, stacks[offset : offset + n], r))
                 offset += n
+            if dense:  # the other layers: the server's weights, copied
+                base, offset = base.clone(), 0
+                for i in dense:
+                    n = layers[i].weight.stop - layers[i].weight.start
+                    base[layers[i].weight] = task.payload["dense"][offset : offset + n]
+                    offset += n
             state["base"] = base
             start = self.fresh(layers, rank, torch.Generator().manual_seed(seed))
         else:
@@ -317,13 +374,13 @@ class FedLoRA(RoundStrategy):
         return [(A.detach(), B.detach()) for A, B in factors], mean_loss
 
     def personal_params(self, trainer, params: torch.Tensor, data: ClientData, state: dict[str, Any], seed: int):
-        if self.aggregation == "flora":
+        if self.rule == "flora":
             return None  # the server's merged model is every client's
         rank = self.max_rank if self._client_ranks is None else int(self._client_ranks[data.client_id])
         layers = self.layers(trainer)
         return self.merge(layers, trainer.initial, [truncate(A, B, rank) for A, B in self.unpack(layers, params, self.max_rank)])
 
     def metrics(self) -> dict[str, float]:
-        if self.aggregation != "flora" or not self._history:
+        if self.rule != "flora" or not self._history:
             return {}
         return {"flora_stack_rank": float(self._history[-1][0])}

@@ -10,15 +10,17 @@ The averaged client change is a pseudo-gradient for a server-side Adam or Yogi s
     w  <- w + eta * m / (sqrt(v) + tau)
 
 The paper uses no bias correction; neither do we. ``v`` starts at ``tau**2`` as in the paper's
-experiments, so the first steps are not huge.
+experiments, so the first steps are not huge. ``strategy.aggregator`` and ``strategy.privacy`` change how d is
+formed from the clients' changes (a robust rule, DP-FedAvg: :mod:`hetfl.strategies.robust`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from hetfl.config import AggregatorConfig, PrivacyConfig
 from hetfl.strategies.base import Server, Update
-from hetfl.strategies.rounds import RoundStrategy, sample_weights, weighted_delta
+from hetfl.strategies.rounds import RoundStrategy
 from hetfl.strategies.selection import Selection
 
 
@@ -35,6 +37,8 @@ class FedAdam(RoundStrategy):
         Adaptivity: added to sqrt(v); smaller is more adaptive.
     clients_per_round, deadline_s, selection
         See :class:`~hetfl.strategies.rounds.RoundStrategy`.
+    aggregator, privacy : AggregatorConfig, PrivacyConfig, optional
+        ``strategy.aggregator`` and ``strategy.privacy``: how d is formed; default: the weighted mean.
     """
 
     name = "fedadam"
@@ -49,6 +53,8 @@ class FedAdam(RoundStrategy):
         beta1: float = 0.9,
         beta2: float = 0.99,
         tau: float = 1e-3,
+        aggregator: AggregatorConfig | None = None,
+        privacy: PrivacyConfig | None = None,
     ) -> None:
         super().__init__(clients_per_round=clients_per_round, deadline_s=deadline_s, selection=selection)
         if server_lr <= 0 or tau <= 0:
@@ -58,12 +64,13 @@ class FedAdam(RoundStrategy):
         self.server_lr, self.beta1, self.beta2, self.tau = server_lr, beta1, beta2, tau
         self.m: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
+        self.use_aggregator(aggregator, privacy)
 
     def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
         return self.beta2 * v + (1 - self.beta2) * d2
 
     def aggregate(self, server: Server, updates: list[Update]) -> torch.Tensor:
-        d = weighted_delta(updates, sample_weights(updates))
+        d = self.combined_delta(server, updates)
         if self.m is None or self.v is None:
             self.m = torch.zeros_like(d)
             self.v = torch.full_like(d, self.tau**2)

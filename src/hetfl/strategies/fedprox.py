@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from hetfl.config import AggregatorConfig, PrivacyConfig
 from hetfl.strategies.base import Server
 from hetfl.strategies.fedavg import FedAvg
 from hetfl.strategies.selection import Selection
@@ -21,7 +22,7 @@ class FedProx(FedAvg):
     ----------
     mu : float, default 0.01
         Weight of the proximal term; its gradient ``mu * (w - w_global)`` is added at every local step.
-    clients_per_round, deadline_s, selection, server_lr
+    clients_per_round, deadline_s, selection, server_lr, aggregator, privacy
         As for :class:`~hetfl.strategies.fedavg.FedAvg`.
     """
 
@@ -35,8 +36,11 @@ class FedProx(FedAvg):
         deadline_s: float | None = None,
         selection: Selection | None = None,
         server_lr: float = 1.0,
+        aggregator: AggregatorConfig | None = None,
+        privacy: PrivacyConfig | None = None,
     ) -> None:
-        super().__init__(clients_per_round=clients_per_round, deadline_s=deadline_s, selection=selection, server_lr=server_lr)
+        super().__init__(clients_per_round=clients_per_round, deadline_s=deadline_s, selection=selection, server_lr=server_lr,
+                         aggregator=aggregator, privacy=privacy)
         if mu < 0:
             raise ValueError("mu must be non-negative")
         self.mu = mu

@@ -69,12 +69,15 @@ fewer ``train_flops`` than a full one.
 
 Reports. ``metrics()``: the share of dispatched tasks per arm (``fedspine_arm_r{ratio}_k{rank}``), and the
 mean parameter count of the devices' current pruned models. ``history`` (client id -> one dict per
-arrival or cancellation: time, ratio, rank, gain, seconds, reward) and :meth:`device_report` (per device:
-its final pruned model's parameter count and measured inference latency) are for benchmarks.
+arrival or cancellation: the version the task started from, time, ratio, rank, gain, seconds, reward) and
+:meth:`device_report` (per device: its arm, its final pruned model's parameter count, the arm's training
+memory and the model's measured inference latency) go to ``summary.json`` (``strategy_summary``, from
+:meth:`summary`: ``choices`` and ``devices``, by client id).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Literal
 
@@ -277,6 +280,16 @@ class FedSpine(FedLoRA):
         down = 4 * self.adapter_numel(self.layers(server.trainer), task.options["rank"])
         return down, self._arm_up[task.options["arm"]]
 
+    def describe_transfer(self, trainer) -> str:
+        """Down: full-dimension adapters of the arm's rank; up: the pruned model's adapters (module docstring)."""
+        self.setup(trainer)
+        layers = self.layers(trainer)
+        lo, hi = self.arm_ranks[0], self.arm_ranks[-1]
+        down = [4 * self.adapter_numel(layers, r) / 1e3 for r in (lo, hi)]
+        span = f"rank {lo}" if lo == hi else f"rank {lo}-{hi}"
+        return (f"adapters of {span}, {down[0]:.1f}-{down[1]:.1f} kB down, {min(self._arm_up) / 1e3:.1f}-"
+                f"{max(self._arm_up) / 1e3:.1f} kB up (pruned)")
+
     # -- the server half -----------------------------------------------------------------------------
     def bandit_of(self, client_id: int) -> Bandit:
         if client_id not in self._bandits:
@@ -306,8 +319,8 @@ class FedSpine(FedLoRA):
     def _record(self, client_id: int, task: Task, at: float, gain: float, seconds: float, reward: float) -> None:
         self.bandit_of(client_id).update(task.options["arm"], reward)
         self.history.setdefault(client_id, []).append(
-            {"t": at, "ratio": task.options["ratio"], "rank": float(task.options["rank"]), "gain": gain,
-             "seconds": seconds, "reward": reward}
+            {"version": task.version, "t": at, "ratio": task.options["ratio"], "rank": int(task.options["rank"]),
+             "gain": gain, "seconds": seconds, "reward": reward}
         )
 
     def on_update(self, server: Server, update: Update) -> None:
@@ -458,17 +471,33 @@ class FedSpine(FedLoRA):
         return restrict(model, state["ratio"], state["keep"]) if "keep" in state else model
 
     def device_report(self, sim, batch: torch.Tensor | None = None, repeats: int = 10) -> list[dict[str, Any]]:
-        """Per client of ``sim`` (a Simulator run with this strategy): its current arm, pruned model's parameter
-        count and measured inference latency (median seconds of a forward pass on ``batch``, default 8 windows of
-        zeros), and the arms it was given."""
-        out = []
+        """Per client of ``sim`` (a Simulator run with this strategy): its compute tier, current arm (``ratio``,
+        ``rank``; None before its first task), its pruned model's parameter count, the training memory of its arm
+        (``memory_bytes``, as the memory mask used it; None before its first task),
+        the measured inference latency of its pruned model (``latency_s``: median seconds of a forward pass on
+        ``batch``, default 8 windows of zeros, over ``repeats`` timed passes; measured once per distinct
+        architecture, since it depends only on the shapes) and the arms it was given, in order."""
+        self.setup(sim.trainer)
+        out, latency = [], {}
         for c in range(sim.n_clients):
             trainer = sim.models.trainer(c)
             state = sim.state.client_state.get(c, {})
             model = self.device_model(trainer, sim.params, state)
             x = torch.zeros(8, model.context, dtype=torch.long) if batch is None else batch
+            shape = json.dumps(model.sizes())
+            if shape not in latency:
+                latency[shape] = inference_latency(model, x, repeats=repeats)
+            arm = (float(state["ratio"]), int(state["rank"])) if "ratio" in state else None
+            memory = float(self.arm_memory()[self.arms.index(arm)]) if arm in self.arms else None
             out.append({"client": c, "tier": sim.profiles[c].tier, "ratio": state.get("ratio"),
-                        "rank": state.get("rank"), "params": param_count(model),
-                        "latency_s": inference_latency(model, x, repeats=repeats),
-                        "arms": list(state.get("arms", []))})
+                        "rank": state.get("rank"), "params": param_count(model), "memory_bytes": memory,
+                        "latency_s": latency[shape], "arms": list(state.get("arms", []))})
         return out
+
+    def summary(self, server) -> dict[str, Any]:
+        """``choices``: per client id, the history of its bandit (one dict per arrival or cancellation: ``version``
+        the task started from, arrival time ``t``, ``ratio``, ``rank``, validation-loss ``gain``, ``seconds`` and
+        ``reward``); ``devices``: per client id, :meth:`device_report` of the final models (without ``arms``,
+        which ``choices`` holds). ``server`` is the simulator at the end of the run."""
+        devices = [{k: v for k, v in d.items() if k not in ("arms", "client")} for d in self.device_report(server)]
+        return {"choices": [list(self.history.get(c, [])) for c in range(server.n_clients)], "devices": devices}

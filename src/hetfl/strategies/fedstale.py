@@ -26,10 +26,17 @@ under availability windows or non-uniform selections).
 
 A round in which no update arrived leaves the model unchanged, as in FedAvg.
 
-Memory: the server keeps one model-sized tensor per client that has taken part at least once.
+Memory: the server keeps one model-sized tensor per client that has taken part at least once. On the
+simulator they live in its per-client store (``server.client_store``, table ``fedstale/y``), under the
+run's memory budget (``training.state_memory_mb``): the least recently updated spill to disk, with the
+same values. The stale sum is taken over :data:`STALE_CHUNK` clients at a time, in the order clients
+first took part, so it never gathers more than that many tensors at once (with at most that many clients,
+it is one matrix-vector product, as it always was).
 """
 
 from __future__ import annotations
+
+from collections.abc import MutableMapping
 
 import torch
 
@@ -37,6 +44,9 @@ from hetfl.strategies.base import Server, Update
 from hetfl.strategies.fedavg import FedAvg
 from hetfl.strategies.rounds import federation_shares, sample_weights
 from hetfl.strategies.selection import Selection
+
+STALE_CHUNK = 4096
+"""Clients' stored updates gathered at a time for the stale sum."""
 
 
 class FedStale(FedAvg):
@@ -71,7 +81,16 @@ class FedStale(FedAvg):
         if not 0 <= beta <= 1:
             raise ValueError(f"beta must be in [0, 1] (0 is FedAvg, 1 is FedVARP), got {beta}")
         self.beta = beta
-        self.memory: dict[int, torch.Tensor] = {}  # client -> y_j, its latest model change
+        self.memory: MutableMapping[int, torch.Tensor] = {}  # client -> y_j, its latest model change
+
+    def start(self, server: Server) -> None:
+        store = getattr(server, "client_store", None)  # the engine's per-client store, under its memory budget
+        if store is not None:
+            table = store.table("fedstale/y")
+            if table is not self.memory:
+                table.update(self.memory)  # entries set before the run (if any) move along
+                self.memory = table
+        super().start(server)
 
     def aggregate(self, server: Server, updates: list[Update]) -> torch.Tensor:
         p = sample_weights(updates)
@@ -88,8 +107,15 @@ class FedStale(FedAvg):
         if not self.memory:
             return torch.zeros_like(server.params)
         shares = federation_shares(server)
-        q = torch.tensor([shares[c] for c in self.memory], dtype=torch.float32)
-        return torch.stack(list(self.memory.values())).T @ q
+        peek = getattr(self.memory, "peek", self.memory.__getitem__)  # a sweep: leave the store's recency alone
+        clients = list(self.memory)
+        total = None
+        for i in range(0, len(clients), STALE_CHUNK):
+            chunk = clients[i : i + STALE_CHUNK]
+            q = torch.tensor([shares[c] for c in chunk], dtype=torch.float32)
+            part = torch.stack([peek(c) for c in chunk]).T @ q
+            total = part if total is None else total + part
+        return total
 
 
 class FedVARP(FedStale):

@@ -11,7 +11,9 @@ from typing import Any
 
 import torch
 
+from hetfl.config import AggregatorConfig, PrivacyConfig
 from hetfl.strategies.base import Server, Strategy, Task, Update
+from hetfl.strategies.robust import Aggregation
 from hetfl.strategies.selection import RandomSelection, Selection
 
 
@@ -66,6 +68,18 @@ class RoundStrategy(Strategy):
         self._received: list[Update] = []
         self._dropped = 0
         self._deadline: Any = None
+        self.aggregation = Aggregation()  # the plain weighted mean; see use_aggregator
+
+    def use_aggregator(self, aggregator: AggregatorConfig | None, privacy: PrivacyConfig | None) -> None:
+        """Combine changes by ``strategy.aggregator`` and ``strategy.privacy`` (:mod:`hetfl.strategies.robust`)
+        in :meth:`combined_delta`. Called by the algorithms whose aggregation is a mean of changes (they take
+        ``aggregator`` and ``privacy`` constructor parameters); the others keep the mean and refuse the keys."""
+        self.aggregation = Aggregation(
+            aggregator, privacy, cohort=self.clients_per_round, cohort_key="strategy.clients_per_round",
+            uniform_sampling=type(self.selection) is RandomSelection,
+        )
+        if not self.aggregation.linear:
+            self.linear_aggregation = False  # the server needs each update, not just their sum
 
     # -- the two things an algorithm changes ------------------------------------------------
     def configure(self, server: Server, client_id: int) -> dict[str, Any]:
@@ -74,6 +88,17 @@ class RoundStrategy(Strategy):
 
     def aggregate(self, server: Server, updates: list[Update]) -> torch.Tensor:
         raise NotImplementedError
+
+    def combined_delta(self, server: Server, updates: list[Update]) -> torch.Tensor:
+        """sum_i p_i delta_i with p_i = n_i / sum_j n_j (:func:`weighted_delta`), or what the configured robust
+        rule or DP-FedAvg makes of the changes (:class:`~hetfl.strategies.robust.Aggregation`)."""
+        return self.aggregation.delta(server, torch.stack([u.delta for u in updates]), sample_weights(updates))
+
+    def metrics(self) -> dict[str, Any]:
+        return self.aggregation.metrics()
+
+    def summary(self, server: Server) -> dict[str, Any]:
+        return self.aggregation.summary()
 
     def select(self, server: Server, available: list[int]) -> list[int]:
         """The round's clients, chosen by ``self.selection`` (sorted, so the dispatch order is reproducible)."""

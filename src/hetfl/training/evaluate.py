@@ -71,11 +71,10 @@ class Evaluator:
         y = self.labels(t)
         global_logits: torch.Tensor | None = None  # computed once, if some client uses the global model
         sizes = np.bincount(self.owner, minlength=self.n_clients)
-        by_client = np.split(np.argsort(self.owner, kind="stable"), np.cumsum(sizes)[:-1])
-        for c, rows in enumerate(by_client):  # rows of client c's test split, in one pass over owner
-            if not len(rows):
-                continue
-            index = torch.from_numpy(rows)
+        order = np.argsort(self.owner, kind="stable")
+        ends = np.cumsum(sizes)
+        for c in np.flatnonzero(sizes).tolist():  # clients with a test split, ascending; rows in one pass over owner
+            index = torch.from_numpy(order[ends[c] - sizes[c] : ends[c]])
             model = models(c)
             if model is None:
                 if global_logits is None:

@@ -1,0 +1,417 @@
+"""The deployment client: joins a hetfl server with its token, trains its own data, sends updates back.
+
+The client half of the algorithm is the strategy's own :meth:`~hetfl.strategies.base.Strategy.client_train`:
+the server sends the run's configuration when the client joins, and the client builds the same strategy
+class and the same model from it, so there is no second implementation. Its persisted state (SCAFFOLD's
+control variate, a personal head) stays in this process between tasks.
+
+It long-polls for work, trains with the task's seed (the simulator's ``task_seed``: the same seed and data
+give the same update), sends heartbeats while training, measures its seconds per local step and its
+transfer rates and reports them with each update. When the server is unreachable it retries with capped
+exponential backoff and jitter, and joins again (same token, same client id) after a server restart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# gRPC's C core logs its own errors to stderr; hetfl reports them as one line each (GRPC_VERBOSITY=debug shows them)
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+import grpc  # noqa: E402
+import numpy as np
+import torch
+
+from hetfl.config import ExperimentConfig, load_yaml, validate  # load_yaml: the config's YAML reader (1e-3 is a float)
+from hetfl.deploy import federation_pb2 as pb
+from hetfl.deploy import federation_pb2_grpc as pb_grpc
+from hetfl.deploy import wire
+from hetfl.deploy.tokens import read_pem
+from hetfl.errors import DataError, HetflError
+from hetfl.strategies import build_strategy
+from hetfl.strategies.base import ClientData, Task, client_report
+from hetfl.training import LocalTrainer
+
+log = logging.getLogger("hetfl.client")
+
+JOIN_TIMEOUT_S = 30.0
+TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+             grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter: the n-th wait is uniform in [0, min(cap, base * 2^n)]."""
+
+    def __init__(self, base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None) -> None:
+        self.base, self.cap, self.n = base, cap, 0
+        self.rng = rng or random.Random()
+
+    def next(self) -> float:
+        wait = self.rng.uniform(0, min(self.cap, self.base * 2**self.n))
+        self.n += 1
+        return max(wait, 0.05)
+
+    def reset(self) -> None:
+        self.n = 0
+
+
+@dataclass
+class ClientOptions:
+    server: str
+    token: str
+    data: str
+    tls_ca: bytes | None = None
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+    give_up_after_s: float = 600.0
+    threads: int | None = None
+    attack: tuple[str, float] | None = None  # ("scaled-random", scale): a test of robust aggregation
+    faults: list[str] = field(default_factory=list)  # test-only: nan-once, bad-shape-once, die-on-task:N
+
+
+def load_data(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """A client's training data: an .npz with arrays ``x`` (samples first) and ``y`` (labels or next tokens)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--data {path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "x" not in npz or "y" not in npz:
+                raise DataError(f"--data {path}: expected arrays 'x' and 'y' (found {', '.join(npz.files) or 'none'})")
+            x, y = npz["x"], npz["y"]
+    except (OSError, ValueError) as err:
+        raise DataError(f"--data {path}: not a readable .npz file ({err})") from None
+    if len(x) != len(y) or len(x) == 0:
+        raise DataError(f"--data {path}: x has {len(x)} samples and y {len(y)}; expected the same number, at least one")
+    x_t = torch.from_numpy(np.ascontiguousarray(x))
+    if x_t.is_floating_point():
+        x_t = x_t.float()
+    return x_t, torch.from_numpy(np.ascontiguousarray(y)).long()
+
+
+def build_trainer(cfg: ExperimentConfig, setup: dict[str, Any]) -> LocalTrainer:
+    """The client's trainer, built as the simulator builds it (:func:`hetfl.engine.run.build_federation`):
+    the same seed, the reference architecture first, then each zoo member; this client's architecture is
+    ``setup['architecture']``."""
+    from hetfl.models import build_model
+
+    shape, classes, vocab = tuple(setup["input_shape"]), int(setup["n_classes"]), setup.get("vocab_size")
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+
+    def make(arch) -> LocalTrainer:
+        model = build_model(arch, shape, classes, vocab, cfg.model.feature_dim)
+        if cfg.model.pretrained and arch.name == "tinylm":
+            from hetfl.models.pretrain import load_or_pretrain
+
+            load_or_pretrain(model, cfg.model.pretrain, cfg.data, cfg.seed)
+        return LocalTrainer(model, cfg.training, arch.label())
+
+    reference = make(cfg.model)
+    if not cfg.model.zoo:
+        return reference
+    members = [make(arch) for arch in cfg.model.zoo]
+    for member in members:
+        member.reference = reference
+    return members[int(setup["architecture"])]
+
+
+class Client:
+    def __init__(self, options: ClientOptions) -> None:
+        self.o = options
+        self.x, self.y = load_data(options.data)
+        self.session: str | None = None
+        self.client_id: int | None = None
+        self.config_yaml: str | None = None
+        self.cfg: ExperimentConfig | None = None
+        self.setup: dict[str, Any] = {}
+        self.trainer: LocalTrainer | None = None
+        self.strategy: Any = None
+        self.state: dict[str, Any] = {}  # the strategy's per-client state, kept between tasks
+        self.tasks_seen = 0
+        self.upload_Bps = 0.0
+        self._cohorts: dict[int, tuple[dict[int, bytes], int]] = {}  # secure aggregation: round -> (peers, numel)
+        from hetfl.deploy.secagg import MaskingClient
+
+        self.masking = MaskingClient()  # its public key goes with every join; used if the server aggregates securely
+        self.channel = self._channel()
+        self.stub = pb_grpc.FederationStub(self.channel)
+
+    def _channel(self) -> grpc.Channel:
+        o = self.o
+        size = 64 << 20
+        opts = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
+                # a server that vanished without closing the connection is noticed within a minute
+                ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 20_000)]
+        if o.tls_ca is None:
+            return grpc.insecure_channel(o.server, options=opts)
+        creds = grpc.ssl_channel_credentials(root_certificates=o.tls_ca, private_key=o.tls_key, certificate_chain=o.tls_cert)
+        return grpc.secure_channel(o.server, creds, options=opts)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> int:
+        backoff = Backoff()
+        unreachable_since: float | None = None
+        while True:
+            try:
+                if self.session is None:
+                    self._join()
+                header, tensors, download_s, download_bytes = self._poll()
+                unreachable_since = None
+                backoff.reset()
+                if header.kind == pb.TaskHeader.FINISHED:
+                    log.info("client %s: the server ended the run (%s)", self.client_id, header.message or "done")
+                    return 0
+                if header.kind == pb.TaskHeader.TRAIN:
+                    self._train_and_send(header, tensors, download_s, download_bytes)
+                elif header.kind == pb.TaskHeader.UNMASK:
+                    self._send_share(header)
+            except grpc.RpcError as err:
+                code = err.code()
+                detail = err.details() or code.name
+                if code == grpc.StatusCode.UNAUTHENTICATED:
+                    raise HetflError(f"the server at {self.o.server} refused this client: {detail}") from None
+                if code == grpc.StatusCode.FAILED_PRECONDITION and "run is over" in detail:
+                    log.info("client %s: %s", self.client_id, detail)
+                    return 0
+                if code == grpc.StatusCode.NOT_FOUND:
+                    log.info("client %s: %s", self.client_id, detail)
+                    self.session = None
+                    continue
+                if code not in TRANSIENT:
+                    raise HetflError(f"the server at {self.o.server} answered {code.name}: {detail}") from None
+                now = time.monotonic()
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since > self.o.give_up_after_s:
+                    raise HetflError(
+                        f"cannot reach the hetfl server at {self.o.server} for {now - unreachable_since:.0f} s "
+                        f"({detail}); check the address, that the server runs, and whether it requires TLS (--tls-ca)"
+                    ) from None
+                wait = backoff.next()
+                log.warning("client %s: server %s unreachable (%s); retrying in %.1f s",
+                            self.client_id if self.client_id is not None else "?", self.o.server, detail, wait)
+                time.sleep(wait)
+
+    def _join(self) -> None:
+        device = pb.DeviceReport(
+            n_samples=len(self.x), hostname=socket.gethostname(), public_key=self.masking.public_key,
+        )
+        if self.cfg is not None:  # the label statistics need the config's class count
+            device.stats_json = json.dumps(client_report(ClientData(0, self.x, self.y), self.setup["n_classes"]))
+        reply = self.stub.Join(pb.JoinRequest(token=self.o.token, device=device), timeout=JOIN_TIMEOUT_S)
+        self.session, self.client_id = reply.session, reply.client_id
+        if reply.config_yaml != self.config_yaml:
+            self._configure(reply)
+        log.info("client %d joined %s (%d samples)", self.client_id, self.o.server, len(self.x))
+
+    def _configure(self, reply: pb.JoinReply) -> None:
+        try:
+            self.cfg = validate(load_yaml(reply.config_yaml), source="the server's configuration")
+        except HetflError as err:
+            raise HetflError(f"the server sent a configuration this client cannot use: {err}") from None
+        self.config_yaml = reply.config_yaml
+        self.setup = json.loads(reply.setup_json)
+        shape = tuple(self.setup["input_shape"])
+        if tuple(self.x.shape[1:]) != shape:
+            raise DataError(f"--data {self.o.data}: samples of shape {tuple(self.x.shape[1:])}; the server's model takes {shape}")
+        if int(self.y.max()) >= int(self.setup["n_classes"]) or int(self.y.min()) < 0:
+            raise DataError(f"--data {self.o.data}: labels outside 0..{self.setup['n_classes'] - 1}")
+        self.strategy = build_strategy(self.cfg.strategy, self.cfg.training, self.cfg.model)
+        self.trainer = build_trainer(self.cfg, self.setup)
+        if self.o.threads:
+            torch.set_num_threads(self.o.threads)
+        # the first optimiser step imports much of torch (seconds): pay it now, not inside the first task,
+        # and measure the seconds a local step takes on this machine
+        self.trainer.train(self.trainer.initial, self.x, self.y, steps=1, seed=0)
+        started = time.monotonic()
+        self.trainer.train(self.trainer.initial, self.x, self.y, steps=5, seed=0)
+        log.info("client %d: ready, %.4f s per local step", self.client_id, (time.monotonic() - started) / 5)
+
+    def _poll(self) -> tuple[pb.TaskHeader, dict[str, torch.Tensor], float, int]:
+        poll = float(self.cfg.deploy.poll_s) if self.cfg is not None else 10.0
+        # the server answers within poll_s; the rest is for streaming a large model over a slow link
+        stream = self.stub.GetTask(pb.TaskRequest(session=self.session), timeout=poll + 600)
+        first = next(stream)
+        started = time.monotonic()
+        header = first.task
+        tensors, _, nbytes = wire.collect(header.tensors, stream)
+        return header, tensors, time.monotonic() - started, nbytes
+
+    # ------------------------------------------------------------------ one task
+    def _train_and_send(self, header: pb.TaskHeader, tensors: dict[str, torch.Tensor], download_s: float, nbytes: int) -> None:
+        self.tasks_seen += 1
+        self._maybe_die()
+        options = json.loads(header.options_json or "{}")
+        options.update({k.removeprefix("option:"): v for k, v in tensors.items() if k.startswith("option:")})
+        task = Task(
+            task_id=int(header.task_id), client_id=int(self.client_id), version=int(header.version),
+            params=tensors["params"], steps=int(header.steps), dispatched_at=0.0,
+            payload={k.removeprefix("payload:"): v for k, v in tensors.items() if k.startswith("payload:")},
+            options=options,
+        )
+        data = ClientData(self.client_id, self.x, self.y)
+        wanted = threading.Event()
+        wanted.set()
+        done = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(task.task_id, done, wanted), daemon=True)
+        beat.start()
+        started = time.monotonic()
+        try:
+            result = self.strategy.client_train(self.trainer, task, data, self.state, int(header.seed))
+        finally:
+            done.set()
+        train_s = time.monotonic() - started
+        if not wanted.is_set():
+            log.info("client %d: task %d no longer wanted by the server; result dropped", self.client_id, task.task_id)
+            return
+        params = self._tamper(result.params, task)
+        steps = self.strategy.compute_steps(result.steps)
+        upd = pb.UpdateHeader(
+            session=self.session, task_id=task.task_id, n_samples=len(self.x), steps=int(result.steps),
+            loss=float(result.loss), stats_json=json.dumps({**client_report(data, self.setup["n_classes"]), **result.stats}),
+            train_s=train_s, step_s=train_s / max(steps, 1), download_s=download_s, download_bytes=nbytes,
+            upload_Bps=self.upload_Bps,
+        )
+        blobs = []
+        if header.secagg_json:
+            specs, blobs = self._masked(json.loads(header.secagg_json), task, params, len(self.x))
+        else:
+            method = self.cfg.deploy.compression
+            specs = []
+            if method == "topk" and params.shape == task.params.shape:
+                spec, blob = wire.encode_tensor("params", params - task.params, "topk",
+                                                topk_ratio=self.cfg.deploy.topk_ratio, extra={"delta": True})
+            else:
+                spec, blob = wire.encode_tensor("params", params, method if method != "topk" else "none")
+            specs.append(spec)
+            blobs.append(blob)
+            for name, t in result.payload.items():
+                spec, blob = wire.encode_tensor(f"payload:{name}", t)
+                specs.append(spec)
+                blobs.append(blob)
+        upd.tensors.extend(specs)
+        sent = time.monotonic()
+        ack = self.stub.SendUpdate(wire.chunks(pb.Chunk(update=upd), blobs, int(self.setup["chunk_bytes"])), timeout=600)
+        elapsed = time.monotonic() - sent
+        self.upload_Bps = sum(len(b) for b in blobs) / elapsed if elapsed > 0 else 0.0
+        if ack.accepted:
+            log.info("client %d: task %d (version %d, %d steps, loss %.4f) trained in %.2f s; update accepted",
+                     self.client_id, task.task_id, task.version, result.steps, result.loss, train_s)
+        else:
+            log.warning("client %d: task %d update rejected by the server: %s", self.client_id, task.task_id, ack.reason)
+
+    def _heartbeat(self, task_id: int, done: threading.Event, wanted: threading.Event) -> None:
+        interval = float(self.setup.get("heartbeat_s", 5.0))
+        while not done.wait(interval):
+            try:
+                reply = self.stub.Heartbeat(pb.HeartbeatRequest(session=self.session, task_id=task_id), timeout=interval * 2)
+                if not reply.task_wanted:
+                    wanted.clear()
+            except grpc.RpcError:
+                pass  # the upload will find out whether the server is there
+
+    # ------------------------------------------------------------------ secure aggregation
+    def _masked(self, secagg: dict, task: Task, params: torch.Tensor, n: int) -> tuple[list, list]:
+        peers = {int(k): bytes.fromhex(v) for k, v in secagg["peers"].items()}
+        vector = (n * (params - task.params)).double().numpy()
+        masked = self.masking.mask(vector, peers, self.client_id, int(secagg["round"]),
+                                   clip=float(secagg["clip"]), scale=float(secagg["scale"]))
+        spec, blob = wire.encode_tensor("params", torch.from_numpy(masked.view(np.int32).copy()))
+        self._cohorts[int(secagg["round"])] = (peers, vector.size)
+        return [spec], [blob]
+
+    def _send_share(self, header: pb.TaskHeader) -> None:
+        request = json.loads(header.secagg_json)
+        round_id = int(request["round"])
+        peers, numel = self._cohorts.pop(round_id, (None, 0))
+        if peers is None:
+            log.warning("client %d: asked to unmask round %d, which it did not take part in", self.client_id, round_id)
+            return
+        share = self.masking.unmask_share([int(d) for d in request["dropped"]], peers, self.client_id, round_id, numel)
+        spec, blob = wire.encode_tensor("share", torch.from_numpy(share.view(np.int32).copy()))
+        upd = pb.UpdateHeader(session=self.session, task_id=int(header.task_id), unmask_share=True,
+                              stats_json=json.dumps({"dropped": request["dropped"]}))
+        upd.tensors.append(spec)
+        ack = self.stub.SendUpdate(wire.chunks(pb.Chunk(update=upd), [blob]), timeout=600)
+        log.info("client %d: revealed its masks with dropped %s for round %d (%s)", self.client_id, request["dropped"],
+                 round_id, "accepted" if ack.accepted else ack.reason)
+
+    # ------------------------------------------------------------------ attacks and faults (tests)
+    def _tamper(self, params: torch.Tensor, task: Task) -> torch.Tensor:
+        if self.o.attack is not None:
+            kind, scale = self.o.attack
+            gen = torch.Generator().manual_seed(task.task_id)
+            params = task.params + scale * torch.randn(task.params.shape, generator=gen)
+        if "nan-once" in self.o.faults:
+            self.o.faults.remove("nan-once")
+            params = params.clone()
+            params[: max(1, params.numel() // 100)] = float("nan")
+        elif "bad-shape-once" in self.o.faults:
+            self.o.faults.remove("bad-shape-once")
+            params = params[:-10].clone()
+        return params
+
+    def _maybe_die(self) -> None:
+        for fault in self.o.faults:
+            if fault.startswith("die-on-task:") and self.tasks_seen == int(fault.split(":")[1]):
+                log.warning("client %s: dying mid-task (fault %s)", self.client_id, fault)
+                logging.shutdown()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------- the command
+def parse_attack(text: str | None) -> tuple[str, float] | None:
+    if text is None:
+        return None
+    kind, _, scale = text.partition(":")
+    try:
+        value = float(scale)
+    except ValueError:
+        value = -1.0
+    if kind != "scaled-random" or not value > 0:
+        raise HetflError(f"--attack {text}: expected scaled-random:SCALE with SCALE > 0, e.g. scaled-random:10")
+    return kind, value
+
+
+def client_command(
+    *, server: str, token: str | None, token_file: str | None, data: str, tls_ca: str | None = None,
+    tls_cert: str | None = None, tls_key: str | None = None, give_up_after_s: float = 600.0,
+    threads: int | None = None, attack: str | None = None, faults: list[str] | None = None, quiet: bool = False,
+) -> int:
+    """``hetfl client``: join ``server`` and train until the run is over."""
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    if (token is None) == (token_file is None):
+        raise HetflError("give the client's token with --token TOKEN or --token-file FILE (one of them)")
+    if token_file is not None:
+        path = Path(token_file)
+        if not path.is_file():
+            raise HetflError(f"--token-file {path}: no such file")
+        token = path.read_text().strip()
+        if not token or len(token.split()) != 1:
+            raise HetflError(f"--token-file {path}: expected the token alone on one line")
+    if ":" not in server or not server.rsplit(":", 1)[1].isdigit():
+        raise HetflError(f"--server {server}: expected HOST:PORT, e.g. 192.168.1.10:50051")
+    if (tls_cert is None) != (tls_key is None):
+        raise HetflError("--tls-cert and --tls-key go together (this client's certificate and private key, for mutual TLS)")
+    if tls_cert is not None and tls_ca is None:
+        raise HetflError("--tls-cert needs --tls-ca (the certificate authority that signed the server's certificate)")
+    options = ClientOptions(
+        server=server, token=token, data=data, tls_ca=read_pem(tls_ca, "--tls-ca"), tls_cert=read_pem(tls_cert, "--tls-cert"),
+        tls_key=read_pem(tls_key, "--tls-key"), give_up_after_s=give_up_after_s, threads=threads,
+        attack=parse_attack(attack), faults=list(faults or []),
+    )
+    for fault in options.faults:
+        if fault not in ("nan-once", "bad-shape-once") and not (fault.startswith("die-on-task:") and fault[12:].isdigit()):
+            raise HetflError(f"--fault {fault}: unknown (nan-once, bad-shape-once, die-on-task:N)")
+    return Client(options).run()

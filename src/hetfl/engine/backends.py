@@ -1,0 +1,468 @@
+"""Where clients' local training runs: in the simulator's process, or on the workers of a Ray cluster.
+
+The virtual clock, the event queue and the strategy's server half always stay with the
+:class:`~hetfl.engine.simulator.Simulator`; a backend only computes client halves
+(:meth:`~hetfl.strategies.base.Strategy.client_train`). It rests on one property of a task: its
+result depends only on inputs fixed at dispatch (start model, steps, options, payload, the client's
+data at the dispatch time, the seed ``task_seed(task_id)``, and the client's persisted state, which
+changes only at that client's own previous arrival, before it can be given another task). So the
+work may start at dispatch and be collected at the arrival, and the run is the same.
+
+The simulator calls, for each task:
+
+- :meth:`Backend.start` at dispatch, when the task's event is an arrival (a task that will be lost is
+  never trained);
+- :meth:`Backend.result` at its arrival: the client half's :class:`ClientResult`, with ``state`` (the
+  client's persisted state) updated in place to the client's new state;
+- :meth:`Backend.forget` when it will never arrive (cancelled by the strategy, or lost).
+
+:class:`InProcess` trains lazily at the arrival, batching in-flight plain-training tasks
+(``training.vectorize``). :class:`RayBackend` submits a Ray task at dispatch and waits for it at the
+arrival; see its docstring for what travels and what stays.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import pickle
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from hetfl.errors import ConfigError, DivergedError, HetflError
+from hetfl.strategies.base import ClientData, ClientResult, Strategy, Task
+from hetfl.training import LocalTrainer
+from hetfl.training.local import LocalResult
+from hetfl.training.vectorized import train_many
+
+if TYPE_CHECKING:
+    from hetfl.config import BackendConfig
+    from hetfl.engine.simulator import Simulator
+
+
+class Backend:
+    """How the simulator has a task's client half computed. Subclasses override the four hooks."""
+
+    name = "base"
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []  # the size of every batched train_many call (diagnostics)
+
+    def bind(self, sim: "Simulator") -> None:
+        """Called once, by ``sim``'s constructor, before the strategy starts."""
+        self.sim = sim
+
+    def start(self, task: Task) -> None:
+        """``task`` was dispatched and will arrive: its work may begin now."""
+
+    def result(self, task: Task, data: ClientData, state: dict[str, Any]) -> ClientResult:
+        """``task`` arrived: its client half's result. ``data`` is what the client held at dispatch; ``state``
+        is the client's persisted state, which this updates in place."""
+        raise NotImplementedError
+
+    def forget(self, task: Task) -> None:
+        """``task`` will never arrive (cancelled, lost): drop whatever work it started."""
+
+    def close(self) -> None:
+        """The run is over: release workers and connections (called once, at the end of a run)."""
+
+
+class InProcess(Backend):
+    """Client halves run in this process, at each task's arrival.
+
+    With ``vectorize`` (``training.vectorize``) the first arrival that needs training also trains, in one
+    :func:`~hetfl.training.vectorized.train_many` call, every other in-flight task whose event is an
+    arrival, that is plain local training (:meth:`Strategy.local_training`) with the same non-tensor
+    options and whose client has the same architecture; those results wait in a cache until their own
+    arrival. The cache is not state: a checkpoint leaves it out and a resumed run retrains those tasks.
+
+    Parameters
+    ----------
+    vectorize : {"auto", "on", "off"}
+        ``auto`` batches only a group of at least ``min_tasks`` tasks of a model of at most ``max_params``
+        parameters; ``off`` trains one task at a time.
+    """
+
+    name = "inprocess"
+
+    def __init__(self, vectorize: str = "off", *, min_tasks: int = 1, max_params: int = 0) -> None:
+        super().__init__()
+        if vectorize not in ("auto", "on", "off"):
+            raise ValueError(f"vectorize must be auto, on or off; got {vectorize!r}")
+        self.vectorize, self.min_tasks, self.max_params = vectorize, min_tasks, max_params
+        self._trained: dict[int, tuple[Task, LocalResult]] = {}  # task id -> (its task, result trained ahead)
+
+    def result(self, task: Task, data: ClientData, state: dict[str, Any]) -> ClientResult:
+        sim = self.sim
+        trainer = sim.models.trainer(task.client_id)
+        result = self._train_batched(task, trainer)
+        if result is None:
+            result = sim.state.strategy.client_train(trainer, task, data, state, sim.task_seed(task.task_id))
+        return result
+
+    def forget(self, task: Task) -> None:
+        cached = self._trained.pop(task.task_id, None)
+        if cached is not None and cached[0] is task:
+            self.sim.state.counters.wasted_steps += self.sim.state.strategy.compute_steps(cached[1].steps)
+
+    def _train_batched(self, task: Task, trainer: LocalTrainer) -> ClientResult | None:
+        """``task``'s result from a batch (trained now or earlier), or None: train it on its own.
+
+        Batched: ``task`` and every other in-flight task whose event is an arrival, that is not trained yet,
+        whose strategy's :meth:`~hetfl.strategies.base.Strategy.local_training` gives the same non-tensor
+        options and whose client trains ``trainer``'s architecture. Each task keeps its own inputs (start,
+        steps, seed, data), so a result equals ``client_train``'s up to floating-point summation order.
+        """
+        if self.vectorize == "off":
+            return None
+        cached = self._trained.pop(task.task_id, None)
+        if cached is not None and cached[0] is task:  # (another task object: a state restored from a checkpoint)
+            return ClientResult(cached[1].params, cached[1].steps, cached[1].loss)
+        sim = self.sim
+        strategy = sim.state.strategy
+        options = strategy.local_training(task)
+        if options is None:
+            return None
+        key = _options_key(options)
+        group, group_options = [task], [options]
+        for event in sim.state.busy.values():
+            other: Task = event.data
+            if event.kind != "arrival" or other is task or sim.models.trainer(other.client_id) is not trainer:
+                continue
+            if other.task_id in self._trained and self._trained[other.task_id][0] is other:
+                continue
+            other_options = strategy.local_training(other)
+            if other_options is not None and _options_key(other_options) == key:
+                group.append(other)
+                group_options.append(other_options)
+        if self.vectorize == "auto" and (len(group) < self.min_tasks or trainer.numel > self.max_params):
+            return None
+        kwargs = {
+            name: torch.stack([o[name].expand(trainer.numel) for o in group_options])
+            if isinstance(value, torch.Tensor) else value
+            for name, value in options.items()
+        }
+        datasets = [sim.pool.data(t.client_id, t.dispatched_at) for t in group]
+        try:
+            results = train_many(
+                trainer,
+                torch.stack([t.params for t in group]),
+                [(d.x, d.y) for d in datasets],
+                [t.steps for t in group],
+                [sim.task_seed(t.task_id) for t in group],
+                **kwargs,
+            )
+        except DivergedError:
+            return None  # train on its own: the error, if any, comes at the arrival of the task that diverges
+        self.batches.append(len(group))
+        for other, result in zip(group[1:], results[1:]):
+            self._trained[other.task_id] = (other, result)
+        first = results[0]
+        return ClientResult(first.params, first.steps, first.loss)
+
+
+def _options_key(options: dict[str, Any]) -> list[tuple[str, Any]]:
+    """What tasks batched together share: the options' names, and the values of the non-tensor ones."""
+    return sorted((name, None if isinstance(value, torch.Tensor) else value) for name, value in options.items())
+
+
+# --------------------------------------------------------------------------- Ray
+def import_ray() -> Any:
+    """The ``ray`` module, or a ConfigError that says how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("backend.name: ray is not installed; pip install hetfl[ray]") from None
+    return ray
+
+
+def start_ray(address: str | None, num_workers: int | None, threads: int, runtime_env: dict[str, Any] | None) -> bool:
+    """Initialise Ray in this process unless it is already: a local Ray of ``num_workers * threads`` CPUs
+    (``num_workers`` None: this machine's cores), or the cluster at ``address``. True if this call started it."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return False
+    local = address is None
+    try:
+        if local:
+            workers = num_workers or max(1, (os.cpu_count() or 1) // threads)
+            ray.init(address="local", num_cpus=workers * threads, include_dashboard=False,
+                     runtime_env=runtime_env or None, logging_level=logging.WARNING)
+        else:
+            ray.init(address=address, runtime_env=runtime_env or None, logging_level=logging.WARNING)
+    except Exception as err:  # Ray reports a bad address or runtime_env with many exception types
+        what = "starting a local Ray" if local else f"connecting to the Ray cluster at {address!r}"
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        env = f" with backend.runtime_env {runtime_env}" if runtime_env else ""
+        raise ConfigError(f"backend: {what}{env} failed: {detail}") from None
+    return True
+
+
+def share_ray(cfg: Any) -> None:
+    """For a command that runs several experiments (``hetfl compare``): with ``backend.name: ray``, start Ray
+    once now, so that every run uses it (a run stops only a Ray it started); Ray stops when the process exits."""
+    if cfg.backend.name == "ray":
+        start_ray(cfg.backend.address, cfg.backend.num_workers, cfg.threads, cfg.backend.runtime_env)
+
+
+@dataclasses.dataclass
+class _TrainerSpec:
+    """A trainer as it travels: its model with independent parameter tensors (re-homed into flat buffers on
+    arrival), its configuration, and its initial parameters (a pretrained base, say)."""
+
+    model: torch.nn.Module
+    cfg: Any
+    label: str
+    initial: torch.Tensor
+    reference: int  # index of its reference trainer among the specs
+
+
+@dataclasses.dataclass
+class ClientSide:
+    """What a Ray worker holds for one run, sent once through the object store: the strategy as it was
+    built (its parameters, none of a run's server state), one trainer per architecture, which architecture
+    each client trains, and the clients' data."""
+
+    strategy: bytes  # pickled before the run started
+    trainers: list[_TrainerSpec]
+    of_client: np.ndarray  # client -> index into trainers
+    pool: Any  # the simulator's ClientPool
+    threads: int
+
+    @classmethod
+    def of(cls, sim: "Simulator", threads: int) -> "ClientSide":
+        trainers = list(dict.fromkeys([sim.trainer, *sim.models.trainers]))
+        trainers += [t.reference for t in trainers if t.reference not in trainers]
+        index = {id(t): i for i, t in enumerate(trainers)}
+        specs = [_TrainerSpec(_portable(t.model), t.cfg, t.label, t.initial.clone(), index[id(t.reference)]) for t in trainers]
+        models = np.array([index[id(t)] for t in sim.models.trainers], dtype=np.int64)
+        from ray import cloudpickle  # a strategy class defined in a script (__main__) travels by value
+
+        return cls(cloudpickle.dumps(sim.state.strategy), specs, models[sim.models.of_client], sim.pool, threads)
+
+    def unpack(self) -> "_Worker":
+        trainers = []
+        for spec in self.trainers:
+            trainer = LocalTrainer(spec.model, spec.cfg, spec.label)
+            trainer.initial = spec.initial
+            trainers.append(trainer)
+        for trainer, spec in zip(trainers, self.trainers):
+            trainer.reference = trainers[spec.reference]
+        return _Worker(pickle.loads(self.strategy), trainers, self.of_client, self.pool, self.threads)
+
+
+def _portable(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose parameters own their memory (a trainer's are views into one flat buffer,
+    which pickling would copy once per parameter) and carry no gradient."""
+    model = copy.deepcopy(model)
+    for p in model.parameters():
+        p.data = p.data.clone()
+        p.grad = None
+    return model
+
+
+@dataclasses.dataclass
+class _Worker:
+    strategy: Strategy
+    trainers: list[LocalTrainer]
+    of_client: np.ndarray
+    pool: Any
+    threads: int
+
+    def train(self, task: Task, state: dict[str, Any], seed: int) -> tuple[ClientResult, dict[str, Any], float]:
+        start = time.perf_counter()
+        torch.set_num_threads(self.threads)
+        trainer = self.trainers[self.of_client[task.client_id]]
+        data = self.pool.data(task.client_id, task.dispatched_at)
+        result = self.strategy.client_train(trainer, task, data, state, seed)
+        return result, state, time.perf_counter() - start
+
+
+_WORKERS: dict[str, _Worker] = {}  # in a Ray worker process: the runs it has served, by key (the last two)
+
+
+def _train_remote(key: str, box: list, stub: Task, state: dict[str, Any], seed: int, params: torch.Tensor,
+                  *payload: torch.Tensor) -> tuple[ClientResult, dict[str, Any], float]:
+    """The Ray task: one client half; its result, the client's new state and the seconds it took. ``box`` holds
+    the run's :class:`ClientSide` reference, boxed so that Ray passes the reference itself and this worker
+    fetches and unpacks it once per run."""
+    worker = _WORKERS.get(key)
+    if worker is None:
+        import ray
+
+        worker = ray.get(box[0]).unpack()
+        while len(_WORKERS) >= 2:
+            del _WORKERS[next(iter(_WORKERS))]
+        _WORKERS[key] = worker
+    task = dataclasses.replace(stub, params=params, payload=dict(zip(stub.payload, payload)))
+    return worker.train(task, state, seed)
+
+
+class RayBackend(Backend):
+    """Client halves run as Ray tasks, on a local Ray started for the run or on a cluster.
+
+    A task is submitted at dispatch and collected at its arrival, so up to the cluster's CPUs train
+    at once while the simulator goes on. What travels:
+
+    - once per run, through the object store (:class:`ClientSide`): the strategy as it was built, before
+      the run started, one trainer per architecture and the clients' data. A client half reads only its
+      arguments and the strategy's parameters (the contract of :meth:`Strategy.client_train`: a real client
+      would build the strategy from the config), so server-side memory (FedStale's table of every client's
+      last update, buffers, selection statistics) never travels.
+    - once per model version (and per payload tensor, e.g. SCAFFOLD's ``c``): the tensor, put in the object
+      store by the first task that needs it and shared by every task that starts from it;
+    - per task: the task's scalars, the client's state (Ditto's personal model, SCAFFOLD's ``c_i``) and the
+      seed; back: the result and the client's new state, which replaces the simulator's copy at the arrival.
+
+    A task that will be lost is never submitted; a cancelled task's Ray task is cancelled if it has not finished,
+    and never waited on. Futures are not state: a run resumed from a checkpoint submits, at its first arrival,
+    every task in flight.
+
+    Parameters
+    ----------
+    address : str or None
+        A running cluster (``ray.init(address=...)``: ``"auto"``, ``"ray://head:10001"``); None starts a
+        local Ray with ``num_workers`` workers for this run and stops it at the end. If Ray is already
+        initialised in this process, the backend uses it and leaves it running.
+    num_workers : int or None
+        Local Ray only: workers training at once (each with ``threads`` torch threads); None: this machine's
+        cores divided by ``threads``.
+    runtime_env : dict or None
+        Passed to ``ray.init`` (``working_dir``, ``py_modules``, ``pip``, ``env_vars``), so that a cluster's
+        workers can import hetfl and its dependencies.
+    threads : int
+        torch threads of each worker's training (the run's ``threads``), so results equal the in-process run's.
+    """
+
+    name = "ray"
+
+    def __init__(self, *, address: str | None = None, num_workers: int | None = None,
+                 runtime_env: dict[str, Any] | None = None, threads: int = 1) -> None:
+        super().__init__()
+        self.ray = import_ray()
+        self.address, self.num_workers, self.runtime_env, self.threads = address, num_workers, runtime_env or {}, threads
+        self._started_ray = False
+        self._remote: Any = None
+        self._key = uuid.uuid4().hex
+        self._box: list[Any] = []
+        self._futures: dict[int, tuple[Task, Any, list[int]]] = {}  # task id -> (task, ObjectRef, tensors it uses)
+        self._tensors: dict[int, list[Any]] = {}  # id(tensor) -> [tensor, ObjectRef, tasks using it]
+        self.submitted = 0  # diagnostics: tasks submitted, collected, cancelled; seconds workers spent on those collected
+        self.collected = 0
+        self.cancelled = 0
+        self.worker_seconds = 0.0
+
+    def bind(self, sim: "Simulator") -> None:
+        super().bind(sim)
+        self._client_side = ClientSide.of(sim, self.threads)  # the strategy as built: before it starts
+
+    # ------------------------------------------------------------------ the hooks
+    def start(self, task: Task) -> None:
+        self._submit(task)
+
+    def result(self, task: Task, data: ClientData, state: dict[str, Any]) -> ClientResult:
+        entry = self._futures.get(task.task_id)
+        if entry is None or entry[0] is not task:  # not submitted by this process: a run resumed from a checkpoint
+            self._submit_in_flight()  # the others in flight too, so that they train while this one does
+            self._submit(task)
+        _, ref, tensors = self._futures.pop(task.task_id)
+        self._release(tensors)
+        ray = self.ray
+        try:
+            result, new_state, seconds = ray.get(ref)
+        except ray.exceptions.RayTaskError as err:
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, HetflError):
+                raise cause from None  # a diverged client, say: the same one-line error as in-process
+            raise
+        except ray.exceptions.RayError as err:
+            raise HetflError(
+                f"backend ray: task {task.task_id} (client {task.client_id}) failed: {str(err).splitlines()[0]}"
+            ) from None
+        self.collected += 1
+        self.worker_seconds += seconds
+        state.clear()
+        state.update(new_state)
+        return result
+
+    def forget(self, task: Task) -> None:
+        entry = self._futures.get(task.task_id)
+        if entry is None or entry[0] is not task:
+            return
+        del self._futures[task.task_id]
+        _, ref, tensors = entry
+        self._release(tensors)
+        self.cancelled += 1
+        done, _ = self.ray.wait([ref], timeout=0)
+        if done:  # trained for nothing
+            self.sim.state.counters.wasted_steps += self.sim.state.strategy.compute_steps(task.steps)
+        else:
+            self.ray.cancel(ref)
+
+    def close(self) -> None:
+        self._futures.clear()
+        self._tensors.clear()
+        self._box.clear()
+        self._remote = None
+        if self._started_ray:
+            self.ray.shutdown()
+            self._started_ray = False
+
+    # ------------------------------------------------------------------ submission
+    def _connect(self) -> None:
+        self._started_ray = start_ray(self.address, self.num_workers, self.threads, self.runtime_env)
+        self._remote = self.ray.remote(num_cpus=self.threads)(_train_remote)
+        self._box = [self.ray.put(self._client_side)]
+
+    def _submit(self, task: Task) -> None:
+        if self._remote is None:
+            self._connect()
+        st = self.sim.state
+        state = st.client_state.get(task.client_id, {})
+        tensors = [task.params, *task.payload.values()]
+        refs = [self._shared(t) for t in tensors]
+        stub = dataclasses.replace(task, params=torch.empty(0), payload=dict.fromkeys(task.payload))
+        ref = self._remote.remote(self._key, self._box, stub, state, self.sim.task_seed(task.task_id), *refs)
+        self._futures[task.task_id] = (task, ref, [id(t) for t in tensors])
+        self.submitted += 1
+
+    def _submit_in_flight(self) -> None:
+        """Submit every in-flight task that will arrive and has no Ray task of its own (after a resume)."""
+        for event in list(self.sim.state.busy.values()):
+            task: Task = event.data
+            entry = self._futures.get(task.task_id)
+            if event.kind == "arrival" and (entry is None or entry[0] is not task):
+                if entry is not None:
+                    self._release(entry[2])
+                self._submit(task)
+
+    def _shared(self, tensor: torch.Tensor) -> Any:
+        """``tensor``'s object in the Ray object store, put once however many tasks send it. The server never
+        changes a model in place, so the same tensor object is the same value."""
+        entry = self._tensors.get(id(tensor))
+        if entry is None or entry[0] is not tensor:
+            entry = self._tensors[id(tensor)] = [tensor, self.ray.put(tensor), 0]
+        entry[2] += 1
+        return entry[1]
+
+    def _release(self, tensors: list[int]) -> None:
+        for key in tensors:
+            entry = self._tensors.get(key)
+            if entry is not None:
+                entry[2] -= 1
+                if entry[2] <= 0:
+                    del self._tensors[key]
+
+
+def build_backend(cfg: "BackendConfig", *, threads: int, training: Any) -> Backend:
+    """The backend ``backend.*`` asks for; ``training`` (a TrainingConfig) sets the in-process batching."""
+    if cfg.name == "ray":
+        return RayBackend(address=cfg.address, num_workers=cfg.num_workers, runtime_env=cfg.runtime_env,
+                          threads=threads)
+    return InProcess(training.vectorize, min_tasks=training.vectorize_min_tasks, max_params=training.vectorize_max_params)

@@ -1,0 +1,200 @@
+"""Starting real ``hetfl server`` and ``hetfl client`` processes on loopback, for the deployment tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+HETFL = [sys.executable, "-m", "hetfl.cli"]
+N_CLIENTS = 5
+RUN_TIMEOUT_S = 240  # generous: the machine is shared; nothing here should take more than a fraction of it
+
+# digits, 5 IID clients, all of them in every FedAvg round: 0.85 accuracy within about 6 rounds
+BASE = {
+    "name": "deploy-test",
+    "seed": 0,
+    "rounds": 10,
+    "data": {"dataset": "digits", "n_clients": N_CLIENTS, "partition": {"kind": "iid"}},
+    "model": {"name": "mlp", "hidden": [32]},
+    "training": {"lr": 0.05, "batch_size": 16, "local_steps": 20},
+    "strategy": {"name": "fedavg", "clients_per_round": N_CLIENTS},
+    "evaluation": {"target_accuracy": 0.85},
+    "deploy": {"heartbeat_timeout_s": 8, "poll_s": 2},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(folder: Path, name: str = "config.yaml", **changes) -> Path:
+    """BASE with ``changes`` (``strategy__name="fedcompass"`` sets strategy.name) written to ``folder/name``."""
+    raw = json.loads(json.dumps(BASE))
+    for key, value in changes.items():
+        node, parts = raw, key.split("__")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    path = folder / name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@dataclass
+class Deployment:
+    """One server and its clients; every process is killed at the end, whatever happened."""
+
+    env: object  # the session's DeployEnv
+    out: Path
+    port: int = field(default_factory=free_port)
+    server: subprocess.Popen | None = None
+    clients: list[subprocess.Popen] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start_server(self, config: Path, *extra: str) -> subprocess.Popen:
+        log = self.out.parent / f"{self.out.name}-server-{len(self.logs)}.log"
+        self.logs.append(log)
+        self.server = subprocess.Popen(
+            [*HETFL, "server", str(config), "--address", self.address, "--out", str(self.out),
+             "--tokens", str(self.env.tokens), *extra],
+            stdout=log.open("w"), stderr=subprocess.STDOUT,
+        )
+        return self.server
+
+    def start_client(self, client: int, *extra: str, token_file: Path | None = None, data: Path | None = None) -> subprocess.Popen:
+        log = self.out.parent / f"{self.out.name}-client-{client}-{len(self.logs)}.log"
+        self.logs.append(log)
+        proc = subprocess.Popen(
+            [*HETFL, "client", "--server", self.address, "--token-file", str(token_file or self.env.token_files[client]),
+             "--data", str(data or self.env.parts / f"client_{client}.npz"), *extra],
+            stdout=log.open("w"), stderr=subprocess.STDOUT,
+        )
+        self.clients.append(proc)
+        return proc
+
+    def start_clients(self, *extra: str, clients: range | list[int] = range(N_CLIENTS), per_client: dict | None = None) -> None:
+        for c in clients:
+            self.start_client(c, *extra, *(per_client or {}).get(c, ()))
+
+    def wait_server(self, timeout: float = RUN_TIMEOUT_S) -> int:
+        try:
+            return self.server.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the server did not finish in {timeout} s; its log:\n{self.server_log()}") from None
+
+    def wait_listening(self, timeout: float = 120) -> None:
+        wait_for(lambda: "listening on" in self.server_log() or self.server.poll() is not None, timeout, "the server")
+        assert self.server.poll() is None, self.server_log()
+
+    def server_log(self) -> str:
+        return "\n".join(p.read_text() for p in self.logs if "-server-" in p.name)
+
+    def summary(self) -> dict:
+        return json.loads((self.out / "summary.json").read_text())
+
+    def metrics(self) -> list[dict]:
+        return [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+    def close(self) -> None:
+        procs = [p for p in [self.server, *self.clients] if p is not None]
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*HETFL, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+@dataclass
+class DeployEnv:
+    """What every deployment test shares: the exported partition, the token file and one token file per client."""
+
+    root: Path
+    config: Path
+    parts: Path
+    tokens: Path
+    token_files: list[Path]
+    revoked_token: str
+
+
+def make_env(root: Path) -> DeployEnv:
+    from hetfl.config import load_config
+    from hetfl.deploy.export import export_partitions
+    from hetfl.deploy.tokens import generate
+
+    config = write_config(root)
+    parts = root / "parts"
+    export_partitions(load_config(config), parts)
+    tokens = generate(N_CLIENTS)
+    revoked = "revoked-" + "x" * 24
+    (root / "tokens.yaml").write_text(yaml.safe_dump({"tokens": tokens, "revoked": [revoked]}))
+    files = []
+    for token, client in sorted(tokens.items(), key=lambda kv: kv[1]):
+        path = root / f"token_{client}"
+        path.write_text(token + "\n")
+        files.append(path)
+    return DeployEnv(root, config, parts, root / "tokens.yaml", files, revoked)
+
+
+def make_certificates(folder: Path) -> dict[str, Path]:
+    """A self-signed CA, and a server certificate it signed for localhost and 127.0.0.1 (PEM files)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hetfl test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+          .not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    files = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key"}
+    files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    return files
