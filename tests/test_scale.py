@@ -16,7 +16,7 @@ import torch
 from conftest import make_simulator, profile, run_rounds
 from hetfl.config import DevicesConfig, TrainingConfig, validate
 from hetfl.data import federate
-from hetfl.data.synthetic import FEATURES, SIGMA, SyntheticData, client_samples, sample_sizes, split_sizes
+from hetfl.data.synthetic import FEATURES, SIGMA, SyntheticData, SyntheticPool, client_samples, sample_sizes, split_sizes
 from hetfl.devices import DeviceProfile, DeviceTable, build_profiles
 from hetfl.engine import ClientPool
 from hetfl.engine.store import ClientStates, ParamStore
@@ -285,3 +285,22 @@ def test_twenty_thousand_clients_run_a_round_in_bounded_memory():
     rounds, growth_mb = out.stdout.split()
     assert int(rounds) == 1
     assert float(growth_mb) < MEMORY_BOUND_MB
+
+
+def test_synthetic_pool_keeps_recent_clients_within_its_byte_budget():
+    cfg = validate({"data": {"dataset": "synthetic", "n_clients": 20, "synthetic": {"max_size": 200}}})
+    data = SyntheticData(cfg.data, seed=0)
+    size = [sum(a.nbytes for a in data.train(c)) for c in range(3)]
+    pool = SyntheticPool(data, cache_bytes=size[0] + max(size[1], size[2]))  # room for two: 0 and one other
+    first = pool.data(0)
+    pool.data(1)  # both fit: 0 and 1 cached
+    assert list(pool._cache) == [0, 1]
+    pool.data(0)  # 0 becomes the most recent
+    pool.data(2)  # 1, the least recently used, makes room for 2
+    assert 1 not in pool._cache and 0 in pool._cache
+    assert pool._cached_bytes <= pool.cache_bytes
+    again = pool.data(0)
+    assert torch.equal(first.x, again.x) and torch.equal(first.y, again.y)
+    first.x.add_(1.0)  # a caller changing its copy leaves the cache alone
+    assert torch.equal(pool.data(0).x, again.x)
+    assert torch.equal(SyntheticPool(data, cache_bytes=0).data(0).x, again.x)  # nothing cached: generated each time

@@ -33,6 +33,7 @@ their train splits, like everyone else.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -127,12 +128,38 @@ class SyntheticData:
 
 
 class SyntheticPool:
-    """The clients' training data of a :class:`SyntheticData`, generated when a client trains (the engine's pool)."""
+    """The clients' training data of a :class:`SyntheticData`, generated when a client trains (the engine's pool).
 
-    def __init__(self, data: SyntheticData) -> None:
+    The engine asks for a task's data more than once (to train it, in a batch, and at its arrival, for its
+    sample count and label statistics), so the most recently generated clients' samples are kept, least
+    recently used first out, up to ``cache_bytes``: the memory of the clients active now, not of all clients.
+    """
+
+    def __init__(self, data: SyntheticData, cache_bytes: int = 256 * 2**20) -> None:
         self.source = data
         self.n_classes = data.n_classes
         self.drift = data.drift
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._cached_bytes = 0
+
+    def _train(self, client_id: int) -> tuple[np.ndarray, np.ndarray]:
+        hit = self._cache.get(client_id)
+        if hit is not None:
+            self._cache.move_to_end(client_id)
+            return hit
+        x, y = self.source.train(client_id)
+        size = x.nbytes + y.nbytes
+        if size <= self.cache_bytes:
+            while self._cache and self._cached_bytes + size > self.cache_bytes:
+                _, (old_x, old_y) = self._cache.popitem(last=False)
+                self._cached_bytes -= old_x.nbytes + old_y.nbytes
+            self._cache[client_id] = (x, y)
+            self._cached_bytes += size
+        return x, y
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cache": OrderedDict(), "_cached_bytes": 0}  # a cache, not state
 
     @property
     def n_clients(self) -> int:
@@ -140,11 +167,11 @@ class SyntheticPool:
 
     def data(self, client_id: int, t: float = 0.0) -> ClientData:
         """Client ``client_id``'s training data at simulated time ``t`` (generated now; labels drifted once drifted)."""
-        x, y = self.source.train(client_id)
-        labels = torch.from_numpy(y)
+        x, y = self._train(client_id)
+        labels = torch.from_numpy(y.copy())
         if self.drift is not None:
             labels = self.drift.labels(client_id, labels, t)
-        return ClientData(client_id, torch.from_numpy(x), labels)
+        return ClientData(client_id, torch.from_numpy(x.copy()), labels)
 
     def n_samples(self, client_id: int) -> int:
         return int(self.source.train_sizes[client_id])
