@@ -149,6 +149,10 @@ def test_server_mistakes_are_one_line_errors(tmp_path, capsys):
                                       "strategy": {"name": "fedbuff"}, "deploy": {"secure_aggregation": True}}))
     assert "deploy.secure_aggregation: fedbuff does not aggregate by a weighted mean" in _one_line_error(
         capsys, ["server", str(config), "--out", str(tmp_path / "o"), "--tokens", str(tmp_path / "t.yaml")])
+    config.write_text(yaml.safe_dump({"data": {"dataset": "digits", "n_clients": 3},
+                                      "deploy": {"secure_aggregation": True, "max_update_norm": 20.0}}))
+    assert "deploy.max_update_norm bounds each update, which secure aggregation hides" in _one_line_error(
+        capsys, ["server", str(config), "--out", str(tmp_path / "o"), "--tokens", str(tmp_path / "t.yaml")])
 
 
 def test_partition_export_writes_each_clients_training_data(tmp_path, capsys):

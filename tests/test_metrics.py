@@ -17,9 +17,10 @@ from rich.console import Console
 from conftest import TINY, make_simulator, profile, run_rounds
 from hetfl.cli import comparison_table
 from hetfl.config import validate
+from hetfl.devices import DeviceProfile, DeviceTable
 from hetfl.engine.run import PROGRESS_TOTAL, Run, build_federation, progress, run_experiment
 from hetfl.results import read_metrics, read_summary, render_report, write_summary
-from hetfl.results.fairness import OnlineTime, fastest, jain_index, staleness_stats
+from hetfl.results.fairness import fastest, jain_index, staleness_stats
 from hetfl.strategies import FedAvg
 from hetfl.strategies.base import Strategy
 
@@ -78,7 +79,10 @@ def test_fast_clients_are_the_top_tenth_by_flops_and_at_least_one():
 
 
 def test_online_time_from_availability_windows():
-    online = OnlineTime([None, ((1.0, 3.0), (5.0, math.inf)), ((0.0, 2.0),)])
+    windows = [None, ((1.0, 3.0), (5.0, math.inf)), ((0.0, 2.0),)]
+    online = DeviceTable.from_profiles(
+        [DeviceProfile(c, 1.0, 1e9, 1e6, 1e6, 0.0, windows=w) for c, w in enumerate(windows)]
+    ).online_seconds
     assert online(0.0).tolist() == [0.0, 0.0, 0.0]
     assert online(2.0).tolist() == [2.0, 1.0, 2.0]
     assert online(4.0).tolist() == [4.0, 2.0, 2.0]  # offline in [3, 5)

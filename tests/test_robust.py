@@ -136,6 +136,25 @@ def test_krum_rounds_with_too_few_updates_leave_the_model_unchanged():
     assert agg.delta(server(), POINTS, torch.full((5,), 0.2)).tolist() == pytest.approx([1.0, 1.0])
 
 
+def test_fedadam_takes_no_momentum_step_in_a_krum_round_with_too_few_updates():
+    from hetfl.strategies import FedAdam
+    from hetfl.strategies.base import Task, Update
+
+    strategy = FedAdam(clients_per_round=5, aggregator=AggregatorConfig(rule="krum", byzantine=1))
+
+    def updates(points):
+        tasks = [Task(task_id=i, client_id=i, version=0, params=torch.zeros(2), steps=1, dispatched_at=0.0)
+                 for i in range(len(points))]
+        return [Update(task=t, params=p, n_samples=1, steps=1, loss=0.0, arrived_at=0.0) for t, p in zip(tasks, points)]
+
+    srv = SimpleNamespace(params=torch.zeros(2))
+    srv.params = strategy.aggregate(srv, updates(POINTS))  # Krum picks p0 = (1, 1): a step, and momentum m != 0
+    assert srv.params.abs().min() > 0
+    m = strategy.m.clone()
+    assert torch.equal(strategy.aggregate(srv, updates(POINTS[:4])), srv.params)  # 4 <= 2f + 2: no step at all
+    assert torch.equal(strategy.m, m) and strategy.aggregation.skipped == 1
+
+
 def build(**strategy):
     return build_strategy(validate({"strategy": strategy}).strategy)
 

@@ -100,27 +100,21 @@ def load_data(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def build_trainer(cfg: ExperimentConfig, setup: dict[str, Any]) -> LocalTrainer:
-    """The client's trainer, built as the simulator builds it (:func:`hetfl.engine.run.build_federation`):
-    the same seed, the reference architecture first, then each zoo member; this client's architecture is
-    ``setup['architecture']``."""
-    from hetfl.models import build_model
+    """The client's trainer, built as the simulator builds it (:func:`hetfl.engine.run.build_federation`,
+    with its ``_trainer``): the same seed, the reference architecture first, then each zoo member; this
+    client's architecture is ``setup['architecture']``."""
+    from types import SimpleNamespace
 
-    shape, classes, vocab = tuple(setup["input_shape"]), int(setup["n_classes"]), setup.get("vocab_size")
+    from hetfl.engine.run import _trainer
+
+    data = SimpleNamespace(input_shape=tuple(setup["input_shape"]), n_classes=int(setup["n_classes"]),
+                           vocab_size=setup.get("vocab_size"))
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-
-    def make(arch) -> LocalTrainer:
-        model = build_model(arch, shape, classes, vocab, cfg.model.feature_dim)
-        if cfg.model.pretrained and arch.name == "tinylm":
-            from hetfl.models.pretrain import load_or_pretrain
-
-            load_or_pretrain(model, cfg.model.pretrain, cfg.data, cfg.seed)
-        return LocalTrainer(model, cfg.training, arch.label())
-
-    reference = make(cfg.model)
+    reference, _ = _trainer(cfg.model, cfg, data)
     if not cfg.model.zoo:
         return reference
-    members = [make(arch) for arch in cfg.model.zoo]
+    members = [_trainer(arch, cfg, data)[0] for arch in cfg.model.zoo]
     for member in members:
         member.reference = reference
     return members[int(setup["architecture"])]
@@ -342,7 +336,7 @@ class Client:
         upd = pb.UpdateHeader(session=self.session, task_id=int(header.task_id), unmask_share=True,
                               stats_json=json.dumps({"dropped": request["dropped"]}))
         upd.tensors.append(spec)
-        ack = self.stub.SendUpdate(wire.chunks(pb.Chunk(update=upd), [blob]), timeout=600)
+        ack = self.stub.SendUpdate(wire.chunks(pb.Chunk(update=upd), [blob], int(self.setup["chunk_bytes"])), timeout=600)
         log.info("client %d: revealed its masks with dropped %s for round %d (%s)", self.client_id, request["dropped"],
                  round_id, "accepted" if ack.accepted else ack.reason)
 
@@ -414,4 +408,8 @@ def client_command(
     for fault in options.faults:
         if fault not in ("nan-once", "bad-shape-once") and not (fault.startswith("die-on-task:") and fault[12:].isdigit()):
             raise HetflError(f"--fault {fault}: unknown (nan-once, bad-shape-once, die-on-task:N)")
-    return Client(options).run()
+    client = Client(options)
+    try:
+        return client.run()
+    finally:
+        client.channel.close()

@@ -86,4 +86,4 @@ def decode(data: bytes, meta: dict[str, Any]) -> torch.Tensor:
             raise ValueError(f"topk: an index is outside the tensor's {numel} entries")
         values = np.zeros(numel, dtype=_DTYPES[dtype].lstrip("<"))
         values[index] = np.frombuffer(data[4 * k :], dtype="<f4")
-    return torch.from_numpy(values.copy()).reshape(shape)
+    return torch.from_numpy(values).reshape(shape)  # values is a fresh array (astype copies; zeros)

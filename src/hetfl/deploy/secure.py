@@ -52,10 +52,9 @@ class SecureRounds:
         self.of_client: dict[int, int] = {}  # member client -> its cohort's round id
         self.next_round = 0
 
-    def join_cohort(self, task: Task) -> dict[str, Any] | None:
+    def join_cohort(self, task: Task) -> None:
         """Hold ``task`` until the engine step ends (:meth:`seal`); its stream is written then."""
         self.pending.append(task)
-        return None
 
     def seal(self) -> list[tuple[Task, dict[str, Any]]]:
         """Form one cohort per model version from the tasks held back; each task with its secure-aggregation header."""
@@ -88,6 +87,8 @@ class SecureRounds:
         if cohort is None or cohort.tasks.get(task.client_id) is not task:
             self.s.reject(task, "a masked update outside any open secure-aggregation round")
             return False, "no open secure-aggregation round for this task"
+        if task.client_id in cohort.arrived:  # sent twice: the cohort already holds it (adding it again would raise)
+            return False, "this task's masked update has already arrived"
         numel = cohort.masks.numel
         if params is None or params.dtype != torch.int32 or params.shape != (numel,):
             got = "nothing" if params is None else f"{str(params.dtype).removeprefix('torch.')} {tuple(params.shape)}"
@@ -133,11 +134,10 @@ class SecureRounds:
 
     # ------------------------------------------------------------------ completion
     def _progress(self, cohort: Cohort) -> None:
-        needs = cohort.masks.needs_shares()
-        waiting = [c for c in cohort.tasks if c not in cohort.arrived and c not in cohort.masks.failed]
-        if waiting:
-            return
-        for survivor, dropped in needs.items():
+        failed = cohort.masks.failed
+        if any(c not in cohort.arrived and c not in failed for c in cohort.tasks):
+            return  # members still training
+        for survivor, dropped in cohort.masks.needs_shares().items():
             if survivor not in cohort.asked:
                 cohort.asked.add(survivor)
                 task = cohort.tasks[survivor]

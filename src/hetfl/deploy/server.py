@@ -56,6 +56,7 @@ from hetfl.deploy import wire
 from hetfl.deploy.tokens import TokenTable, load_tokens, read_pem
 from hetfl.deploy.validate import check_update
 from hetfl.devices import DeviceProfile
+from hetfl.devices.table import DeviceTable
 from hetfl.engine.simulator import Counters, task_seed
 from hetfl.errors import ConfigError, DivergedError, HetflError
 from hetfl.results.fairness import fastest, idle_fractions, jain_index, mean_or_none, staleness_stats
@@ -97,7 +98,6 @@ class DeployState:
     measured: dict[int, dict[str, float]] = field(default_factory=dict)  # step_s, down_Bps, up_Bps, hostname...
     rejected: int = 0
     timed_out: int = 0
-    joins: int = 0
     client_state: Any = None  # the simulator's per-client state store; in a deployment it stays on each client
 
 
@@ -423,12 +423,8 @@ class DeployServer:
         elif st.n_samples[client_id] != report.n_samples:
             log.warning("client %d now reports %d samples (had %d); weights keep the first figure",
                         client_id, report.n_samples, st.n_samples[client_id])
-        try:
-            st.client_stats[client_id] = {k: float(v) for k, v in json.loads(report.stats_json or "{}").items()}
-        except (ValueError, TypeError, AttributeError):
-            st.client_stats[client_id] = {}
+        st.client_stats[client_id] = _stats(report.stats_json)
         st.measured.setdefault(client_id, {})["hostname"] = hostname
-        st.joins += 1
         profile = st.profiles[client_id]
         if profile.tier == "not joined":
             st.profiles[client_id] = replace(profile, tier="joined")
@@ -468,8 +464,8 @@ class DeployServer:
             if metas["params"].get("delta") and params.shape == task.params.shape:
                 params = task.params + params.to(task.params.dtype)
             reason = check_update(params, reference=task.params, max_norm=self.deploy.max_update_norm)
-        if reason is None:
-            bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if reason is None:  # the parameters were checked above; the payload now
+            bad = [k for k, t in tensors.items() if k != "params" and t.is_floating_point() and not torch.isfinite(t).all()]
             reason = f"non-finite values in {bad[0]}" if bad else None
         if reason is None and (header.steps < 1 or not math.isfinite(header.loss)):
             reason = f"it reports {header.steps} local steps and loss {header.loss}"  # FedNova divides by steps
@@ -477,10 +473,7 @@ class DeployServer:
             self.reject(task, reason)
             return False, reason
         self._forget(task)
-        try:
-            stats = {k: float(v) for k, v in json.loads(header.stats_json or "{}").items()}
-        except (ValueError, TypeError, AttributeError):
-            stats = {}
+        stats = _stats(header.stats_json)
         update = Update(
             task=task, params=params, n_samples=self.num_samples(client_id), steps=int(header.steps),
             loss=float(header.loss), arrived_at=self.now,
@@ -719,6 +712,14 @@ class HeldLog:
         self.log.close()
 
 
+def _stats(text: str) -> dict[str, float]:
+    """A client's JSON statistics (label entropy, ...) as floats; nothing if they are malformed."""
+    try:
+        return {k: float(v) for k, v in json.loads(text or "{}").items()}
+    except (ValueError, TypeError, AttributeError):
+        return {}
+
+
 def _last_logged_round(path: Path) -> int | None:
     from hetfl.results.metrics import read_metrics
 
@@ -876,6 +877,9 @@ def serve_command(
     if cfg.deploy.secure_aggregation and privacy is not None and privacy.enabled:
         raise ConfigError("deploy.secure_aggregation: strategy.privacy clips each client's change at the server, which "
                           "secure aggregation hides; use one or the other")
+    if cfg.deploy.secure_aggregation and cfg.deploy.max_update_norm is not None:
+        raise ConfigError("deploy.secure_aggregation: deploy.max_update_norm bounds each update, which secure "
+                          "aggregation hides (clients clip each entry to deploy.secagg_clip instead); use one or the other")
     server = DeployServer(cfg, fed, strategy, ServerOptions(address, table, cert, key, client_ca, need))
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -894,6 +898,11 @@ def serve_command(
     status = "completed"
     try:
         status = server.serve(run)
+    except DivergedError:
+        server.finished.set()
+        server.shutdown()
+        run.finish("diverged")  # summary.json says so, as the simulator's does; the CLI prints the error
+        raise
     finally:
         server.finished.set()
     if run.tracker.last.get("round") != server.version:
@@ -901,8 +910,9 @@ def serve_command(
     server.save()
     server.shutdown()
     _write_devices(out_dir / "devices.json", server)
-    summary = run.finish(status)
-    return summary
+    # summary.json's client_speed: the speeds measured here, not those of the (ignored) devices section
+    run.fed = replace(run.fed, profiles=DeviceTable.from_profiles(server.profiles))
+    return run.finish(status)
 
 
 def _robust(cfg: ExperimentConfig) -> bool:

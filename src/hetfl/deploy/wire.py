@@ -42,7 +42,7 @@ def encode_tensor(name: str, t: torch.Tensor, method: str = "none", *, topk_rati
     return pb.TensorSpec(name=name, nbytes=len(data), meta_json=json.dumps(meta)), data
 
 
-def decode_tensor(spec: pb.TensorSpec, data: bytes) -> tuple[torch.Tensor, dict[str, Any]]:
+def decode_tensor(spec: pb.TensorSpec, data: bytes | memoryview) -> tuple[torch.Tensor, dict[str, Any]]:
     """The tensor a spec and its bytes describe, and its meta; a malformed one raises :class:`WireError`."""
     try:
         meta = json.loads(spec.meta_json)
@@ -53,7 +53,7 @@ def decode_tensor(spec: pb.TensorSpec, data: bytes) -> tuple[torch.Tensor, dict[
         return compress.decode(data, meta), meta
     except WireError:
         raise
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # AttributeError: a meta that is not an object
         raise WireError(f"tensor {spec.name!r}: {err}") from None
 
 
@@ -84,7 +84,7 @@ def collect(specs: Iterable[pb.TensorSpec], stream: Iterator[pb.Chunk]) -> tuple
     tensors, metas, offset = {}, {}, 0
     view = memoryview(buffer)
     for spec in specs:
-        tensors[spec.name], metas[spec.name] = decode_tensor(spec, bytes(view[offset : offset + spec.nbytes]))
+        tensors[spec.name], metas[spec.name] = decode_tensor(spec, view[offset : offset + spec.nbytes])  # decoding copies
         offset += spec.nbytes
     return tensors, metas, len(buffer)
 

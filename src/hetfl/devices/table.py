@@ -9,7 +9,7 @@ answers the simulator's questions for every client at once:
 - :meth:`online_mask` / :meth:`next_online`: a vectorised binary search in each client's windows
   (``O(n log w)``), or nothing at all when every device is always online;
 - :meth:`online_seconds`: seconds online over ``[0, t]`` (the idle-time metric), from per-client prefix
-  sums computed exactly as :class:`~hetfl.results.fairness.OnlineTime` computes them.
+  sums of the windows' lengths.
 
 It is a sequence of profiles for everyone else: ``table[c]`` builds client ``c``'s
 :class:`DeviceProfile` (equal to the one it was made from), ``len``, iteration and ``==`` work as on a
@@ -80,7 +80,8 @@ class DeviceTable(Sequence):
         """The table of a list of profiles (a table is returned as it is)."""
         if isinstance(profiles, DeviceTable):
             return profiles
-        tiers: dict[str, int] = {}
+        tiers: dict[str, int] = {}  # tier name -> code, in order of first appearance
+        codes = np.array([tiers.setdefault(p.tier, len(tiers)) for p in profiles], dtype=np.int32)
         windows = [p.windows for p in profiles]
         counts = [0 if w is None else len(w) for w in windows]
         flat = [x for w in windows if w for pair in w for x in pair]
@@ -88,17 +89,13 @@ class DeviceTable(Sequence):
         return cls(
             client_id=np.array([p.client_id for p in profiles], dtype=np.int64),
             columns={name: np.array([getattr(p, name) for p in profiles], dtype=np.float64) for name in _FLOAT_COLUMNS},
-            tier_names=[],
-            tier_code=np.array([tiers.setdefault(p.tier, len(tiers)) for p in profiles], dtype=np.int32),
+            tier_names=list(tiers),
+            tier_code=codes,
             always=np.array([w is None for w in windows], dtype=bool),
             win_start=pairs[:, 0],
             win_end=pairs[:, 1],
             win_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-        )._named(tiers)
-
-    def _named(self, tiers: dict[str, int]) -> DeviceTable:
-        self.tier_names = list(tiers)
-        return self
+        )
 
     @classmethod
     def from_columns(
@@ -238,7 +235,7 @@ class DeviceTable(Sequence):
         return out
 
     def online_seconds(self, t: float) -> np.ndarray:
-        """Seconds each client has been online over ``[0, t]`` (as :class:`~hetfl.results.fairness.OnlineTime`)."""
+        """Seconds each client has been online over ``[0, t]``: prefix sums of its windows' lengths, one binary search."""
         out = np.where(self.always, max(t, 0.0), 0.0)
         if self.all_always:
             return out

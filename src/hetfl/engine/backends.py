@@ -101,7 +101,7 @@ class InProcess(Backend):
     def result(self, task: Task, data: ClientData, state: dict[str, Any]) -> ClientResult:
         sim = self.sim
         trainer = sim.models.trainer(task.client_id)
-        result = self._train_batched(task, trainer)
+        result = self._train_batched(task, data, trainer)
         if result is None:
             result = sim.state.strategy.client_train(trainer, task, data, state, sim.task_seed(task.task_id))
         return result
@@ -111,7 +111,7 @@ class InProcess(Backend):
         if cached is not None and cached[0] is task:
             self.sim.state.counters.wasted_steps += self.sim.state.strategy.compute_steps(cached[1].steps)
 
-    def _train_batched(self, task: Task, trainer: LocalTrainer) -> ClientResult | None:
+    def _train_batched(self, task: Task, data: ClientData, trainer: LocalTrainer) -> ClientResult | None:
         """``task``'s result from a batch (trained now or earlier), or None: train it on its own.
 
         Batched: ``task`` and every other in-flight task whose event is an arrival, that is not trained yet,
@@ -148,7 +148,7 @@ class InProcess(Backend):
             if isinstance(value, torch.Tensor) else value
             for name, value in options.items()
         }
-        datasets = [sim.pool.data(t.client_id, t.dispatched_at) for t in group]
+        datasets = [data, *(sim.pool.data(t.client_id, t.dispatched_at) for t in group[1:])]  # ``task``'s: at hand
         try:
             results = train_many(
                 trainer,
@@ -423,6 +423,9 @@ class RayBackend(Backend):
     def _submit(self, task: Task) -> None:
         if self._remote is None:
             self._connect()
+        stale = self._futures.get(task.task_id)
+        if stale is not None:  # another task object of the same id (a state restored from a checkpoint)
+            self._release(stale[2])
         st = self.sim.state
         state = st.client_state.get(task.client_id, {})
         tensors = [task.params, *task.payload.values()]
@@ -438,8 +441,6 @@ class RayBackend(Backend):
             task: Task = event.data
             entry = self._futures.get(task.task_id)
             if event.kind == "arrival" and (entry is None or entry[0] is not task):
-                if entry is not None:
-                    self._release(entry[2])
                 self._submit(task)
 
     def _shared(self, tensor: torch.Tensor) -> Any:

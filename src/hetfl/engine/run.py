@@ -27,6 +27,7 @@ from hetfl.devices import DeviceTable, build_profiles
 from hetfl.devices.byzantine import Byzantine
 from hetfl.engine.backends import build_backend
 from hetfl.engine.simulator import ClientModels, ClientPool, Simulator
+from hetfl.engine.store import memory_budget
 from hetfl.errors import ConfigError, DivergedError, HetflError
 from hetfl.models import build_model, flops_per_sample
 from hetfl.models.assign import assign_architectures
@@ -299,7 +300,7 @@ class Run:
         self.sim.state = saved["state"]
         memory_mb, store = self.cfg.training.state_memory_mb, getattr(self.sim, "client_store", None)
         if store is not None:  # the budget may differ from the checkpoint's (--set on resume): it changes no result
-            store.set_budget(math.inf if memory_mb is None else memory_mb * 2**20)
+            store.set_budget(memory_budget(memory_mb))
         self.wall_before = saved["wall_time_s"]
         self.tracker = saved["tracker"]
         return self.sim.version

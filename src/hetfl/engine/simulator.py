@@ -41,7 +41,7 @@ from hetfl.devices import DeviceProfile, DeviceTable, task_timing
 from hetfl.devices.byzantine import Byzantine
 from hetfl.engine.backends import Backend, InProcess
 from hetfl.engine.clock import Event, EventQueue
-from hetfl.engine.store import ClientStates, ParamStore
+from hetfl.engine.store import ClientStates, ParamStore, memory_budget
 from hetfl.errors import DivergedError
 from hetfl.results.fairness import fastest, idle_fractions, jain_index, mean_or_none, staleness_stats
 from hetfl.strategies.base import ClientData, Strategy, Task, Update, client_report
@@ -317,7 +317,7 @@ class Simulator:
             counters=Counters.for_clients(len(profiles)),
             server_rng=np.random.default_rng([seed, 1]),
             device_rng=np.random.default_rng([seed, 2]),
-            client_state=ClientStates(ParamStore(math.inf if memory_mb is None else memory_mb * 2**20)),
+            client_state=ClientStates(ParamStore(memory_budget(memory_mb))),
         )
         self._stop_reason: str | None = None
         self.checkpoint_due = False
@@ -469,7 +469,7 @@ class Simulator:
         if event is not None and event.data is task:
             EventQueue.cancel(event)
             del self.state.busy[task.client_id]
-            self._discard(task)
+            self.backend.forget(task)  # it will never arrive: drop the work it started (wasted work is counted)
             self.state.counters.cancelled += 1
             self.state.counters.busy_s[task.client_id] += self.now - task.dispatched_at
 
@@ -568,7 +568,7 @@ class Simulator:
         elif event.kind == "failure":
             task: Task = event.data
             del st.busy[task.client_id]
-            self._discard(task)
+            self.backend.forget(task)
             st.counters.failed += 1
             st.counters.busy_s[task.client_id] += self.now - task.dispatched_at
             st.strategy.on_failure(self, task)
@@ -606,10 +606,6 @@ class Simulator:
         st.strategy.on_update(self, update)
 
     # ----------------------------------------------------------------- the backend
-    def _discard(self, task: Task) -> None:
-        """``task`` will never arrive: the backend drops the work it started for it (wasted work is counted)."""
-        self.backend.forget(task)
-
     @property
     def batches(self) -> list[int]:
         """The size of every batched ``train_many`` call of the in-process backend (diagnostics)."""

@@ -93,6 +93,11 @@ def _compact(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def memory_budget(memory_mb: float | None) -> float:
+    """The byte budget of ``training.state_memory_mb`` (None: unlimited)."""
+    return math.inf if memory_mb is None else memory_mb * 2**20
+
+
 class ParamStore:
     """Tensors by (table, client), the most recently used ones in memory up to ``budget_bytes``, the rest spilled.
 

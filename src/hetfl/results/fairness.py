@@ -14,7 +14,6 @@ Every definition here is the one ``docs/metrics.md`` states:
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections.abc import Mapping, Sequence
 
@@ -74,34 +73,3 @@ def mean_or_none(values: np.ndarray) -> float | None:
     """The mean of the finite values; ``None`` when there are none."""
     finite = values[np.isfinite(values)]
     return float(finite.mean()) if finite.size else None
-
-
-class OnlineTime:
-    """Seconds each client has been online over ``[0, t]``, from its availability windows.
-
-    Prefix sums are built once; a query is one binary search per client that has windows.
-    ``windows`` of ``None`` means always online.
-    """
-
-    def __init__(self, windows: Sequence[tuple[tuple[float, float], ...] | None]) -> None:
-        self.n = len(windows)
-        self._always = np.array([w is None for w in windows], dtype=bool)
-        self._tables: dict[int, tuple[list[float], list[float], list[float]]] = {}
-        for c, ws in enumerate(windows):
-            if ws is None:
-                continue
-            starts = [float(a) for a, _ in ws]
-            ends = [float(b) for _, b in ws]
-            before, total = [], 0.0  # online seconds in the windows before window i
-            for a, b in ws:
-                before.append(total)
-                total += b - a  # only the last window may be infinite, and nothing comes after it
-            self._tables[c] = (starts, ends, before)
-
-    def __call__(self, t: float) -> np.ndarray:
-        out = np.where(self._always, max(t, 0.0), 0.0)
-        for c, (starts, ends, before) in self._tables.items():
-            i = bisect.bisect_right(starts, t) - 1
-            if i >= 0:
-                out[c] = before[i] + min(ends[i], t) - starts[i]
-        return out

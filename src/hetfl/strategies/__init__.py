@@ -106,21 +106,24 @@ def build_strategy(
 
 def _robust_options(cls: type, cfg: StrategyConfig, accepted: Any, kwargs: dict[str, Any]) -> None:
     """Pass ``strategy.aggregator`` and ``strategy.privacy`` to algorithms that take them; refuse them elsewhere."""
-    takers = sorted(name for name, other in STRATEGIES.items() if "aggregator" in inspect.signature(other.__init__).parameters)
-    private = sorted(name for name, other in STRATEGIES.items() if "privacy" in inspect.signature(other.__init__).parameters)
+
+    def takers(key: str) -> str:  # the algorithms whose constructor takes ``key``, for the error message
+        names = (name for name, other in STRATEGIES.items() if key in inspect.signature(other.__init__).parameters)
+        return ", ".join(sorted(names))
+
     if "aggregator" in accepted:
         kwargs["aggregator"] = cfg.aggregator
     elif cfg.aggregator.rule != "mean":
         raise ConfigError(
             f"strategy.aggregator.rule: {cfg.name} does not aggregate a mean of client changes, so a robust rule would "
-            f"change its mathematics (robust rules apply to {', '.join(takers)})"
+            f"change its mathematics (robust rules apply to {takers('aggregator')})"
         )
     if "privacy" in accepted:
         kwargs["privacy"] = cfg.privacy
     elif cfg.privacy.enabled:
         raise ConfigError(
             f"strategy.privacy.clip: DP-FedAvg is defined for a round's mean of uniformly sampled clients' changes, which "
-            f"{cfg.name} does not aggregate (privacy applies to {', '.join(private)})"
+            f"{cfg.name} does not aggregate (privacy applies to {takers('privacy')})"
         )
 
 

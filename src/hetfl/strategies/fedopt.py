@@ -70,7 +70,10 @@ class FedAdam(RoundStrategy):
         return self.beta2 * v + (1 - self.beta2) * d2
 
     def aggregate(self, server: Server, updates: list[Update]) -> torch.Tensor:
+        skipped = self.aggregation.skipped
         d = self.combined_delta(server, updates)
+        if self.aggregation.skipped > skipped:  # too few updates for Krum: no step, not even the momentum's
+            return server.params
         if self.m is None or self.v is None:
             self.m = torch.zeros_like(d)
             self.v = torch.full_like(d, self.tau**2)
