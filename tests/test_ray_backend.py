@@ -158,7 +158,7 @@ def test_a_cancelled_task_is_never_waited_on():
     sim = simulate("fedavg", backend, rounds=8)
     assert sim.counters.cancelled > 0, "the deadlines cut stragglers"
     assert forgotten and not spy.fetched & set(forgotten)  # their results were never fetched
-    assert spy.cancelled <= set(forgotten)
+    assert not spy.cancelled  # never ray.cancel: it races with a finishing task and can abort the driver
     assert backend.collected == sim.counters.arrived
     assert backend.submitted == sim.counters.arrived + len(forgotten) + sum(
         e.kind == "arrival" for e in sim.state.busy.values())  # lost tasks were never submitted
