@@ -59,7 +59,7 @@ from hetfl.devices import DeviceProfile
 from hetfl.devices.table import DeviceTable
 from hetfl.engine.simulator import Counters, task_seed
 from hetfl.errors import ConfigError, DivergedError, HetflError
-from hetfl.results.fairness import fastest, idle_fractions, jain_index, mean_or_none, staleness_stats
+from hetfl.results.fairness import fastest, idle_fractions
 from hetfl.strategies.base import Strategy, Task, Update
 
 log = logging.getLogger("hetfl.server")
@@ -336,21 +336,9 @@ class DeployServer:
         return busy
 
     def fairness(self, *, window: bool = True) -> dict[str, Any]:
-        c = self.state.counters
-        hist = c.take_staleness_window() if window else c.staleness
-        stale = staleness_stats(hist)
         # online time: a deployment does not know when a device was reachable but idle; the run's duration is it
         idle = idle_fractions(self.busy_time(), np.full(self.n_clients, self.now))
-        fast = fastest([p.flops for p in self.profiles])
-        return {
-            "staleness_mean": stale["mean"],
-            "staleness_p90": stale["p90"],
-            "staleness_max": stale["max"],
-            "participation_jain": jain_index(c.participation),
-            "participated_frac": float(np.count_nonzero(c.participation)) / self.n_clients,
-            "idle_fast_frac": mean_or_none(idle[fast]),
-            "idle_frac": mean_or_none(idle),
-        }
+        return self.state.counters.fairness(idle, fastest([p.flops for p in self.profiles]), window=window)
 
     def personal_model(self, client_id: int) -> None:
         return None  # a client's own state stays on the client: the server scores the global model

@@ -217,6 +217,24 @@ class Counters:
         self.updates += len(updates)
         self.dropped += dropped
 
+    def fairness(self, idle: np.ndarray, fast: np.ndarray, *, window: bool = True) -> dict[str, Any]:
+        """The staleness and fairness numbers of an evaluation record (``docs/metrics.md``), given each client's
+        ``idle`` fraction of its online time and the ``fast`` clients' ids.
+
+        Staleness is over the updates aggregated since the previous call with ``window=True`` (which
+        starts a new window); with ``window=False`` over the whole run, and the window is untouched.
+        """
+        stale = staleness_stats(self.take_staleness_window() if window else self.staleness)
+        return {
+            "staleness_mean": stale["mean"],
+            "staleness_p90": stale["p90"],
+            "staleness_max": stale["max"],
+            "participation_jain": jain_index(self.participation),
+            "participated_frac": float(np.count_nonzero(self.participation)) / len(self.participation),
+            "idle_fast_frac": mean_or_none(idle[fast]),
+            "idle_frac": mean_or_none(idle),
+        }
+
     def take_staleness_window(self) -> dict[int, int]:
         """The staleness histogram since the last call (or the start), and a fresh window."""
         window, self.staleness_window = self.staleness_window, {}
@@ -507,24 +525,8 @@ class Simulator:
         return idle_fractions(self.busy_time(), self.online_time(self.now))
 
     def fairness(self, *, window: bool = True) -> dict[str, Any]:
-        """The engine's staleness and fairness numbers for an evaluation record (see ``docs/metrics.md``).
-
-        Staleness is over the updates aggregated since the previous call with ``window=True`` (which
-        starts a new window); with ``window=False`` over the whole run, and the window is untouched.
-        """
-        c = self.state.counters
-        hist = c.take_staleness_window() if window else c.staleness
-        stale = staleness_stats(hist)
-        idle = self.idle_fractions()
-        return {
-            "staleness_mean": stale["mean"],
-            "staleness_p90": stale["p90"],
-            "staleness_max": stale["max"],
-            "participation_jain": jain_index(c.participation),
-            "participated_frac": float(np.count_nonzero(c.participation)) / self.n_clients,
-            "idle_fast_frac": mean_or_none(idle[self.fast_clients]),
-            "idle_frac": mean_or_none(idle),
-        }
+        """The engine's staleness and fairness numbers for an evaluation record (:meth:`Counters.fairness`)."""
+        return self.state.counters.fairness(self.idle_fractions(), self.fast_clients, window=window)
 
     def personal_model(self, client_id: int) -> tuple[LocalTrainer, torch.Tensor] | None:
         """The model ``client_id`` would use now, with its architecture's trainer (its strategy's
