@@ -7,13 +7,15 @@ behind it trusts what it receives. An unknown key or a value of the wrong type i
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from hetfl import registry
 from hetfl.errors import ConfigError
 
 
@@ -28,10 +30,14 @@ class Section(BaseModel):
 
 # --------------------------------------------------------------------------- data
 class PartitionConfig(Section):
-    kind: Literal["iid", "dirichlet", "shards", "quantity", "natural", "embedding"] = Field(
+    kind: str = Field(
         "iid",
-        description="How samples are dealt to clients: IID, Dirichlet label skew, shards, power-law sizes, natural groups, "
-        "Dirichlet over k-means clusters of sample embeddings.",
+        description="How samples are dealt to clients: iid, dirichlet (label skew), shards, quantity (power-law sizes), "
+        "natural (groups), embedding (Dirichlet over k-means clusters of sample embeddings); or a partitioner of your "
+        "own, package.module:function, called as f(labels, n_clients, rng, **params) (docs/extending.md).",
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments of a partitioner given by import path (kind)."
     )
     alpha: float = Field(
         0.5, gt=0, description="Dirichlet concentration over classes, or over clusters for embedding (smaller: more skew)."
@@ -52,8 +58,18 @@ class PartitionConfig(Section):
         "a pretrained encoder); clustered as it is, instead of the PCA feature map.",
     )
 
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _known_kind(cls, value: Any) -> str:
+        return registry.check_name("partition", value)
+
     @model_validator(mode="after")
     def _embedding_keys(self) -> "PartitionConfig":
+        if self.params and registry.is_builtin("partition", self.kind):
+            raise ValueError(
+                f"data.partition.params: for a partitioner given by import path; '{self.kind}' takes its parameters "
+                "from the keys of data.partition (alpha, classes_per_client, ...)"
+            )
         if self.embeddings is not None:
             if self.kind != "embedding":
                 raise ValueError(f"data.partition.embeddings: used only with kind 'embedding', not '{self.kind}'")
@@ -185,13 +201,24 @@ class SyntheticConfig(Section):
 
 
 class DataConfig(Section):
-    dataset: Literal["digits", "text", "synthetic", "mnist", "fashion_mnist", "cifar10", "leaf", "csv", "npz"] = Field(
+    dataset: str = Field(
         "digits",
         description="digits (scikit-learn), text (byte-level language modelling on Python's own text, data.text) and "
-        "synthetic (FedProx's Synthetic(alpha, beta), generated per client, data.synthetic) are built in; the others are "
-        "read from data.path.",
+        "synthetic (FedProx's Synthetic(alpha, beta), generated per client, data.synthetic) are built in; mnist, "
+        "fashion_mnist, cifar10, leaf, csv, npz and hf (a Hugging Face dataset saved to disk) are read from data.path; "
+        "or a loader of your own, package.module:function, called with data.params (docs/extending.md).",
     )
-    path: str | None = Field(None, description="Local file or folder; required for every dataset but digits and text.")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments of a dataset loader given by import path (dataset)."
+    )
+    path: str | None = Field(
+        None, description="Local file or folder; required for mnist, fashion_mnist, cifar10, leaf, csv, npz and hf; passed "
+        "to a loader of your own whose signature has a `path` parameter."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="hf: the feature and label columns, {x: COLUMN, y: COLUMN} (default: the first two columns).",
+    )
     label_column: str = Field("label", description="CSV: the column holding the class label.")
     id_column: str | None = Field(None, description="CSV: a column of natural client ids (for partition.kind=natural).")
     n_clients: int = Field(20, ge=1, description="Number of clients the data is partitioned into.")
@@ -203,10 +230,31 @@ class DataConfig(Section):
     text: TextConfig = TextConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
 
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _known_dataset(cls, value: Any) -> str:
+        return registry.check_name("dataset", value)
+
+    @field_validator("columns")
+    @classmethod
+    def _two_columns(cls, columns: dict[str, str]) -> dict[str, str]:
+        unknown = [k for k in columns if k not in ("x", "y")]
+        if unknown:
+            raise ValueError(f"unknown key '{unknown[0]}'; give the feature column as x and the label column as y")
+        return columns
+
     @model_validator(mode="after")
     def _path_needed(self) -> "DataConfig":
-        if self.dataset not in BUILT_IN and not self.path:
+        builtin = registry.is_builtin("dataset", self.dataset)
+        if builtin and self.dataset not in BUILT_IN and not self.path:
             raise ValueError(f"data.path: dataset '{self.dataset}' is read from a local path; set data.path")
+        if builtin and self.params:
+            raise ValueError(
+                f"data.params: for a dataset loader given by import path; '{self.dataset}' takes its settings from "
+                "the keys of data (path, label_column, text, synthetic, ...)"
+            )
+        if self.columns and self.dataset != "hf":
+            raise ValueError(f"data.columns: only for dataset hf, not '{self.dataset}'")
         if self.dataset == "text":
             if "kind" not in self.partition.model_fields_set:
                 self.partition.kind = "natural"  # each client's own corpus: the only partition text has
@@ -234,7 +282,7 @@ class DataConfig(Section):
 
 
 BUILT_IN = ("digits", "text", "synthetic")
-"""Datasets that need no data.path."""
+"""Built-in datasets that need no data.path."""
 
 
 # --------------------------------------------------------------------------- devices
@@ -372,8 +420,15 @@ class DevicesConfig(Section):
 class ArchitectureConfig(Section):
     """One architecture: which model and its sizes."""
 
-    name: Literal["logreg", "mlp", "cnn", "tinylm"] = Field(
-        "mlp", description="Model architecture (tinylm: a tiny decoder-only transformer, for data.dataset text)."
+    name: str = Field(
+        "mlp",
+        description="Model architecture: logreg, mlp, cnn, tinylm (a tiny decoder-only transformer, for data.dataset "
+        "text); or a torch.nn.Module of your own, package.module:Class (or a function returning a module), called with "
+        "model.params and, where its signature asks, input_shape, n_classes, vocab_size, feature_dim "
+        "(docs/extending.md).",
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments of a model given by import path (name)."
     )
     hidden: list[int] = Field(default_factory=lambda: [64], description="MLP: hidden layer widths.")
     channels: list[int] = Field(default_factory=lambda: [16, 32], description="CNN: channels of each conv block.")
@@ -381,6 +436,11 @@ class ArchitectureConfig(Section):
     n_heads: int = Field(4, ge=1, description="TinyLM: attention heads per layer (must divide d_model).")
     d_ff: int = Field(64, ge=1, description="TinyLM: hidden channels of each feed-forward layer.")
     n_layers: int = Field(2, ge=1, description="TinyLM: transformer blocks (its context is data.text.context).")
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _known_model(cls, value: Any) -> str:
+        return registry.check_name("model", value)
 
     @field_validator("hidden", "channels")
     @classmethod
@@ -393,10 +453,19 @@ class ArchitectureConfig(Section):
     def _heads_divide(self) -> "ArchitectureConfig":
         if self.name == "tinylm" and self.d_model % self.n_heads:
             raise ValueError(f"model.n_heads: {self.n_heads} heads must divide d_model ({self.d_model})")
+        if self.params and registry.is_builtin("model", self.name):
+            raise ValueError(
+                f"model.params: for a model given by import path; '{self.name}' takes its sizes from the keys of "
+                "model (hidden, channels, d_model, ...)"
+            )
         return self
 
     def label(self) -> str:
-        """A short name: ``mlp[64]``, ``cnn[16,32]``, ``logreg``, ``tinylm[d32,h4,f64,l2]``."""
+        """A short name: ``mlp[64]``, ``cnn[16,32]``, ``logreg``, ``tinylm[d32,h4,f64,l2]``; a model of one's own is
+        its import path with its parameters, ``mymodels:ResNet(width=16)``."""
+        if not registry.is_builtin("model", self.name):
+            args = ",".join(f"{k}={v}" for k, v in self.params.items())
+            return f"{self.name}({args})" if args else self.name
         if self.name == "tinylm":
             return f"tinylm[d{self.d_model},h{self.n_heads},f{self.d_ff},l{self.n_layers}]"
         sizes = self.hidden if self.name == "mlp" else self.channels if self.name == "cnn" else None
@@ -519,8 +588,16 @@ class TrainingConfig(Section):
 class SelectionConfig(Section):
     """Client selection of round-based algorithms (hetfl algorithms lists the selections and their parameters)."""
 
-    name: str = Field("random", description="random (uniform), oort or hetero_select.")
+    name: str = Field(
+        "random",
+        description="random (uniform), oort or hetero_select; or a Selection subclass of your own, package.module:Class.",
+    )
     params: dict[str, Any] = Field(default_factory=dict, description="Parameters of the selection `name`.")
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _known_selection(cls, value: Any) -> str:
+        return registry.check_name("selection", value)
 
 
 class AggregatorConfig(Section):
@@ -579,7 +656,10 @@ class StrategyConfig(Section):
     algorithm documents its own parameters in one place.
     """
 
-    name: str = Field("fedavg", description="Algorithm (hetfl algorithms lists them).")
+    name: str = Field(
+        "fedavg",
+        description="Algorithm (hetfl algorithms lists them); or a Strategy subclass of your own, package.module:Class.",
+    )
     clients_per_round: int = Field(10, ge=1, description="Clients sampled per round (fewer if fewer are online).")
     deadline_s: float | None = Field(None, gt=0, description="Round deadline in simulated seconds; later updates are dropped.")
     params: dict[str, Any] = Field(default_factory=dict, description="Parameters of the algorithm `name`.")
@@ -597,6 +677,18 @@ class StrategyConfig(Section):
         description="Parameters by algorithm name, used whenever that algorithm runs (e.g. in hetfl compare): "
         "{fedprox: {mu: 0.1}, fedadam: {server_lr: 0.03}}.",
     )
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _known_strategy(cls, value: Any) -> str:
+        return registry.check_name("strategy", value)
+
+    @field_validator("per_algorithm", mode="before")
+    @classmethod
+    def _known_algorithms(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {registry.check_name("strategy", name): params for name, params in value.items()}
+        return value
 
     def params_for(self, name: str) -> dict[str, Any]:
         """The parameters algorithm ``name`` runs with: ``per_algorithm[name]``, then ``params`` if it is ``name``."""
@@ -689,6 +781,29 @@ class DeployConfig(Section):
     chunk_bytes: int = Field(1 << 20, ge=1024, le=1 << 30, description="Bytes per chunk of a streamed model or update.")
 
 
+class CodeRecord(Section):
+    """Where a piece of user code came from (hetfl.registry.Resolved.record)."""
+
+    path: str = Field(description="Its import path, module:attribute.")
+    origin: str = Field("import path", description="import path, or the entry point and distribution that named it.")
+    file: str | None = Field(None, description="The source file that defines it.")
+    sha256: str | None = Field(None, description="SHA-256 of that file.")
+    root: str | None = Field(None, description="The directory its top-level module was imported from.")
+
+
+def code_keys(cfg: "ExperimentConfig") -> list[tuple[str, str, str]]:
+    """Every (key, kind, name) of ``cfg`` that names code (:mod:`hetfl.registry`)."""
+    keys = [("model.name", "model", cfg.model.name)]
+    keys += [(f"model.zoo.{i}.name", "model", arch.name) for i, arch in enumerate(cfg.model.zoo)]
+    keys += [("data.dataset", "dataset", cfg.data.dataset), ("data.partition.kind", "partition", cfg.data.partition.kind)]
+    keys += [("strategy.name", "strategy", cfg.strategy.name)]
+    keys += [(f"strategy.per_algorithm.{name}", "strategy", name) for name in cfg.strategy.per_algorithm]
+    keys += [("strategy.selection.name", "selection", cfg.strategy.selection.name)]
+    if cfg.client is not None:
+        keys.append(("client", "client", cfg.client))
+    return keys
+
+
 class ExperimentConfig(Section):
     name: str = Field("experiment", description="A label for the run (shown in tables and the run index).")
     seed: int = Field(0, description="Seeds data partition, devices, model initialisation, sampling and batches.")
@@ -704,14 +819,64 @@ class ExperimentConfig(Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     backend: BackendConfig = BackendConfig()
     deploy: DeployConfig = DeployConfig()
+    client: str | None = Field(
+        None,
+        description="A Flower client_fn of your own (package.module:client_fn; context -> Client or NumPyClient) whose "
+        "fit and evaluate are the clients' training and evaluation, under hetfl's clock and strategies (hetfl.flower; "
+        "pip install hetfl[flower]); unset: hetfl trains model.name on data.dataset.",
+    )
+    code: dict[str, CodeRecord] = Field(
+        default_factory=dict,
+        description="Written by hetfl: for each key that names code not built into hetfl (a model, dataset, partition, "
+        "strategy, selection or client of your own), its import path, origin, source file and SHA-256. When a config "
+        "carries it (a run's config.yaml, the one a server sends its clients), the code must still hash the same: a "
+        "resumed run or a deployed client refuses changed code; delete the entry to accept the change.",
+    )
+
+    @field_validator("client", mode="before")
+    @classmethod
+    def _client_path(cls, value: Any) -> Any:
+        return None if value is None else registry.check_name("client", value)
 
     @model_validator(mode="after")
     def _model_fits_data(self) -> "ExperimentConfig":
+        own = [not registry.is_builtin("model", a.name) for a in [self.model, *self.model.zoo]]
         lm = [a.name == "tinylm" for a in [self.model, *self.model.zoo]]
-        if self.data.dataset == "text" and not all(lm):
+        if self.data.dataset == "text" and not all(a or b for a, b in zip(lm, own)):
             raise ValueError("model.name: the text dataset is next-token prediction; use tinylm (and tinylm in model.zoo)")
-        if self.data.dataset != "text" and any(lm):
+        if self.data.dataset != "text" and any(lm) and registry.is_builtin("dataset", self.data.dataset):
             raise ValueError(f"model.name: tinylm is a language model for data.dataset text, not {self.data.dataset}")
+        return self
+
+    @model_validator(mode="after")
+    def _resolve_code(self, info: ValidationInfo) -> "ExperimentConfig":
+        """Import every piece of user code the config names (a one-line error naming the key if one cannot be), record
+        where it came from in ``code``, and refuse code that no longer hashes as an incoming ``code`` entry says."""
+        base = (info.context or {}).get("base_dir") if info is not None else None
+        pins = self.code
+        records: dict[str, CodeRecord] = {}
+        for key, kind, spec in code_keys(self):
+            if registry.is_builtin(kind, spec):
+                continue
+            pin = pins.get(key)
+            search = [base, os.getcwd(), pin.root if pin is not None else None]
+            try:
+                resolved = registry.resolve(kind, spec, key=key, search=search)
+            except ConfigError as err:
+                raise ValueError(str(err)) from None
+            if pin is not None and pin.path == resolved.path and pin.sha256 and resolved.sha256 != pin.sha256:
+                raise ValueError(
+                    f"{key}: {spec} has changed since this config was written: {resolved.file} has SHA-256 "
+                    f"{(resolved.sha256 or 'none')[:12]}, the config records {pin.sha256[:12]} ({pin.file}); restore that "
+                    f"code, or delete code.{key} from the config to run the new code"
+                )
+            records[key] = CodeRecord(**resolved.record())
+        if records != pins:
+            self.__dict__["code"] = records  # not an assignment: that would validate the whole config again
+            if records:
+                self.model_fields_set.add("code")
+            else:
+                self.model_fields_set.discard("code")
         return self
 
 
@@ -739,7 +904,7 @@ def _error_line(err: ValidationError, source: str) -> str:
         msg = "unknown key"
     elif msg.startswith("Value error, "):
         msg = msg.removeprefix("Value error, ")
-        if msg.split(":")[0].count(".") and ":" in msg:  # the validator already named the key
+        if re.match(r"^[\w\[\]-]+(\.[\w\[\]-]+)+: ", msg) or re.match(r"^client: ", msg):  # the validator named the key
             return f"{source}: {msg}" + (f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else "")
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{source}: {key}: {msg}{more}"
@@ -772,9 +937,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def validate(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
+def validate(raw: dict[str, Any], source: str = "config", base_dir: str | Path | None = None) -> ExperimentConfig:
+    """``raw`` as an :class:`ExperimentConfig`; ``base_dir``: where import paths are looked for first (the config
+    file's directory; then the current directory and ``sys.path``, :mod:`hetfl.registry`)."""
     try:
-        return ExperimentConfig.model_validate(raw)
+        return ExperimentConfig.model_validate(raw, context={"base_dir": str(base_dir) if base_dir is not None else None})
     except ValidationError as err:
         raise ConfigError(_error_line(err, source)) from None
 
@@ -793,7 +960,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     _resolve_paths(raw, path.parent)
-    return validate(apply_overrides(raw, overrides or []), source=str(path))
+    return validate(apply_overrides(raw, overrides or []), source=str(path), base_dir=path.parent.resolve())
 
 
 PATH_KEYS = (("data", "path"), ("data", "partition", "embeddings"), ("devices", "trace"), ("deploy", "tokens"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import typing
 from collections.abc import Iterable
 from typing import Any
@@ -10,7 +11,8 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from hetfl.config import ModelConfig, SelectionConfig, StrategyConfig, TrainingConfig
-from hetfl.errors import ConfigError
+from hetfl.errors import ConfigError, HetflError
+from hetfl import registry
 from hetfl.strategies.base import ClientData, ClientResult, Server, Strategy, Task, Update
 from hetfl.strategies.adapters import AdapterFL
 from hetfl.strategies.clustered import FLHC
@@ -35,22 +37,52 @@ from hetfl.strategies.partial import FedPer, FedRep
 from hetfl.strategies.pfedgate import PFedGate
 from hetfl.strategies.rounds import RoundStrategy
 from hetfl.strategies.scaffold import Scaffold
-from hetfl.strategies.selection import SELECTIONS, HeteRoSelect, Oort, RandomSelection, Selection
-
-STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls
-    for cls in (FedAvg, FedProx, FedNova, Scaffold, FedAdam, FedYogi, FedStale, FedVARP, FedAsync, FedBuff, FedCompass,
-                Ditto, FedAvgFineTune, FedPer, FedRep, LGFedAvg, IFCA, FLHC, LocalOnly, FedProto, FedGH, PFedGate,
-                FML, AdapterFL, FedLoRA, FedSpine)
-}
+from hetfl.strategies.selection import HeteRoSelect, Oort, RandomSelection, Selection
 
 
-ROUND_KEYS = ("self", "clients_per_round", "deadline_s", "selection", "aggregator", "privacy")  # set from strategy.* keys, not strategy.params
+def _builtins(kind: str) -> dict[str, type]:
+    """hetfl's own classes of ``kind``, imported through :mod:`hetfl.registry` as a user's are."""
+    return {name: registry.load(kind, name, key=f"(built-in {kind})") for name in registry.KINDS[kind].builtins}
+
+
+STRATEGIES: dict[str, type[Strategy]] = _builtins("strategy")
+"""The built-in algorithms by name (``hetfl algorithms`` also lists those installed packages add)."""
+
+SELECTIONS: dict[str, type[Selection]] = _builtins("selection")
+"""The built-in client selections by name."""
+
+
+ROUND_KEYS = ("clients_per_round", "deadline_s", "selection", "aggregator", "privacy")  # set from strategy.* keys, not strategy.params
+
+
+def constructor_parameters(cls: type) -> dict[str, tuple[inspect.Parameter, Any]]:
+    """Every keyword a class's constructor accepts, with its annotation: its own ``__init__``'s and, when that takes
+    ``**kwargs`` (a subclass forwarding to its base), those of the next ``__init__`` up the MRO, and so on."""
+    found: dict[str, tuple[inspect.Parameter, Any]] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        if klass is object:
+            break
+        try:
+            hints = typing.get_type_hints(init)
+        except Exception:  # an annotation that does not evaluate: checked by nothing, as an unannotated one
+            hints = {}
+        forwards = False
+        for p in list(inspect.signature(init).parameters.values())[1:]:  # past self
+            if p.kind is p.VAR_KEYWORD:
+                forwards = True
+            elif p.kind is not p.VAR_POSITIONAL and p.name not in found:
+                found[p.name] = (p, hints.get(p.name))
+        if not forwards:
+            break
+    return found
 
 
 def parameters(cls: type) -> list[inspect.Parameter]:
     """The constructor parameters a user sets through ``strategy.params`` (or ``strategy.selection.params``)."""
-    return [p for p in inspect.signature(cls.__init__).parameters.values() if p.name not in ROUND_KEYS]
+    return [p for name, (p, _) in constructor_parameters(cls).items() if name not in ROUND_KEYS]
 
 
 def _check_keys(cls: type, name: str, keys: Iterable[str], where: str) -> None:
@@ -60,11 +92,9 @@ def _check_keys(cls: type, name: str, keys: Iterable[str], where: str) -> None:
             raise ConfigError(f"{where}.{key}: not a parameter of {name} (known: {', '.join(known) or 'none'})")
 
 
-def _lookup(registry: dict[str, type], name: str, where: str, what: str) -> type:
-    cls = registry.get(name)
-    if cls is None:
-        raise ConfigError(f"{where}: unknown {what} '{name}' (known: {', '.join(sorted(registry))})")
-    return cls
+def strategy_class(name: str, key: str = "strategy.name") -> type[Strategy]:
+    """The class ``name`` (a built-in, an entry point's or an import path) names."""
+    return registry.load("strategy", name, key=key)
 
 
 def build_strategy(
@@ -75,15 +105,15 @@ def build_strategy(
     With ``training`` (``model``), also refuse a local optimiser (a model) the algorithm's mathematics
     does not cover.
     """
-    cls = _lookup(STRATEGIES, cfg.name, "strategy.name", "algorithm")
+    cls = strategy_class(cfg.name)
     for name, params in cfg.per_algorithm.items():
-        other = _lookup(STRATEGIES, name, f"strategy.per_algorithm.{name}", "algorithm")
+        other = strategy_class(name, f"strategy.per_algorithm.{name}")
         _check_keys(other, name, params, f"strategy.per_algorithm.{name}")
     _check_keys(cls, cfg.name, cfg.params, "strategy.params")
     wheres = {key: f"strategy.params.{key}" if key in cfg.params else f"strategy.per_algorithm.{cfg.name}.{key}"
               for key in cfg.params_for(cfg.name)}
     kwargs = _typed(cls, cfg.params_for(cfg.name), wheres)
-    accepted = inspect.signature(cls.__init__).parameters
+    accepted = constructor_parameters(cls)
     if "clients_per_round" in accepted:
         kwargs["clients_per_round"] = cfg.clients_per_round
     if "deadline_s" in accepted:
@@ -97,6 +127,8 @@ def build_strategy(
         )
     _robust_options(cls, cfg, accepted, kwargs)
     strategy = _instantiate(cls, kwargs, f"strategy.params: {cfg.name}")
+    if "name" not in vars(cls):  # a user's class without a name of its own is called what the config calls it
+        strategy.name = cfg.name
     if training is not None:
         strategy.check_training(training.optimizer, training.momentum)
     if model is not None:
@@ -108,7 +140,7 @@ def _robust_options(cls: type, cfg: StrategyConfig, accepted: Any, kwargs: dict[
     """Pass ``strategy.aggregator`` and ``strategy.privacy`` to algorithms that take them; refuse them elsewhere."""
 
     def takers(key: str) -> str:  # the algorithms whose constructor takes ``key``, for the error message
-        names = (name for name, other in STRATEGIES.items() if key in inspect.signature(other.__init__).parameters)
+        names = (name for name, other in STRATEGIES.items() if key in constructor_parameters(other))
         return ", ".join(sorted(names))
 
     if "aggregator" in accepted:
@@ -129,7 +161,7 @@ def _robust_options(cls: type, cfg: StrategyConfig, accepted: Any, kwargs: dict[
 
 def build_selection(cfg: SelectionConfig) -> Selection:
     """Instantiate the client selection ``cfg.name`` with ``cfg.params`` (errors name the key)."""
-    cls = _lookup(SELECTIONS, cfg.name, "strategy.selection.name", "selection")
+    cls = registry.load("selection", cfg.name, key="strategy.selection.name")
     _check_keys(cls, cfg.name, cfg.params, "strategy.selection.params")
     kwargs = _typed(cls, dict(cfg.params), {key: f"strategy.selection.params.{key}" for key in cfg.params})
     return _instantiate(cls, kwargs, f"strategy.selection.params: {cfg.name}")
@@ -140,11 +172,17 @@ def _instantiate(cls: type, kwargs: dict[str, Any], where: str) -> Any:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where}: {err}") from None
+    except HetflError:
+        raise
+    except Exception as err:  # a user's constructor failed otherwise: one line (HETFL_DEBUG=1: the traceback)
+        if os.environ.get("HETFL_DEBUG"):
+            raise
+        raise ConfigError(f"{where}: {cls.__name__}(...) raised {type(err).__name__}: {err}") from None
 
 
 def _typed(cls: type, kwargs: dict[str, Any], wheres: dict[str, str]) -> dict[str, Any]:
     """``kwargs``, each checked against ``cls``'s constructor annotation (a bad one names its key)."""
-    hints = typing.get_type_hints(cls.__init__)
+    hints = {name: hint for name, (_, hint) in constructor_parameters(cls).items() if hint is not None}
     for key, value in kwargs.items():
         if key not in hints:
             continue
@@ -158,7 +196,8 @@ def _typed(cls: type, kwargs: dict[str, Any], wheres: dict[str, str]) -> dict[st
 
 
 __all__ = [
-    "STRATEGIES", "SELECTIONS", "build_strategy", "build_selection", "parameters",
+    "STRATEGIES", "SELECTIONS", "build_strategy", "build_selection", "parameters", "constructor_parameters",
+    "strategy_class",
     "ClientData", "ClientResult", "Server", "Strategy", "Task", "Update", "RoundStrategy",
     "FedAvg", "FedProx", "FedNova", "Scaffold", "FedAdam", "FedYogi", "FedStale", "FedVARP",
     "FedAsync", "FedBuff", "FedCompass",
