@@ -22,7 +22,6 @@ from hetfl.strategies.fedgh import train_head
 from hetfl.strategies.fedproto import prototype_head, prototype_pull
 from hetfl.strategies.hetero import class_prototypes, pack_prototypes, prototype_mean, unpack_prototypes
 from hetfl.training import LocalTrainer
-from hetfl.training.local import head_slice
 from tests.conftest import blobs, profile, run_rounds
 
 
@@ -232,10 +231,10 @@ def test_fedgh_client_trains_its_body_under_the_global_head_and_uploads_prototyp
     state = {}
     result = FedGH().client_train(trainer, task(head), data, state, seed=0)
     own = state["model"]
-    assert not torch.equal(own[head_slice(trainer.model)], head)  # the head trained too, starting from the global one
+    assert not torch.equal(own[trainer.head_slice], head)  # the head trained too, starting from the global one
     assert torch.equal(result.params, pack_prototypes(*class_prototypes(trainer, own, data, 2)))
     personal = FedGH().personal_params(trainer, head, data, state, 0)
-    assert torch.equal(personal[head_slice(trainer.model)], head) and torch.equal(personal[:-10], own[:-10])
+    assert torch.equal(personal[trainer.head_slice], head) and torch.equal(personal[:-10], own[:-10])
 
 
 # -- LG-FedAvg and local ----------------------------------------------------------------------------------

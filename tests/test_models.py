@@ -40,3 +40,64 @@ def test_cnn_refuses_inputs_it_cannot_read_as_images():
         build_model(ModelConfig(name="cnn"), (10,), 3)
     with pytest.raises(ConfigError, match="model.name"):
         build_model(ModelConfig(name="cnn"), (80,), 80, vocab_size=80)
+
+
+# --------------------------------------------------------------------------- FLOPs by torch's counter, against the formulas
+# flops_per_sample uses torch.utils.flop_counter.FlopCounterMode; these are the hand-written hooks' formulas it
+# replaced, written out: 2 * d_in * d_out per linear layer and position, 2 * (C_in / groups) * k_h * k_w per conv
+# output, TinyLM's q k^T and attn v (2 * 2 * L^2 * n_heads * d_head per layer) and tied head (2 * L * d * V); bias
+# adds, activations, pooling and normalisation are not counted by either.
+@pytest.mark.parametrize("hidden", [[32], [48, 24]])
+def test_mlp_flops_equal_the_formula(hidden):
+    model = build_model(ModelConfig(name="mlp", hidden=hidden), (64,), 10)
+    widths = [64, *hidden, 10]
+    assert flops_per_sample(model, (64,)) == sum(2 * a * b for a, b in zip(widths, widths[1:]))
+
+
+@pytest.mark.parametrize("shape, channels, feature_dim", [((64,), [4, 8], None), ((3, 16, 16), [6, 5, 7], 12)])
+def test_cnn_flops_equal_the_formula(shape, channels, feature_dim):
+    model = build_model(ModelConfig(name="cnn", channels=channels), shape, 10, feature_dim=feature_dim)
+    c, h, w = (1, 8, 8) if len(shape) == 1 else shape
+    total = 0
+    for out in channels:
+        total += 2 * c * 3 * 3 * out * h * w  # 3x3 convolution, padding 1: h x w outputs per channel
+        if min(h, w) >= 4:
+            h, w = h // 2, w // 2  # 2x2 max pooling (not counted)
+        c = out
+    width = c * h * w
+    if feature_dim:
+        total += 2 * width * feature_dim
+        width = feature_dim
+    assert flops_per_sample(model, shape) == total + 2 * width * 10
+
+
+@pytest.mark.parametrize("d, heads, f, layers, L, V", [(16, 2, 32, 2, 16, 256), (24, 3, 40, 1, 9, 80)])
+def test_tinylm_flops_equal_the_formula(d, heads, f, layers, L, V):
+    model = build_model(ModelConfig(name="tinylm", d_model=d, n_heads=heads, d_ff=f, n_layers=layers), (L,), V,
+                        vocab_size=V)
+    linears = layers * L * 2 * (4 * d * d + 2 * d * f)  # q, k, v, o and the two feed-forward layers, per position
+    attention = layers * 2 * 2 * L * L * d  # n_heads * d_head = d
+    assert flops_per_sample(model, (L,), token_input=True) == linears + attention + 2 * L * d * V
+
+
+def test_flops_of_a_module_the_hooks_never_knew_and_in_eval_mode():
+    # a residual BatchNorm block: only the convolutions and the linear layer count (BatchNorm, the residual add
+    # and ReLU are element-wise); the forward runs in eval mode (one sample through BatchNorm in training mode
+    # would fail) and the model is left in the mode it was in
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(3)
+            self.grouped = torch.nn.Conv2d(3, 3, 3, padding=1, groups=3, bias=False)
+            self.head = torch.nn.Linear(3 * 5 * 5, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.bn(self.conv(x)))
+            return self.head((h + self.grouped(h)).flatten(1))
+
+    net = Net()
+    assert net.training
+    expected = 2 * 2 * 9 * 3 * 25 + 2 * 1 * 9 * 3 * 25 + 2 * 75 * 4
+    assert flops_per_sample(net, (2, 5, 5)) == expected
+    assert net.training

@@ -14,7 +14,6 @@ from hetfl.models.zoo import MLP
 from hetfl.strategies import FedAvg, FedPer, FedRep, Task, Update
 from hetfl.strategies.base import ClientData
 from hetfl.training import LocalTrainer
-from hetfl.training.local import head_slice
 
 DATA = ClientData(0, torch.zeros(4, 1), torch.zeros(4, dtype=torch.long))
 
@@ -37,7 +36,8 @@ def adding_trainer():
         starts.append(params.clone())
         return SimpleNamespace(params=params + 1, steps=steps, loss=0.0)
 
-    return SimpleNamespace(model=MLP(1, [1], 1), train=train, starts=starts)
+    return SimpleNamespace(model=MLP(1, [1], 1), train=train, starts=starts, n_buffers=0, buffer_slice=slice(0, 0),
+                           head_slice=slice(2, 4), body_slice=slice(0, 2))
 
 
 # -- the head slice ---------------------------------------------------------------------------------
@@ -50,17 +50,21 @@ def test_head_slice_is_the_last_linear_layer(name, shape, head_numel):
     torch.manual_seed(0)
     model = build_model(ModelConfig(name=name, hidden=[32, 16], channels=[4, 8]), shape, 10)
     trainer = LocalTrainer(model, TrainingConfig())
-    head = head_slice(model)
+    head = trainer.head_slice
     last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    assert trainer.head is last and trainer.n_buffers == 0
     assert head.stop == trainer.numel and head.stop - head.start == head_numel == last.weight.numel() + 10
     assert torch.equal(trainer.flat[head], torch.cat([last.weight.detach().reshape(-1), last.bias.detach()]))
 
 
-def test_head_slice_of_a_token_model_and_of_a_model_without_a_linear_layer():
+def test_head_slice_of_a_token_model_and_of_a_model_without_a_head():
     model = build_model(ModelConfig(name="mlp", hidden=[8]), (5,), 3, vocab_size=4)  # OneHot in front
-    assert head_slice(model) == slice(5 * 4 * 8 + 8, 5 * 4 * 8 + 8 + 8 * 3 + 3)
-    with pytest.raises(ValueError, match="no nn.Linear"):
-        head_slice(torch.nn.Sequential(torch.nn.ReLU()))
+    assert LocalTrainer(model, TrainingConfig()).head_slice == slice(5 * 4 * 8 + 8, 5 * 4 * 8 + 8 + 8 * 3 + 3)
+    headless = LocalTrainer(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()), TrainingConfig(), "mine:Net")
+    with pytest.raises(ConfigError, match=r"^model.name: mine:Net has no classifier head .*`head` attribute"):
+        headless.head_slice
+    with pytest.raises(ConfigError, match=r"^model.name: fedper splits the model .* mine:Net has no classifier head"):
+        FedPer().check_models([headless])
 
 
 # -- the trainer's gradient mask --------------------------------------------------------------------
@@ -121,7 +125,7 @@ def test_personal_params_mix_the_global_shared_part_with_the_clients_own(cls, st
 def test_fedrep_trains_the_head_with_the_body_frozen_then_the_body_with_the_head_frozen():
     torch.manual_seed(0)
     trainer = LocalTrainer(MLP(2, [4], 3), TrainingConfig(lr=0.3, momentum=0.9, batch_size=4))
-    head = head_slice(trainer.model)
+    head = trainer.head_slice
     body = slice(0, head.start)
     phases = []
     train = trainer.train

@@ -1,68 +1,48 @@
 """Cost accounting: FLOPs of a training step and exact bytes of a model transfer.
 
-FLOPs count multiply-adds as two operations, for the layers that dominate (linear and
-convolution); a training step costs three forward passes' worth (forward, and backward
-for activations and for weights), the usual estimate (Kaplan et al. 2020).
+FLOPs are counted by torch itself, :class:`torch.utils.flop_counter.FlopCounterMode`, on one forward pass of
+the model (any ``torch.nn.Module``) on a batch of one sample, in ``eval`` mode. It counts the operations that
+dominate: matrix products (``mm``, ``addmm``, ``bmm``, ``matmul`` however they are reached: ``nn.Linear``,
+``x @ W``, attention's ``q k^T`` and ``attn v``), convolutions (and their transposes) and fused attention
+(``scaled_dot_product_attention``), each multiply-add as two operations. For hetfl's built-in models that is
+exactly the count the hand-written formulas gave (``tests/test_models.py`` writes them out):
 
-A linear layer applied to a sequence ``(1, L, d_in)`` counts once per position. For a
-:class:`~hetfl.models.transformer.TinyLM` the two matrix products of attention that are no
-``nn.Linear`` are added (``q k^T`` and ``attn v``: ``2 * 2 * L^2 * n_heads * d_head`` per layer,
-the causal mask's skipped half included, as dense kernels compute it), and so is the tied
-output projection ``h E^T`` (``2 * L * d_model * vocab``). Embedding look-ups, layer norms,
-softmax and activations are left out (a few percent at these sizes).
+- a linear layer ``d_in -> d_out`` on a sequence ``(1, L, d_in)``: ``2 * L * d_in * d_out`` (``L = 1`` for a
+  feature vector); the bias add is not counted;
+- a convolution: ``2 * (C_in / groups) * k_h * k_w`` per output element; the bias add is not counted;
+- TinyLM's attention, which is no ``nn.Linear``: ``2 * 2 * L^2 * n_heads * d_head`` per layer (the causal
+  mask's skipped half included, as dense kernels compute it), and its tied output projection ``h E^T``:
+  ``2 * L * d_model * vocab``.
+
+Left out, by torch's counter as by the formulas before it: embedding look-ups, normalisation (BatchNorm,
+LayerNorm), softmax, activations, pooling and element-wise arithmetic (residual adds): a few percent at these
+sizes, more for a model made mostly of them. A training step costs three forward passes' worth (forward, and
+backward for activations and for weights), the usual estimate (Kaplan et al. 2020).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 BACKWARD_FACTOR = 3.0
 
 
 def flops_per_sample(model: nn.Module, input_shape: tuple[int, ...], token_input: bool = False) -> float:
-    """Forward-pass FLOPs for one sample, measured by hooks on a dry run."""
-    total = 0.0
-
-    def linear_hook(module: nn.Linear, inputs, output) -> None:
-        nonlocal total
-        positions = output.numel() // module.out_features  # 1 for a feature vector, L for a sequence
-        total += 2.0 * module.in_features * module.out_features * positions
-
-    def attention_hook(module, inputs, output) -> None:
-        nonlocal total
-        L = inputs[0].shape[1]
-        total += 2.0 * 2.0 * L * L * module.n_heads * module.d_head
-
-    def tied_head_hook(module, inputs, output) -> None:
-        nonlocal total
-        if module.head is None:
-            total += 2.0 * inputs[0].shape[1] * module.d_model * module.vocab_size
-
-    def conv_hook(module: nn.Conv2d, inputs, output) -> None:
-        nonlocal total
-        kh, kw = module.kernel_size
-        per_output = 2.0 * (module.in_channels // module.groups) * kh * kw
-        total += per_output * output[0].numel()
-
-    from hetfl.models.transformer import CausalSelfAttention, TinyLM
-
-    handles = []
-    for m in model.modules():
-        if isinstance(m, CausalSelfAttention):
-            handles.append(m.register_forward_hook(attention_hook))
-        elif isinstance(m, TinyLM):
-            handles.append(m.register_forward_hook(tied_head_hook))
-        if isinstance(m, nn.Linear):
-            handles.append(m.register_forward_hook(linear_hook))
-        elif isinstance(m, nn.Conv2d):
-            handles.append(m.register_forward_hook(conv_hook))
+    """Forward-pass FLOPs for one sample: :class:`~torch.utils.flop_counter.FlopCounterMode` on a forward pass of
+    zeros of shape ``(1, *input_shape)`` (token ids 0 if ``token_input``), the model in ``eval`` mode (put back in
+    the mode it was in). Exceptions of the forward pass propagate."""
     dtype = torch.long if token_input else torch.float32
-    with torch.no_grad():
-        model(torch.zeros((1, *input_shape), dtype=dtype))
-    for h in handles:
-        h.remove()
-    return total
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    try:
+        with torch.no_grad(), counter:
+            model(torch.zeros((1, *input_shape), dtype=dtype))
+    finally:
+        model.train(was_training)
+    return float(counter.get_total_flops())
 
 
 def training_flops(forward_flops_per_sample: float, batch_size: int) -> float:
@@ -71,5 +51,10 @@ def training_flops(forward_flops_per_sample: float, batch_size: int) -> float:
 
 
 def model_bytes(model: nn.Module) -> int:
-    """Exact bytes of the parameters as sent over the wire (raw tensor data, no framing)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Exact bytes of what a transfer of the model carries (raw tensor data, no framing): its parameters and its
+    floating-point persistent buffers (BatchNorm's running statistics), as :class:`hetfl.training.LocalTrainer`'s
+    flat vector holds them."""
+    from hetfl.training.local import federated_buffers
+
+    tensors = [*model.parameters(), *(b for _, b in federated_buffers(model))]
+    return sum(t.numel() * t.element_size() for t in tensors)

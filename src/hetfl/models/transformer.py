@@ -192,6 +192,25 @@ class TinyLM(nn.Module):
         return h @ self.tok.weight.T if self.head is None else self.head(h)
 
 
+def tinylm(
+    *,
+    input_shape: Sequence[int],
+    vocab_size: int | None = None,
+    d_model: int = 32,
+    n_heads: int = 4,
+    d_ff: int = 64,
+    n_layers: int = 2,
+) -> TinyLM:
+    """``model.name: tinylm``: a :class:`TinyLM` over the data's vocabulary whose context is the data's sequence
+    length (``input_shape == (context,)``); token inputs only (``data.dataset: text``)."""
+    from hetfl.errors import ConfigError
+
+    if vocab_size is None or len(input_shape) != 1:
+        raise ConfigError("model.name: tinylm reads token sequences; use data.dataset text")
+    return TinyLM(vocab_size=vocab_size, d_model=d_model, n_heads=n_heads, d_ff=d_ff, n_layers=n_layers,
+                  context=int(input_shape[0]))
+
+
 def _rows(tokens: torch.Tensor, context: int) -> torch.Tensor:
     """(N, L) rows as given; a 1-D stream cut into rows of ``context + 1`` tokens (the short tail dropped)."""
     if tokens.dim() == 2:

@@ -1,15 +1,32 @@
-"""The models clients train: small, CPU-friendly, without buffers (the whole state is the parameters).
+"""The built-in models, and :func:`build_model`, which builds any model a config names, built-in or a user's.
+
+Every model a config names goes through one door, :func:`hetfl.registry.resolve` (``model.name``,
+``model.zoo.<i>.name``): the built-in names are import paths like a user's, ``logreg``, ``mlp`` and ``cnn``
+the factories of this module and ``tinylm`` :func:`hetfl.models.transformer.tinylm`. A factory (or an
+``nn.Module`` class) is called with its own keyword parameters (for built-ins the config's size keys:
+``hidden``, ``channels``, ``d_model``, ...; for a user's model ``model.params``) and, where its signature
+asks for them, what hetfl knows of the data: ``input_shape``, ``n_classes``, ``vocab_size`` (token inputs)
+and ``feature_dim`` (``model.feature_dim``).
+
+Any ``torch.nn.Module`` trains with the plain algorithms (FedAvg and kin); see
+:class:`hetfl.training.local.LocalTrainer` for what is federated (parameters and floating-point buffers).
+Algorithms that split a model into a body and a classifier head, or share what lies on the representation
+(FedPer, FedRep, LG-FedAvg, FedProto, FedGH, adapters, pFedGate with a dense head), need to find the head:
+
+**The head protocol.** The model has an attribute ``head``, an ``nn.Linear`` classifier whose parameters are
+the last of ``model.parameters()``; its input is the model's representation. Every built-in classifier has
+one (a read-only property naming its last ``nn.Linear``, so it adds no parameters and no ``state_dict`` key).
+A model without it trains under every other algorithm; the head algorithms refuse it in one line.
 
 ``tinylm`` is the language model of the ``text`` dataset (:class:`hetfl.models.transformer.TinyLM`, its
 context the data's sequence length, vocabulary the data's): it maps token ids ``(N, L)`` to next-token
-logits ``(N, L, V)`` and has no classifier head in the sense below (its output projection is the tied
+logits ``(N, L, V)`` and has no classifier head in the sense above (its output projection is the tied
 token embedding), so the head-sharing algorithms do not apply to it.
 
 Inputs are either float features shaped ``input_shape`` or integer token sequences (LEAF Shakespeare),
-which are one-hot encoded by :class:`OneHot` in front of the model.
+which are one-hot encoded by :class:`OneHot` in front of the built-in classifiers.
 
-Every model is a *body* followed by a linear classifier *head* (the last ``nn.Linear``, whose
-parameters are the last in ``parameters()`` order). The head's input is the model's representation.
+Every built-in classifier is a *body* followed by a linear classifier *head* (its last ``nn.Linear``).
 Given ``feature_dim``, every architecture hands its head a representation of that width, so models
 of different families can share a head, class prototypes or an adapter on the representation
 (model-heterogeneous FL): the MLP appends a hidden layer of that width unless its last one has it,
@@ -19,14 +36,20 @@ linear model with a rank-``feature_dim`` bottleneck (Linear, no activation, then
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hetfl import registry
 from hetfl.config import ArchitectureConfig
 from hetfl.errors import ConfigError
+
+SIZE_KEYS = ("hidden", "channels", "d_model", "n_heads", "d_ff", "n_layers")
+"""The config's size keys (:class:`~hetfl.config.ArchitectureConfig`), passed to a built-in factory that takes them."""
 
 
 class OneHot(nn.Module):
@@ -40,6 +63,15 @@ class OneHot(nn.Module):
         return F.one_hot(x, self.vocab_size).flatten(1).float()
 
 
+class TokenClassifier(nn.Sequential):
+    """``OneHot`` then a classifier: an ``nn.Sequential`` (its ``state_dict`` keys ``0.``, ``1.``) whose ``head``
+    is the classifier's."""
+
+    @property
+    def head(self) -> nn.Linear:
+        return self[-1].head
+
+
 class LogisticRegression(nn.Module):
     """A linear classifier; with ``feature_dim``, a linear map to that width first (still a linear model)."""
 
@@ -47,6 +79,10 @@ class LogisticRegression(nn.Module):
         super().__init__()
         self.project = nn.Linear(in_features, feature_dim) if feature_dim else nn.Identity()
         self.linear = nn.Linear(feature_dim or in_features, n_classes)
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.project(x.flatten(1)))
@@ -64,6 +100,10 @@ class MLP(nn.Module):
             width = h
         layers.append(nn.Linear(width, n_classes))
         self.net = nn.Sequential(*layers)
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.net[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.flatten(1))
@@ -93,6 +133,10 @@ class CNN(nn.Module):
         self.project = nn.Sequential(nn.Linear(width, feature_dim), nn.ReLU()) if feature_dim else nn.Identity()
         self.classifier = nn.Linear(feature_dim or width, n_classes)
 
+    @property
+    def head(self) -> nn.Linear:
+        return self.classifier
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(x.shape[0], *self.image_shape)
         return self.classifier(self.project(self.features(x).flatten(1)))
@@ -112,37 +156,87 @@ def _image_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
     )
 
 
+def _classifier(body: nn.Module, vocab_size: int | None) -> nn.Module:
+    """``body`` as it is for float features, after a one-hot encoding for token inputs."""
+    return body if vocab_size is None else TokenClassifier(OneHot(vocab_size), body)
+
+
+def _in_features(input_shape: Sequence[int], vocab_size: int | None) -> int:
+    return math.prod(input_shape) * (vocab_size or 1)
+
+
+# --------------------------------------------------------------------------- the built-in factories
+def logreg(
+    *, input_shape: Sequence[int], n_classes: int, vocab_size: int | None = None, feature_dim: int | None = None
+) -> nn.Module:
+    """Logistic regression (:class:`LogisticRegression`): ``model.name: logreg``."""
+    in_features = _in_features(input_shape, vocab_size)
+    return _classifier(LogisticRegression(in_features, n_classes, feature_dim), vocab_size)
+
+
+def mlp(
+    *,
+    input_shape: Sequence[int],
+    n_classes: int,
+    vocab_size: int | None = None,
+    feature_dim: int | None = None,
+    hidden: Sequence[int] = (64,),
+) -> nn.Module:
+    """A ReLU MLP of hidden widths ``hidden`` (:class:`MLP`): ``model.name: mlp``."""
+    in_features = _in_features(input_shape, vocab_size)
+    return _classifier(MLP(in_features, list(hidden), n_classes, feature_dim), vocab_size)
+
+
+def cnn(
+    *,
+    input_shape: Sequence[int],
+    n_classes: int,
+    vocab_size: int | None = None,
+    feature_dim: int | None = None,
+    channels: Sequence[int] = (16, 32),
+) -> nn.Module:
+    """A small CNN of conv blocks of ``channels`` (:class:`CNN`): ``model.name: cnn``; image inputs only."""
+    if vocab_size is not None:
+        raise ConfigError("model.name: cnn does not take token (text) inputs; use logreg or mlp")
+    return CNN(_image_shape(tuple(input_shape)), list(channels), n_classes, feature_dim)
+
+
+# --------------------------------------------------------------------------- any model
 def build_model(
     cfg: ArchitectureConfig,
     input_shape: tuple[int, ...],
     n_classes: int,
     vocab_size: int | None = None,
     feature_dim: int | None = None,
+    key: str = "model.name",
 ) -> nn.Module:
-    """Build the configured model for inputs of ``input_shape`` (token inputs when ``vocab_size`` is set).
+    """The model ``cfg.name`` names, for inputs of ``input_shape`` (token inputs when ``vocab_size`` is set).
 
-    ``feature_dim``: the width of the representation the head receives (see the module docstring);
-    None keeps each architecture's natural width.
+    ``cfg.name`` is resolved by :func:`hetfl.registry.resolve` and called by :func:`hetfl.registry.call` with
+    its parameters (a built-in: the size keys of ``cfg`` it takes; a model of one's own: ``cfg.params``) and,
+    where its signature asks, ``input_shape``, ``n_classes``, ``vocab_size`` and ``feature_dim`` (the width of
+    the representation the head receives, see the module docstring; None keeps each architecture's natural
+    width). ``key`` is the config key that named it (``model.name``, ``model.zoo.<i>.name``), for messages:
+    every error is a one-line :class:`~hetfl.errors.ConfigError` naming it.
     """
-    if cfg.name == "tinylm":
-        if vocab_size is None or len(input_shape) != 1:
-            raise ConfigError("model.name: tinylm reads token sequences; use data.dataset text")
-        from hetfl.models.transformer import TinyLM
-
-        return TinyLM(vocab_size=vocab_size, d_model=cfg.d_model, n_heads=cfg.n_heads, d_ff=cfg.d_ff,
-                      n_layers=cfg.n_layers, context=input_shape[0])
-    prefix: list[nn.Module] = []
-    if vocab_size is not None:
-        if cfg.name == "cnn":
-            raise ConfigError("model.name: cnn does not take token (text) inputs; use logreg or mlp")
-        prefix.append(OneHot(vocab_size))
-        in_features = math.prod(input_shape) * vocab_size
+    resolved = registry.resolve("model", cfg.name, key=key)
+    factory = resolved.obj
+    if resolved.builtin:
+        accepted = inspect.signature(factory).parameters
+        params = {name: getattr(cfg, name) for name in SIZE_KEYS if name in accepted}
     else:
-        in_features = math.prod(input_shape)
-    if cfg.name == "logreg":
-        body: nn.Module = LogisticRegression(in_features, n_classes, feature_dim)
-    elif cfg.name == "mlp":
-        body = MLP(in_features, cfg.hidden, n_classes, feature_dim)
-    else:
-        body = CNN(_image_shape(input_shape), cfg.channels, n_classes, feature_dim)
-    return nn.Sequential(*prefix, body) if prefix else body
+        params = dict(cfg.params)
+    provided = {"input_shape": tuple(input_shape), "n_classes": n_classes, "vocab_size": vocab_size,
+                "feature_dim": feature_dim}
+    try:
+        model = registry.call(factory, provided, params, key=key, spec=cfg.name)
+    except ConfigError as err:  # a built-in's own message names model.name: name the key that named it
+        text = str(err)
+        if key != "model.name" and text.startswith("model.name: "):
+            raise ConfigError(f"{key}: {text.removeprefix('model.name: ')}") from None
+        raise
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"{key}: {cfg.name} returned {type(model).__name__}, not a torch.nn.Module; return the model itself"
+        )
+    return model

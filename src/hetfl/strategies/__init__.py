@@ -19,6 +19,7 @@ from hetfl.strategies.clustered import FLHC
 from hetfl.strategies.ditto import Ditto
 from hetfl.strategies.fedasync import FedAsync
 from hetfl.strategies.fedavg import FedAvg
+from hetfl.strategies.fedbn import FedBN
 from hetfl.strategies.fedbuff import FedBuff
 from hetfl.strategies.fedcompass import FedCompass
 from hetfl.strategies.fednova import FedNova
@@ -88,6 +89,8 @@ def parameters(cls: type) -> list[inspect.Parameter]:
 def _check_keys(cls: type, name: str, keys: Iterable[str], where: str) -> None:
     known = [p.name for p in parameters(cls)]
     for key in keys:
+        if key in ROUND_KEYS and key in constructor_parameters(cls):
+            raise ConfigError(f"{where}.{key}: a key of strategy itself; set strategy.{key} instead")
         if key not in known:
             raise ConfigError(f"{where}.{key}: not a parameter of {name} (known: {', '.join(known) or 'none'})")
 
@@ -202,7 +205,7 @@ __all__ = [
     "FedAvg", "FedProx", "FedNova", "Scaffold", "FedAdam", "FedYogi", "FedStale", "FedVARP",
     "FedAsync", "FedBuff", "FedCompass",
     "Ditto", "FedAvgFineTune",
-    "FedPer", "FedRep", "LGFedAvg", "LocalOnly", "FedProto", "FedGH",
+    "FedPer", "FedRep", "FedBN", "LGFedAvg", "LocalOnly", "FedProto", "FedGH",
     "PFedGate",
     "FML", "AdapterFL", "FedLoRA", "FedSpine",
     "IFCA", "FLHC",

@@ -38,6 +38,11 @@ products, FLoRA's stacking, is in :mod:`hetfl.models.lora`; its stacked rank is 
 and B = 0: the adapter starts as the identity map, so a client's model with the initial adapter is
 exactly its own model, and B receives a gradient (s * dL/dh' (A h)^T) from the first step.
 
+The client keeps its whole model, buffers included (BatchNorm's running statistics), in its state; the
+adapter's steps read the frozen model's representation in ``eval`` mode (its running statistics, as it is
+used), so they leave the buffers as the model's steps left them. Any model with a classifier head (the head
+protocol of :mod:`hetfl.models.zoo`) fits.
+
 Evaluation. A client uses its own model with the adapter it trained last (the pair local training
 ended with), or, before its first task, its architecture's initial model with the global adapter. The
 engine's ``trainer.predict`` takes the model's flat parameters only, so the adapter is folded into the
@@ -69,7 +74,6 @@ from hetfl.errors import ConfigError, DivergedError
 from hetfl.strategies.base import ClientData, ClientResult, Task
 from hetfl.strategies.hetero import OwnModels
 from hetfl.strategies.selection import Selection
-from hetfl.training.local import head_slice
 
 
 def adapt(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
@@ -139,7 +143,7 @@ class AdapterFL(OwnModels):
         return steps + (steps if self.adapter_steps is None else self.adapter_steps)
 
     def check_models(self, trainers) -> None:
-        super().check_models(trainers)
+        super().check_models(trainers)  # every architecture, and the reference, has a classifier head
         widths = {t.head.in_features for t in trainers}
         reference = {t.reference.head.in_features for t in trainers}
         if widths != reference:
@@ -170,7 +174,7 @@ class AdapterFL(OwnModels):
         """``model`` with ``adapter`` folded into its head (W -> W + s (W B) A): one flat parameter vector."""
         A, B = self.unpack(trainer, adapter)
         W = trainer.head.weight
-        weight = slice(head_slice(trainer.model).start, head_slice(trainer.model).start + W.numel())  # then the bias
+        weight = slice(trainer.head_slice.start, trainer.head_slice.start + W.numel())  # then the bias
         out = model.clone()
         out[weight] = fold(model[weight].reshape(W.shape), A, B, self.scale).reshape(-1)
         return out
@@ -204,7 +208,7 @@ class AdapterFL(OwnModels):
         if steps == 0:
             return adapter.clone(), 0.0
         A, B = (t.clone().requires_grad_(True) for t in self.unpack(trainer, adapter))
-        trainer.flat.copy_(model)
+        trainer.load(model)  # the frozen model in eval mode: its representation, as it will be used
         W, b = trainer.head.weight.detach(), None if trainer.head.bias is None else trainer.head.bias.detach()
         opt = trainer.optimizer(self.adapter_lr, [A, B])
         loss_sum = torch.zeros(())

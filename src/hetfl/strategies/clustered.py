@@ -24,6 +24,10 @@ The engine's global model is the model of the largest cluster (most member sampl
 index). Other clusters' members receive their model as ``Task.payload["model"]`` (counted in bytes;
 the engine also sends the global model with every task, so their download is two models).
 ``personal_params`` is the client's cluster model (None, the global model, for unclustered clients).
+
+Buffers (BatchNorm's running statistics, the first entries of the flat vector) are part of each cluster's
+model and averaged with it; nothing is kept per client. The clustering compares the parameters' changes only
+(the buffers' changes are statistics of the data, not directions of training).
 """
 
 from __future__ import annotations
@@ -132,9 +136,11 @@ class FLHC(RoundStrategy):
         self.rounds += 1
         for u in updates:
             self._n[u.client_id] = u.n_samples
+        # updates are clustered by their parameters (the buffers, in front, are statistics of the data)
+        nb = getattr(getattr(server, "trainer", None), "n_buffers", 0)
         if not self.clustered:
             for u in updates:
-                self.latest[u.client_id] = u.delta
+                self.latest[u.client_id] = u.delta[nb:]
             new = weighted_mean(updates)
             if self.rounds >= self.warmup_rounds:
                 self.cluster(new)
@@ -146,7 +152,7 @@ class FLHC(RoundStrategy):
             trained = u.task.options.get("cluster")
             if trained is None:  # a client first met after the clustering: it trained the global model
                 trained = self.global_cluster
-                self.cluster_of[u.client_id] = self.nearest(u.delta)
+                self.cluster_of[u.client_id] = self.nearest(u.delta[nb:])
             if self.cluster_of[u.client_id] == trained:
                 members.setdefault(int(trained), []).append(u)
         for c, ups in members.items():

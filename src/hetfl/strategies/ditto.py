@@ -21,6 +21,10 @@ The anchor differs from the point (b) starts from, whereas ``LocalTrainer.train`
 at the start point; the exact gradient is recovered with a constant correction:
 ``lambda (v - v_start) + lambda (v_start - w^t) = lambda (v - w^t)``.
 
+Both w_k and v_k are whole flat vectors, buffers included (BatchNorm's running statistics): v_k's stay on
+the client with it, w_k's are averaged with the parameters. The proximal term pulls only the parameters (the
+trainer leaves buffer entries of its gradient terms unused).
+
 Cost: a task trains ``steps + personal_steps`` steps, and ``compute_steps`` says so, so the engine
 times (and counts in ``trained_steps``) both trainings: 2x FedAvg's compute with the default
 ``personal_steps``.

@@ -19,6 +19,9 @@ body with the current global head (it is what it would start its next task with)
 What travels: the head down (C * (d + 1) floats), the prototypes and their counts up (the same size).
 Server-side training takes no simulated time, like all server work in hetfl, and its FLOPs are not
 counted in ``train_flops`` (they are tiny: P * C * d per step).
+
+Kept per client: its whole model, buffers included (BatchNorm's running statistics). A model of one's own
+needs a classifier head (the head protocol of :mod:`hetfl.models.zoo`).
 """
 
 from __future__ import annotations

@@ -28,6 +28,10 @@ with head W = 2 C̄, b = -||C̄||^2 (classes without a prototype get bias -1e4).
 exists, and with ``inference: head``, the client's own trained head is used.
 
 What travels: the prototypes and counts, C * (d + 1) floats each way (``server.params``).
+
+Kept per client: its whole model, buffers included (BatchNorm's running statistics). Prototypes are computed
+with the model in ``eval`` mode. A model of one's own needs a classifier head (the head protocol of
+:mod:`hetfl.models.zoo`), whose input is the representation the prototypes average.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ and at evaluation client k uses
 computed afresh from the current global model each time (nothing is kept on the client).
 ``finetune_steps = 0`` is FedAvg.
 
+Fine-tuning is local training, so it also moves the model's buffers (BatchNorm's running statistics) towards
+the client's data; nothing is kept between evaluations.
+
 Cost: every evaluation fine-tunes every client with a test split (S steps each); this computation is
 not charged to simulated time, which measures the training only.
 """

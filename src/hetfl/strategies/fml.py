@@ -25,6 +25,10 @@ Evaluation: ``global_model`` is True, so the engine scores the global (meme) mod
 model, and ``personalised`` is True, so each client is also scored with its private model (its
 architecture's initial model before its first task).
 
+Both models are whole flat vectors, buffers included (BatchNorm's running statistics): the private model's
+stay on the client, the meme's are averaged with its parameters. FML reads only the models' outputs, so it
+takes any ``torch.nn.Module`` (no classifier head is needed).
+
 Choices of hetfl's:
 
 - Both models step together on one forward of each (the paper's simultaneous update), each with a fresh
@@ -116,22 +120,24 @@ class FML(RoundStrategy):
 
     def client_train(self, trainer, task: Task, data: ClientData, state: dict[str, Any], seed: int) -> ClientResult:
         private, meme = trainer, self.meme_trainer(trainer)
-        private.flat.copy_(OwnModels.own_model(trainer, state))
-        meme.flat.copy_(task.params)
+        private.load(OwnModels.own_model(trainer, state))
+        meme.load(task.params)
         opt_private, opt_meme = private.optimizer(), meme.optimizer()
         private_sum, meme_sum = torch.zeros(()), torch.zeros(())
-        for batch in private.batches(data.n_samples, task.steps, seed):
-            x, y = data.x[batch], data.y[batch]
-            private.grad.zero_()
-            meme.grad.zero_()
-            private_logits, meme_logits = private.model(x), meme.model(x)
-            private_loss = mutual_loss(private_logits, meme_logits, y, self.alpha)
-            meme_loss = mutual_loss(meme_logits, private_logits, y, self.beta)
-            (private_loss + meme_loss).backward()  # two separate graphs: the targets are detached
-            opt_private.step()
-            opt_meme.step()
-            private_sum += private_loss.detach()
-            meme_sum += meme_loss.detach()
+        what = "mutual learning of the private model and the meme"
+        with private.training(seed, what), meme.training(seed, what):
+            for batch in private.batches(data.n_samples, task.steps, seed):
+                x, y = data.x[batch], data.y[batch]
+                private.grad.zero_()
+                meme.grad.zero_()
+                private_logits, meme_logits = private.model(x), meme.model(x)
+                private_loss = mutual_loss(private_logits, meme_logits, y, self.alpha)
+                meme_loss = mutual_loss(meme_logits, private_logits, y, self.beta)
+                (private_loss + meme_loss).backward()  # two separate graphs: the targets are detached
+                opt_private.step()
+                opt_meme.step()
+                private_sum += private_loss.detach()
+                meme_sum += meme_loss.detach()
         steps = max(task.steps, 1)
         private_mean, meme_mean = private_sum.item() / steps, meme_sum.item() / steps
         if not (math.isfinite(private_mean + meme_mean) and torch.isfinite(private.flat).all()

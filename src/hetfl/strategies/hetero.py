@@ -10,7 +10,12 @@ not a model, so ``global_model`` is False: the engine scores each client's own m
 split (``accuracy`` pools them; ``docs/metrics.md``).
 
 A client's own model lives in its ``state["model"]``; before its first task it is its architecture's
-initial model (``trainer.initial``: every client of one architecture starts from the same draw).
+initial model (``trainer.initial``: every client of one architecture starts from the same draw). It is the
+whole flat vector, buffers included (BatchNorm's running statistics), so every client keeps its own.
+
+What lies on the representation is found by the head protocol (:mod:`hetfl.models.zoo`): a model of one's
+own needs a ``head`` attribute, an ``nn.Linear`` whose parameters are the last of the model's; the
+algorithms here that share something on it refuse a model without one in one line (``local`` takes any).
 
 This module holds the common base, :class:`OwnModels`, and the two simplest members:
 
@@ -32,7 +37,6 @@ import torch
 from hetfl.errors import ConfigError
 from hetfl.strategies.base import ClientData, ClientResult, Server, Task, Update
 from hetfl.strategies.rounds import RoundStrategy, weighted_mean
-from hetfl.training.local import head_slice
 
 
 class OwnModels(RoundStrategy):
@@ -50,8 +54,13 @@ class OwnModels(RoundStrategy):
     shares_representation = True  # the shared part is shaped by the representation width: one width for the zoo
 
     def check_models(self, trainers) -> None:
+        if not self.shares_representation:
+            return
+        for t in trainers:
+            t.require_head(self.name)
+            t.reference.require_head(self.name)  # the server's part is shaped by the reference architecture's
         widths = sorted({t.head.in_features for t in trainers})
-        if self.shares_representation and len(widths) > 1:
+        if len(widths) > 1:
             raise ConfigError(
                 f"model.feature_dim: {self.name} shares what lies on the representation, whose width differs across "
                 f"model.zoo ({', '.join(map(str, widths))}); set model.feature_dim to give every architecture one width"
@@ -67,7 +76,7 @@ class OwnModels(RoundStrategy):
     def with_head(trainer, model: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
         """``model`` with its classifier head (weight, then bias, as in the flat vector) replaced by ``head``."""
         mixed = model.clone()
-        mixed[head_slice(trainer.model)] = head
+        mixed[trainer.head_slice] = head
         return mixed
 
     def aggregate(self, server: Server, updates: list[Update]) -> torch.Tensor:
@@ -114,14 +123,16 @@ class SharedHead(OwnModels):
 
     def check_models(self, trainers) -> None:
         super().check_models(trainers)
-        if any(head_slice(t.model).start == 0 for t in trainers):
-            raise ConfigError(
-                f"model.name: {self.name} keeps a body on each client and shares the classifier head, and logreg "
-                "without model.feature_dim is the head alone; use mlp or cnn, or set model.feature_dim"
-            )
+        for t in trainers:
+            if t.head_slice.start == t.n_buffers:
+                raise ConfigError(
+                    f"{t.key}: {self.name} keeps a body on each client and shares the classifier head, and "
+                    f"{t.label} is the head alone (as logreg is without model.feature_dim); use mlp or cnn, or set "
+                    "model.feature_dim"
+                )
 
     def initial_params(self, trainer) -> torch.Tensor:
-        return trainer.initial[head_slice(trainer.model)].clone()
+        return trainer.initial[trainer.head_slice].clone()
 
     def train_under_head(self, trainer, task: Task, data: ClientData, state: dict[str, Any], seed: int):
         """Train the client's own model from its body and the global head ``task.params``; keep the result."""
@@ -150,17 +161,18 @@ class LGFedAvg(SharedHead):
 
     def client_train(self, trainer, task: Task, data: ClientData, state: dict[str, Any], seed: int) -> ClientResult:
         result = self.train_under_head(trainer, task, data, state, seed)
-        return ClientResult(result.params[head_slice(trainer.model)].clone(), result.steps, result.loss)
+        return ClientResult(result.params[trainer.head_slice].clone(), result.steps, result.loss)
 
 
 def class_prototypes(trainer, params: torch.Tensor, data: ClientData, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class mean representation of ``data`` under the model ``params``: ``(prototypes, counts)``.
 
     ``prototypes[j]`` is (1/|D_j|) sum over the samples of class j of the head's input (FedProto's
-    C_i^(j), eq. 1); ``counts[j] = |D_j|``; a class the client does not hold has count 0 and a zero row.
+    C_i^(j), eq. 1); ``counts[j] = |D_j|``; a class the client does not hold has count 0 and a zero row. The model
+    is in ``eval`` mode (BatchNorm uses its running statistics).
     """
     with torch.no_grad():
-        trainer.flat.copy_(params)
+        trainer.load(params)
         features, _ = trainer.features(data.x)
         counts = torch.bincount(data.y, minlength=n_classes).float()
         sums = torch.zeros(n_classes, features.shape[1]).index_add_(0, data.y, features)

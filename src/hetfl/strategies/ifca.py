@@ -23,6 +23,9 @@ The engine's global model (what ``accuracy`` measures, and ``Task.params``) is t
 (ties: the lower index). The other K - 1 models travel as ``Task.payload`` (``cluster_<k>``), so a
 task downloads exactly K models and the byte counts include them. ``personal_params`` is IFCA's
 inference: the cluster model with the lowest loss on the client's training data.
+
+Buffers (BatchNorm's running statistics) are part of each cluster model and averaged with it; nothing is
+kept per client. Losses are measured with the model in ``eval`` mode.
 """
 
 from __future__ import annotations
@@ -38,16 +41,22 @@ from hetfl.strategies.selection import Selection
 
 
 def fresh_initialisation(trainer: Any, seed: int) -> torch.Tensor:
-    """The architecture's own initialisation drawn again under ``seed`` (flat), leaving the trainer as it was."""
+    """The architecture's own initialisation drawn again under ``seed`` (flat: buffers, e.g. BatchNorm's running
+    statistics reset, then parameters), leaving the trainer as it was (its buffers outside the flat vector too)."""
     saved = trainer.flat.clone()
+    others = [b for b in trainer.model.buffers() if not b.is_floating_point()]  # num_batches_tracked: not federated
+    kept = [b.clone() for b in others]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for module in trainer.model.modules():
             reset = getattr(module, "reset_parameters", None)
             if callable(reset):
                 reset()
+    trainer.collect()
     fresh = trainer.flat.clone()
-    trainer.flat.copy_(saved)
+    trainer.load(saved)
+    for b, value in zip(others, kept):
+        b.copy_(value)
     return fresh
 
 

@@ -51,6 +51,13 @@ hetfl's choices where the paper leaves room or our interface asks for one:
   paper's compute savings are not simulated). Bytes: the engine counts the dense model both ways.
 - The dense global model (``accuracy``, ``client_acc_mean``) is evaluated without any gate; it was
   trained only through gated, sparse forward passes, so the personal accuracy is the meaningful one.
+- Buffers (BatchNorm's running statistics, the first entries of the flat vector; never gated): each client
+  keeps its own (``state["buffers"]``, next to its gate), since they are statistics of its own sparse model's
+  activations; a task starts from the global parameters with the client's own buffers (the global ones the
+  first time), and the personal model uses them. The global vector's buffers are the sample-weighted mean of
+  the returned ones, with the parameters.
+- A model of one's own needs a classifier head (the head protocol of :mod:`hetfl.models.zoo`) with
+  ``dense_head``; without it, any model whose gated layers are ``nn.Linear`` and ``nn.Conv2d`` works.
 """
 
 from __future__ import annotations
@@ -68,6 +75,7 @@ from hetfl.errors import ConfigError, DivergedError
 from hetfl.strategies.base import ClientData, ClientResult, Server, Task, Update
 from hetfl.strategies.rounds import RoundStrategy, weighted_mean
 from hetfl.strategies.selection import Selection
+from hetfl.training.local import classifier_head, federated_buffers
 
 
 # -- blocks of the flat parameter vector ----------------------------------------------------------
@@ -90,14 +98,18 @@ class BlockMap:
 
 def block_map(model: nn.Module, *, dense_head: bool = True) -> BlockMap:
     """One block per output unit of every ``nn.Linear`` and ``nn.Conv2d`` (weight row or filter, with its
-    bias entry), over the flat vector in ``model.parameters()`` order; the head (last ``nn.Linear``) is
-    dense if ``dense_head``, and so is every parameter of another kind of layer."""
-    offsets, offset = {}, 0
+    bias entry), over the trainer's flat vector (the model's floating-point buffers, then its parameters in
+    ``model.parameters()`` order); the classifier head (``model.head``, the head protocol of
+    :mod:`hetfl.models.zoo`) is dense if ``dense_head``, and so are the buffers and every parameter of another
+    kind of layer."""
+    offset = sum(b.numel() for _, b in federated_buffers(model))
+    offsets = {}
     for p in model.parameters():
         offsets[id(p)] = offset
         offset += p.numel()
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    head = linears[-1] if dense_head and linears else None
+    head = classifier_head(model) if dense_head else None
+    if dense_head and head is None:
+        raise ValueError(f"{type(model).__name__} has no classifier head (model.head) to keep dense")
     gated = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m is not head]
     ids = torch.full((offset,), -1, dtype=torch.long)  # -1: dense, renumbered below
     sizes, layer = [], []
@@ -121,7 +133,8 @@ _BLOCK_MAPS: dict[tuple, BlockMap] = {}
 
 def cached_block_map(model: nn.Module, *, dense_head: bool = True) -> BlockMap:
     """:func:`block_map`, computed once per architecture (parameter names and shapes)."""
-    key = (tuple((name, tuple(p.shape)) for name, p in model.named_parameters()), dense_head)
+    key = (tuple((name, tuple(p.shape)) for name, p in model.named_parameters()),
+           tuple((name, tuple(b.shape)) for name, b in federated_buffers(model)), dense_head)
     if key not in _BLOCK_MAPS:
         _BLOCK_MAPS[key] = block_map(model, dense_head=dense_head)
     return _BLOCK_MAPS[key]
@@ -149,9 +162,9 @@ def entry_scale(gates: torch.Tensor, keep: torch.Tensor, blocks: BlockMap) -> to
 
 
 def masked_forward(model: nn.Module, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The model's output with parameters ``w ⊙ scale`` (w: the model's own, as a flat vector); gradients
-    reach both the model's parameters and ``scale``."""
-    params, offset = {}, 0
+    """The model's output with parameters ``w ⊙ scale`` (w: the model's own, as a flat vector whose buffer entries
+    ``scale`` skips: the buffers are the model's own); gradients reach both the model's parameters and ``scale``."""
+    params, offset = {}, sum(b.numel() for _, b in federated_buffers(model))
     for name, p in model.named_parameters():
         params[name] = p * scale[offset : offset + p.numel()].view_as(p)
         offset += p.numel()
@@ -247,6 +260,19 @@ class PFedGate(RoundStrategy):
                 "use mlp or cnn, or set strategy.params.dense_head: false to gate the classes"
             )
 
+    def check_models(self, trainers) -> None:
+        if self.dense_head:
+            for trainer in trainers:
+                trainer.require_head(f"{self.name} (dense_head: true)")
+
+    def with_own_buffers(self, trainer, params: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        """``params`` with the client's own buffers, if it has kept any."""
+        if "buffers" not in state:
+            return params
+        mixed = params.clone()
+        mixed[trainer.buffer_slice] = state["buffers"]
+        return mixed
+
     # -- the client half ------------------------------------------------------------------------
     def blocks(self, trainer) -> BlockMap:
         return cached_block_map(trainer.model, dense_head=self.dense_head)
@@ -276,29 +302,32 @@ class PFedGate(RoundStrategy):
             return super().client_train(trainer, task, data, state, seed)
         capacity = self.capacity(blocks)
         gate = self.gate(blocks, data, state, seed)
-        trainer.flat.copy_(task.params)
+        trainer.load(self.with_own_buffers(trainer, task.params, state))
         opt, gate_opt = trainer.optimizer(), torch.optim.SGD(gate.parameters(), lr=self.gate_lr)
         total = float(blocks.sizes.sum())
         loss_sum, kept_sum = 0.0, 0.0
-        for batch in trainer.batches(data.n_samples, task.steps, seed):
-            x, y = data.x[batch], data.y[batch]
-            trainer.grad.zero_()
-            gate_opt.zero_grad()
-            gates = gate(x)
-            keep = select_blocks(gates.detach(), blocks.sizes, blocks.layer, capacity)
-            loss = F.cross_entropy(masked_forward(trainer.model, entry_scale(gates, keep, blocks), x), y)
-            loss.backward()
-            nn.utils.clip_grad_norm_(gate.parameters(), self.gate_clip)
-            opt.step()
-            gate_opt.step()
-            loss_sum += loss.item()
-            kept_sum += float(blocks.sizes[keep].sum()) / total
+        with trainer.training(seed, "gated training"):
+            for batch in trainer.batches(data.n_samples, task.steps, seed):
+                x, y = data.x[batch], data.y[batch]
+                trainer.grad.zero_()
+                gate_opt.zero_grad()
+                gates = gate(x)
+                keep = select_blocks(gates.detach(), blocks.sizes, blocks.layer, capacity)
+                loss = F.cross_entropy(masked_forward(trainer.model, entry_scale(gates, keep, blocks), x), y)
+                loss.backward()
+                nn.utils.clip_grad_norm_(gate.parameters(), self.gate_clip)
+                opt.step()
+                gate_opt.step()
+                loss_sum += loss.item()
+                kept_sum += float(blocks.sizes[keep].sum()) / total
         steps = max(task.steps, 1)
         if not math.isfinite(loss_sum) or not torch.isfinite(trainer.flat).all():
             raise DivergedError(
                 f"training diverged (loss {loss_sum / steps}); lower training.lr or strategy.params.gate_lr"
             )
         state["gate"] = {k: v.detach().clone() for k, v in gate.state_dict().items()}
+        if trainer.n_buffers:
+            state["buffers"] = trainer.flat[trainer.buffer_slice].clone()
         return ClientResult(trainer.flat.clone(), task.steps, loss_sum / steps,
                             stats={"pfedgate_density": kept_sum / steps})
 
@@ -310,7 +339,7 @@ class PFedGate(RoundStrategy):
         with torch.no_grad():
             gates = gate(data.x)
             keep = select_blocks(gates, blocks.sizes, blocks.layer, self.capacity(blocks))
-            return params * entry_scale(gates, keep, blocks)
+            return self.with_own_buffers(trainer, params * entry_scale(gates, keep, blocks), state)
 
     # -- the server half ------------------------------------------------------------------------
     def aggregate(self, server: Server, updates: list[Update]) -> torch.Tensor:

@@ -3,8 +3,13 @@
 :func:`train_many` runs what ``K`` calls of :meth:`LocalTrainer.train` would, but each local step
 is one ``torch.func.vmap(grad_and_value(loss))`` over the clients' stacked parameters instead of
 ``K`` forward/backward passes, and the optimiser update is one vector operation on a ``(K, P)``
-tensor. The ``(K, P)`` rows use ``trainer.flat``'s layout (``model.parameters()`` order), so a row is
-interchangeable with a ``LocalTrainer.train`` result.
+tensor. The ``(K, P)`` rows use ``trainer.flat``'s layout (the model's floating-point buffers, then its
+parameters in ``model.parameters()`` order), so a row is interchangeable with a ``LocalTrainer.train`` result.
+Each row's buffers are passed to ``functional_call`` with its parameters and held constant: a model whose
+training-mode forward changes its buffers (BatchNorm's running statistics), or whose gradient ``torch.func``
+cannot batch (an in-place update of a captured tensor, a random layer under ``vmap``), cannot be trained
+here; :meth:`LocalTrainer.batching_problem` finds that out once per trainer, and the engine then trains it
+one task at a time (``training.vectorize``).
 
 What stays per client, exactly as in sequential training:
 
@@ -63,7 +68,7 @@ def train_many(
         The architecture and ``training`` config (optimiser, lr, momentum, weight decay, batch size).
         Its model is used functionally; its flat buffers are not touched.
     starts : torch.Tensor
-        ``(K, P)`` starting parameters, one row per client, in ``trainer.flat``'s layout.
+        ``(K, P)`` starting states, one row per client, in ``trainer.flat``'s layout (buffers, then parameters).
     datasets : sequence of (x, y)
         Each client's training samples (``n_k >= 1``); sizes may differ.
     steps : sequence of int
@@ -75,9 +80,10 @@ def train_many(
     prox_mu : float, default 0.0
         FedProx: ``mu * (w - start)`` is added to every gradient.
     correction : torch.Tensor, optional
-        ``(P,)`` or ``(K, P)``, added to every gradient (SCAFFOLD's ``c - c_i``).
+        ``(P,)`` or ``(K, P)``, added to every gradient (SCAFFOLD's ``c - c_i``); its buffer entries are unused.
     grad_mask : torch.Tensor, optional
-        ``(P,)`` or ``(K, P)``, multiplies the gradient after the two terms above (0 freezes an entry).
+        ``(P,)`` or ``(K, P)``, multiplies the gradient after the two terms above (0 freezes an entry); its
+        buffer entries are unused (buffers are constant here, as the probe checks).
 
     Returns
     -------
@@ -127,26 +133,30 @@ def train_many(
     padded = any(b < width for b in batch)
     mask = (torch.arange(width) < torch.tensor(batch)[:, None]).to(torch.float32)
 
-    params = starts[rank].clone()
+    nb = trainer.n_buffers  # the buffers: held constant, passed to the model with each row's parameters
+    buffers = starts[rank, :nb]
+    params = starts[rank, nb:].clone()
     anchor = params.clone() if prox_mu else None
     corr = _rows(correction, rank, k_clients, n_params, "correction")
     gmask = _rows(grad_mask, rank, k_clients, n_params, "grad_mask")
+    corr, gmask = (None if r is None else r[:, nb:] for r in (corr, gmask))
     opt = _Optimizer(cfg.optimizer, lr, cfg.momentum, cfg.weight_decay, params.shape)
     grad_fn = batched_grad(trainer, masked=padded)
     loss_sum = torch.zeros(k_clients)
-    for t in range(total):
-        a = active[t]
-        p = params[:a]
-        xb, yb = x_all[idx[t, :a]], y_all[idx[t, :a]]
-        g, loss = grad_fn(p, xb, yb, mask[:a]) if padded else grad_fn(p, xb, yb)
-        if anchor is not None:
-            g.add_(p - anchor[:a], alpha=prox_mu)
-        if corr is not None:
-            g.add_(corr[:a])
-        if gmask is not None:
-            g.mul_(gmask[:a])
-        opt.step(p, g, t)
-        loss_sum[:a] += loss
+    with trainer.training(what="batched training"):
+        for t in range(total):
+            a = active[t]
+            p = params[:a]
+            xb, yb = x_all[idx[t, :a]], y_all[idx[t, :a]]
+            g, loss = grad_fn(p, buffers[:a], xb, yb, mask[:a]) if padded else grad_fn(p, buffers[:a], xb, yb)
+            if anchor is not None:
+                g.add_(p - anchor[:a], alpha=prox_mu)
+            if corr is not None:
+                g.add_(corr[:a])
+            if gmask is not None:
+                g.mul_(gmask[:a])
+            opt.step(p, g, t)
+            loss_sum[:a] += loss
 
     results: list[LocalResult | None] = [None] * k_clients
     finite = torch.isfinite(params).all(dim=1).tolist()
@@ -157,14 +167,17 @@ def train_many(
                 f"training diverged on client {k} of {k_clients} (loss {mean_loss}); lower training.lr or check "
                 "the data normalisation"
             )
-        results[k] = LocalResult(params[j].clone(), s, mean_loss)
+        results[k] = LocalResult(torch.cat([buffers[j], params[j]]), s, mean_loss)
     return results  # type: ignore[return-value]
 
 
 def batched_grad(trainer: LocalTrainer, *, masked: bool) -> GradFn:
-    """Batched gradients of ``trainer``'s model: ``(params, x, y[, mask]) -> (grads, losses)``.
+    """Batched gradients of ``trainer``'s model: ``(params, buffers, x, y[, mask]) -> (grads, losses)``.
 
-    Shapes: params ``(k, P)``, x ``(k, B, ...)``, y and mask ``(k, B)``; grads ``(k, P)``, losses ``(k,)``.
+    Shapes: params ``(k, P)`` (the parameter entries of ``trainer.flat``, after its ``n_buffers`` buffer
+    entries), buffers ``(k, n_buffers)``, x ``(k, B, ...)``, y and mask ``(k, B)``; grads ``(k, P)`` (with
+    respect to the parameters only: buffers are constants), losses ``(k,)``. The model runs in whatever
+    mode it is in (``train_many``: training mode).
 
     Each row's loss is the cross-entropy of its batch; with ``masked``, the mean over the samples whose
     mask is 1 (the others are padding).
@@ -173,17 +186,22 @@ def batched_grad(trainer: LocalTrainer, *, masked: bool) -> GradFn:
     names = [name for name, _ in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]
     numels = [p.numel() for p in model.parameters()]
+    buffer_names, buffer_shapes = trainer.buffer_names, trainer.buffer_shapes
+    buffer_numels = [math.prod(shape) for shape in buffer_shapes]
 
-    def logits(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def logits(flat: torch.Tensor, bufs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # split (not slicing) so that the gradient of the pieces is assembled with one cat
         weights = {n: w.view(s) for n, w, s in zip(names, flat.split(numels), shapes)}
+        if buffer_names:
+            weights.update({n: b.view(s) for n, b, s in zip(buffer_names, bufs.split(buffer_numels), buffer_shapes)})
         return functional_call(model, weights, (x,))
 
-    def loss(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return task_loss(logits(flat, x), y)
+    def loss(flat: torch.Tensor, bufs: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return task_loss(logits(flat, bufs, x), y)
 
-    def masked_loss(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        per_token = task_loss(logits(flat, x), y, reduction="none").reshape(y.shape)
+    def masked_loss(flat: torch.Tensor, bufs: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                    m: torch.Tensor) -> torch.Tensor:
+        per_token = task_loss(logits(flat, bufs, x), y, reduction="none").reshape(y.shape)
         per_sample = per_token.flatten(1).mean(1) if per_token.dim() > 1 else per_token  # a sequence: its tokens' mean
         return (per_sample * m).sum() / m.sum()
 
