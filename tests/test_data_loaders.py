@@ -347,3 +347,57 @@ def test_error_messages_are_one_line(tmp_path):
         with pytest.raises(DataError) as err:
             call()
         assert "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------- the public loaders, called directly
+def test_public_loaders_take_a_path_and_agree_with_load_dataset(tmp_path):
+    from hetfl.data import datasets
+
+    mnist_folder(tmp_path / "m")
+    assert np.array_equal(datasets.load_mnist(tmp_path / "m").x, load("mnist", tmp_path / "m").x)
+    fashion = datasets.load_mnist(str(tmp_path / "m"), DataConfig(dataset="fashion_mnist", path=str(tmp_path / "m")))
+    assert fashion.name == "fashion_mnist"
+    write_cifar_batch(tmp_path / "data_batch_1", 2, 0)
+    assert datasets.load_cifar10(tmp_path).x.shape == (2, 3, 32, 32)
+    write_leaf(tmp_path / "leaf" / "a.json", {"u": ([[0.5, 1.0]] * 2, [0, 1])})
+    assert datasets.load_leaf(tmp_path / "leaf").groups.tolist() == [0, 0]
+    (tmp_path / "d.csv").write_text("y,a\n1,5\n0,6\n")
+    assert datasets.load_csv(tmp_path / "d.csv", DataConfig(dataset="csv", path="d.csv", label_column="y")).y.tolist() == [1, 0]
+    with pytest.raises(DataError) as err:
+        datasets.load_npz(tmp_path / "nowhere.npz")
+    assert str(err.value) == (
+        f"data.path: {tmp_path / 'nowhere.npz'} does not exist; dataset 'npz' expects an .npz file with arrays x and y "
+        "(optional groups)"
+    )
+
+
+def test_npz_features_must_be_finite_numbers(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.array([["1.5", "2"]] * 3), y=np.arange(3))  # numbers written as strings are still strings
+    with pytest.raises(DataError, match=r"d.npz: x holds strings \(<U3\); features must be numbers"):
+        load("npz", path)
+    x = np.ones((5, 2))
+    x[3, 1] = -np.inf
+    np.savez(path, x=x, y=np.arange(5))
+    with pytest.raises(DataError, match=r"d.npz: x has NaN or infinite values \(the first in sample 3\)"):
+        load("npz", path)
+    np.savez(path, x=np.full((2, 2), 1e39), y=np.arange(2))  # finite in float64, not in float32
+    with pytest.raises(DataError, match=r"d.npz: x has values beyond float32's range \(the first in sample 0\)"):
+        load("npz", path)
+    np.savez(path, x=np.ones((3, 2), dtype=bool), y=np.arange(3))
+    assert load("npz", path).x.dtype == np.float32
+
+
+def test_npz_empty_truncated_and_corrupt(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.ones((50, 4)), y=np.arange(50) % 2)
+    good = path.read_bytes()
+    for content, expected in (
+        (b"", "not a readable .npz file (the file is empty)"),
+        (good[:-40], "not a readable .npz file (not a zip archive of .npy arrays, as numpy.savez writes, or truncated)"),
+        (good[:300] + bytes(b ^ 0x5A for b in good[300:400]) + good[400:], "not a readable .npz file (truncated or corrupt"),
+    ):
+        path.write_bytes(content)
+        with pytest.raises(DataError) as err:
+            load("npz", path)
+        assert str(err.value).startswith(f"{path}: {expected}") and "\n" not in str(err.value)

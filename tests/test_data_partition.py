@@ -24,7 +24,7 @@ from hetfl.data import (
     split_train_test,
     stats_table,
 )
-from hetfl.data.datasets import _load_digits
+from hetfl.data.datasets import load_digits
 from hetfl.errors import DataError
 
 N_CLASSES = 10
@@ -57,12 +57,13 @@ def cv(sizes) -> float:
 
 
 # --------------------------------------------------------------------------- every partitioner
-def test_registry_matches_config_kinds():
-    from hetfl.config import PartitionConfig
+def test_registry_matches_the_built_in_partitioners():
+    from hetfl import registry
 
-    kinds = PartitionConfig.model_fields["kind"].annotation.__args__
-    assert set(PARTITIONERS) == set(kinds)
-    assert set(CASES) == set(PARTITIONERS)
+    builtins = registry.KINDS["partition"].builtins
+    assert set(PARTITIONERS) == set(builtins) == set(CASES)
+    for kind, fn in PARTITIONERS.items():  # each built-in name resolves, through the registry, to its function
+        assert registry.resolve("partition", kind, key="data.partition.kind").obj is fn
 
 
 @pytest.mark.parametrize("kind", CASES)
@@ -327,7 +328,7 @@ def test_federate_digits_normalises_with_training_splits_only():
     assert len(np.intersect1d(train, test)) == 0
     assert len(train) + len(test) == 1797
 
-    raw = _load_digits().x.astype(np.float64)
+    raw = load_digits().x.astype(np.float64)
     mean = raw[train].mean(axis=0)
     std = raw[train].std(axis=0)
     std[std < 1e-8] = 1.0

@@ -98,6 +98,25 @@ def test_noise_level_i_has_std_strength_i_over_n_minus_1():
         assert abs(added.mean()) < 0.03
 
 
+def test_shift_and_scale_by_hand():
+    from hetfl.data.skew import shift_and_scale
+
+    # client 0 at level 0 is untouched; client 1 at level 0.5: x -> 1.5 x + 0.5 s, with s = (1, 2) per feature
+    x = np.array([[1.0, 2.0], [3.0, 4.0], [-2.0, 0.0]], dtype=np.float32)
+    shift_and_scale(x, [np.array([0]), np.array([1, 2])], np.array([0.0, 0.5]), np.array([[1.0, 2.0]]))
+    np.testing.assert_allclose(x, [[1.0, 2.0], [5.0, 7.0], [-2.5, 1.0]])
+
+
+def test_affine_skew_gives_each_client_its_own_mean_and_spread():
+    clean, shifted = digits(5), digits(5, feature_skew={"kind": "affine", "strength": 2.0})
+    np.testing.assert_allclose(np.sort(shifted.feature_levels), [0.0, 0.5, 1.0, 1.5, 2.0])
+    for c in range(5):  # same partition and normalisation; then x -> (1 + l) x + l on normalised data (std 1)
+        rows = np.concatenate([shifted.train[c], shifted.test[c]])
+        level = shifted.feature_levels[c]
+        np.testing.assert_allclose(shifted.dataset.x[rows], (1 + level) * clean.dataset.x[rows] + level, rtol=1e-5,
+                                   atol=1e-5)
+
+
 def test_noise_is_in_units_of_the_feature_std_without_normalisation():
     clean, noisy = digits(3, normalize=False), digits(3, normalize=False, **noise(1.0))
     top = int(np.argmax(noisy.feature_levels))

@@ -1,9 +1,12 @@
-"""Datasets read from local paths, partitioners that deal them out to clients, feature skew and concept drift, and their statistics."""
+"""Datasets (built in, read from local paths, or a loader of one's own), partitioners that deal them out to clients,
+feature skew and concept drift, and their statistics."""
 
-from hetfl.data.datasets import ALL_LETTERS, Dataset, load_dataset
+from hetfl.data.datasets import ALL_LETTERS, Dataset, as_dataset, load_dataset
 from hetfl.data.partition import (
     PARTITIONERS,
     FederatedData,
+    check_parts,
+    deal_test,
     dirichlet,
     embedding,
     embedding_clusters,
@@ -35,6 +38,9 @@ __all__ = [
     "Dataset",
     "FederatedData",
     "LabelDrift",
+    "as_dataset",
+    "check_parts",
+    "deal_test",
     "dirichlet",
     "embedding",
     "embedding_clusters",

@@ -31,20 +31,38 @@ Internally each partitioner computes ``owner``, the client of every sample, and
 :func:`_parts_from_owner` turns it into index arrays; that keeps them vectorised (a Dirichlet
 draw for 100,000 clients and 10 classes takes a fraction of a second).
 
-:func:`split_train_test` splits each client's part into train and test, and :func:`federate`
-runs the whole pipeline: load, partition, split, normalise.
+``data.partition.kind`` is resolved by :mod:`hetfl.registry` (the built-in names above are import
+paths into this module, :data:`PARTITIONERS`), so a partitioner of one's own is named the same
+way, ``package.module:function``. :func:`run_partitioner` calls it as
+``fn(labels, n_clients, rng, **data.partition.params)``, adding ``groups`` (the natural client ids,
+when the dataset has them) and ``x`` (the features, before normalisation) when its signature names
+them (or takes ``**kwargs``); ``labels`` is one label per sample (for next-token targets, the
+sample's group, :func:`sample_labels`). What it returns is checked (:func:`check_parts`): a list
+of ``n_clients`` integer index arrays, none empty, that together hold every sample exactly once;
+each is sorted, as the built-ins' are. With an official test set (a loader's ``{"train": ...,
+"test": ...}``) the partitioner sees only the train part (so ``data.partition.embeddings`` then has
+one row per training sample).
+
+:func:`split_train_test` splits each client's part into train and test, or, with an official test
+set, :func:`deal_test` deals its samples to the clients; :func:`federate` runs the whole
+pipeline: load, partition, split, normalise.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
+from hetfl import registry
 from hetfl.config import DataConfig, PartitionConfig
 from hetfl.data.datasets import Dataset, load_dataset
-from hetfl.data.skew import LabelDrift, add_noise, check_feature_skew, feature_levels, feature_std, rotate_clients
+from hetfl.data.skew import (
+    LabelDrift, add_noise, check_feature_skew, feature_levels, feature_std, rotate_clients, shift_and_scale,
+)
 from hetfl.errors import DataError
 
 MAX_DIRICHLET_TRIES = 20
@@ -475,7 +493,204 @@ PARTITIONERS: dict[str, Callable[..., list[np.ndarray]]] = {
     "natural": natural,
     "embedding": embedding,
 }
-"""Partitioner of each ``data.partition.kind``."""
+"""The built-in partitioners, by ``data.partition.kind`` (``hetfl.registry.KINDS["partition"]`` names them)."""
+
+
+# --------------------------------------------------------------------------- a partitioner of one's own
+def check_parts(parts: Any, n_samples: int, n_clients: int, name: str) -> list[np.ndarray]:
+    """``parts`` as ``n_clients`` sorted int64 index arrays, checked: none empty, every sample in exactly one.
+
+    Parameters
+    ----------
+    parts : object
+        What a partitioner returned: a list (or tuple) of integer index arrays (numpy, torch, lists).
+    n_samples : int
+        The number of samples partitioned.
+    n_clients : int
+        The number of parts expected.
+    name : str
+        The partitioner, for messages (``data.partition.kind: mypkg.parts:by_site``).
+
+    Raises
+    ------
+    DataError
+        One line naming ``name``, if the parts are not a partition of ``0..n_samples-1`` into ``n_clients``.
+    """
+    if isinstance(parts, np.ndarray) or not isinstance(parts, (list, tuple)):
+        raise DataError(
+            f"{name} returned {type(parts).__name__}; expected a list of data.n_clients={n_clients} index arrays, one per client"
+        )
+    if len(parts) != n_clients:
+        raise DataError(f"{name} returned {len(parts)} parts for data.n_clients={n_clients}; expected one index array per client")
+    out: list[np.ndarray] = []
+    for c, part in enumerate(parts):
+        if hasattr(part, "detach"):  # a torch tensor
+            part = part.detach().cpu().numpy()
+        try:
+            array = np.asarray(part)
+        except (TypeError, ValueError):
+            raise DataError(f"{name} returned {type(part).__name__} for client {c}; expected an array of sample indices") from None
+        if array.ndim != 1:
+            raise DataError(f"{name} returned an array of shape {array.shape} for client {c}; expected 1-d sample indices")
+        if array.size == 0:
+            raise DataError(f"{name} gave client {c} no samples; every client needs at least one")
+        if array.dtype.kind not in "iu":
+            hint = " (a boolean mask? give np.flatnonzero(mask))" if array.dtype.kind == "b" else ""
+            raise DataError(f"{name} gave client {c} indices of dtype {array.dtype}; expected integer sample indices{hint}")
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high >= n_samples:
+            bad = low if low < 0 else high
+            raise DataError(f"{name} gave client {c} the index {bad}; the {n_samples} samples are 0..{n_samples - 1}")
+        out.append(np.sort(array.astype(np.int64)))
+    counts = np.bincount(np.concatenate(out), minlength=n_samples)
+    if (counts > 1).any():
+        sample = int(np.argmax(counts > 1))
+        owners = [c for c, part in enumerate(out) if (part == sample).any()]
+        twice = f"twice to client {owners[0]}" if len(owners) == 1 else f"to clients {owners[0]} and {owners[1]}"
+        raise DataError(f"{name} gave sample {sample} {twice}; every sample must go to exactly one client")
+    if (counts == 0).any():
+        lost = int(np.count_nonzero(counts == 0))
+        raise DataError(
+            f"{name} gave {lost} of the {n_samples} samples to no client (the first: {int(np.argmax(counts == 0))}); the "
+            "parts must cover every sample"
+        )
+    return out
+
+
+def run_partitioner(
+    cfg: DataConfig, ds: Dataset, labels: np.ndarray, rng: np.random.Generator
+) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """Deal ``ds``'s samples to ``cfg.n_clients`` clients with the partitioner ``cfg.partition.kind`` names.
+
+    Parameters
+    ----------
+    cfg : DataConfig
+        The ``data`` section (``n_clients``, ``partition``).
+    ds : Dataset
+        The samples partitioned (for an official test set, its train part).
+    labels : numpy.ndarray
+        One label per sample of ``ds`` (:func:`sample_labels`).
+    rng : numpy.random.Generator
+        The partition's random stream.
+
+    Returns
+    -------
+    parts : list of numpy.ndarray
+        Sorted int64 sample indices of each client.
+    clusters : numpy.ndarray or None
+        For ``embedding``, the cluster of every sample.
+    """
+    kind, key = cfg.partition.kind, "data.partition.kind"
+    resolved = registry.resolve("partition", kind, key=key, search=registry.user_search_path())
+    if resolved.builtin:
+        params = _partition_params(cfg.partition, ds, rng)
+        return resolved.obj(labels, cfg.n_clients, rng, **params), params.get("clusters")
+    fn, name = resolved.obj, f"{key}: {kind}"
+    try:
+        signature = inspect.signature(fn)
+        signature.bind_partial(labels, cfg.n_clients, rng)
+    except TypeError:
+        raise DataError(f"{name} must take (labels, n_clients, rng) as its first three arguments") from None
+    except ValueError:  # no signature to read: call it and see
+        signature = None
+    provided: dict[str, Any] = {"x": ds.x}
+    if ds.groups is not None:
+        provided["groups"] = ds.groups
+    elif signature is not None:
+        asked = signature.parameters.get("groups")
+        if asked is not None and asked.default is asked.empty and asked.kind is not asked.VAR_KEYWORD:
+            raise DataError(
+                f"{name} takes natural client ids (its parameter 'groups'), and dataset '{ds.name}' has none; use leaf, "
+                "csv with data.id_column, npz with a 'groups' array, or a loader that returns groups"
+            )
+    parts = registry.call(functools.partial(fn, labels, cfg.n_clients, rng), provided, dict(cfg.partition.params),
+                          key=key, spec=kind)
+    return check_parts(parts, len(labels), cfg.n_clients, name), None
+
+
+# --------------------------------------------------------------------------- an official test set
+def _apportion(n: int, weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``n`` items shared in proportion to non-negative integer ``weights`` (largest remainders, ties at random).
+
+    Share ``i`` is ``floor(n * w_i / W)``, plus one for each of the ``n - sum(floors)`` shares with the largest
+    remainders ``(n * w_i) mod W``; shares of equal remainder are ordered at random. A zero weight gets nothing.
+    """
+    weights = weights.astype(np.int64)
+    total = int(weights.sum())
+    exact = n * weights
+    shares, remainders = exact // total, exact % total
+    extra = n - int(shares.sum())
+    if extra:
+        order = np.lexsort((rng.random(len(weights)), -remainders))
+        shares[order[:extra]] += 1
+    return shares
+
+
+def deal_test(
+    train: list[np.ndarray], labels: np.ndarray, test: np.ndarray, rng: np.random.Generator,
+    groups: np.ndarray | None = None,
+) -> list[np.ndarray]:
+    """Deal an official test set to clients so that each client's test label mix follows its training label mix.
+
+    The rule, exactly:
+
+    1. With ``groups`` (``data.partition.kind: natural`` and natural client ids on the test part), a test sample
+       whose group some client trains on goes to that client (the client of its group's training samples).
+    2. Every other test sample is dealt class by class. The ``n_k`` remaining test samples of class ``k``, in a
+       random order, are shared among the clients in proportion to their training samples of class ``k``, ``w_c``:
+       client ``c`` gets ``floor(n_k w_c / W)`` of them (``W = sum_c w_c``), and the ``n_k`` minus the sum of those
+       that are left go one each to the clients of the largest remainders ``n_k w_c mod W`` (equal remainders in a
+       random order). A class no client trains on is shared in proportion to the clients' training sizes.
+
+    Every test sample goes to exactly one client; a client that trains on no sample of a class gets no test sample
+    of it, and a client whose shares all round down has an empty test split (it is then left out of the
+    per-client accuracies).
+
+    Parameters
+    ----------
+    train : list of numpy.ndarray
+        Each client's training sample indices.
+    labels : numpy.ndarray
+        One label per sample of the dataset (train and test; :func:`sample_labels`).
+    test : numpy.ndarray
+        The official test samples' indices, sorted.
+    rng : numpy.random.Generator
+        Orders each class's test samples and breaks ties between remainders.
+    groups : numpy.ndarray or None
+        Natural client id of every sample, to keep a group's test samples with the client that trains on it.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        Each client's test sample indices, sorted.
+    """
+    n_clients = len(train)
+    codes, n_classes = _class_codes(np.asarray(labels))
+    train_index = np.concatenate(train).astype(np.int64)
+    client = np.repeat(np.arange(n_clients), [len(t) for t in train])
+    owner = np.full(len(test), -1, dtype=np.int64)
+    if groups is not None:
+        groups = np.asarray(groups)
+        client_of_group = np.full(int(groups.max()) + 1, -1, dtype=np.int64)
+        client_of_group[groups[train_index]] = client
+        owner = client_of_group[groups[test]]
+    rest = np.flatnonzero(owner < 0)
+    if len(rest):
+        sizes = np.bincount(client, minlength=n_clients)
+        # training samples grouped by class, to read each class's per-client counts
+        by_class = _stable_argsort(codes[train_index])
+        starts = np.searchsorted(codes[train_index][by_class], np.arange(n_classes + 1))
+        rest_codes = codes[test[rest]]
+        order = rest[_shuffled_by_class(rest_codes, rng)]
+        counts = np.bincount(rest_codes, minlength=n_classes)
+        start = 0
+        for k in np.flatnonzero(counts).tolist():
+            n_k = int(counts[k])
+            weights = np.bincount(client[by_class[starts[k] : starts[k + 1]]], minlength=n_clients)
+            shares = _apportion(n_k, weights if weights.any() else sizes, rng)
+            owner[order[start : start + n_k]] = np.repeat(np.arange(n_clients), shares)
+            start += n_k
+    return [test[p] for p in _parts_from_owner(owner, n_clients)]
 
 
 # --------------------------------------------------------------------------- train/test split
@@ -576,10 +791,11 @@ class FederatedData:
     train : list of numpy.ndarray
         Each client's training sample indices into ``dataset.x`` (int64, sorted).
     test : list of numpy.ndarray
-        Each client's test sample indices, disjoint from its training ones.
+        Each client's test sample indices, disjoint from its training ones (with an official test
+        set, ``dataset.n_test``, the test samples :func:`deal_test` gave it).
     clusters : numpy.ndarray or None
-        Embedding cluster id of every sample (int64, ``0..n_clusters-1``) when the partition is
-        embedding-based, else None.
+        Embedding cluster id of every sample (int64, ``0..n_clusters-1``; of the train part, with
+        an official test set) when the partition is embedding-based, else None.
     feature_levels : numpy.ndarray or None
         Feature skew level of each client (``data.feature_skew``: noise sigma in feature standard
         deviations, or rotation angle in degrees), float64 by client id; None without feature skew.
@@ -651,7 +867,7 @@ def _partition_params(partition: PartitionConfig, ds: Dataset, rng: np.random.Ge
         if ds.groups is None:
             raise DataError(
                 f"data.partition.kind=natural needs natural client ids, and dataset '{ds.name}' has none; "
-                "use leaf, csv with data.id_column, or npz with a 'groups' array"
+                "use leaf, csv with data.id_column, npz with a 'groups' array, or a loader of your own that returns groups"
             )
         return {"groups": ds.groups}
     return {}
@@ -678,7 +894,9 @@ def federate(cfg: DataConfig, seed: int) -> FederatedData:
     Returns
     -------
     FederatedData
-        The dataset and each client's train and test indices. Float features are standardised
+        The dataset and each client's train and test indices (with an official test set, each client
+        trains on its whole part and :func:`deal_test` deals the test samples; ``test_fraction`` does
+        not apply). Float features are standardised
         with statistics of the union of the training splits when ``cfg.normalize``; token ids
         are left alone. With ``cfg.feature_skew``, each client's samples (train and test) are
         transformed in place (:mod:`hetfl.data.skew`): rotation before normalisation, noise
@@ -691,19 +909,22 @@ def federate(cfg: DataConfig, seed: int) -> FederatedData:
     drift; adding feature skew or drift leaves the partition and the splits as they were.
     """
     ds = load_dataset(cfg, seed)
-    if cfg.n_clients > len(ds):
+    if cfg.n_clients > ds.n_train:
         source = ds.name if cfg.path is None else f"{ds.name} at {cfg.path}"
-        raise DataError(f"data.n_clients={cfg.n_clients} exceeds the {len(ds)} samples of {source}")
+        samples = f"{ds.n_train} training samples" if ds.n_test else f"{len(ds)} samples"
+        raise DataError(f"data.n_clients={cfg.n_clients} exceeds the {samples} of {source}")
     partition_rng, split_rng, skew_rng, drift_rng = (
         np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4)
     )
     skew = cfg.feature_skew
     check_feature_skew(skew, ds)
-    partitioner = PARTITIONERS[cfg.partition.kind]
-    params = _partition_params(cfg.partition, ds, partition_rng)
     labels = sample_labels(ds)
-    parts = partitioner(labels, cfg.n_clients, partition_rng, **params)
-    train, test = split_train_test(parts, labels, cfg.test_fraction, split_rng)
+    parts, clusters = run_partitioner(cfg, ds.train_part(), labels[: ds.n_train], partition_rng)
+    if ds.n_test:  # an official test set: every client trains on its whole part; the test samples are dealt after
+        natural_groups = ds.groups if cfg.partition.kind == "natural" else None
+        train, test = parts, deal_test(parts, labels, np.arange(ds.n_train, len(ds)), split_rng, natural_groups)
+    else:
+        train, test = split_train_test(parts, labels, cfg.test_fraction, split_rng)
     levels = None if skew.kind == "none" else feature_levels(cfg.n_clients, skew.strength, skew_rng, skew.groups)
     rows = [np.concatenate([tr, te]) for tr, te in zip(train, test)] if levels is not None else []
     if skew.kind == "rotation":
@@ -712,5 +933,7 @@ def federate(cfg: DataConfig, seed: int) -> FederatedData:
         normalize(ds.x, np.concatenate(train))
     if skew.kind == "noise":
         add_noise(ds.x, rows, levels, feature_std(ds.x, np.concatenate(train)), skew_rng)
+    if skew.kind == "affine":
+        shift_and_scale(ds.x, rows, levels, feature_std(ds.x, np.concatenate(train)))
     drift = LabelDrift.from_config(cfg.drift, cfg.n_clients, ds.n_classes, drift_rng)
-    return FederatedData(ds, train, test, clusters=params.get("clusters"), feature_levels=levels, drift=drift)
+    return FederatedData(ds, train, test, clusters=clusters, feature_levels=levels, drift=drift)

@@ -1,7 +1,7 @@
 """Non-IID beyond labels: feature skew (per-client input transforms) and concept drift.
 
 Feature distribution skew (``data.feature_skew``), in the taxonomy of the non-IID surveys: the
-clients' labels may follow the same law, but their inputs do not. Two kinds:
+clients' labels may follow the same law, but their inputs do not. Three kinds:
 
 - ``noise``: client ``i`` adds Gaussian noise of standard deviation ``sigma_i`` to every feature
   of every one of its samples, as in Li et al. 2021, "Federated Learning on Non-IID Data Silos:
@@ -17,6 +17,12 @@ clients' labels may follow the same law, but their inputs do not. Two kinds:
   normalisation, in pixel space, where 0 is the background: rotating standardised flat digits
   would move per-pixel z-scores to pixels with other statistics and fill the corners with the
   pixel means.
+- ``affine``: client ``i`` rescales and shifts every feature of every one of its samples,
+  ``x <- (1 + l_i) x + l_i s``, with ``s`` the feature's standard deviation over the training samples (as
+  for ``noise``; 1 on normalised data), after normalisation: a per-client contrast and brightness, the
+  kind of shift a different scanner or camera gives (the feature-shift non-IID of FedBN, Li et al., ICLR
+  2021, arXiv:2102.07623). Each client's features then have their own mean and spread, which a model's
+  normalisation layers can undo when their statistics are the client's own.
 
 Levels (:func:`feature_levels`): ``n`` evenly spaced levels from 0 to ``strength``
 (``np.linspace(0, strength, n)``), or with ``groups: k`` only ``k`` of them
@@ -170,6 +176,13 @@ def rotate_clients(x: np.ndarray, rows: list[np.ndarray], angles: np.ndarray) ->
     for r, angle in zip(rows, angles):
         if len(r) and angle % 360 != 0:
             x[r] = rotate(x[r], float(angle))
+
+
+def shift_and_scale(x: np.ndarray, rows: list[np.ndarray], levels: np.ndarray, scale: np.ndarray) -> None:
+    """``x <- (1 + level_c) x + level_c * scale`` in place, on the samples ``x[rows[c]]`` of each client ``c``."""
+    for r, level in zip(rows, levels):
+        if level and len(r):
+            x[r] = ((1.0 + level) * x[r] + level * scale).astype(x.dtype, copy=False)
 
 
 def add_noise(x: np.ndarray, rows: list[np.ndarray], sigmas: np.ndarray, scale: np.ndarray, rng: np.random.Generator) -> None:
