@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hetfl.config import StrategyConfig, TrainingConfig
+from hetfl.config import validate, StrategyConfig, TrainingConfig
 from hetfl.errors import ConfigError
 from hetfl.strategies import STRATEGIES, FedAdam, FedAvg, FedNova, FedYogi, Scaffold, Task, Update, build_strategy
 from hetfl.strategies.base import ClientData
@@ -35,6 +35,22 @@ def test_fedavg_server_lr_scales_the_step():
     s = server([1.0])
     new = FedAvg(server_lr=0.5).aggregate(s, [update([1.0], [3.0], 2), update([1.0], [5.0], 2)])
     assert torch.allclose(new, torch.tensor([1.0 + 0.5 * 3.0]))
+
+
+def test_server_optimisers_average_the_buffers_and_step_only_the_parameters():
+    # entry 0 is a buffer (a BatchNorm running variance), entry 1 a parameter; w = [1, 0]
+    # clients: [0.5, 2] (n=1) and [0.1, 4] (n=3): mean change [-0.8, 3.5]
+    s = server([1.0, 0.0])
+    s.trainer = SimpleNamespace(n_buffers=1)
+    ups = [update([1, 0], [0.5, 2], 1), update([1, 0], [0.1, 4], 3)]
+    # FedAvg, server_lr 2: parameter 0 + 2 * 3.5 = 7; the variance takes the plain mean 1 - 0.8 = 0.2, not 1 - 1.6
+    assert torch.allclose(FedAvg(server_lr=2.0).aggregate(s, ups), torch.tensor([0.2, 7.0]))
+    # FedAdam's first step is server_lr * sign(d) on the parameters (m = 0.1 d, v = 0.99 tau^2 + 0.01 d^2 ...);
+    # the variance again takes the mean, whatever Adam makes of it
+    adam = FedAdam(server_lr=0.1).aggregate(s, ups)
+    assert adam[0] == pytest.approx(0.2) and adam[1] > 0
+    without = server([1.0, 0.0])  # no buffers: the step on everything, as before
+    assert torch.allclose(FedAvg(server_lr=2.0).aggregate(without, ups), torch.tensor([1.0 - 1.6, 7.0]))
 
 
 def test_fednova_norm_matches_the_paper():
@@ -124,7 +140,7 @@ def test_registry_and_parameter_errors_name_the_key():
     with pytest.raises(ConfigError, match="strategy.params.mux"):
         build_strategy(StrategyConfig(name="fedprox", params={"mux": 0.1}))
     with pytest.raises(ConfigError, match="strategy.name"):
-        build_strategy(StrategyConfig(name="fedbest"))
+        validate({"strategy": {"name": "fedbest"}})  # a name is checked where the config is validated
     with pytest.raises(ConfigError, match="strategy.params"):
         build_strategy(StrategyConfig(name="fedprox", params={"mu": -1}))
 
@@ -146,5 +162,5 @@ def test_per_algorithm_parameters_apply_to_their_algorithm_only():
     assert prox.mu == 0.3 and prox.server_lr == 1.0
     with pytest.raises(ConfigError, match="strategy.per_algorithm.fedprox.mux"):
         build_strategy(StrategyConfig(per_algorithm={"fedprox": {"mux": 1}}))
-    with pytest.raises(ConfigError, match="strategy.per_algorithm.fedbest"):
-        build_strategy(StrategyConfig(per_algorithm={"fedbest": {}}))
+    with pytest.raises(ConfigError, match="strategy.per_algorithm: unknown algorithm 'fedbest'"):
+        validate({"strategy": {"per_algorithm": {"fedbest": {}}}})

@@ -1,13 +1,13 @@
 """The ``hetfl`` command line.
 
-    hetfl run CONFIG.yaml --out DIR [--set key=value ...]      one experiment
+    hetfl run CONFIG.yaml --out DIR [--set key=value ...]      one experiment (--overwrite: replace a run in DIR)
     hetfl run --resume DIR [--set rounds=100]                  continue from the last checkpoint
     hetfl compare CONFIG.yaml --algorithms a,b,c --out DIR     same seed, data and devices; one table
     hetfl report DIR                                           PNG plots and one HTML page
     hetfl partition CONFIG.yaml                                per-client data statistics
     hetfl devices CONFIG.yaml                                  the simulated devices
     hetfl runs [--root results] [--algorithm A] ...            past runs, from the SQLite index
-    hetfl algorithms                                           what strategy.name and strategy.selection.name accept
+    hetfl algorithms                                           every name a config can give code by, and its origin
     hetfl config [--markdown]                                  every config key, type, default, meaning
     hetfl partition CONFIG.yaml --export DIR                   each client's data as DIR/client_<i>.npz
     hetfl tokens N --out tokens.yaml                           N client tokens for a deployment
@@ -15,7 +15,9 @@
     hetfl client --server HOST:PORT --token-file F --data D    a real client
 
 A user's mistake (bad config, missing file, diverging run) is one line on stderr and a non-zero
-exit, never a traceback.
+exit, never a traceback. ``--out`` never destroys data (:mod:`hetfl.results.outdir`): a folder that is
+not new, empty or an earlier run of hetfl's is refused, and an earlier run is replaced only with
+``--overwrite``.
 """
 
 from __future__ import annotations
@@ -82,27 +84,24 @@ def _error(message: object) -> None:
 
 
 # ---------------------------------------------------------------------------- commands
-def _out_dir(value: str) -> Path:
-    out = Path(value)
-    if out.exists() and not out.is_dir():
-        raise HetflError(f"--out {out}: exists and is not a folder")
-    return out
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from hetfl.engine.run import resume_experiment, run_experiment
+    from hetfl.results.outdir import check_run_out
 
     if args.resume:
         if args.config or args.out:
             raise HetflError("hetfl run: give either CONFIG.yaml --out DIR, or --resume DIR, not both")
+        if args.overwrite:
+            raise HetflError("hetfl run: --overwrite replaces a run with a new one; --resume continues it, so not both")
         out = Path(args.resume)
         summary = resume_experiment(out, args.set, show_progress=not args.quiet, console=console)
     else:
         if not args.config or not args.out:
             raise HetflError("hetfl run: expected CONFIG.yaml --out DIR (or --resume DIR)")
+        out = Path(args.out)
+        check_run_out(out, overwrite=args.overwrite)  # before anything else: nothing is touched if it is refused
         cfg = load_config(args.config, args.set)
-        out = _out_dir(args.out)
-        summary = run_experiment(cfg, out, show_progress=not args.quiet, console=console)
+        summary = run_experiment(cfg, out, show_progress=not args.quiet, console=console, overwrite=args.overwrite)
     _announce(summary, out)
     return EXIT_INTERRUPTED if summary["status"] == "interrupted" else 0
 
@@ -166,49 +165,79 @@ def comparison_table(summaries: list[dict[str, Any]], title: str) -> Table:
     return table
 
 
+def _algorithms(text: str) -> dict[str, str]:
+    """``--algorithms``: each name (built-in, an installed package's, or an import path) and its run's folder."""
+    from hetfl import registry
+    from hetfl.results.outdir import folder_name
+
+    algorithms = list(dict.fromkeys(a.strip() for a in text.split(",") if a.strip()))
+    if not algorithms:
+        raise HetflError("--algorithms: none given; e.g. --algorithms fedavg,fedprox or mymodule:MyStrategy")
+    for name in algorithms:
+        try:
+            registry.check_name("strategy", name)
+        except ValueError as err:
+            raise HetflError(f"--algorithms: {err}") from None
+    folders = {name: folder_name(name) for name in algorithms}
+    for name, folder in folders.items():
+        same = [other for other, f in folders.items() if f == folder and other != name]
+        if same:
+            raise HetflError(f"--algorithms: {name} and {same[0]} would share the run folder {folder}; name them apart")
+    return folders
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
-    from hetfl.engine.backends import share_ray
+    from hetfl.engine.backends import code_roots, share_ray
     from hetfl.engine.run import check_architectures, run_experiment
     from hetfl.results import SUMMARY_NAME, read_summary, render_report
-    from hetfl.strategies import STRATEGIES, build_strategy
+    from hetfl.results.outdir import check_comparison_out, clear_run, lock_out
+    from hetfl.strategies import build_strategy
 
+    folders = _algorithms(args.algorithms)
+    out = Path(args.out)
+    replaced = check_comparison_out(out, list(folders.values()), overwrite=args.overwrite)  # all, before any run
     base = load_config(args.config, args.set)
-    algorithms = list(dict.fromkeys(a.strip() for a in args.algorithms.split(",") if a.strip()))
-    unknown = [a for a in algorithms if a not in STRATEGIES]
-    if not algorithms or unknown:
-        raise HetflError(f"--algorithms: unknown {', '.join(unknown) or '(none given)'} (known: {', '.join(sorted(STRATEGIES))})")
-    out = _out_dir(args.out)
+    config_dir = Path(args.config).parent.resolve()  # where an algorithm named by import path is looked for first
     configs = {}
-    for name in algorithms:  # every algorithm's parameters and optimiser are checked before the first run starts
+    for name in folders:  # every algorithm's parameters and optimiser are checked before the first run starts
         raw = base.model_dump()
+        raw.pop("code", None)  # recorded again for this algorithm's code
         raw["strategy"].update(name=name, params=base.strategy.params_for(name), per_algorithm={})
-        cfg = validate(raw, source=f"{args.config} ({name})")
+        cfg = validate(raw, source=f"{args.config} ({name})", base_dir=config_dir)
         strategy = build_strategy(cfg.strategy, cfg.training, cfg.model)
         check_architectures(strategy, len(cfg.model.zoo))  # before any run starts (assignment needs the devices)
         configs[name] = cfg
-    summaries, diverged, interrupted = [], [], False
-    share_ray(base)  # backend.name ray: one Ray for every run, not one started and stopped per algorithm
-    for name, cfg in configs.items():
-        try:
-            summary = run_experiment(cfg, out / name, show_progress=not args.quiet, console=console,
-                                     describe=name == algorithms[0])  # the same federation for all: say it once
-        except KeyboardInterrupt:  # while the next federation was being built: keep what the others measured
-            interrupted = True
-            break
-        except DivergedError as err:  # one algorithm diverging does not void the comparison
-            diverged.append(f"{name} diverged ({_one_line(err)})")
-            if not (out / name / SUMMARY_NAME).is_file():
-                continue
-            summary = read_summary(out / name / SUMMARY_NAME)
-        summaries.append(summary)
-        if summary["status"] == "interrupted":
-            interrupted = True
-            break
-    title = f"{base.name}: {base.data.dataset}, {base.data.n_clients} clients, seed {base.seed}"
-    console.print(comparison_table(summaries, escape(title)))
-    if summaries:
-        (out / "comparison.json").write_text(json.dumps(summaries, indent=2))
-        console.print(f"Report: {escape(str(render_report(out)))}")
+    with lock_out(out):  # one process per comparison folder (each run locks its own folder too)
+        summaries, diverged, interrupted = [], [], False
+        roots = [root for cfg in configs.values() for root in code_roots(cfg.code)]  # every run's code, for Ray workers
+        share_ray(base, list(dict.fromkeys(roots)))  # backend.name ray: one Ray for every run, not one per algorithm
+        first = next(iter(folders))
+        for name, cfg in configs.items():
+            folder = out / folders[name]
+            try:
+                summary = run_experiment(cfg, folder, show_progress=not args.quiet, console=console,
+                                         describe=name == first, overwrite=args.overwrite)  # one federation: said once
+            except KeyboardInterrupt:  # while the next federation was being built: keep what the others measured
+                interrupted = True
+                break
+            except DivergedError as err:  # one algorithm diverging does not void the comparison
+                diverged.append(f"{name} diverged ({_one_line(err)})")
+                if not (folder / SUMMARY_NAME).is_file():
+                    continue
+                summary = read_summary(folder / SUMMARY_NAME)
+            summaries.append(summary)
+            if summary["status"] == "interrupted":
+                interrupted = True
+                break
+        for stale in replaced:  # --overwrite: the earlier comparison's runs of algorithms not compared now
+            clear_run(stale)
+        title = f"{base.name}: {base.data.dataset}, {base.data.n_clients} clients, seed {base.seed}"
+        console.print(comparison_table(summaries, escape(title)))
+        if summaries:
+            (out / "comparison.json").write_text(json.dumps(summaries, indent=2))
+            console.print(f"Report: {escape(str(render_report(out)))}")
+        elif args.overwrite:  # nothing measured: the earlier comparison's table would describe runs that are gone
+            (out / "comparison.json").unlink(missing_ok=True)
     if diverged:
         _error("; ".join(diverged))
         return EXIT_DIVERGED
@@ -244,7 +273,8 @@ def cmd_partition(args: argparse.Namespace) -> int:
     skew = cfg.data.feature_skew
     if skew.kind != "none":
         groups = f" in {skew.groups} levels" if skew.groups else ""
-        detail += f", {skew.kind} up to {skew.strength:g}{' degrees' if skew.kind == 'rotation' else ' sigma'}{groups}"
+        unit = {"rotation": " degrees", "noise": " sigma"}.get(skew.kind, "")
+        detail += f", {skew.kind} up to {skew.strength:g}{unit}{groups}"
     if fed.drift is not None:
         detail += f", drift at {fed.drift.at_s:g} s swapping " + " ".join(f"{a}<->{b}" for a, b in fed.drift.pairs)
     console.print(stats_table(partition_stats(fed), f"{cfg.data.dataset}: {cfg.data.n_clients} clients, {part.kind}{detail}"))
@@ -299,17 +329,48 @@ def _parameter_text(cls: type) -> str:
     return ", ".join(shown) or "—"
 
 
-def _registry_table(title: str, registry: dict[str, type], doc_of) -> Table:
-    table = Table(title=title)
-    table.add_column("name")
+def _registry_table(title: str, rows: list[tuple[str, str, str, str]], last: str) -> Table:
+    """One table of ``hetfl algorithms``: (name, where it comes from, what it is, ``last``) per row."""
+    table = Table(title=escape(title))
+    table.add_column("name", no_wrap=True)
+    table.add_column("from", no_wrap=True)
     table.add_column("what it is")
-    table.add_column("parameters (default)")
-    for name, cls in sorted(registry.items()):
-        table.add_row(Text(name), Text(doc_of(cls)), Text(_parameter_text(cls)))  # Text: defaults like [1, 2] are not markup
+    table.add_column(last)
+    for row in rows:
+        table.add_row(*(Text(cell) for cell in row))  # Text: defaults like [1, 2] are not markup
     return table
 
 
+def _rows(kind: str, names: dict[str, tuple[str, str]], describe, last) -> list[tuple[str, str, str, str]]:
+    """Rows of (name, origin, what it is, ``last(obj, path)``) for ``names`` (name -> (import path, origin)); a name
+    that cannot be loaded is listed with the reason, so one broken package does not hide the others."""
+    from hetfl import registry
+
+    rows = []
+    for name, (path, origin) in names.items():
+        try:
+            obj = registry.load(kind, name, key=name)
+        except HetflError as err:
+            rows.append((name, origin, f"cannot be loaded: {_one_line(err).removeprefix(f'{name}: ')}", path))
+            continue
+        rows.append((name, origin, describe(obj), last(obj, path)))
+    return rows
+
+
+def _entry_points(kind: str, known: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """The names installed packages add to ``kind`` that are not in ``known``: name -> (import path, origin)."""
+    from hetfl import registry
+
+    return {name: entry for name, entry in registry.names(kind).items() if name not in known and entry[1] != "built-in"}
+
+
+def _doc_of(obj: Any) -> str:
+    """The first line of an object's docstring, else of its module's."""
+    return _first_line(getattr(obj, "__doc__", None), getattr(sys.modules.get(getattr(obj, "__module__", "")), "__doc__", None))
+
+
 def cmd_algorithms(args: argparse.Namespace) -> int:
+    from hetfl import registry
     from hetfl.strategies import SELECTIONS, STRATEGIES
 
     shared = {m for m in (c.__module__ for c in STRATEGIES.values())
@@ -317,16 +378,43 @@ def cmd_algorithms(args: argparse.Namespace) -> int:
 
     def module_doc(cls: type) -> str:  # one algorithm a file: the module docstring names the paper
         if cls.__module__ in shared:  # FedAdam and FedYogi, FedStale and FedVARP: tell them apart
-            text = class_doc(cls)
+            text = _first_line(cls.__doc__, getattr(sys.modules.get(cls.__module__), "__doc__", None))
         else:
             text = _first_line(getattr(sys.modules.get(cls.__module__), "__doc__", None), cls.__doc__)
         return text + (" [model zoo: yes]" if getattr(cls, "model_heterogeneous", False) else "")
 
-    def class_doc(cls: type) -> str:  # several selections a file: the class docstring
-        return _first_line(cls.__doc__, getattr(sys.modules.get(cls.__module__), "__doc__", None))
+    def zoo(cls: type) -> str:
+        return _doc_of(cls) + (" [model zoo: yes]" if getattr(cls, "model_heterogeneous", False) else "")
 
-    console.print(_registry_table("strategy.name, and its strategy.params", STRATEGIES, module_doc))
-    console.print(_registry_table("strategy.selection.name, and its strategy.selection.params", SELECTIONS, class_doc))
+    def parameters(obj: Any, path: str) -> str:
+        return _parameter_text(obj)
+
+    def import_path(obj: Any, path: str) -> str:
+        return path
+
+    classes = (("strategy", "strategy.name, and its strategy.params", STRATEGIES, module_doc, zoo),
+               ("selection", "strategy.selection.name, and its strategy.selection.params", SELECTIONS, _doc_of, _doc_of))
+    for kind, title, builtins, doc_builtin, doc_entry in classes:
+        rows = [(name, "built-in", doc_builtin(cls), _parameter_text(cls)) for name, cls in sorted(builtins.items())]
+        rows += _rows(kind, _entry_points(kind, builtins), doc_entry, parameters)
+        console.print(_registry_table(title, rows, "parameters (default)"))
+    functions = (("model", "model.name and model.zoo[i].name, with model.params"),
+                 ("dataset", "data.dataset, with data.params"),
+                 ("partition", "data.partition.kind, with data.partition.params"),
+                 ("client", "client (a Flower client_fn)"))
+    for kind, title in functions:
+        builtins = registry.KINDS[kind].builtins
+        rows = _rows(kind, {name: (path, "built-in") for name, path in builtins.items()}, _doc_of, import_path)
+        rows += _rows(kind, _entry_points(kind, builtins), _doc_of, import_path)
+        if rows:
+            console.print(_registry_table(title, rows, "import path"))
+    groups = ", ".join(k.group for k in registry.KINDS.values())
+    console.print(
+        "Each of these keys also takes an import path, package.module:attribute, to code of your own: a class or "
+        "function in a .py file beside the config, in the current folder or installed (e.g. strategy.name: "
+        f"mystrategies:FedAvgM). Installed packages add names through the entry-point groups {groups}.",
+        highlight=False, markup=False,
+    )
     return 0
 
 
@@ -398,13 +486,15 @@ def _deploy_parsers(sub: Any, with_overrides: Any) -> None:
                        "--out as for hetfl run; if --out holds a checkpoint, the run resumes from it.")
     p.add_argument("config", help="experiment YAML (its data section says what the server evaluates on)")
     p.add_argument("--address", default="0.0.0.0:50051", help="HOST:PORT to listen on (default 0.0.0.0:50051)")
-    p.add_argument("--out", required=True, help="run directory: metrics.jsonl, summary.json, checkpoint.pt, server.log")
+    p.add_argument("--out", required=True, help="run directory: metrics.jsonl, summary.json, checkpoint.pt, server.log; "
+                   "new, empty, or a run's (resumed from its checkpoint, or replaced with --fresh)")
     p.add_argument("--tokens", help="token file (YAML or CSV) mapping tokens to client ids; default deploy.tokens")
     p.add_argument("--tls-cert", help="the server's certificate (PEM); with --tls-key, clients must use TLS")
     p.add_argument("--tls-key", help="the server certificate's private key (PEM)")
     p.add_argument("--tls-client-ca", help="mutual TLS: clients must present a certificate signed by this CA (PEM)")
     p.add_argument("--min-clients", type=int, help="connected clients to wait for before starting (default deploy.min_clients)")
-    p.add_argument("--fresh", action="store_true", help="start anew even if --out holds a checkpoint")
+    p.add_argument("--fresh", action="store_true",
+                   help="start anew even if --out holds a checkpoint (only hetfl's own files there are replaced)")
     p.add_argument("--quiet", action="store_true", help="log warnings only")
     with_overrides(p)
     p.set_defaults(func=cmd_server)
@@ -439,7 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run one experiment")
     p.add_argument("config", nargs="?", help="experiment YAML")
-    p.add_argument("--out", help="run directory to write")
+    p.add_argument("--out", help="run directory to write: new or empty (or an earlier run, with --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (only hetfl's own files there are removed)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     with_overrides(p)
@@ -447,8 +539,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="run several algorithms on the same seed, data and devices")
     p.add_argument("config")
-    p.add_argument("--algorithms", required=True, help="comma-separated, e.g. fedavg,fedprox,scaffold")
-    p.add_argument("--out", required=True)
+    p.add_argument("--algorithms", required=True,
+                   help="comma-separated, e.g. fedavg,fedprox,scaffold; an import path mymodule:MyStrategy runs your own")
+    p.add_argument("--out", required=True, help="comparison directory: one run folder per algorithm, comparison.json, "
+                   "the report")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the comparison already in --out (only hetfl's own files there are removed)")
     p.add_argument("--quiet", action="store_true")
     with_overrides(p)
     p.set_defaults(func=cmd_compare)
@@ -481,7 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int)
     p.set_defaults(func=cmd_runs)
 
-    p = sub.add_parser("algorithms", help="list the available algorithms and client selections, with their parameters")
+    p = sub.add_parser("algorithms", help="list the algorithms, client selections, models, datasets and partitions a "
+                       "config can name (built in or added by installed packages), with their parameters")
     p.set_defaults(func=cmd_algorithms)
 
     p = sub.add_parser("config", help="list every configuration key with its type, default and meaning")

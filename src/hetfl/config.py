@@ -7,6 +7,7 @@ behind it trusts what it receives. An unknown key or a value of the wrong type i
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -81,16 +82,19 @@ class PartitionConfig(Section):
 class FeatureSkewConfig(Section):
     """Feature distribution skew: a per-client transform of the inputs (see hetfl.data.skew)."""
 
-    kind: Literal["none", "noise", "rotation"] = Field(
+    kind: Literal["none", "noise", "rotation", "affine"] = Field(
         "none",
         description="Per-client input transform: none, Gaussian noise of a per-client sigma (Li et al. 2021, "
-        "arXiv:2102.02079), or rotation of image inputs by a per-client angle (rotated-MNIST style).",
+        "arXiv:2102.02079), rotation of image inputs by a per-client angle (rotated-MNIST style), or affine: a "
+        "per-client contrast and brightness, x -> (1 + level) x + level (in feature standard deviations), the "
+        "feature shift of FedBN (arXiv:2102.07623).",
     )
     strength: float | None = Field(
         None,
         ge=0,
         description="The largest level, required unless kind is none. noise: sigma in units of the feature's standard "
-        "deviation over the training samples; rotation: angle in degrees (counter-clockwise). Levels are spread evenly "
+        "deviation over the training samples; rotation: angle in degrees (counter-clockwise); affine: the level l of "
+        "x -> (1 + l) x + l, in feature standard deviations. Levels are spread evenly "
         "from 0 to it, one per client, and dealt to clients in a seeded random order.",
     )
     groups: int | None = Field(
@@ -103,7 +107,8 @@ class FeatureSkewConfig(Section):
     @model_validator(mode="after")
     def _strength_needed(self) -> "FeatureSkewConfig":
         if self.kind != "none" and self.strength is None:
-            unit = "sigma in feature standard deviations" if self.kind == "noise" else "angle in degrees"
+            unit = {"noise": "sigma in feature standard deviations", "rotation": "angle in degrees",
+                    "affine": "level l of x -> (1 + l) x + l"}[self.kind]
             raise ValueError(f"data.feature_skew.strength: set the largest level for kind '{self.kind}' ({unit})")
         return self
 
@@ -561,7 +566,8 @@ class TrainingConfig(Section):
         description="Train in-flight tasks of plain local training (FedAvg, FedProx, FedBuff, ...) together, one "
         "batched computation per architecture and options, with the same results: on; off: one by one; auto: "
         "batched when a group has at least vectorize_min_tasks tasks of a model of at most vectorize_max_params "
-        "parameters.",
+        "parameters. A model torch.func cannot batch (BatchNorm's running statistics, dropout, in-place updates) "
+        "trains one by one under auto (one warning) and is refused by on.",
     )
     vectorize_min_tasks: int = Field(
         VECTORIZE_MIN_TASKS, ge=1, description="auto: the fewest tasks trained together (fewer: one by one)."
@@ -745,6 +751,21 @@ class BackendConfig(Section):
         return self
 
 
+class UpdateNormConfig(Section):
+    """How a deployed server bounds the L2 norm of each update's change (docs/deployment.md): a defence against a
+    client that sends a huge but finite update. adaptive: after ``warmup`` accepted updates, an update whose change has
+    a norm over ``factor`` times the median of the last ``window`` accepted ones is rejected (norms are divided by the
+    square root of the task's local steps first, so a client given more steps is not taken for an attacker)."""
+
+    rule: Literal["adaptive", "fixed", "off"] = Field(
+        "adaptive", description="adaptive (relative to recent accepted updates), fixed (deploy.max_update_norm), off. "
+        "Under secure aggregation adaptive means off (the server cannot see an update); fixed is refused there."
+    )
+    factor: float = Field(10.0, gt=1, description="adaptive: how many times the median recent norm an update may reach.")
+    window: int = Field(50, ge=1, description="adaptive: accepted updates whose norms make the median.")
+    warmup: int = Field(3, ge=1, description="adaptive: accepted updates before the bound applies.")
+
+
 class DeployConfig(Section):
     """A real deployment (``hetfl server`` / ``hetfl client`` over gRPC, docs/deployment.md); ignored by the simulator."""
 
@@ -754,14 +775,33 @@ class DeployConfig(Section):
     heartbeat_timeout_s: float = Field(
         30.0, gt=0, description="A client silent this long (no heartbeat, poll or upload) is disconnected and its task failed."
     )
-    task_timeout_s: float | None = Field(
-        None, gt=0, description="Fail a task not returned this many seconds after dispatch, even if its client is alive; unset: none."
+    task_timeout_s: float | str | None = Field(
+        "auto", description="Fail a task not returned this many seconds after dispatch, even if its client is alive, and "
+        "keep its client out of the next dispatches for as long; auto: task_timeout_factor times the client's measured "
+        "seconds for such a task (its recent round trips), at least task_timeout_floor_s, doubled after each timeout in a "
+        "row; off (or null): no limit."
+    )
+    task_timeout_factor: float = Field(
+        4.0, ge=1, description="task_timeout_s auto: the limit as a multiple of the task's expected seconds."
+    )
+    task_timeout_floor_s: float = Field(
+        60.0, gt=0, description="task_timeout_s auto: the least limit, and the limit of a client's tasks before any "
+        "client has returned one (nothing measured yet)."
+    )
+    max_samples: int | None = Field(
+        None, ge=1, description="Bound on the sample count a client claims (its weight in aggregations); a count "
+        "registered with its token ('samples' in the token file) bounds it too; unset: only the registered count."
     )
     poll_s: float = Field(
         10.0, gt=0, description="How long a client's request for work waits at the server before it asks again (long poll)."
     )
     max_update_norm: float | None = Field(
-        None, gt=0, description="Reject an update whose L2 distance from the model it started from exceeds this; unset: no bound."
+        None, gt=0, description="Reject an update whose L2 distance from the model it started from exceeds this (a fixed "
+        "bound: update_norm.rule fixed); unset: update_norm's rule."
+    )
+    update_norm: UpdateNormConfig = Field(
+        default_factory=lambda: UpdateNormConfig(), description="The bound on the norm of each update's change: "
+        "adaptive by default (off under secure_aggregation, which hides updates)."
     )
     compression: Literal["none", "float16", "topk"] = Field(
         "none", description="How clients encode their uploads: none (exact), float16 (half the bytes), topk (the delta's "
@@ -779,6 +819,76 @@ class DeployConfig(Section):
         None, description="Token file (YAML or CSV: token -> client id, and revoked tokens); --tokens overrides it."
     )
     chunk_bytes: int = Field(1 << 20, ge=1024, le=1 << 30, description="Bytes per chunk of a streamed model or update.")
+
+    call_timeout_s: float = Field(
+        60.0, gt=0, description="Every call's deadline at the server: this, plus poll_s for a long poll, plus the bytes "
+        "it moves at min_transfer_Bps; a call past it is cancelled."
+    )
+    min_transfer_Bps: float = Field(
+        10_000.0, gt=0, description="The slowest transfer the server waits for, in bytes per second (it sets the "
+        "deadline of a download or an upload with call_timeout_s)."
+    )
+    max_calls_per_peer: int = Field(
+        64, ge=1, description="Calls the server has open at once from one network address (clients behind one NAT "
+        "share it; an honest client uses at most three)."
+    )
+    max_failed_joins: int = Field(
+        20, ge=1, description="Joins with an unknown or revoked token one network address may make in a minute; "
+        "beyond, its joins are refused until the minute is over."
+    )
+
+    @field_validator("task_timeout_s", mode="before")
+    @classmethod
+    def _timeout(cls, value: Any) -> Any:
+        if value is None or value in ("auto", "off"):
+            return "off" if value is None else value
+        try:
+            seconds = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            seconds = math.nan
+        if not seconds > 0 or not math.isfinite(seconds):
+            raise ValueError(f"deploy.task_timeout_s: {value!r} is not a positive number of seconds, auto or off")
+        return seconds
+
+    @model_validator(mode="after")
+    def _norm_rule(self) -> "DeployConfig":
+        rule = self.update_norm.rule
+        if self.max_update_norm is not None:
+            if rule == "off" or (rule == "adaptive" and "rule" in self.update_norm.model_fields_set):
+                raise ValueError(f"deploy.max_update_norm is a fixed bound; deploy.update_norm.rule {rule} says otherwise "
+                                 "(set rule: fixed, or leave max_update_norm unset)")
+            if rule != "fixed":
+                self.update_norm.rule = "fixed"
+        elif rule == "fixed":
+            raise ValueError("deploy.update_norm.rule: fixed needs deploy.max_update_norm, the bound")
+        return self
+
+
+FlowerScalar = bool | int | float | str
+
+
+class FlowerConfig(Section):
+    """A Flower client_fn's run (``client``, hetfl.flower): what its Context and its fit and evaluate configs carry."""
+
+    run_config: dict[str, FlowerScalar] = Field(
+        default_factory=dict, description="client: Context.run_config of every client (Flower's run config, e.g. the "
+        "[tool.flwr.app.config] of the app's pyproject.toml)."
+    )
+    node_config: dict[str, FlowerScalar] = Field(
+        default_factory=dict, description="client: more Context.node_config entries for every client, besides "
+        "partition-id (the client's index) and num-partitions (data.n_clients)."
+    )
+    fit_config: dict[str, FlowerScalar] = Field(
+        default_factory=dict, description="client: added to the config of every fit; hetfl's own keys win over these "
+        "(server_round, local_steps, local_epochs, batch_size, lr, seed, and the task's options, e.g. proximal_mu)."
+    )
+    evaluate_config: dict[str, FlowerScalar] = Field(
+        default_factory=dict, description="client: the config of every evaluate, besides server_round."
+    )
+    flops_per_step: float | None = Field(
+        None, gt=0, description="client: FLOPs of one local step of every client, instead of measuring each client's fit "
+        "with torch's FlopCounterMode (needed when the fit runs no torch, e.g. NumPy or TensorFlow)."
+    )
 
 
 class CodeRecord(Section):
@@ -825,6 +935,9 @@ class ExperimentConfig(Section):
         "fit and evaluate are the clients' training and evaluation, under hetfl's clock and strategies (hetfl.flower; "
         "pip install hetfl[flower]); unset: hetfl trains model.name on data.dataset.",
     )
+    flower: FlowerConfig = Field(
+        default_factory=FlowerConfig, description="With client: the Flower client's Context and configs (hetfl.flower)."
+    )
     code: dict[str, CodeRecord] = Field(
         default_factory=dict,
         description="Written by hetfl: for each key that names code not built into hetfl (a model, dataset, partition, "
@@ -837,6 +950,31 @@ class ExperimentConfig(Section):
     @classmethod
     def _client_path(cls, value: Any) -> Any:
         return None if value is None else registry.check_name("client", value)
+
+    @model_validator(mode="after")
+    def _flower_client(self) -> "ExperimentConfig":
+        """What a Flower client (``client``) cannot do; the ``flower`` section only with one (hetfl.flower)."""
+        if self.client is None:
+            changed = [k for k, v in self.flower.model_dump().items() if v != FlowerConfig.model_fields[k].get_default(
+                call_default_factory=True)]
+            if changed:
+                raise ValueError(f"flower.{changed[0]}: used only with client (a Flower client_fn)")
+            return self
+        refusals = [
+            (self.backend.name == "ray", "backend.name: ray workers rebuild hetfl's own trainer; a Flower client "
+             "runs in the hetfl process (backend.name: inprocess)"),
+            (self.training.vectorize == "on", "training.vectorize: on batches hetfl's own trainer; a Flower client "
+             "trains in its fit, one task at a time (auto or off)"),
+            (bool(self.model.zoo), "model.zoo: a Flower client brings its own model; drop model.zoo"),
+            (self.data.drift.kind != "none", "data.drift.kind: drift relabels hetfl's own data; a Flower client's "
+             "data is its own"),
+            (self.data.feature_skew.kind != "none", "data.feature_skew.kind: it transforms hetfl's own data; a Flower "
+             "client's data is its own"),
+        ]
+        for refused, message in refusals:
+            if refused:
+                raise ValueError(message)
+        return self
 
     @model_validator(mode="after")
     def _model_fits_data(self) -> "ExperimentConfig":
@@ -1002,17 +1140,87 @@ def reference(model: type[BaseModel] = ExperimentConfig, prefix: str = "") -> li
     return rows
 
 
+DATA_FORMATS = """
+## Data formats
+
+What `data.path` holds for the datasets read from disk. Nothing is downloaded, and a file that does not hold
+what is expected (empty, truncated or corrupt, strings where numbers belong, NaN or infinite values, a missing
+label) is a one-line error naming it.
+
+### `.npz` (`data.dataset: npz`)
+
+A `numpy.savez` or `numpy.savez_compressed` archive of numeric arrays; nothing in it is unpickled.
+
+| array | shape | meaning |
+|---|---|---|
+| `x` | `(N, ...)` | the features of N samples, all of one shape: `(F,)` for tabular data, `(C, H, W)` for images; numbers (bool, integer or float), no NaN or infinity; read as float32 |
+| `y` | `(N,)` | class labels, none missing: non-negative integers are kept (classes `0..max(y)`), anything else (strings, negative or fractional numbers) is mapped to `0..K-1` in sorted order |
+| `groups` | `(N,)`, optional | each sample's natural client (a user, a hospital), for `data.partition.kind: natural` |
+| `vocab_size` | scalar, optional | marks `x` as integer token ids in `[0, vocab_size)`, which the model embeds |
+
+```python
+np.savez("mydata.npz", x=features.astype("float32"), y=labels, groups=site_ids)
+```
+
+A deployed client's `--data` file (docs/deployment.md) is the same format with `x` and `y` only: `x` preprocessed as
+the server's data is, `y` the server's class ids as they are (non-negative integers). `hetfl partition CONFIG
+--export DIR` writes them.
+
+### CSV (`data.dataset: csv`)
+
+| part | what it must be |
+|---|---|
+| header | the first row: a name for every column, each name once (a UTF-8 byte-order mark is ignored) |
+| label column | `data.label_column` (default `label`): a value in every row, mapped to `0..K-1` in sorted order (numerically when every value is a number) |
+| id column | optional, `data.id_column`: each row's natural client, for `data.partition.kind: natural` |
+| features | every other column: a finite number in every row (no empty cell, `nan` or `inf`) |
+
+```text
+site,age,dose,label
+a,61,0.5,responder
+b,47,1.0,non-responder
+```
+
+is read with `data: {dataset: csv, path: trial.csv, id_column: site}`: two features (age, dose), two classes.
+
+### Hugging Face `datasets` saved to disk (`data.dataset: hf`)
+
+`data.path` is a folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`, read with
+`datasets.load_from_disk` (`pip install hetfl[hf]`). `data.columns: {x: COLUMN, y: COLUMN}` picks the feature and
+label columns (default: the first two). Of a DatasetDict, `train` is partitioned and `test`, if present, is an
+official test set (below); other splits are not used. An image column becomes float32 `(C, H, W)` in [0, 1] (every
+image of one size); a `ClassLabel` column gives the number of classes; string labels are mapped to `0..K-1`.
+
+### A loader of your own (`data.dataset: package.module:function`)
+
+Called with `data.params` and whichever of `path`, `seed`, `n_clients`, `config` its signature names, it returns
+`(x, y)` (numpy arrays or torch tensors), `{"x": x, "y": y}` with optional `groups`, `n_classes`, `vocab_size`,
+`{"train": (x, y), "test": (x, y)}` (an official test set), a `torch.utils.data.Dataset` of `(x, y)` items, a list
+of per-client datasets (with `data.partition.kind: natural`), or a `hetfl.data.datasets.Dataset`; the module
+docstring of `hetfl.data.datasets` is the full contract. What it returns is checked as files are.
+
+**An official test set** is not split by `data.test_fraction`: the train part is partitioned and each client trains
+on all of its share; the test samples are dealt out class by class, each class's in proportion to the clients'
+training samples of that class (largest remainders, ties at random; a class no client trains on, in proportion to
+training sizes), so a client's test label mix follows its training label mix and every test sample is used once.
+With `data.partition.kind: natural` and groups on the test part, a test sample of a group a client trains on goes to
+that client.
+"""
+"""The formats of data files, after the key table of :func:`reference_markdown`."""
+
+
 def reference_markdown() -> str:
     lines = [
         "# Configuration reference",
         "",
         "Every key of an experiment file, generated from `hetfl.config` (`hetfl config --markdown`).",
         "Unknown keys are errors. Relative paths are relative to the config file. Any key can be set",
-        "from the command line: `--set data.partition.alpha=0.1`.",
+        "from the command line: `--set data.partition.alpha=0.1`. The formats of data files follow the",
+        "table ([Data formats](#data-formats)).",
         "",
         "| key | type | default | meaning |",
         "|---|---|---|---|",
     ]
     for key, kind, default, text in reference():
         lines.append(f"| `{key}` | `{kind}` | `{default}` | {text} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + DATA_FORMATS

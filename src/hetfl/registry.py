@@ -85,9 +85,10 @@ KINDS: dict[str, Kind] = {
             "fedbuff": "hetfl.strategies.fedbuff:FedBuff",
             "fedcompass": "hetfl.strategies.fedcompass:FedCompass",
             "ditto": "hetfl.strategies.ditto:Ditto",
-            "finetune": "hetfl.strategies.finetune:FedAvgFineTune",
+            "fedavg_ft": "hetfl.strategies.finetune:FedAvgFineTune",
             "fedper": "hetfl.strategies.partial:FedPer",
             "fedrep": "hetfl.strategies.partial:FedRep",
+            "fedbn": "hetfl.strategies.fedbn:FedBN",
             "lgfedavg": "hetfl.strategies.hetero:LGFedAvg",
             "ifca": "hetfl.strategies.ifca:IFCA",
             "flhc": "hetfl.strategies.clustered:FLHC",
@@ -96,7 +97,7 @@ KINDS: dict[str, Kind] = {
             "fedgh": "hetfl.strategies.fedgh:FedGH",
             "pfedgate": "hetfl.strategies.pfedgate:PFedGate",
             "fml": "hetfl.strategies.fml:FML",
-            "adapters": "hetfl.strategies.adapters:AdapterFL",
+            "pfedlora": "hetfl.strategies.adapters:AdapterFL",
             "fedlora": "hetfl.strategies.fedlora:FedLoRA",
             "fedspine": "hetfl.strategies.fedspine:FedSpine",
         }),
@@ -314,6 +315,7 @@ def _load(kind: str, spec: str, path: str, key: str, origin: str, search: Iterab
     root: str | None = None
     if path in _objects:  # given from Python
         obj = _objects[path]
+        root = _root_of(sys.modules.get(module_name)) if module_name != "__main__" else None
     else:
         root = _import_root(module_name, search) if origin == "import path" else None
         try:

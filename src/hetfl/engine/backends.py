@@ -81,6 +81,9 @@ class InProcess(Backend):
     arrival, that is plain local training (:meth:`Strategy.local_training`) with the same non-tensor
     options and whose client has the same architecture; those results wait in a cache until their own
     arrival. The cache is not state: a checkpoint leaves it out and a resumed run retrains those tasks.
+    A model ``train_many`` cannot train (BatchNorm's running statistics, a random layer, an in-place update
+    ``torch.func`` refuses: :meth:`LocalTrainer.batching_problem`) is trained one task at a time under ``auto``,
+    with one warning per architecture per run on the ``hetfl`` logger.
 
     Parameters
     ----------
@@ -97,6 +100,7 @@ class InProcess(Backend):
             raise ValueError(f"vectorize must be auto, on or off; got {vectorize!r}")
         self.vectorize, self.min_tasks, self.max_params = vectorize, min_tasks, max_params
         self._trained: dict[int, tuple[Task, LocalResult]] = {}  # task id -> (its task, result trained ahead)
+        self._noticed: set[int] = set()  # trainers said to be trained one task at a time (auto), by id
 
     def result(self, task: Task, data: ClientData, state: dict[str, Any]) -> ClientResult:
         sim = self.sim
@@ -143,6 +147,8 @@ class InProcess(Backend):
                 group_options.append(other_options)
         if self.vectorize == "auto" and (len(group) < self.min_tasks or trainer.numel > self.max_params):
             return None
+        if not self._batchable(trainer, data):
+            return None
         kwargs = {
             name: torch.stack([o[name].expand(trainer.numel) for o in group_options])
             if isinstance(value, torch.Tensor) else value
@@ -167,6 +173,27 @@ class InProcess(Backend):
         return ClientResult(first.params, first.steps, first.loss)
 
 
+    def _batchable(self, trainer: LocalTrainer, data: ClientData) -> bool:
+        """Whether ``train_many`` can train ``trainer``'s model (:meth:`LocalTrainer.batching_problem`, probed once
+        per trainer on two of ``data``'s samples). Under ``auto``, a model it cannot train is trained one task at a
+        time, and said so once per architecture per run (a warning on the ``hetfl`` logger); under ``on`` (which
+        :func:`hetfl.engine.run.build_federation` checks before the run) it is a ConfigError."""
+        problem = trainer.batching_problem(data.x, data.y)
+        if problem is None:
+            return True
+        if self.vectorize == "on":
+            raise ConfigError(
+                f"training.vectorize: on, but {trainer.label} cannot be trained batched: {problem}; set "
+                "training.vectorize to auto (trains it one task at a time) or off"
+            )
+        if id(trainer) not in self._noticed:
+            self._noticed.add(id(trainer))
+            logging.getLogger("hetfl").warning(
+                "training.vectorize: auto trains %s one task at a time: %s", trainer.label, problem
+            )
+        return False
+
+
 def _options_key(options: dict[str, Any]) -> list[tuple[str, Any]]:
     """What tasks batched together share: the options' names, and the values of the non-tensor ones."""
     return sorted((name, None if isinstance(value, torch.Tensor) else value) for name, value in options.items())
@@ -182,13 +209,42 @@ def import_ray() -> Any:
     return ray
 
 
-def start_ray(address: str | None, num_workers: int | None, threads: int, runtime_env: dict[str, Any] | None) -> bool:
+def code_roots(code: Any) -> list[str]:
+    """The folders a config's user code was imported from (its ``code`` section's ``root``s), each once, in order."""
+    roots = (getattr(record, "root", None) for record in (code or {}).values())
+    return list(dict.fromkeys(root for root in roots if root))
+
+
+def with_code_roots(runtime_env: dict[str, Any] | None, roots: list[str]) -> dict[str, Any]:
+    """``runtime_env`` whose ``env_vars`` put ``roots`` first on the workers' ``PYTHONPATH``, before the one it
+    gives (else this process's), so that workers import the user's modules as this process did."""
+    env = dict(runtime_env or {})
+    if not roots:
+        return env
+    env_vars = dict(env.get("env_vars") or {})
+    given = env_vars.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    paths = [*roots, *(p for p in str(given).split(os.pathsep) if p)]
+    env_vars["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env["env_vars"] = env_vars
+    return env
+
+
+def start_ray(address: str | None, num_workers: int | None, threads: int, runtime_env: dict[str, Any] | None,
+              roots: list[str] | None = None) -> bool:
     """Initialise Ray in this process unless it is already: a local Ray of ``num_workers * threads`` CPUs
-    (``num_workers`` None: this machine's cores), or the cluster at ``address``. True if this call started it."""
+    (``num_workers`` None: this machine's cores), or the cluster at ``address``. True if this call started it.
+
+    A local Ray's workers get ``roots`` (the folders the config's user code was imported from, :func:`code_roots`)
+    first on their ``PYTHONPATH``, merged into ``runtime_env``'s ``env_vars``: a strategy or model of one's own
+    travels to them by reference, so they must import its module. A cluster's workers see other file systems:
+    ship the code with ``backend.runtime_env`` (``py_modules``), docs/architecture.md, "Backends"."""
     ray = import_ray()
     if ray.is_initialized():
         return False
     local = address is None
+    given = runtime_env
+    if local:
+        runtime_env = with_code_roots(runtime_env, roots or [])
     try:
         if local:
             workers = num_workers or max(1, (os.cpu_count() or 1) // threads)
@@ -199,16 +255,18 @@ def start_ray(address: str | None, num_workers: int | None, threads: int, runtim
     except Exception as err:  # Ray reports a bad address or runtime_env with many exception types
         what = "starting a local Ray" if local else f"connecting to the Ray cluster at {address!r}"
         detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        env = f" with backend.runtime_env {runtime_env}" if runtime_env else ""
+        env = f" with backend.runtime_env {given}" if given else ""
         raise ConfigError(f"backend: {what}{env} failed: {detail}") from None
     return True
 
 
-def share_ray(cfg: Any) -> None:
+def share_ray(cfg: Any, roots: list[str] | None = None) -> None:
     """For a command that runs several experiments (``hetfl compare``): with ``backend.name: ray``, start Ray
-    once now, so that every run uses it (a run stops only a Ray it started); Ray stops when the process exits."""
+    once now, so that every run uses it (a run stops only a Ray it started); Ray stops when the process exits.
+    ``roots``: where every run's user code was imported from (default: ``cfg``'s, :func:`code_roots`)."""
     if cfg.backend.name == "ray":
-        start_ray(cfg.backend.address, cfg.backend.num_workers, cfg.threads, cfg.backend.runtime_env)
+        roots = code_roots(cfg.code) if roots is None else roots
+        start_ray(cfg.backend.address, cfg.backend.num_workers, cfg.threads, cfg.backend.runtime_env, roots)
 
 
 @dataclasses.dataclass
@@ -258,12 +316,19 @@ class ClientSide:
 
 
 def _portable(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` whose parameters own their memory (a trainer's are views into one flat buffer,
-    which pickling would copy once per parameter) and carry no gradient."""
+    """A copy of ``model`` whose parameters and buffers own their memory (a trainer's are views into one flat
+    buffer, which pickling would copy once per tensor) and whose parameters carry no gradient."""
     model = copy.deepcopy(model)
     for p in model.parameters():
         p.data = p.data.clone()
         p.grad = None
+    owned: dict[int, torch.Tensor] = {}  # a buffer two modules share stays shared
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                if id(buffer) not in owned:
+                    owned[id(buffer)] = buffer.clone()
+                module._buffers[name] = owned[id(buffer)]
     return model
 
 
@@ -338,15 +403,19 @@ class RayBackend(Backend):
         workers can import hetfl and its dependencies.
     threads : int
         torch threads of each worker's training (the run's ``threads``), so results equal the in-process run's.
+    roots : list of str, optional
+        Folders the config's user code was imported from (:func:`code_roots`): put on a local Ray's workers'
+        ``PYTHONPATH`` (:func:`start_ray`).
     """
 
     name = "ray"
 
     def __init__(self, *, address: str | None = None, num_workers: int | None = None,
-                 runtime_env: dict[str, Any] | None = None, threads: int = 1) -> None:
+                 runtime_env: dict[str, Any] | None = None, threads: int = 1, roots: list[str] | None = None) -> None:
         super().__init__()
         self.ray = import_ray()
         self.address, self.num_workers, self.runtime_env, self.threads = address, num_workers, runtime_env or {}, threads
+        self.roots = list(roots or [])
         self._started_ray = False
         self._remote: Any = None
         self._key = uuid.uuid4().hex
@@ -380,6 +449,12 @@ class RayBackend(Backend):
             cause = getattr(err, "cause", None)
             if isinstance(cause, HetflError):
                 raise cause from None  # a diverged client, say: the same one-line error as in-process
+            if isinstance(cause, ModuleNotFoundError):  # code of one's own the workers cannot import
+                raise HetflError(
+                    f"backend ray: the workers cannot import {cause.name!r}, which the strategy or model comes from; "
+                    "give it to them with backend.runtime_env, e.g. {py_modules: [/path/to/" + f"{cause.name}.py]}}"
+                    " (docs/architecture.md, Backends)"
+                ) from None
             raise
         except ray.exceptions.RayError as err:
             raise HetflError(
@@ -416,7 +491,7 @@ class RayBackend(Backend):
 
     # ------------------------------------------------------------------ submission
     def _connect(self) -> None:
-        self._started_ray = start_ray(self.address, self.num_workers, self.threads, self.runtime_env)
+        self._started_ray = start_ray(self.address, self.num_workers, self.threads, self.runtime_env, self.roots)
         self._remote = self.ray.remote(num_cpus=self.threads)(_train_remote)
         self._box = [self.ray.put(self._client_side)]
 
@@ -461,9 +536,10 @@ class RayBackend(Backend):
                     del self._tensors[key]
 
 
-def build_backend(cfg: "BackendConfig", *, threads: int, training: Any) -> Backend:
-    """The backend ``backend.*`` asks for; ``training`` (a TrainingConfig) sets the in-process batching."""
+def build_backend(cfg: "BackendConfig", *, threads: int, training: Any, roots: list[str] | None = None) -> Backend:
+    """The backend ``backend.*`` asks for; ``training`` (a TrainingConfig) sets the in-process batching; ``roots``:
+    where the config's user code was imported from (:func:`code_roots`), for a local Ray's workers."""
     if cfg.name == "ray":
         return RayBackend(address=cfg.address, num_workers=cfg.num_workers, runtime_env=cfg.runtime_env,
-                          threads=threads)
+                          threads=threads, roots=roots)
     return InProcess(training.vectorize, min_tasks=training.vectorize_min_tasks, max_params=training.vectorize_max_params)

@@ -20,12 +20,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from hetfl import registry
 from hetfl.config import ExperimentConfig, dump_config, load_config
 from hetfl.data import FederatedData, federate
 from hetfl.data.synthetic import SyntheticData, SyntheticPool
 from hetfl.devices import DeviceTable, build_profiles
 from hetfl.devices.byzantine import Byzantine
-from hetfl.engine.backends import build_backend
+from hetfl.engine.backends import build_backend, code_roots
 from hetfl.engine.simulator import ClientModels, ClientPool, Simulator
 from hetfl.engine.store import memory_budget
 from hetfl.errors import ConfigError, DivergedError, HetflError
@@ -33,11 +34,13 @@ from hetfl.models import build_model, flops_per_sample
 from hetfl.models.assign import assign_architectures
 from hetfl.models.cost import training_flops
 from hetfl.results import MetricsLog, format_duration, record_run, write_summary
+from hetfl.results.outdir import CHECKPOINT_NAME, check_run_out, clear_run, lock_out
 from hetfl.strategies import Strategy, build_strategy
 from hetfl.training import LocalTrainer
 from hetfl.training.evaluate import Evaluator
+from hetfl.training.local import short_error
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = CHECKPOINT_NAME
 PROGRESS_TOTAL = 1000  # the bar's resolution: it shows a fraction of the run, not a count
 
 
@@ -73,6 +76,8 @@ class Federation:
         """One line: what is being simulated; what a transfer carries is the ``strategy``'s
         (:meth:`Strategy.describe_transfer`, default: the config's), e.g. only adapters for fedlora."""
         cfg, data = self.config, self.data
+        if cfg.client is not None:  # a Flower client's own data and model (hetfl.flower)
+            return data.describe(self, strategy or self.strategy())
         n_train = int(data.train_sizes.sum())
         n_test = int(data.test_sizes.sum())
         speeds = np.asarray(self.profiles.speed)  # a DeviceTable's column
@@ -80,13 +85,13 @@ class Federation:
         if cfg.model.zoo:
             counts = np.bincount(self.models.of_client, minlength=len(self.models.trainers))
             model = "zoo of " + ", ".join(
-                f"{t.label} ({t.numel:,} parameters, {f / 1e6:.2f} MFLOP a step) x{k}"
+                f"{t.label} ({_size(t)}, {f / 1e6:.2f} MFLOP a step) x{k}"
                 for t, f, k in zip(self.models.trainers, self.models.flops_per_step, counts)
             )
         else:
             transfer = (strategy or self.strategy()).describe_transfer(self.trainer)
             model = (
-                f"{cfg.model.name}: {self.trainer.numel:,} parameters, {transfer}, "
+                f"{cfg.model.name}: {_size(self.trainer)}, {transfer}, "
                 f"{self.flops_per_step / 1e6:.2f} MFLOP a step"
             )
         return (
@@ -98,6 +103,10 @@ class Federation:
     def strategy(self) -> Strategy:
         cfg = self.config
         strategy = build_strategy(cfg.strategy, cfg.training, cfg.model)
+        if cfg.client is not None:  # only strategies whose client half is plain training can run a Flower client
+            from hetfl.flower import check_strategy
+
+            check_strategy(strategy, self.trainer, cfg)
         check_architectures(strategy, len(np.unique(self.models.of_client)))
         strategy.check_models(self.models.trainers)
         strategy.check_devices(self.profiles)
@@ -117,8 +126,15 @@ class Federation:
             max_sim_time_s=cfg.max_sim_time_s,
             models=self.models,
             byzantine=Byzantine(cfg.devices.byzantine, len(self.profiles), cfg.seed) if cfg.devices.byzantine.fraction else None,
-            backend=build_backend(cfg.backend, threads=cfg.threads, training=cfg.training),
+            backend=build_backend(cfg.backend, threads=cfg.threads, training=cfg.training, roots=code_roots(cfg.code))
+            if cfg.client is None else self.trainer.backend(),  # a Flower client trains in its fit (hetfl.flower)
         )
+
+
+def _size(trainer: LocalTrainer) -> str:
+    """``1,362 parameters`` (and ``+ 48 buffer entries``: BatchNorm's running statistics travel with them)."""
+    params = trainer.numel - trainer.n_buffers
+    return f"{params:,} parameters" + (f" + {trainer.n_buffers:,} buffer entries" if trainer.n_buffers else "")
 
 
 def check_architectures(strategy: Strategy, architectures: int) -> None:
@@ -132,12 +148,16 @@ def check_architectures(strategy: Strategy, architectures: int) -> None:
 
 def build_federation(cfg: ExperimentConfig) -> Federation:
     torch.set_num_threads(cfg.threads)
+    if cfg.client is not None:  # a Flower client_fn brings its own data and model: its clients are calibrated
+        from hetfl.flower import build_federation as flower_federation
+
+        return flower_federation(cfg)
     data = SyntheticData(cfg.data, cfg.seed) if cfg.data.dataset == "synthetic" else federate(cfg.data, cfg.seed)
     profiles = build_profiles(cfg.devices, data.n_clients, np.random.default_rng([cfg.seed, 4]))
     torch.manual_seed(cfg.seed)  # initialises the reference model, then each zoo architecture in turn
     trainer, flops = _trainer(cfg.model, cfg, data)
     if cfg.model.zoo:
-        zoo = [_trainer(arch, cfg, data) for arch in cfg.model.zoo]
+        zoo = [_trainer(arch, cfg, data, key=f"model.zoo.{i}.name") for i, arch in enumerate(cfg.model.zoo)]
         for member, _ in zoo:
             member.reference = trainer
         models = ClientModels([t for t, _ in zoo], [f for _, f in zoo], assign_architectures(cfg.model, profiles))
@@ -147,27 +167,80 @@ def build_federation(cfg: ExperimentConfig) -> Federation:
         pool: ClientPool | SyntheticPool = SyntheticPool(data)
         x_test, y_test, owner = data.test_set()
         evaluator = Evaluator(trainer, x_test, y_test, owner, data.n_clients, data.drift)
+        _check_batchable(cfg, models, pool)
         return Federation(cfg, data, profiles, trainer, evaluator, pool, flops, models)
     ds = data.dataset
     x, y = torch.from_numpy(ds.x), torch.from_numpy(ds.y)
     pool = ClientPool(x, y, data.train, ds.n_classes, data.drift)  # one concatenated index array and offsets
     evaluator = Evaluator.from_splits(trainer, x, y, data.test, data.drift)
+    _check_batchable(cfg, models, pool)
     return Federation(cfg, data, profiles, trainer, evaluator, pool, flops, models)
 
 
-def _trainer(arch, cfg: ExperimentConfig, data: FederatedData) -> tuple[LocalTrainer, float]:
-    """A trainer of architecture ``arch`` (the reference or a zoo member) and the FLOPs of one of its steps.
+def _check_batchable(cfg: ExperimentConfig, models: ClientModels, pool: ClientPool | SyntheticPool) -> None:
+    """``training.vectorize: on`` (in process) refuses, before the run, an architecture ``train_many`` cannot train
+    (:meth:`LocalTrainer.batching_problem`, probed on two samples of the first client that has any)."""
+    if cfg.training.vectorize != "on" or cfg.backend.name != "inprocess":
+        return
+    client = next((c for c in range(pool.n_clients) if pool.n_samples(c) > 0), None)
+    if client is None:
+        return
+    sample = pool.data(client, 0.0)
+    for i in np.unique(models.of_client).tolist():
+        trainer = models.trainers[i]
+        problem = trainer.batching_problem(sample.x[:2], sample.y[:2])
+        if problem is not None:
+            raise ConfigError(
+                f"training.vectorize: on, but {trainer.label} cannot be trained batched: {problem}; set "
+                "training.vectorize to auto (trains it one task at a time) or off"
+            )
+
+
+def _trainer(arch, cfg: ExperimentConfig, data: FederatedData, key: str = "model.name") -> tuple[LocalTrainer, float]:
+    """A trainer of architecture ``arch`` (the reference or a zoo member, named by the config key ``key``) and the
+    FLOPs of one of its steps.
 
     With ``model.pretrained`` a TinyLM starts from the pretrained base (:mod:`hetfl.models.pretrain`):
-    its ``trainer.initial``, what every client and the server start from."""
+    its ``trainer.initial``, what every client and the server start from. A model of one's own is run once on a
+    sample of zeros (to count its FLOPs): a forward pass that fails, or logits of the wrong shape, are a one-line
+    ConfigError naming ``key``."""
     ds = data  # input_shape, n_classes, vocab_size: a FederatedData's or a SyntheticData's
-    model = build_model(arch, ds.input_shape, ds.n_classes, ds.vocab_size, cfg.model.feature_dim)
+    model = build_model(arch, ds.input_shape, ds.n_classes, ds.vocab_size, cfg.model.feature_dim, key=key)
     if cfg.model.pretrained and arch.name == "tinylm":
         from hetfl.models.pretrain import load_or_pretrain
 
         load_or_pretrain(model, cfg.model.pretrain, cfg.data, cfg.seed)
-    forward = flops_per_sample(model, ds.input_shape, token_input=ds.vocab_size is not None)
-    return LocalTrainer(model, cfg.training, arch.label()), training_flops(forward, cfg.training.batch_size)
+    try:
+        forward = flops_per_sample(model, ds.input_shape, token_input=ds.vocab_size is not None)
+        if not registry.is_builtin("model", arch.name):
+            _check_logits(model, ds, key, arch.label())
+    except HetflError:
+        raise
+    except Exception as err:  # the user's forward pass failed: one line with its file and line
+        if os.environ.get("HETFL_DEBUG"):
+            raise
+        raise ConfigError(
+            f"{key}: {arch.label()} failed on one sample of shape {tuple(ds.input_shape)}: {short_error(err)}"
+        ) from None
+    return LocalTrainer(model, cfg.training, arch.label(), key=key), training_flops(forward, cfg.training.batch_size)
+
+
+def _check_logits(model: torch.nn.Module, ds: Any, key: str, label: str) -> None:
+    """A model of one's own must give one logit per class for a sample (per position, for next-token targets)."""
+    shape = tuple(ds.input_shape)
+    token = ds.vocab_size is not None
+    model.eval()  # as the trainer holds it outside training (BatchNorm on one sample)
+    with torch.no_grad():
+        out = model(torch.zeros((1, *shape), dtype=torch.long if token else torch.float32))
+    sequence = getattr(ds, "sequence_targets", None)  # None: not known (a deployed client's setup)
+    shapes = {False: [(1, ds.n_classes)], True: [(1, *shape, ds.n_classes)], None: [(1, ds.n_classes), (1, *shape, ds.n_classes)]}
+    expected = shapes[sequence][-1 if sequence else 0]
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) not in shapes[sequence]:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(
+            f"{key}: {label} gives {got} for one sample of shape {shape}; expected logits of shape {expected} "
+            f"({'one per token and class' if len(expected) > 2 else 'one per class'})"
+        )
 
 
 def _perplexity(loss: float) -> float:
@@ -292,7 +365,7 @@ class Run:
         path = self.out / CHECKPOINT
         if not path.is_file():
             raise HetflError(f"{path}: no checkpoint to resume from")
-        saved = torch.load(path, weights_only=False)
+        saved = read_checkpoint(path)
         if not hasattr(saved["state"].counters, "trained_flops"):
             raise HetflError(f"{path}: written by an older hetfl, without the FLOP counters; start a new run")
         if isinstance(saved["state"].client_state, dict):
@@ -317,7 +390,7 @@ class Run:
             with self.progress:
                 completed, where = progress(sim.version, self.cfg.rounds, sim.now, self.cfg.max_sim_time_s)
                 self.bar = self.progress.add_task(
-                    escape(self.cfg.strategy.name), total=PROGRESS_TOTAL, completed=completed, where=where, acc="-"
+                    escape(sim.strategy.name), total=PROGRESS_TOTAL, completed=completed, where=where, acc="-"
                 )
                 if sim.version >= self.cfg.rounds:
                     sim.stop("rounds")  # resumed a finished run: nothing to do
@@ -350,7 +423,7 @@ class Run:
         fairness = self.sim.fairness(window=False)
         summary = {
             "name": self.cfg.name,
-            "algorithm": self.cfg.strategy.name,
+            "algorithm": self.sim.strategy.name,  # the class's own name, else what the config calls it
             "status": status,
             "stop_reason": self.sim.stop_reason,
             "seed": self.cfg.seed,
@@ -394,10 +467,27 @@ class Run:
             "rounds_to_target": self.tracker.rounds_to_target,
             "started_at": self.started_at,
             "strategy_summary": self.sim.strategy.summary(self.sim),
+            "code": {key: record.model_dump(mode="json") for key, record in self.cfg.code.items()},
         }
         write_summary(self.out / "summary.json", summary)
         record_run(self.out, summary)
         return summary
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's contents; one line naming the file when it is empty, truncated or not a checkpoint."""
+    if path.stat().st_size == 0:
+        raise HetflError(f"{path}: the checkpoint is empty (0 bytes: written by a process that was stopped?); "
+                         "start anew (hetfl server --fresh, or hetfl run --overwrite)")
+    try:
+        saved = torch.load(path, weights_only=False)
+    except Exception as err:  # EOFError, UnpicklingError, RuntimeError (a broken zip), OSError (EINVAL), ...
+        why = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise HetflError(f"{path}: not a readable checkpoint, truncated or not one ({why}); start anew "
+                         "(hetfl server --fresh, or hetfl run --overwrite)") from None
+    if not isinstance(saved, dict) or not {"state", "tracker", "wall_time_s"} <= set(saved) or not hasattr(saved["state"], "counters"):
+        raise HetflError(f"{path}: not a hetfl checkpoint; start anew (hetfl server --fresh, or hetfl run --overwrite)")
+    return saved
 
 
 def run_experiment(
@@ -407,22 +497,27 @@ def run_experiment(
     show_progress: bool = True,
     console: Console | None = None,
     describe: bool = True,
+    overwrite: bool = True,
 ) -> dict[str, Any]:
-    """Run ``cfg`` into the directory ``out`` (created; an earlier run there is replaced).
+    """Run ``cfg`` into the directory ``out``: created, or empty, or an earlier run, which is replaced only if
+    ``overwrite`` (``hetfl run --overwrite``; from Python the default). Anything else is refused before anything
+    is written (:func:`hetfl.results.outdir.check_run_out`: a folder of other files, the root, home or current
+    folder); replacing a run removes only hetfl's own files there (and its row in the run index).
 
     With a ``console`` and ``show_progress``, a progress bar, and first (if ``describe``) one line
     saying what is simulated.
     """
     out = Path(out)
+    check_run_out(out, overwrite=overwrite)
     fed = build_federation(cfg)  # first: a data or device error must not touch an earlier run in ``out``
     strategy = fed.strategy()  # likewise for the strategy's parameters
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.jsonl", "summary.json", CHECKPOINT):
-        (out / stale).unlink(missing_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
-    if describe and show_progress and console is not None:
-        console.print(fed.describe(strategy), highlight=False)
-    return Run(cfg, out, fed, strategy, resume=False).execute(show_progress, console)
+    with lock_out(out):  # one process per run folder, until the run ends
+        check_run_out(out, overwrite=overwrite)  # again, now that no other hetfl process can change it
+        clear_run(out)
+        (out / "config.yaml").write_text(dump_config(cfg))
+        if describe and show_progress and console is not None:
+            console.print(fed.describe(strategy), highlight=False)
+        return Run(cfg, out, fed, strategy, resume=False).execute(show_progress, console)
 
 
 def resume_experiment(
@@ -436,13 +531,16 @@ def resume_experiment(
     out = Path(out)
     if not (out / "config.yaml").is_file():
         raise HetflError(f"{out}: not a run directory (no config.yaml)")
-    before = load_config(out / "config.yaml")
-    cfg = load_config(out / "config.yaml", overrides)
-    _check_resumable_change(before, cfg)
-    fed = build_federation(cfg)
-    run = Run(cfg, out, fed, fed.strategy(), resume=True)  # validated before anything in ``out`` changes
-    (out / "config.yaml").write_text(dump_config(cfg))
-    return run.execute(show_progress, console)
+    if not (out / "checkpoint.pt").is_file():
+        raise HetflError(f"{out}: no checkpoint.pt to resume from (checkpoints are written every checkpoint_every rounds)")
+    with lock_out(out):  # one process per run folder: a second --resume of it is refused
+        before = load_config(out / "config.yaml")
+        cfg = load_config(out / "config.yaml", overrides)
+        _check_resumable_change(before, cfg)
+        fed = build_federation(cfg)
+        run = Run(cfg, out, fed, fed.strategy(), resume=True)  # validated before anything in ``out`` changes
+        (out / "config.yaml").write_text(dump_config(cfg))
+        return run.execute(show_progress, console)
 
 
 RESUMABLE = ("rounds", "max_sim_time_s", "checkpoint_every", "threads", "evaluation.", "backend.", "training.state_memory_mb")

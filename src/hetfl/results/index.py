@@ -80,6 +80,17 @@ def record_run(run_dir: Path, summary: dict) -> None:
         conn.execute(f"INSERT OR REPLACE INTO runs ({names}) VALUES ({marks})", row)
 
 
+def forget_run(run_dir: Path) -> None:
+    """Delete the row of ``run_dir`` from its index file, if both exist (a run about to be replaced)."""
+    run_dir = Path(run_dir).resolve()
+    db = index_path(run_dir)
+    if not db.is_file():
+        return
+    with _connect(db) as conn:
+        conn.execute(_SCHEMA)
+        conn.execute("DELETE FROM runs WHERE path = ?", (str(run_dir),))
+
+
 def _index_files(root: Path) -> list[Path]:
     files = []
     for folder, subfolders, filenames in os.walk(root):

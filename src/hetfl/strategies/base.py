@@ -8,6 +8,13 @@ on Ray workers, or a gRPC deployment) calls its hooks when something happens:
 - ``on_failure(server, task)``: a client lost its task (went offline or dropped out).
 - ``on_timer(server, tag)``: a timer the strategy set has fired (round deadlines, group deadlines).
 
+A deployed server (:mod:`hetfl.deploy.server`) also asks ``expected_payload(server, task)``: the tensors a client
+half returns besides its parameters, checked before ``on_update`` sees them. There an exception raised by
+``on_update`` rejects that update: the strategy's state is restored as it was before the call (its containers
+copied, tensors and tasks shared: a hook must not change a tensor in place before it may raise) unless the hook
+committed an aggregation first, and the server's dispatches and timers of the call are withdrawn. An exception in
+``on_failure`` or ``on_timer`` is logged and the state kept as the hook left it.
+
 It answers through the :class:`Server`: ``dispatch`` work to clients, ``cancel`` tasks it no longer
 wants, ``set_timer``, and ``commit`` a new global model (one aggregation = one server version).
 
@@ -186,6 +193,15 @@ class Strategy:
     def on_failure(self, server: Server, task: Task) -> None:
         """A client lost its task; by default nothing waits on it."""
 
+    def expected_payload(self, server: Server, task: Task) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The extra tensors (``ClientResult.payload``) the client half returns for ``task``: name -> (shape, dtype).
+
+        A deployed server accepts an update only if its payload is exactly this, every float finite
+        (:func:`hetfl.deploy.validate.check_payload`), as it checks the parameters: an unknown, missing or
+        misshaped tensor from a client is rejected before the strategy sees it. None by default; a strategy whose
+        client half returns a payload (SCAFFOLD's ``delta_c``) must declare it here."""
+        return {}
+
     def on_timer(self, server: Server, tag: str) -> None:
         """A timer fired; strategies that set timers override this."""
 
@@ -273,6 +289,22 @@ class Strategy:
 
     def check_models(self, trainers: list["LocalTrainer"]) -> None:
         """Refuse a set of client architectures (a model zoo) the algorithm cannot combine (raise ConfigError)."""
+
+    @staticmethod
+    def server_step(server: Server, mean_delta: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """The next global model: ``server.params + step`` on the parameters, ``+ mean_delta`` on the model's
+        buffers (the first ``server.trainer.n_buffers`` entries: BatchNorm's running means and variances).
+
+        ``step`` is what a server optimiser makes of the updates' mean change ``mean_delta`` (a learning rate,
+        momentum, Adam's moments). Statistics are averaged, never stepped: momentum or a server learning rate above
+        1 would extrapolate a running variance below zero, and the model evaluates to NaN. Every built-in server
+        optimiser goes through here; a strategy of one's own should too."""
+        n_buffers = getattr(getattr(server, "trainer", None), "n_buffers", 0)
+        if not n_buffers:
+            return server.params + step
+        step = step.clone()
+        step[:n_buffers] = mean_delta[:n_buffers]
+        return server.params + step
 
     def held_updates(self) -> int:
         """Updates received but not aggregated yet (a buffer, an open group): none by default."""

@@ -52,4 +52,5 @@ class FedAvg(RoundStrategy):
         self.use_aggregator(aggregator, privacy)
 
     def aggregate(self, server: Server, updates: list[Update]) -> torch.Tensor:
-        return server.params + self.server_lr * self.combined_delta(server, updates)
+        delta = self.combined_delta(server, updates)
+        return self.server_step(server, delta, self.server_lr * delta)

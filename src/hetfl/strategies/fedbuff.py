@@ -86,7 +86,7 @@ class FedBuff(AsyncStrategy):
         updates, self.buffer = self.buffer, []
         s = torch.tensor([self.weight(server.version - u.task.version) for u in updates])
         step = self.aggregation.delta(server, torch.stack([u.delta for u in updates]), s) / len(updates)
-        server.commit(server.params + self.server_lr * step, updates)
+        server.commit(self.server_step(server, step, self.server_lr * step), updates)
 
     def held_updates(self) -> int:
         return len(self.buffer)

@@ -60,4 +60,4 @@ class FedNova(RoundStrategy):
         a = torch.tensor([u.stats["a_norm"] for u in updates], dtype=torch.float32)
         tau_eff = float((p * a).sum())
         normalised = torch.stack([u.delta for u in updates]).T @ (p / a)
-        return server.params + tau_eff * normalised
+        return self.server_step(server, torch.stack([u.delta for u in updates]).T @ p, tau_eff * normalised)

@@ -79,7 +79,7 @@ class FedAdam(RoundStrategy):
             self.v = torch.full_like(d, self.tau**2)
         self.m = self.beta1 * self.m + (1 - self.beta1) * d
         self.v = self.second_moment(self.v, d * d)
-        return server.params + self.server_lr * self.m / (self.v.sqrt() + self.tau)
+        return self.server_step(server, d, self.server_lr * self.m / (self.v.sqrt() + self.tau))
 
 
 class FedYogi(FedAdam):
