@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev,ray,hf]'
+	$(PY) -m pip install --quiet -e '.[dev,ray,hf,flower]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,37 +22,51 @@ demo: $(STAMP)
 	$(VENV)/bin/hetfl compare examples/quickstart.yaml --algorithms fedavg,fedprox,fednova,scaffold,fedadam --out results/quickstart
 	$(VENV)/bin/hetfl runs --root results
 
+# Two workers, each test file on one (its module fixtures stay together); then, alone, the tests marked serial:
+# rates and shaped links measured against the clock, and Ray clusters.
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile -m "not serial"
+	$(PY) -m pytest -m serial
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
 
 # The gRPC messages and service of hetfl server / hetfl client: regenerate the committed
-# federation_pb2*.py after editing federation.proto. Run from src/, so the generated modules import
-# each other as hetfl.deploy.* (no relative-import fix needed). A newer protoc raises the protobuf
-# lower bound in pyproject.toml to its version (the generated code checks it at import).
-.PHONY: proto
-proto:
-	cd src && ../$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. hetfl/deploy/federation.proto
+# federation_pb2*.py after editing federation.proto, with grpcio-tools 1.67.1 in a venv of its own
+# (build/proto-venv). Its protoc (27.2) writes protobuf gencode 5.27.2, which protobuf runtimes 5.28
+# to 7.x load (a runtime refuses gencode newer than itself), and its gRPC plugin asks for
+# grpcio>=1.67.1 at import: the ranges in pyproject.toml, which let hetfl install beside flwr
+# (protobuf<7). A newer grpcio-tools raises both floors: do not regenerate with the one in a project
+# venv. Run from src/, so the generated modules import each other as hetfl.deploy.*.
+PROTO_VENV  := build/proto-venv
+GRPC_TOOLS  := grpcio-tools==1.67.1
 
-# hetfl against Flower's simulation engine (docs/benchmarks.md). flwr[simulation] goes into its own
-# venv, never into .venv; the same order as above (torch first), then hetfl, then flwr. flwr 1.41.0
-# (ray 2.55.1) installs beside hetfl and torch 2.13.0 on Python 3.11; flwr 1.42.0 asks for
-# certifi>=2026.10.19, which the package index here did not have. Every flwr release wants protobuf<7,
-# so pip downgrades hetfl's protobuf>=7.35.1 there and prints the conflict: only hetfl's gRPC
-# deployment (hetfl.deploy) needs 7.x, and the benchmark does not import it. Options: ARGS='--repeats 5'.
+.PHONY: proto
+$(PROTO_VENV)/.installed:
+	$(PYTHON) -m venv $(PROTO_VENV)
+	$(PROTO_VENV)/bin/python -m pip install --quiet '$(GRPC_TOOLS)'
+	touch $@
+
+proto: $(PROTO_VENV)/.installed
+	cd src && ../$(PROTO_VENV)/bin/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. hetfl/deploy/federation.proto
+
+# hetfl against Flower's simulation engine (docs/benchmarks.md). flwr itself is in .venv (hetfl[flower]);
+# its simulation engine is not: flwr[simulation] pins ray==2.55.1, and .venv keeps the newer ray of
+# hetfl[ray]. So the benchmark has a venv of its own: torch first (as above), then hetfl and
+# flwr[simulation] in one resolve, which pip satisfies without a conflict (protobuf 6.x serves both).
+# flwr 1.41.0 is the version docs/benchmarks.md measured; 1.42.0 installs too now that the index has
+# certifi 2026.10.19.post1 (after rm -rf .venv-flower: FLWR='flwr[simulation]==1.42.0'). Options:
+# ARGS='--repeats 5'.
 FLOWER_VENV  := .venv-flower
 FLOWER_STAMP := $(FLOWER_VENV)/.installed
-FLWR         := flwr[simulation]==1.41.0
+FLWR         ?= flwr[simulation]==1.41.0
 
 .PHONY: bench-flower
 $(FLOWER_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(FLOWER_VENV)
 	$(FLOWER_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(FLOWER_VENV)/bin/python -m pip install --quiet torch==2.13.0
-	$(FLOWER_VENV)/bin/python -m pip install --quiet -e .
-	$(FLOWER_VENV)/bin/python -m pip install --quiet '$(FLWR)'
+	$(FLOWER_VENV)/bin/python -m pip install --quiet -e '.[flower]' '$(FLWR)'
 	touch $(FLOWER_STAMP)
 
 bench-flower: $(FLOWER_STAMP)

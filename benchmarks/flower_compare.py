@@ -7,7 +7,9 @@
                                                          [--vectorize off auto] [--partition iid]
 
 Runs in ``.venv-flower``, where hetfl and ``flwr[simulation]`` are both installed, so both systems run
-on the same interpreter, torch and NumPy. Flower is never installed into hetfl's own ``.venv``.
+on the same interpreter, torch and NumPy. hetfl's own ``.venv`` has ``flwr`` (``hetfl[flower]``) but not its
+simulation engine: ``flwr[simulation]`` pins a ray (2.55.1 for flwr 1.41 and 1.42) older than the one
+``hetfl[ray]`` keeps there, and this script refuses an interpreter whose ray is not the pinned one.
 
 **The workload** (:func:`workload`): digits, ``--clients`` N clients partitioned by hetfl
 (``--partition``: ``iid`` or ``dirichlet:ALPHA``), the quickstart's MLP (hidden [64], 4,810
@@ -204,6 +206,19 @@ def version(package: str) -> str:
         return "not installed"
 
 
+def simulation_ray() -> str | None:
+    """The ray version ``flwr[simulation]`` pins in this interpreter's flwr (None: no pin found)."""
+    try:
+        requirements = metadata.requires("flwr") or []
+    except metadata.PackageNotFoundError:
+        return None
+    for requirement in requirements:
+        name, _, rest = requirement.partition("==")
+        if name.strip() == "ray" and "simulation" in rest:
+            return rest.split(";")[0].strip()
+    return None
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or "unknown"
     try:
@@ -257,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     if info["flwr"] == "not installed":
         print("error: flwr is not installed in this interpreter; run `make bench-flower` "
               "(it creates .venv-flower with flwr[simulation])", file=sys.stderr)
+        return 2
+    pinned = simulation_ray()
+    if pinned is not None and info["ray"] != pinned:
+        print(f"error: flwr {info['flwr']}'s simulation engine pins ray=={pinned}, and this interpreter has ray "
+              f"{info['ray']}; run `make bench-flower` (.venv-flower has flwr[simulation])", file=sys.stderr)
         return 2
     console = Console(width=None if sys.stdout.isatty() else 140)
     log = Path(args.log) if args.log else Path(tempfile.mkstemp(prefix="flower-compare-", suffix=".log")[1])

@@ -20,6 +20,8 @@ import torch
 
 from test_deploy_support import N_CLIENTS, Deployment, make_env, write_config
 
+pytestmark = pytest.mark.serial  # timing-sensitive or a Ray cluster: run alone (the Makefile's test target)
+
 SLOW = (3, 4)
 
 

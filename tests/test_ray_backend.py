@@ -22,6 +22,8 @@ from test_runs_end_to_end import HARSH, assert_same_run, hetfl, read_summary, wr
 from test_simulator import model_for
 from test_vectorized_engine import harsh_profiles
 
+pytestmark = pytest.mark.serial  # timing-sensitive or a Ray cluster: run alone (the Makefile's test target)
+
 ray = pytest.importorskip("ray", reason="the Ray backend needs ray (pip install hetfl[ray])")
 
 
