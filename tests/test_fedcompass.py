@@ -1,7 +1,9 @@
 """FedCompass: local-step assignment, arrival groups and aggregation, worked out by hand."""
 
 import dataclasses
+import heapq
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -185,7 +187,182 @@ def test_learns_on_a_tiny_federation_and_is_configurable():
     assert after < 0.8 * before
     built = build_strategy(StrategyConfig(name="fedcompass", params={"max_steps": 50, "q": 0.1, "lam": 2.0}))
     assert (built.max_steps, built.q, built.lam) == (50, 0.1, 2.0)
-    with pytest.raises(ConfigError, match="strategy.params: fedcompass: lam must be at least 1"):
-        build_strategy(StrategyConfig(name="fedcompass", params={"lam": 0.5}))
+    for lam in (0.5, math.inf, math.nan):  # below 1 a group's own members are late; at infinity it never closes
+        with pytest.raises(ConfigError, match="strategy.params: fedcompass: lam must be a finite number of at least 1"):
+            build_strategy(StrategyConfig(name="fedcompass", params={"lam": lam}))
+    assert build_strategy(StrategyConfig(name="fedcompass", params={"lam": 1})).lam == 1
     with pytest.raises(ConfigError, match="strategy.params.weighting"):
         build_strategy(StrategyConfig(name="fedcompass", params={"weighting": "by-size"}))
+
+
+# ---------------------------------------------------------------------------- the reference's edge cases (issue 14)
+def _timeline(step_s, *, latency=None, until=None, **params):
+    """FedCompass on clients of fixed seconds per step (and latency each way), no jitter, no bandwidth limit;
+    every aggregation recorded: its time ``t``, ``tasks`` [(client, task id)], ``dropped``, ``updates``, and the
+    global model ``before`` and ``after`` it."""
+    latency = latency or [0.0] * len(step_s)
+    profiles = [profile(i, flops=1e6 / s, bw=math.inf, latency=lat) for i, (s, lat) in enumerate(zip(step_s, latency))]
+    strategy = FedCompass(**params)
+    sim = make_simulator(strategy, [8] * len(step_s), profiles)
+    sim.max_sim_time_s = until
+    commits = []
+    commit = sim.commit
+
+    def spy(params, updates, dropped=0):
+        before = sim.params
+        commits.append(SimpleNamespace(
+            t=sim.now, tasks=[(u.client_id, u.task.task_id) for u in updates], dropped=dropped, updates=updates,
+            before=before, after=params,
+        ))
+        commit(params, updates, dropped=dropped)
+
+    sim.commit = spy
+    return sim, strategy, commits
+
+
+def test_a_late_update_and_the_clients_next_one_in_one_aggregation_keep_only_the_newer():
+    # A: 1 s/step. B: 1 s/step and 2.5 s latency each way (5 s a task). Q_max = 10, Q_min = 2, lambda = 1.25,
+    # speed = the last sample (momentum 1), p = 1/2 (uniform, N = 2), alpha = 0.9: alpha_i = 0.45.
+    sim, strategy, commits = _timeline([1.0, 1.0], latency=[0.0, 2.5], max_steps=10, q=0.2, lam=1.25,
+                                       speed_momentum=1.0, weighting="uniform")
+    run_rounds(sim, 4)
+    # t=0    A (task 0) and B (task 1): Q_max = 10 steps.
+    # t=10   A back: 1 s/step; applied alone (v1). New group g0: 10 steps, expected 20, latest 10 + 1.25 * 10 = 22.5.
+    # t=15   B back: 15 s / 10 = 1.5 s/step; applied alone (v2). Joins g0: floor((20 - 15) / 1.5) = 3 steps
+    #        (task 3), which really take 2.5 + 3 + 2.5 = 8 s: back at 23, after g0's latest time.
+    # t=20   A back (task 2), in g0.
+    # t=22.5 g0's latest time: A alone (v3). A: new group g1, 10 steps (task 4), expected 32.5, latest 35.
+    # t=23   B back, late: task 3 is buffered. B: 8 s / 3 = 2.667 s/step; joins g1 with
+    #        floor((32.5 - 23) / 2.667) = 3 steps (task 5): back at 31, in time.
+    # t=31   B back (task 5), in g1.   t=32.5  A back (task 4): g1 is complete (v4).
+    # v4 would use B's late task 3 and its task 5: alphas summing to 3 * 0.45 = 1.35, the current model weighted
+    # -0.35. Only B's newer update counts, as in the reference scheduler; task 3 is dropped.
+    assert [(c.t, c.tasks, c.dropped) for c in commits] == [
+        (10, [(0, 0)], 0), (15, [(1, 1)], 0), (22.5, [(0, 2)], 0), (32.5, [(1, 5), (0, 4)], 1),
+    ]
+    v4 = commits[-1]
+    b5, a4 = (u.params for u in v4.updates)
+    assert torch.allclose(v4.after, 0.1 * v4.before + 0.45 * b5 + 0.45 * a4)  # weights 0.1 + 0.45 + 0.45 = 1
+    assert sim.counters.dropped == 1 and sim.counters.updates == 5 and strategy.held_updates() == 0
+    assert strategy.metrics()["compass_late_updates"] == 1
+
+
+def test_with_lambda_one_an_arrival_at_the_deadline_is_on_time():
+    # A: 1 s/step, B: 2 s/step; Q_max = 10, Q_min = 2, lambda = 1 (a group's latest time is its expected time),
+    # no jitter: every group's creator arrives exactly at its deadline. Until t = 40:
+    sim, strategy, commits = _timeline([1.0, 2.0], max_steps=10, q=0.2, lam=1.0, until=40.0)
+    sim.proceed()
+    while sim.step():
+        pass
+    # t=0   A, B: 10 steps.
+    # t=10  A back (1 s/step): alone (v1). New group g0: 10 steps, expected = latest = 20.
+    # t=20  B back (2 s/step): alone (v2). g0 would give it floor(0 / 2) = 0 < Q_min steps; no group ends after
+    #       now, so a new group g1 of Q_max: 10 steps, expected = latest = 40.
+    # t=20  g0's deadline, then A's arrival at that same instant: on time, g0 is complete (v3). A: g1 would need
+    #       floor(20 / 1) = 20 > Q_max steps; aiming at B's next arrival after g1, 40 + 2 * 10 = 60, needs 40 > Q_max:
+    #       a new group g2 of Q_max steps, expected = latest = 30.
+    # t=30  A back at g2's deadline: on time (v4); A joins g1 with floor((40 - 30) / 1) = 10 steps.
+    # t=40  B and A back at g1's deadline: on time, g1 complete (v5).
+    # (Before: each deadline fired first, deleted its empty group and made the arrival of that instant late:
+    # only v1 and v2 in 40 s, A's updates piling up in the buffer.)
+    assert [(c.t, c.tasks) for c in commits] == [
+        (10, [(0, 0)]), (20, [(1, 1)]), (20, [(0, 2)]), (30, [(0, 4)]), (40, [(1, 3), (0, 5)]),
+    ]
+    assert strategy.metrics()["compass_late_updates"] == 0
+    reference = reference_aggregations([1.0, 2.0], q_max=10, q_min=2, lam=1.0, momentum=0.9, until=40.0)
+    assert [(c.t, sorted({u.client_id for u in c.updates})) for c in commits] == reference
+
+
+def test_with_lambda_one_four_clients_aggregate_as_often_as_the_reference_scheduler():
+    # The issue's case: four clients, lambda = 1, no jitter, 40 simulated seconds. The reference's rule gives 19
+    # aggregations; hetfl made 4 (the four first updates, applied alone) before arrivals at a deadline counted.
+    step_s = [0.5, 1.0, 2.0, 4.0]
+    sim, strategy, commits = _timeline(step_s, max_steps=5, q=0.2, lam=1.0, until=40.0)
+    sim.proceed()
+    while sim.step():
+        pass
+    reference = reference_aggregations(step_s, q_max=5, q_min=1, lam=1.0, momentum=0.9, until=40.0)
+    assert len(reference) == 19
+    assert [(c.t, sorted({u.client_id for u in c.updates})) for c in commits] == reference  # event by event
+
+
+def reference_aggregations(step_s, *, q_max, q_min, lam, momentum, until):
+    """(time, sorted clients) of every aggregation up to ``until`` under the rule of APPFL's CompassScheduler
+    (appfl/scheduler/compass_scheduler.py), re-implemented here from its description, for clients of fixed
+    seconds per step and no communication time:
+
+    - a client's first update is applied alone; afterwards it joins the open group whose expected time gives it
+      the most steps within [Q_min, Q_max] (on a tie, the group created last), else opens a group aimed at the
+      next arrival of the fastest member of a group still waiting (Q_max if none), lifted to Q_min;
+    - an arrival at or before its group's latest time is on time; after it, it is buffered (one per client,
+      the newest) and the client is assigned at once;
+    - a group is aggregated, with the buffer (a client's group update replacing its buffered one), when its last
+      member arrives or at its latest time if anyone arrived; then its clients are assigned, fastest first.
+    Simultaneous events: arrivals in the order their tasks were sent, then deadlines.
+    """
+    n = len(step_s)
+    speed, steps, sent, group_of = {}, dict.fromkeys(range(n), q_max), dict.fromkeys(range(n), 0.0), {}
+    groups, buffered, out, queue, counter = {}, set(), [], [], [0, 0]  # counter: (events, groups)
+
+    def push(t, kind, data):
+        heapq.heappush(queue, (t, kind == "deadline", counter[0], kind, data))
+        counter[0] += 1
+
+    def assign(c, t):
+        group, q = None, -1
+        for g in groups.values():
+            k = math.floor((g["expected"] - t) / speed[c])
+            if q_min <= k <= q_max and k >= q:
+                group, q = g, k
+        if group is None:
+            aims = [math.floor((g["latest"] + q_max * min(speed[m] for m in g["waiting"] | set(g["arrived"])) - t)
+                               / speed[c])
+                    for g in groups.values() if t < g["latest"]]
+            aims = [k for k in aims if k <= q_max]
+            q = max(max(aims), q_min) if aims and max(aims) >= 0 else q_max
+            group = {"id": counter[1], "expected": t + q * speed[c], "latest": t + q * speed[c] * lam,
+                     "waiting": set(), "arrived": []}
+            groups[group["id"]] = group
+            push(group["latest"], "deadline", group["id"])
+            counter[1] += 1
+        group["waiting"].add(c)
+        group_of[c], steps[c], sent[c] = group["id"], q, t
+        push(t + q * step_s[c], "arrival", c)
+
+    def aggregate(g, t):
+        out.append((t, sorted(buffered | set(g["arrived"]))))
+        buffered.clear()
+        g["expected"] = g["latest"] = 0.0  # done: whoever is still training for it is late
+        for c in sorted(g["arrived"], key=lambda c: (speed[c], c)):
+            assign(c, t)
+        if not g["waiting"]:
+            del groups[g["id"]]
+
+    for c in range(n):
+        push(q_max * step_s[c], "arrival", c)
+    while queue and queue[0][0] <= until:
+        t, _, _, kind, data = heapq.heappop(queue)
+        if kind == "deadline":
+            g = groups.get(data)
+            if g is not None and g["arrived"] and g["latest"] > 0:
+                aggregate(g, t)
+            continue
+        c = data
+        sample = (t - sent[c]) / steps[c]
+        speed[c] = sample if c not in speed else (1 - momentum) * speed[c] + momentum * sample
+        if c not in group_of:
+            out.append((t, [c]))
+            assign(c, t)
+            continue
+        g = groups.get(group_of[c])
+        g["waiting"].discard(c)
+        if t > g["latest"]:
+            if not g["waiting"]:
+                del groups[g["id"]]
+            buffered.add(c)
+            assign(c, t)
+        else:
+            g["arrived"].append(c)
+            if not g["waiting"]:
+                aggregate(g, t)
+    return out

@@ -21,7 +21,12 @@ Assignment of a client with speed v at time t (after its update was used):
    T = t + Q v and waits until its latest time L = t + lambda Q v.
 
 Aggregation. A group is aggregated once all its members arrived, or at its latest time L with
-whatever arrived; members arriving after that are buffered and join the next aggregation. With
+whatever arrived by then: an arrival at L itself is on time (the deadline first takes the arrivals of
+its own instant, so with lambda = 1 and no jitter a group's creator, due exactly at L, makes it). A
+group nobody reached by L aggregates nothing, and its members' updates will be late. A late update is
+buffered and joins the next group aggregation, and its client is assigned at once; an aggregation uses
+only each client's newest update (a client's buffered late update is dropped when its next update is in
+the same aggregation), so no client appears twice and the alphas below sum to at most alpha. With
 staleness tau_i (aggregations since client i's model) and weights p_i (the client's share of all
 training samples, or 1/N as in the reference implementation):
 
@@ -41,6 +46,15 @@ step alpha would.
 
 Before a client's first arrival its speed is unknown: the first task of every client runs Q_max
 steps, and its update is applied on its own (as FedAsync would) before the client is assigned.
+
+The reference is the authors' scheduler, APPFL's ``CompassScheduler`` (``appfl/scheduler/compass_scheduler.py``);
+checked event by event against its rule on clients of fixed speeds, hetfl aggregates the same clients at the
+same times (two open groups that give a joining client the same number of steps: the newer one, as the
+reference's loop over its groups leaves it), but for one case: virtual time makes "at L" one simulated instant,
+so an arrival a rounding error after L is late.
+
+APPFL's older ``SchedulerCompass`` (``appfl/algorithm/legacy/scheduler_compass.py``) counted an arrival at L as
+late and let a client join a group with up to 1.2 Q_max steps; hetfl follows the current scheduler.
 """
 
 from __future__ import annotations
@@ -66,6 +80,7 @@ class Group:
     members: set[int] = field(default_factory=set)  # clients still training for this group
     arrived: list[Update] = field(default_factory=list)
     timer: Any = None
+    due: bool = False  # its deadline fired: it closes once the arrivals of that same instant are in
 
 
 def plan_steps(
@@ -79,7 +94,7 @@ def plan_steps(
     best_q = -1
     for g in groups:
         q = math.floor((g.expected - now) / speed)
-        if q_min <= q <= q_max and q > best_q:
+        if q_min <= q <= q_max and q >= best_q:  # a tie: the newer group, as the reference scheduler
             best, best_q = g, q
     if best is not None:
         return best, best_q
@@ -94,6 +109,19 @@ def plan_steps(
     return None, q_max if target_q < 0 else max(target_q, q_min)
 
 
+def newest_per_client(arrived: list[Update], buffer: list[Update]) -> list[Update]:
+    """What one group aggregation uses: the group's ``arrived`` updates, then the late ``buffer`` (both in the
+    order they arrived), keeping only the newest update of each client.
+
+    A client whose update came too late for its group is sent straight back to work, so its next update can
+    reach the same aggregation as the late one; only the newer counts (the reference scheduler keys both
+    buffers by client, and the group's entry wins). So no client appears twice and the mixing weights
+    alpha_i sum to at most alpha.
+    """
+    newest = {u.client_id: u for u in [*buffer, *arrived]}  # later arrivals overwrite: a group's are the newest
+    return [u for u in [*arrived, *buffer] if newest[u.client_id] is u]
+
+
 class FedCompass(Strategy):
     """Semi-asynchronous FL: computing-power-aware local steps and arrival groups.
 
@@ -106,7 +134,9 @@ class FedCompass(Strategy):
     q : float, default 0.2
         Q_min = max(1, floor(q * Q_max)), the fewest local steps a task runs.
     lam : float, default 1.5
-        Latest-time factor lambda: a group waits until lambda times its expected duration.
+        Latest-time factor lambda, finite and at least 1: a group waits until lambda times its expected
+        duration (below 1 even the client that opened it would be late; at infinity it never closes without
+        all its members).
     speed_momentum : float, default 0.9
         Weight m of the newest per-step time in the speed estimate.
     alpha : float, default 0.9
@@ -140,8 +170,11 @@ class FedCompass(Strategy):
             raise ValueError("max_steps must be at least 1 (or None for the config's local steps)")
         if not 0 < q <= 1:
             raise ValueError("q must lie in (0, 1]: Q_min = q * Q_max")
-        if lam < 1:
-            raise ValueError("lam must be at least 1: a group waits at least its expected time")
+        if not (math.isfinite(lam) and lam >= 1):  # also refuses nan and inf
+            raise ValueError(
+                f"lam must be a finite number of at least 1, got {lam} (a group waits until lam times its expected "
+                "duration: below 1 its own members arrive after its deadline, at infinity it never closes without them)"
+            )
         if not 0 < speed_momentum <= 1:
             raise ValueError("speed_momentum must lie in (0, 1]")
         if not 0 < alpha <= 1:
@@ -188,7 +221,9 @@ class FedCompass(Strategy):
         if group_id is None:  # first task: applied alone, like FedAsync
             self._aggregate(server, [update])
             self._assign(server, [task.client_id])
-        elif group is None or task.client_id not in group.members:  # its group was aggregated without it
+        elif group is None or task.client_id not in group.members or server.now > group.latest:
+            # late: its group was aggregated without it (or closed with nobody in time); an arrival at the
+            # group's latest time itself is on time
             self.buffer.append(update)
             self.stats["late_updates"] += 1
             self._assign(server, [task.client_id])
@@ -213,9 +248,14 @@ class FedCompass(Strategy):
             self._assign(server, sorted(self.waiting))
         elif tag.startswith("group "):
             group = self.groups.get(int(tag.split()[1]))
-            if group is not None:
-                group.timer = None
-                self._close(server, group)
+            if group is None:
+                return
+            if not group.due:  # at its latest time: first take the arrivals of this same instant, which count
+                group.due = True  # as on time (they were scheduled before this new timer, so they come first)
+                group.timer = server.set_timer(server.now, tag)
+                return
+            group.timer = None
+            self._close(server, group)
 
     def held_updates(self) -> int:
         return len(self.buffer) + sum(len(g.arrived) for g in self.groups.values())
@@ -241,8 +281,9 @@ class FedCompass(Strategy):
         if group.timer is not None:
             server.cancel_timer(group.timer)
         if not group.arrived:
-            return  # nobody made it: the members still training are late and will be buffered
-        self._aggregate(server, group.arrived + self.buffer)
+            return  # nobody made it by its latest time: the members still training are late and will be buffered
+        updates = newest_per_client(group.arrived, self.buffer)
+        self._aggregate(server, updates, dropped=len(group.arrived) + len(self.buffer) - len(updates))
         self.stats["group_aggregations"] += 1
         self.stats["grouped_updates"] += len(group.arrived)
         self.buffer = []
@@ -293,7 +334,7 @@ class FedCompass(Strategy):
                 self._retry = server.set_timer(wake, "retry")
 
     # -- aggregation -------------------------------------------------------------------------
-    def _aggregate(self, server: Server, updates: list[Update]) -> None:
+    def _aggregate(self, server: Server, updates: list[Update], *, dropped: int = 0) -> None:
         p = torch.tensor([self._weights[u.client_id] for u in updates], dtype=torch.float32)
         if self.weighting == "group":
             p = p / p.sum()
@@ -310,4 +351,4 @@ class FedCompass(Strategy):
         else:
             models = torch.stack([u.params for u in updates]).T
             params = (1 - float(alphas.sum())) * server.params + models @ alphas
-        server.commit(params, updates)
+        server.commit(params, updates, dropped=dropped)

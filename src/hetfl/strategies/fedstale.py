@@ -26,6 +26,11 @@ under availability windows or non-uniform selections).
 
 A round in which no update arrived leaves the model unchanged, as in FedAvg.
 
+Unlike FedAvg's, this aggregation is not a function of the round's weighted mean alone: the server stores each
+participant's own Delta_i. So neither algorithm claims ``linear_aggregation``, and a deployment refuses
+``deploy.secure_aggregation`` for them (the server would see only the round's mean, and store it as every
+participant's change).
+
 Memory: the server keeps one model-sized tensor per client that has taken part at least once. On the
 simulator they live in its per-client store (``server.client_store``, table ``fedstale/y``), under the
 run's memory budget (``training.state_memory_mb``): the least recently updated spill to disk, with the
@@ -65,6 +70,9 @@ class FedStale(FedAvg):
     """
 
     name = "fedstale"
+    # Not FedAvg's: y_i <- Delta_i needs each participant's own change, and under secure aggregation every one
+    # of them would become the cohort's mean (so deploy.secure_aggregation refuses FedStale and FedVARP).
+    linear_aggregation = False
 
     def __init__(
         self,
@@ -100,7 +108,7 @@ class FedStale(FedAvg):
         v = fresh.T @ p + self.beta * (self.stale_mean(server) - old.T @ p)
         for u, delta in zip(updates, fresh):
             self.memory[u.client_id] = delta
-        return server.params + self.server_lr * v
+        return self.server_step(server, fresh.T @ p, self.server_lr * v)
 
     def stale_mean(self, server: Server) -> torch.Tensor:
         """sum_j q_j y_j over all N clients (y_j = 0 for clients never seen), q_j = n_j / sum_k n_k."""
