@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 HETFL = [sys.executable, "-m", "hetfl.cli"]
@@ -146,29 +147,35 @@ class DeployEnv:
     tokens: Path
     token_files: list[Path]
     revoked_token: str
+    samples: dict[int, int] = field(default_factory=dict)  # registered in the token file
 
 
-def make_env(root: Path) -> DeployEnv:
+def make_env(root: Path, n_clients: int = N_CLIENTS) -> DeployEnv:
     from hetfl.config import load_config
     from hetfl.deploy.export import export_partitions
     from hetfl.deploy.tokens import generate
 
-    config = write_config(root)
+    config = write_config(root, **({} if n_clients == N_CLIENTS else {"data__n_clients": n_clients}))
     parts = root / "parts"
     export_partitions(load_config(config), parts)
-    tokens = generate(N_CLIENTS)
+    tokens = generate(n_clients)
     revoked = "revoked-" + "x" * 24
-    (root / "tokens.yaml").write_text(yaml.safe_dump({"tokens": tokens, "revoked": [revoked]}))
+    samples = {}
+    for c in range(n_clients):  # each client's registered sample count (it bounds its weight): its exported file's
+        with np.load(parts / f"client_{c}.npz") as npz:
+            samples[c] = len(npz["y"])
+    (root / "tokens.yaml").write_text(yaml.safe_dump({"tokens": tokens, "revoked": [revoked], "samples": samples}))
     files = []
     for token, client in sorted(tokens.items(), key=lambda kv: kv[1]):
         path = root / f"token_{client}"
         path.write_text(token + "\n")
         files.append(path)
-    return DeployEnv(root, config, parts, root / "tokens.yaml", files, revoked)
+    return DeployEnv(root, config, parts, root / "tokens.yaml", files, revoked, samples)
 
 
 def make_certificates(folder: Path) -> dict[str, Path]:
-    """A self-signed CA, and a server certificate it signed for localhost and 127.0.0.1 (PEM files)."""
+    """A self-signed CA, a server certificate it signed for localhost and 127.0.0.1, and a client certificate it
+    signed (PEM files: ca, cert, key, client_cert, client_key)."""
     import datetime as dt
     import ipaddress
 
@@ -192,7 +199,16 @@ def make_certificates(folder: Path) -> dict[str, Path]:
             .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
                                                         x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
             .sign(ca_key, hashes.SHA256()))
-    files = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key"}
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hetfl client")]))
+              .issuer_name(ca_name).public_key(client_key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+              .sign(ca_key, hashes.SHA256()))
+    files = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key",
+             "client_cert": folder / "client.pem", "client_key": folder / "client.key"}
+    files["client_cert"].write_bytes(client.public_bytes(serialization.Encoding.PEM))
+    files["client_key"].write_bytes(client_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                             serialization.NoEncryption()))
     files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     files["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     files["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,

@@ -201,6 +201,7 @@ def test_secure_rounds_unmask_a_dropped_member_and_hand_fedavg_the_survivors_mea
         send_control=lambda c, header: controls.append((c, _json.loads(header.secagg_json))),
     )
     server._forget = lambda task: server.state.busy.pop(task.client_id)
+    server._deliver = lambda update: (strategy.on_update(server, update), (True, ""))[1]
 
     def fail(task, reason, **_):
         server._forget(task)
@@ -213,6 +214,7 @@ def test_secure_rounds_unmask_a_dropped_member_and_hand_fedavg_the_survivors_mea
         rounds.join_cohort(t)
     (t0, header), *_ = sealed = rounds.seal()
     assert len(sealed) == 3 and set(header["peers"]) == {0, 1, 2}
+    assert header["weights"] == {"0": 10, "1": 20, "2": 30}  # the weights the clients mask n_k * delta with
     peers = {int(k): bytes.fromhex(v) for k, v in header["peers"].items()}
     models = {0: torch.full((6,), 1.0), 1: torch.full((6,), -2.0)}
     for c, w in models.items():
@@ -231,3 +233,104 @@ def test_secure_rounds_unmask_a_dropped_member_and_hand_fedavg_the_survivors_mea
     for u in received:
         assert torch.allclose(u.params, torch.full((6,), expected), atol=1e-3)
     assert [t.client_id for t in failed] == [2] and not server.state.busy
+
+
+class _Context:
+    """What the gate asks of a gRPC servicer context."""
+
+    def __init__(self, peer: str = "ipv4:10.0.0.9:5000") -> None:
+        self._peer, self.cancelled, self.code = peer, False, None
+
+    def peer(self) -> str:
+        return self._peer
+
+    def add_callback(self, callback) -> bool:
+        return True
+
+    def abort(self, code, details):
+        self.code = code
+        raise RuntimeError(details)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def test_the_gate_bounds_calls_per_address_and_per_session():
+    import grpc
+
+    from hetfl.deploy.gate import MAX_CALLS_PER_SESSION, SESSION_KEY, Gate, Limits, host_of
+
+    assert host_of("ipv4:10.0.0.9:5000") == "10.0.0.9" and host_of("ipv6:[::1]:5000") == "[::1]"
+    gate = Gate(TokenTable({"a" * 20: 0}), {"s1": 0, "s2": 1, "s3": 2}.get, Limits(max_calls_per_peer=2))
+    try:
+        calls = [gate.admit("Heartbeat", {SESSION_KEY: s}, _Context()) for s in ("s1", "s2")]
+        refused = _Context()
+        with pytest.raises(RuntimeError, match="too many calls at once: 10.0.0.9 has 2 calls open"):
+            gate.admit("Heartbeat", {SESSION_KEY: "s3"}, refused)
+        assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        gate.admit("Heartbeat", {SESSION_KEY: "s3"}, _Context("ipv4:10.0.0.10:5000"))  # another address
+        gate.release(calls[0])
+        gate.admit("Heartbeat", {SESSION_KEY: "s3"}, _Context())  # a slot is free again
+        for code, metadata in ((grpc.StatusCode.UNAUTHENTICATED, {}), (grpc.StatusCode.NOT_FOUND, {SESSION_KEY: "zz"})):
+            context = _Context("ipv4:10.0.0.11:1")
+            with pytest.raises(RuntimeError):
+                gate.admit("SendUpdate", metadata, context)
+            assert context.code == code
+        wide = Gate(TokenTable({}), lambda s: 0, Limits(max_calls_per_peer=100))
+        for _ in range(MAX_CALLS_PER_SESSION):
+            wide.admit("Heartbeat", {SESSION_KEY: "s"}, _Context())
+        with pytest.raises(RuntimeError, match=f"this session has {MAX_CALLS_PER_SESSION} calls open"):
+            wide.admit("Heartbeat", {SESSION_KEY: "s"}, _Context())
+        wide.close()
+    finally:
+        gate.close()
+
+
+def test_the_gate_rate_limits_failed_joins_per_address(monkeypatch):
+    import grpc
+
+    from hetfl.deploy import gate as gate_module
+    from hetfl.deploy.gate import TOKEN_KEY, Gate, Limits
+
+    now = [1000.0]
+    monkeypatch.setattr(gate_module.time, "monotonic", lambda: now[0])
+    gate = Gate(TokenTable({"a" * 20: 0}), lambda s: None, Limits(max_failed_joins=3))
+    try:
+        for _ in range(3):
+            context = _Context()
+            with pytest.raises(RuntimeError, match="unknown token"):
+                gate.admit("Join", {TOKEN_KEY: b"b" * 20}, context)
+            assert context.code == grpc.StatusCode.UNAUTHENTICATED
+        context = _Context()
+        with pytest.raises(RuntimeError, match="too many failed joins from 10.0.0.9; retry in 60 s"):
+            gate.admit("Join", {TOKEN_KEY: b"a" * 20}, context)  # before its token is looked at, valid or not
+        assert context.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert gate.admit("Join", {TOKEN_KEY: b"a" * 20}, _Context("ipv4:10.0.0.10:1")).client == 0  # another address
+        now[0] += 61  # the minute is over
+        assert gate.admit("Join", {TOKEN_KEY: b"a" * 20}, _Context()).client == 0
+        with pytest.raises(RuntimeError, match="no token in the call"):
+            gate.admit("Join", {}, _Context("ipv4:10.0.0.12:1"))
+    finally:
+        gate.close()
+
+
+def test_the_watchdog_cancels_a_call_past_its_deadline():
+    import time
+
+    from hetfl.deploy.gate import SESSION_KEY, Gate, Limits
+
+    gate = Gate(TokenTable({}), lambda s: 0, Limits(call_timeout_s=0.3, min_transfer_Bps=1000))
+    try:
+        slow, quick = _Context(), _Context()
+        gate.admit("SendUpdate", {SESSION_KEY: "s"}, slow)
+        gate.expect(1000)  # 1000 bytes at 1000 B/s: a second more
+        call = gate.admit("Heartbeat", {SESSION_KEY: "t"}, quick)
+        gate.release(call)  # finished in time: never cancelled
+        time.sleep(0.8)
+        assert not slow.cancelled  # 0.3 s + 1 s
+        deadline = time.monotonic() + 5
+        while not slow.cancelled and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert slow.cancelled and not quick.cancelled
+    finally:
+        gate.close()

@@ -75,7 +75,10 @@ class SecureRounds:
             if len(members) == 1:
                 log.warning("secure aggregation: round %d has one member (client %d): its update is its own sum",
                             round_id, members[0].client_id)
-            header = {"round": round_id, "peers": keys, "clip": d.secagg_clip, "scale": d.secagg_scale}
+            # each member's weight n_k as the server bounds it (DeployServer.num_samples): the client masks n_k * delta
+            # with it, so the decoded sum divided by sum n_k is the mean whatever count a client claimed
+            weights = {str(t.client_id): self.s.num_samples(t.client_id) for t in members}
+            header = {"round": round_id, "peers": keys, "clip": d.secagg_clip, "scale": d.secagg_scale, "weights": weights}
             for t in members:
                 self.of_client[t.client_id] = round_id
                 out.append((t, header))
@@ -169,9 +172,7 @@ class SecureRounds:
             steps, loss = cohort.reported[c]
             update = Update(task=task, params=params, n_samples=cohort.arrived[c], steps=steps, loss=loss,
                             arrived_at=s.now, stats=dict(s.state.client_stats.get(c, {})), arrived_version=s.version)
-            s.state.counters.trained_steps += s.state.strategy.compute_steps(steps)
-            s.state.counters.trained_flops += task.flops
-            s.state.strategy.on_update(s, update)
+            s._deliver(update)  # on_update, guarded: a strategy's failure rejects this update only
 
     def _abandon(self, cohort: Cohort, reason: str) -> None:
         log.warning("secure aggregation round %d discarded: %s", cohort.round_id, reason)

@@ -13,27 +13,38 @@ to be streamed) is guarded by ``self.lock``.
 A task's life: ``dispatch`` encodes it (header and chunks) and leaves it in its client's outbox; the client's
 long poll (GetTask) streams it; the client trains, heartbeats meanwhile, and streams its update back
 (SendUpdate). The handler decodes it and hands it to the engine, which checks it
-(:func:`hetfl.deploy.validate.check_update`: shape, dtype, finite values, norm bound) before the strategy
-sees it. A rejected update is logged, counted (``rejected``) and reported to the strategy as a failed task,
-so rounds go on. A client silent for ``deploy.heartbeat_timeout_s`` loses its task the same way.
+(:mod:`hetfl.deploy.validate`: shape, dtype, finite values, the payload the strategy declares, finite
+statistics, the norm bound of ``deploy.update_norm``) before the strategy sees it, with the weight of the
+sample count the client claimed, bounded by the count registered with its token and ``deploy.max_samples``.
+A rejected update is logged, counted (``rejected``) and reported to the strategy as a failed task, so rounds go
+on; so is an update on which the strategy's ``on_update`` raised (its state is restored: :meth:`DeployServer._call`).
+A client silent for ``deploy.heartbeat_timeout_s`` loses its task the same way, and a task past its time limit
+(``deploy.task_timeout_s``, measured from the client's pace by default) too, its client benched for a while.
 
 State. :class:`DeployState` is what a checkpoint holds (global model, strategy, version, counters, the
 strategy's timers, tasks in flight, what clients reported); it is saved atomically after every aggregation.
-A restarted server loads it, waits for ``min_clients`` to rejoin, and reports the tasks that were in flight
-as failed, so the strategy dispatches them again; nothing aggregated is lost.
+A restarted server loads it, waits for ``min_clients`` to rejoin (the strategy does not run meanwhile), and sends
+the tasks that were in flight again to their clients as they were (failing only those whose client is not back):
+nothing aggregated is lost and no aggregation is left short. SIGINT and SIGTERM stop it at the next engine step
+with the state saved; only a run that ended tells its clients to exit.
 
 Evaluation, ``metrics.jsonl``, ``summary.json`` and checkpoints are the simulator's (:class:`hetfl.engine.run.Run`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
+import io
 import json
 import logging
 import math
 import os
+import pickle
 import queue
 import secrets
+import signal
+import statistics
 import threading
 import time
 from concurrent import futures
@@ -52,9 +63,9 @@ import yaml
 from hetfl.config import ExperimentConfig, dump_config, load_config
 from hetfl.deploy import federation_pb2 as pb
 from hetfl.deploy import federation_pb2_grpc as pb_grpc
-from hetfl.deploy import wire
-from hetfl.deploy.tokens import TokenTable, load_tokens, read_pem
-from hetfl.deploy.validate import check_update
+from hetfl.deploy import gate, wire
+from hetfl.deploy.tokens import TokenTable, check_address, check_server_tls, load_tokens, read_pem
+from hetfl.deploy.validate import NormBound, bounded_samples, change_norm, check_payload, check_stats, check_update
 from hetfl.devices import DeviceProfile
 from hetfl.devices.table import DeviceTable
 from hetfl.engine.simulator import Counters, task_seed
@@ -67,6 +78,11 @@ log = logging.getLogger("hetfl.server")
 TICK_S = 0.25  # the engine wakes at least this often to check timers and silent clients
 RECONNECT_POLL_S = 1.0  # next_available_time() while a known client is disconnected
 FINISH_GRACE_S = 3.0  # after the run ends, how long clients get to hear so before the server exits
+PACE_WINDOW = 5  # round trips per client whose median sets its expected task time (deploy.task_timeout_s auto)
+MAX_TIMEOUT_DOUBLINGS = 4  # a client's auto task timeout doubles after each timeout in a row, at most this often
+STOPPING = "the server is stopping without ending the run (interrupted, or it failed); a restarted server resumes it"
+OUTLIER_CLAIM = 10.0  # a claimed sample count this many times the others' median, with nothing to bound it, is logged
+UPLOAD_MARGIN = 2.0  # an upload may be this many times its task's expected bytes (plus a chunk), no more
 
 
 @dataclass
@@ -99,6 +115,18 @@ class DeployState:
     rejected: int = 0
     timed_out: int = 0
     client_state: Any = None  # the simulator's per-client state store; in a deployment it stays on each client
+    claims: dict[int, int] = field(default_factory=dict)  # the last sample count each client claimed that was logged
+    norm_history: dict[int, list[float]] = field(default_factory=dict)  # deploy.update_norm adaptive: recent scores
+    paces: dict[int, list[float]] = field(default_factory=dict)  # client -> recent round-trip seconds per local step
+    strikes: dict[int, int] = field(default_factory=dict)  # client -> its tasks timed out in a row
+    benched: dict[int, float] = field(default_factory=dict)  # client -> until when (run seconds) it gets no task
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A checkpoint of an older hetfl lacks the newer fields: they start empty."""
+        for name, f in self.__dataclass_fields__.items():
+            if name not in state and f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                state[name] = f.default_factory()  # type: ignore[misc]
+        self.__dict__.update(state)
 
 
 @dataclass
@@ -111,6 +139,8 @@ class Connection:
     outbox: queue.Queue = field(default_factory=queue.Queue)
     alive: bool = False  # connected: set by the engine when the client asks for work, cleared when it goes silent
     public_key: bytes = b""
+    peer: str = ""  # gRPC's peer string of its join (ipv4:HOST:PORT)
+    instance: str = ""  # the client process's random id (gate.INSTANCE_KEY): its own rejoin replaces this session
 
 
 @dataclass
@@ -157,6 +187,8 @@ class DeployServer:
         self._t0 = time.monotonic()
         self._resumed = False
         self._grpc: grpc.Server | None = None
+        self._port = 0
+        self.gate: gate.Gate | None = None  # made with the gRPC server (bind)
         self.run: Any = None
         setup = {
             "input_shape": list(fed.data.dataset.input_shape),
@@ -175,6 +207,14 @@ class DeployServer:
             from hetfl.deploy.secure import SecureRounds
 
             self.secagg = SecureRounds(self)
+        self.norm_bound = NormBound(self.deploy.update_norm, self.deploy.max_update_norm,
+                                    secure=self.deploy.secure_aggregation)
+        self._journal: list[tuple] | None = None  # what the strategy asked of the server during a hook (_call)
+        self._restored: set[int] = set()  # ids of the tasks a resumed run found in flight in its checkpoint
+        self._waiting = False  # waiting for min_clients: the strategy does not run, restored tasks wait for their clients
+        self._interrupted = threading.Event()  # SIGINT or SIGTERM: stop at the next engine step, save, keep clients
+        self._warned: set[tuple[int, str]] = set()  # (client, what) warned about once
+        self._snapshots = True  # False once the strategy could not be copied (its on_update is then not rolled back)
 
     # ------------------------------------------------------------------ the Server protocol
     @property
@@ -224,7 +264,15 @@ class DeployServer:
         return self.models.flops(client_id)
 
     def num_samples(self, client_id: int) -> int:
-        return self.state.n_samples.get(client_id) or self.fed.pool.n_samples(client_id)
+        """The client's weight: the sample count it first claimed, bounded by the count registered with its token and by
+        ``deploy.max_samples`` (:func:`~hetfl.deploy.validate.bounded_samples`); the partition's before it joins."""
+        claim = self.state.n_samples.get(client_id)
+        if claim is None:
+            return self.fed.pool.n_samples(client_id)
+        return bounded_samples(claim, self._registered(client_id), self.deploy.max_samples)
+
+    def _registered(self, client_id: int) -> int | None:
+        return getattr(self.options.tokens, "samples", {}).get(client_id)
 
     def default_steps(self, client_id: int) -> int:
         return self.models.trainer(client_id).steps_for(self.num_samples(client_id))
@@ -233,15 +281,20 @@ class DeployServer:
         return task_seed(self.seed, task_id)
 
     def available(self) -> list[int]:
+        """Connected clients without a task, except those benched after a timed-out task (:meth:`_check_liveness`)."""
         with self.lock:
             alive = [c for c, conn in self.conns.items() if conn.alive]
-        return sorted(c for c in alive if c not in self.state.busy)
+        benched = self.state.benched
+        return sorted(c for c in alive if c not in self.state.busy and benched.get(c, -math.inf) <= self.now)
 
     def next_available_time(self) -> float:
-        """Soon, while a client the tokens know is disconnected (it may come back); never, otherwise."""
+        """Soon, while a client the tokens know is disconnected (it may come back); when the first benched client's
+        bench ends; never, otherwise."""
         with self.lock:
             alive = {c for c, conn in self.conns.items() if conn.alive}
-        return self.now + RECONNECT_POLL_S if self.options.tokens.clients - alive else math.inf
+        wake = self.now + RECONNECT_POLL_S if self.options.tokens.clients - alive else math.inf
+        ends = [until for c, until in self.state.benched.items() if c in alive and c not in self.state.busy and until > self.now]
+        return min([wake, *ends])
 
     def dispatch(
         self,
@@ -263,6 +316,8 @@ class DeployServer:
         task.bytes_up = st.strategy.transfer_bytes(self, task)[1]
         task.flops = st.strategy.task_flops(self, task)
         st.busy[client_id] = task
+        if self._journal is not None:
+            self._journal.append(("dispatch", task))
         if self.secagg is not None:
             self.secagg.join_cohort(task)  # sent once the engine step ends and its cohort is known (_seal)
         else:
@@ -291,15 +346,21 @@ class DeployServer:
             st.counters.cancelled += 1
             if self.secagg is not None:
                 self.secagg.failed(task)
+            if self._journal is not None:
+                self._journal.append(("cancel", task))
 
     def set_timer(self, at: float, tag: str) -> Timer:
         st = self.state
         timer = Timer(max(at, self.now), tag)
         heapq.heappush(st.timers, (timer.at, st.timer_seq, timer))
         st.timer_seq += 1
+        if self._journal is not None:
+            self._journal.append(("timer", timer))
         return timer
 
     def cancel_timer(self, handle: Timer) -> None:
+        if self._journal is not None:
+            self._journal.append(("cancel_timer", handle, handle.cancelled))
         handle.cancelled = True
 
     def commit(self, params: torch.Tensor, updates: list[Update], *, dropped: int = 0) -> None:
@@ -309,6 +370,8 @@ class DeployServer:
                 "lower training.lr or the strategy's server_lr, or bound updates with deploy.max_update_norm"
             )
         st = self.state
+        if self._journal is not None:
+            self._journal.append(("commit",))
         st.counters.count_commit(st.version, updates, dropped)
         st.params = params
         st.version += 1
@@ -385,38 +448,151 @@ class DeployServer:
         if self.state.busy.get(task.client_id) is not task:
             return
         self._forget(task)
-        self.state.counters.failed += 1
-        self.state.timed_out += timed_out
-        self.state.rejected += rejected
+        self._lost(task, reason, timed_out=timed_out, rejected=rejected)
+
+    def _lost(self, task: Task, reason: str, *, timed_out: bool = False, rejected: bool = False) -> None:
+        """A task already forgotten is lost: counted, logged, reported to the strategy (``on_failure``)."""
+        st = self.state
+        st.counters.failed += 1
+        st.timed_out += timed_out
+        st.rejected += rejected
         if rejected:
             log.warning("client %d: update for task %d rejected: %s", task.client_id, task.task_id, reason)
         else:
             log.warning("client %d lost task %d: %s", task.client_id, task.task_id, reason)
         if self.secagg is not None:
             self.secagg.failed(task)
-        self.state.strategy.on_failure(self, task)
+        self._call("on_failure", task, context=f"task {task.task_id} of client {task.client_id}")
 
     def reject(self, task: Task, reason: str) -> None:
         """``task``'s update failed validation: logged, counted in ``rejected``, never aggregated; the task is lost."""
         self.fail(task, reason, rejected=True)
 
+    # ------------------------------------------------------------------ calling the strategy
+    def _call(self, hook: str, *args: Any, context: str, transactional: bool = False) -> tuple[str | None, bool]:
+        """``strategy.<hook>(self, *args)``, which never stops the server: ``(None, committed)`` when it returned,
+        ``(the exception in one line, committed)`` when it raised; ``committed``: it committed an aggregation.
+
+        Transactional (``on_update``): the strategy's attributes are copied first (containers copied; tensors,
+        modules, tasks and timers shared, so a hook must not change a tensor in place before it may raise) and what it
+        asks of the server is journaled. If it raises before committing, the copy is restored, the tasks it dispatched
+        are withdrawn, the timers it set cancelled and those it cancelled revived, and the tasks it cancelled are
+        reported to the restored strategy as failed: as if the call had not happened. After a commit nothing is undone
+        (the aggregation is logged and checkpointed). Otherwise (``on_failure``, ``on_timer``) the exception is logged
+        and the state is as the hook left it. :class:`DivergedError` (a non-finite global model) stops the run, except
+        inside a transaction, where it only fails the update that caused it."""
+        strategy = self.state.strategy
+        if self._journal is not None:  # inside another hook's call (secure aggregation fails a task): that one guards
+            getattr(strategy, hook)(self, *args)
+            return None, False
+        snapshot = None
+        if transactional and self._snapshots:
+            snapshot = _snapshot(strategy)
+            if snapshot is None:
+                self._snapshots = False
+                log.warning("strategy %s cannot be copied (pickle): an update its on_update fails on is rejected, but "
+                            "its state is kept as the hook left it", strategy.name)
+        self._journal = journal = []
+        try:
+            getattr(strategy, hook)(self, *args)
+            return None, any(e[0] == "commit" for e in journal)
+        except DivergedError as err:
+            if not transactional:
+                raise
+            error = _one_line(err)
+        except Exception as err:  # noqa: BLE001 - a strategy's failure on one client's data must not stop the server
+            error = _one_line(err)
+        finally:
+            self._journal = None
+        committed = any(e[0] == "commit" for e in journal)
+        if transactional and snapshot is not None and not committed:
+            _restore(strategy, snapshot)
+            cancelled = self._undo(journal)
+            log.error("strategy %s: %s raised %s (%s); its state was restored as before the call", strategy.name, hook,
+                      error, context)
+            for task in cancelled:  # already counted as cancelled; the restored strategy still waits for it
+                self._call("on_failure", task, context=f"task {task.task_id} of client {task.client_id}, cancelled")
+        else:
+            log.error("strategy %s: %s raised %s (%s)%s; its state is as the hook left it", strategy.name, hook, error,
+                      context, " after committing an aggregation" if committed else "")
+        return error, committed
+
+    def _undo(self, journal: list[tuple]) -> list[Task]:
+        """Take back what a failed hook asked of the server (:meth:`_call`); the tasks it cancelled that remain."""
+        st = self.state
+        withdrawn, cancelled = set(), []
+        for entry in reversed(journal):
+            kind = entry[0]
+            if kind == "dispatch":
+                task = entry[1]
+                withdrawn.add(task.task_id)
+                if st.busy.get(task.client_id) is task:
+                    self._forget(task)  # its stream is dropped; a client that took it already is told it is unwanted
+                    st.counters.cancelled += 1
+                    if self.secagg is not None:
+                        self.secagg.failed(task)
+            elif kind == "timer":
+                entry[1].cancelled = True
+            elif kind == "cancel_timer":
+                entry[1].cancelled = entry[2]
+            elif kind == "cancel":
+                cancelled.append(entry[1])
+        return [t for t in reversed(cancelled) if t.task_id not in withdrawn]
+
+    def _deliver(self, update: Update) -> tuple[bool, str]:
+        """Hand a checked update to the strategy (``on_update``, transactional: :meth:`_call`). If the strategy raises
+        before aggregating it, the update is rejected (the task reported lost to the restored strategy)."""
+        st, task = self.state, update.task
+        steps = st.strategy.compute_steps(update.steps)
+        st.counters.trained_steps += steps
+        st.counters.trained_flops += task.flops
+        error, committed = self._call("on_update", update, transactional=True,
+                                      context=f"update of client {task.client_id} for task {task.task_id}")
+        if error is None or committed:
+            return True, ""
+        st.counters.trained_steps -= steps
+        st.counters.trained_flops -= task.flops
+        reason = f"the strategy failed on it ({error})"
+        self._lost(task, reason, rejected=True)
+        return False, reason
+
     # ------------------------------------------------------------------ engine events
     def _on_join(self, client_id: int, report: pb.DeviceReport, hostname: str) -> None:
         st = self.state
         task = st.busy.get(client_id)
-        if task is not None:
+        if task is not None and not (self._waiting and task.task_id in self._restored):
             self.fail(task, "the client joined again without it (it restarted or lost the connection)")
-        if client_id not in st.n_samples:
-            st.n_samples[client_id] = int(report.n_samples)
-        elif st.n_samples[client_id] != report.n_samples:
-            log.warning("client %d now reports %d samples (had %d); weights keep the first figure",
-                        client_id, report.n_samples, st.n_samples[client_id])
+        self._note_claim(client_id, int(report.n_samples), "at its join")
         st.client_stats[client_id] = _stats(report.stats_json)
         st.measured.setdefault(client_id, {})["hostname"] = hostname
         profile = st.profiles[client_id]
         if profile.tier == "not joined":
             st.profiles[client_id] = replace(profile, tier="joined")
         log.info("client %d joined from %s with %d samples", client_id, hostname or "?", report.n_samples)
+
+    def _note_claim(self, client_id: int, claim: int, where: str) -> None:
+        """A sample count ``client_id`` claims. Its weight is its first claim bounded by the registered count and
+        ``deploy.max_samples`` (:meth:`num_samples`); a claim that differs from its first or the registered count, or
+        exceeds the cap, is logged once per change, and with nothing to bound it, a claim far above the others' too."""
+        st = self.state
+        first = st.n_samples.setdefault(client_id, claim)
+        registered, cap = self._registered(client_id), self.deploy.max_samples
+        odd = claim != first or (registered is not None and claim != registered) or (cap is not None and claim > cap)
+        if odd and st.claims.get(client_id) != claim:
+            st.claims[client_id] = claim
+            known = [f"its first claim {first}"] if claim != first else []
+            known += [f"registered {registered}"] if registered is not None else []
+            known += [f"deploy.max_samples {cap}"] if cap is not None else []
+            log.warning("client %d claims %d samples %s (%s): weighted as %d", client_id, claim, where,
+                        "; ".join(known), self.num_samples(client_id))
+        others = [n for c, n in st.n_samples.items() if c != client_id]
+        if registered is None and cap is None and others and (client_id, "claim") not in self._warned:
+            median = statistics.median(others)
+            if claim > OUTLIER_CLAIM * median:
+                self._warned.add((client_id, "claim"))
+                log.warning("client %d claims %d samples, %.3g times the median of the other clients' claims (%g), and "
+                            "nothing bounds its weight: register each client's count in the token file ('samples') or "
+                            "set deploy.max_samples", client_id, claim, claim / median, median)
 
     def _on_ready(self, conn: Connection) -> None:
         """The client asks for work: it is connected (again) and may get tasks."""
@@ -443,54 +619,108 @@ class DeployServer:
         st.counters.bytes_up += nbytes
         st.counters.arrived += 1
         self._measure(client_id, task, header, nbytes)
+        if header.n_samples > 0:
+            self._note_claim(client_id, int(header.n_samples), "with its update")
         params = tensors.get("params")
         if self.secagg is not None:
             return self.secagg.on_masked(task, header, params)
+        payload = {k.removeprefix("payload:"): v for k, v in tensors.items() if k.startswith("payload:")}
+        other = sorted(k for k in tensors if k != "params" and not k.startswith("payload:"))
         if params is None:
             reason = "the update carries no parameters"
         else:
             if metas["params"].get("delta") and params.shape == task.params.shape:
                 params = task.params + params.to(task.params.dtype)
-            reason = check_update(params, reference=task.params, max_norm=self.deploy.max_update_norm)
-        if reason is None:  # the parameters were checked above; the payload now
-            bad = [k for k, t in tensors.items() if k != "params" and t.is_floating_point() and not torch.isfinite(t).all()]
-            reason = f"non-finite values in {bad[0]}" if bad else None
+            reason = check_update(params, reference=task.params, max_norm=None)
+        if reason is None and other:
+            reason = f"it carries a tensor '{other[0]}' (an update holds params and the strategy's payload only)"
+        if reason is None:
+            reason = self._check_payload(task, payload)
+        stats = _stats(header.stats_json)
+        if reason is None:
+            reason = check_stats(stats)
         if reason is None and (header.steps < 1 or not math.isfinite(header.loss)):
             reason = f"it reports {header.steps} local steps and loss {header.loss}"  # FedNova divides by steps
+        norm = 0.0
+        if reason is None:
+            norm = change_norm(params, task.params)
+            reason = self.norm_bound.check(norm, task.steps, params.numel(), st.norm_history)
         if reason is not None:
             self.reject(task, reason)
             return False, reason
         self._forget(task)
-        stats = _stats(header.stats_json)
         update = Update(
             task=task, params=params, n_samples=self.num_samples(client_id), steps=int(header.steps),
-            loss=float(header.loss), arrived_at=self.now,
-            payload={k.removeprefix("payload:"): v for k, v in tensors.items() if k.startswith("payload:")},
+            loss=float(header.loss), arrived_at=self.now, payload=payload,
             stats={**st.client_stats.get(client_id, {}), **stats}, arrived_version=st.version,
         )
-        st.counters.trained_steps += st.strategy.compute_steps(update.steps)
-        st.counters.trained_flops += task.flops
-        st.strategy.on_update(self, update)
-        return True, ""
+        accepted, reason = self._deliver(update)
+        if accepted:
+            self.norm_bound.accepted(norm, task.steps, params.numel(), st.norm_history)
+            st.strikes.pop(client_id, None)
+        return accepted, reason
+
+    def _check_payload(self, task: Task, payload: dict[str, torch.Tensor]) -> str | None:
+        """The update's payload against what the strategy declares (``Strategy.expected_payload``)."""
+        try:
+            expected = self.state.strategy.expected_payload(self, task)
+        except Exception as err:  # noqa: BLE001 - a strategy's own code: its failure rejects this update only
+            return f"the strategy's expected_payload raised {_one_line(err)}"
+        return check_payload(payload, expected)
 
     def _measure(self, client_id: int, task: Task, header: pb.UpdateHeader, nbytes: int) -> None:
-        """Record what the client measured: seconds per step, its link's rates; its profile follows them."""
+        """Record what the client measured: seconds per step, its link's rates; its profile follows them. And what the
+        server measured: the task's round trip per local step (its pace, which sets its tasks' timeouts)."""
         st = self.state
         m = st.measured.setdefault(client_id, {})
-        if header.step_s > 0:
+        if 0 < header.step_s < math.inf:  # what the client reports: positive and finite, or ignored
             m["step_s"] = float(header.step_s)
-        if header.download_s > 0 and header.download_bytes > 0:
+        if 0 < header.download_s < math.inf and header.download_bytes > 0:
             m["down_Bps"] = header.download_bytes / header.download_s
-        if header.upload_Bps > 0:
+        if 0 < header.upload_Bps < math.inf:
             m["up_Bps"] = float(header.upload_Bps)
         m["round_trip_s"] = self.now - task.dispatched_at
         m["updates"] = m.get("updates", 0) + 1
+        paces = st.paces.setdefault(client_id, [])
+        paces.append(m["round_trip_s"] / max(st.strategy.compute_steps(task.steps), 1))
+        del paces[:-PACE_WINDOW]
         profile = st.profiles[client_id]
         flops = self.step_flops(client_id) / m["step_s"] if m.get("step_s") else profile.flops
         st.profiles[client_id] = replace(
             profile, flops=flops, speed=flops / self.cfg.devices.compute.median_flops,
             down_Bps=m.get("down_Bps", profile.down_Bps), up_Bps=m.get("up_Bps", profile.up_Bps), tier="measured",
         )
+
+    def task_limit(self, task: Task) -> tuple[float | None, str]:
+        """Seconds ``task`` may take from dispatch, and how that was set (``deploy.task_timeout_s``); None: no limit.
+
+        auto: ``task_timeout_factor`` times the seconds it is expected to take, at least ``task_timeout_floor_s``,
+        doubled for each of its client's tasks timed out in a row (at most 16 times), so a client that is slower than
+        measured gets through in the end. Expected: the task's local steps (``Strategy.compute_steps``) times its
+        client's pace, the median of its last round trips per local step as the server timed them (download, training
+        and upload: nothing the client claims); a client not measured yet gets the median pace of the others; with
+        nobody measured, the floor alone."""
+        d, st = self.deploy, self.state
+        setting = d.task_timeout_s
+        if setting == "off" or setting is None:
+            return None, ""
+        if setting != "auto":
+            return float(setting), f"task_timeout_s {float(setting):g}"
+        own = st.paces.get(task.client_id)
+        if own:
+            pace, whose = statistics.median(own), "its"
+        else:
+            paces = [statistics.median(p) for p in st.paces.values() if p]
+            pace, whose = (statistics.median(paces), "the clients'") if paces else (None, "")
+        strikes = min(st.strikes.get(task.client_id, 0), MAX_TIMEOUT_DOUBLINGS)
+        expected = pace * max(st.strategy.compute_steps(task.steps), 1) if pace is not None else 0.0
+        limit = max(d.task_timeout_floor_s, d.task_timeout_factor * expected) * 2**strikes
+        how = (f"task_timeout_s auto: {d.task_timeout_factor:g} x {expected:.2f} s expected at {whose} pace"
+               if pace is not None else "task_timeout_s auto: nothing measured yet")
+        how += f", at least task_timeout_floor_s {d.task_timeout_floor_s:g}"
+        if strikes:
+            how += f", doubled for {strikes} timeout(s) in a row"
+        return limit, how
 
     def _check_liveness(self) -> None:
         timeout = self.deploy.heartbeat_timeout_s
@@ -504,20 +734,27 @@ class DeployServer:
         for client, quiet in silent:
             log.warning("client %d silent for %.1f s (heartbeat_timeout_s %g): disconnected", client, quiet, timeout)
             task = self.state.busy.get(client)
-            if task is not None:
+            if task is not None and not self._waiting:  # while waiting, a restored task waits for its client
                 self.fail(task, f"no heartbeat for {quiet:.1f} s", timed_out=True)
-        limit = self.deploy.task_timeout_s
-        if limit is not None:
-            for task in list(self.state.busy.values()):
-                if self.now - task.dispatched_at > limit:
-                    self.fail(task, f"not returned within task_timeout_s {limit:g}", timed_out=True)
+        if self._waiting:
+            return
+        st = self.state
+        for task in list(st.busy.values()):
+            limit, how = self.task_limit(task)
+            if limit is None or self.now - task.dispatched_at <= limit or st.busy.get(task.client_id) is not task:
+                continue
+            client = task.client_id
+            st.strikes[client] = st.strikes.get(client, 0) + 1
+            st.benched[client] = self.now + limit  # out of the next dispatches: the strategy turns to other clients
+            self.fail(task, f"not returned within {limit:.1f} s ({how}); no new task for it for {limit:.1f} s",
+                      timed_out=True)
 
     def _fire_timers(self) -> None:
         timers = self.state.timers
         while timers and timers[0][0] <= self.now and not self.stopping:
             _, _, timer = heapq.heappop(timers)
             if not timer.cancelled:
-                self.state.strategy.on_timer(self, timer.tag)
+                self._call("on_timer", timer.tag, context=f"timer '{timer.tag}'")
 
     def _handle(self, event: tuple) -> None:
         kind = event[0]
@@ -526,10 +763,22 @@ class DeployServer:
         elif kind == "update":
             *args, reply = event[1:]
             try:
-                reply.set_result(self._on_update(*args))
-            except BaseException as err:
+                result = self._on_update(*args)
+            except Exception as err:  # noqa: BLE001 - one client's message never stops the server
+                if isinstance(err, DivergedError):
+                    reply.set_result((False, "the run diverged"))
+                    raise
+                client, header = args[0], args[1]
+                reason = f"the server failed to process it ({_one_line(err)})"
+                log.error("client %d: update for task %d: %s", client, header.task_id, reason)
+                task = self.state.busy.get(client)
+                if task is not None and task.task_id == header.task_id:
+                    self.reject(task, reason)
+                result = (False, reason)
+            except BaseException:
                 reply.set_result((False, "the server failed to process the update"))
-                raise err
+                raise
+            reply.set_result(result)
         elif kind == "ready":
             self._on_ready(event[1])
         elif kind == "lost":
@@ -543,29 +792,42 @@ class DeployServer:
 
     # ------------------------------------------------------------------ the loop
     def serve(self, run: Any) -> str:
-        """Listen, wait for ``min_clients``, run the strategy until the run stops; the run's status."""
+        """Listen, wait for ``min_clients``, run the strategy until the run stops; the run's status.
+
+        SIGINT and SIGTERM (in the main thread) stop it at the next engine step with status ``interrupted``: the
+        caller saves the state, and the clients, told nothing, keep retrying until a restarted server resumes the run.
+        A second signal interrupts at once."""
         self.run = run
         run.log = HeldLog(run.log)
         self._t0 = time.monotonic() - self.state.elapsed
         self._tick()
         self._listen()
+        if self.secagg is not None and self.deploy.update_norm.rule == "adaptive":
+            log.info("deploy.update_norm adaptive is off under secure aggregation: the server sees only each round's sum "
+                     "(clients clip each entry to deploy.secagg_clip)")
         status = "completed"
+        restore_signals = self._catch_signals()
         try:
-            self._wait_for_clients()
             if self._resumed:
-                lost = sorted(self.state.busy.values(), key=lambda t: t.task_id)
-                for task in lost:
-                    self.fail(task, "in flight when the server stopped")
-                if not self.state.busy and not any(not t.cancelled for _, _, t in self.state.timers):
-                    self.state.strategy.start(self)  # nothing pending: begin again from the restored model
-            elif not self.state.started:
-                self.state.started = True
-                self.state.strategy.start(self)
-            self._seal()
+                self._restored = {task.task_id for task in self.state.busy.values()}
+            self._waiting = True
+            try:
+                self._wait_for_clients()
+            finally:
+                self._waiting = False
+            if not self._interrupted.is_set():
+                if self._resumed:
+                    self._resume_tasks()
+                    if not self.state.busy and not any(not t.cancelled for _, _, t in self.state.timers):
+                        self.state.strategy.start(self)  # nothing pending: begin again from the restored model
+                elif not self.state.started:
+                    self.state.started = True
+                    self.state.strategy.start(self)
+                self._seal()
             if self.state.version >= self.cfg.rounds:
                 self.stop("rounds")
             idle_since = None
-            while not self.stopping:
+            while not self.stopping and not self._interrupted.is_set():
                 self._tick()
                 wait = TICK_S
                 if self.state.timers:
@@ -591,16 +853,66 @@ class DeployServer:
                     idle_since = self.now
                 elif self.now - idle_since > 2 * self.deploy.heartbeat_timeout_s + self.deploy.poll_s:
                     self.stop("stalled")  # nothing in flight, no timer: the strategy waits for nothing
-            if self.stop_reason == "stalled":
+            if self._interrupted.is_set() and not self.stopping:
+                status = "interrupted"
+                log.warning("interrupted: saving the state; clients keep retrying until the server is started again")
+            elif self.stop_reason == "stalled":
                 status = "stalled"
         except KeyboardInterrupt:
             status = "interrupted"
+            self._interrupted.set()
             log.warning("interrupted: saving the state")
+        except DivergedError:
+            self.stop("diverged")  # the run is over: clients are told so
+            raise
         finally:
+            restore_signals()
             self.finished.set()
             self._drain()
         self._tick()
         return status
+
+    def _catch_signals(self) -> Any:
+        """SIGINT and SIGTERM set ``_interrupted`` (a second one raises KeyboardInterrupt); returns what undoes it."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def interrupt(signum: int, frame: Any) -> None:
+            if self._interrupted.is_set():
+                raise KeyboardInterrupt
+            self._interrupted.set()
+
+        previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
+
+    @property
+    def run_over(self) -> str | None:
+        """Once the engine stopped: why the run ended (clients are told and exit), or None while it goes on, or when
+        the server stopped without ending it (interrupted, or failed): its clients keep retrying then."""
+        return self._stop_reason if self.finished.is_set() else None  # interrupted or failed: no stop reason
+
+    def _resume_tasks(self) -> None:
+        """A resumed run's tasks that its checkpoint had in flight (none other: those dispatched since are this
+        server's). Each goes again to its client if that is connected, as it was (same task id, model, steps and
+        seed: the update it brings is the one it would have brought), so no aggregation is left short; a task whose
+        client has not come back, or of a secure-aggregation round (its masks are gone), is failed."""
+        st = self.state
+        with self.lock:
+            alive = {c for c, conn in self.conns.items() if conn.alive}
+        for task in sorted(st.busy.values(), key=lambda t: t.task_id):
+            if task.task_id not in self._restored:
+                continue
+            if self.secagg is None and task.client_id in alive:
+                task.dispatched_at = self.now
+                with self.lock:
+                    self.handed_out.discard(task.task_id)
+                self._send(task, None)
+                log.info("client %d: task %d sent again (in flight when the server stopped)", task.client_id, task.task_id)
+            else:
+                why = ("secure aggregation rounds do not survive a restart" if self.secagg is not None
+                       else "its client has not come back")
+                self.fail(task, f"in flight when the server stopped; {why}")
+        self._restored.clear()
 
     def _drain(self) -> None:
         """Answer what arrived after the run stopped (updates are not used any more)."""
@@ -632,11 +944,13 @@ class DeployServer:
             time.sleep(0.1)
         if self._grpc is not None:
             self._grpc.stop(grace=1.0).wait(2.0)
+        if self.gate is not None:
+            self.gate.close()
 
     def _wait_for_clients(self) -> None:
         need = self.options.min_clients
         log.info("waiting for %d client(s) at %s", need, self.options.address)
-        while True:
+        while not self._interrupted.is_set():
             with self.lock:
                 connected = sum(conn.alive for conn in self.conns.values())
             if connected >= need:
@@ -647,20 +961,34 @@ class DeployServer:
                 event = None
             self._tick()
             if event is not None:
-                if event[0] == "update":  # an update from before a restart: its task is gone
+                if event[0] == "update":  # nothing was sent yet: an update is from before a restart
                     event[-1].set_result((False, "the server restarted; the task is void"))
-                else:
+                elif event[0] != "lost":  # the strategy does not run before the clients are there
                     self._handle(event)
             self._check_liveness()
 
-    def _listen(self) -> None:
-        opts = [("grpc.max_receive_message_length", self.deploy.chunk_bytes + (1 << 20)),
-                ("grpc.max_send_message_length", self.deploy.chunk_bytes + (1 << 20)),
+    def bind(self) -> int:
+        """Create the gRPC server behind its gate (:mod:`hetfl.deploy.gate`) and bind its port, refusing a port
+        another process holds (no SO_REUSEPORT: two servers never split the clients); serves nothing yet
+        (:meth:`_listen` starts it). The port bound (``--address HOST:0`` picks a free one)."""
+        if self._grpc is not None:
+            return self._port
+        d = self.deploy
+        self.gate = gate.Gate(self.options.tokens, self._session_client, gate.Limits(
+            call_timeout_s=d.call_timeout_s, poll_s=d.poll_s, min_transfer_Bps=d.min_transfer_Bps,
+            max_calls_per_peer=d.max_calls_per_peer, max_failed_joins=d.max_failed_joins))
+        opts = [("grpc.max_receive_message_length", d.chunk_bytes + (1 << 20)),
+                ("grpc.max_send_message_length", d.chunk_bytes + (1 << 20)),
+                ("grpc.so_reuseport", 0),  # a second server on this port must fail to bind, not share it
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),  # clients' keepalive pings
                 ("grpc.keepalive_permit_without_calls", 1)]
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=max(16, 3 * self.n_clients + 4)), options=opts)
+        # an honest client holds at most two calls (a poll or an upload, and a heartbeat); the gate frees the rest
+        pool = futures.ThreadPoolExecutor(max_workers=max(32, 3 * self.n_clients + 16), thread_name_prefix="hetfl-grpc")
+        server = grpc.server(pool, interceptors=[self.gate], options=opts)
         pb_grpc.add_FederationServicer_to_server(_Servicer(self), server)
         o = self.options
+        in_use = (f"--address {o.address}: cannot listen there (the port is in use, or the host is not an address of "
+                  "this machine; GRPC_VERBOSITY=debug says more)")
         try:
             if o.tls_cert is not None:
                 creds = grpc.ssl_server_credentials(
@@ -671,13 +999,23 @@ class DeployServer:
             else:
                 port = server.add_insecure_port(o.address)
         except RuntimeError:
-            raise HetflError(f"--address {o.address}: cannot listen there (in use, or not an address of this machine; "
-                             "GRPC_VERBOSITY=debug says more)") from None
+            raise HetflError(in_use) from None
         if port == 0:
-            raise HetflError(f"--address {o.address}: cannot listen there (in use, or not an address of this machine)")
-        server.start()
-        self._grpc = server
-        log.info("listening on %s (%s)", o.address, "TLS" + (", client certificates required" if o.tls_client_ca else "")
+            raise HetflError(in_use)
+        self._grpc, self._port = server, port
+        return port
+
+    def _session_client(self, session: str) -> int | None:
+        with self.lock:
+            return self.sessions.get(session)
+
+    def _listen(self) -> None:
+        port = self.bind()
+        self._grpc.start()
+        o = self.options
+        host = o.address.rsplit(":", 1)[0] if not o.address.startswith("unix:") else o.address
+        where = f"{host}:{port}" if not o.address.startswith("unix:") else o.address
+        log.info("listening on %s (%s)", where, "TLS" + (", client certificates required" if o.tls_client_ca else "")
                  if o.tls_cert is not None else "plaintext: use --tls-cert/--tls-key beyond a trusted network")
 
 
@@ -700,6 +1038,53 @@ class HeldLog:
         self.log.close()
 
 
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception as one line: its type and message, whitespace collapsed, cut at ``limit`` characters."""
+    text = " ".join(str(err).split())
+    text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _shared(obj: Any) -> bool:
+    """What a strategy snapshot shares with the live strategy instead of copying (:func:`_snapshot`)."""
+    from hetfl.training import LocalTrainer
+
+    return isinstance(obj, (torch.Tensor, torch.nn.Module, Task, Timer, LocalTrainer, DeployServer))
+
+
+def _snapshot(strategy: Strategy) -> tuple[bytes, list] | None:
+    """The strategy's attributes, pickled with their containers copied and tensors, modules, tasks, timers and trainers
+    shared (kept by reference): cheap (no tensor is copied), and restorable in place (:func:`_restore`), so whoever holds
+    the strategy object keeps it. None if something in it cannot be pickled."""
+    shared: list = []
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj: Any) -> int | None:
+            if _shared(obj):
+                shared.append(obj)
+                return len(shared) - 1
+            return None
+
+    buffer = io.BytesIO()
+    try:
+        Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(vars(strategy))
+    except Exception:  # noqa: BLE001 - a lock, a generator, an open file...: no snapshot, no rollback
+        return None
+    return buffer.getvalue(), shared
+
+
+def _restore(strategy: Strategy, snapshot: tuple[bytes, list]) -> None:
+    data, shared = snapshot
+
+    class Unpickler(pickle.Unpickler):
+        def persistent_load(self, pid: Any) -> Any:
+            return shared[pid]
+
+    state = Unpickler(io.BytesIO(data)).load()
+    vars(strategy).clear()
+    vars(strategy).update(state)
+
+
 def _stats(text: str) -> dict[str, float]:
     """A client's JSON statistics (label entropy, ...) as floats; nothing if they are malformed."""
     try:
@@ -716,15 +1101,24 @@ def _last_logged_round(path: Path) -> int | None:
 
 
 class _Servicer(pb_grpc.FederationServicer):
-    """The gRPC handlers: they talk to the engine through its queue, never to the strategy."""
+    """The gRPC handlers: they talk to the engine through its queue, never to the strategy.
+
+    Every call has passed the gate (:mod:`hetfl.deploy.gate`) before its handler runs: a join's token and any
+    other call's session were checked from the call's metadata, before a byte of its request was read;
+    :func:`gate.current` says which client the call is from."""
 
     def __init__(self, server: DeployServer) -> None:
         self.s = server
+        self._refusals: dict[int, tuple[float, int]] = {}  # client -> (when its in-use refusal was logged, since)
 
-    def _client(self, session: str, context: grpc.ServicerContext) -> Connection:
+    def _client(self, session: str | None, context: grpc.ServicerContext) -> Connection:
+        """The connection of the call's session (the gate's, from the metadata; ``session`` only without a gate)."""
         s = self.s
+        call = gate.current()
+        if call is not None and call.session is not None:
+            session = call.session
         with s.lock:
-            client = s.sessions.get(session)
+            client = s.sessions.get(session) if session else None
             conn = s.conns.get(client) if client is not None else None
             if conn is not None and conn.session == session:
                 conn.last_seen = time.monotonic()
@@ -734,25 +1128,56 @@ class _Servicer(pb_grpc.FederationServicer):
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         s = self.s
-        client, reason = s.options.tokens.identify(request.token)
+        call = gate.current()
+        if call is not None and call.client is not None:
+            client, instance = call.client, call.instance  # the gate checked the token in the call's metadata
+        else:  # no gate (a test driving the servicer directly): the token in the request
+            client, reason = s.options.tokens.identify(request.token)
+            instance = ""
+            if client is None:
+                log.warning("refused a join from %s: %s", context.peer(), reason)
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{reason}: the server refused it")
         peer = context.peer()
-        if client is None:
-            log.warning("refused a join from %s: %s", peer, reason)
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{reason}: the server refused it")
         if request.device.n_samples < 1:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the client reports no training samples")
         if s.finished.is_set():
+            if s.run_over is None:  # interrupted or failed: the run is not over, a restarted server resumes it
+                context.abort(grpc.StatusCode.UNAVAILABLE, STOPPING)
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the run is over")
         session = secrets.token_hex(16)
+        now = time.monotonic()
         with s.lock:
             old = s.conns.get(client)
-            if old is not None:
-                s.sessions.pop(old.session, None)
-            s.conns[client] = Connection(client, session, time.monotonic(), public_key=bytes(request.device.public_key))
-            s.sessions[session] = client
+            same_process = old is not None and bool(instance) and old.instance == instance
+            in_use = old is not None and not same_process and now - old.last_seen < s.deploy.heartbeat_timeout_s
+            if not in_use:
+                if old is not None:
+                    s.sessions.pop(old.session, None)
+                s.conns[client] = Connection(client, session, now, public_key=bytes(request.device.public_key),
+                                             peer=peer, instance=instance)
+                s.sessions[session] = client
+        if in_use:
+            self._refuse_in_use(client, peer, old, now, context)
         s.events.put(("join", client, request.device, request.device.hostname or peer))
         setup = dict(s._setup, architecture=int(s.models.of_client[client]))
         return pb.JoinReply(client_id=client, session=session, config_yaml=s._config_yaml, setup_json=json.dumps(setup))
+
+    def _refuse_in_use(self, client: int, peer: str, old: Connection, now: float, context: grpc.ServicerContext) -> None:
+        """A second process with a client's token, while the first is alive: refused (logged once per timeout)."""
+        timeout = self.s.deploy.heartbeat_timeout_s
+        logged, unlogged = self._refusals.get(client, (-math.inf, 0))
+        if now - logged > timeout:
+            more = f" ({unlogged} more since the last line)" if unlogged else ""
+            log.warning("client %d: refused a second session for its token from %s: its session from %s is alive "
+                        "(seen %.1f s ago); two processes cannot share a token%s", client, peer, old.peer or "?",
+                        now - old.last_seen, more)
+            self._refusals[client] = (now, 0)
+        else:
+            self._refusals[client] = (logged, unlogged + 1)
+        context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                      f"client {client}'s token is in use by a live session (from {old.peer or '?'}, seen "
+                      f"{now - old.last_seen:.1f} s ago): two processes cannot share a token; a client that restarted "
+                      f"gets in once that session has been silent for heartbeat_timeout_s ({timeout:g} s)")
 
     def GetTask(self, request: pb.TaskRequest, context: grpc.ServicerContext):
         s = self.s
@@ -767,9 +1192,11 @@ class _Servicer(pb_grpc.FederationServicer):
         deadline = time.monotonic() + s.deploy.poll_s
         while context.is_active() and time.monotonic() < deadline:
             if s.finished.is_set():
-                yield pb.Chunk(task=pb.TaskHeader(kind=pb.TaskHeader.FINISHED, message=f"run over ({s.stop_reason})"))
                 with s.lock:
                     conn.alive = False
+                if s.run_over is None:  # interrupted or failed: the run is not over, the client keeps retrying
+                    context.abort(grpc.StatusCode.UNAVAILABLE, STOPPING)
+                yield pb.Chunk(task=pb.TaskHeader(kind=pb.TaskHeader.FINISHED, message=f"run over ({s.run_over})"))
                 return
             try:
                 key = conn.outbox.get(timeout=0.5)
@@ -782,13 +1209,17 @@ class _Servicer(pb_grpc.FederationServicer):
                     s.handed_out.add(key)
             if stream is None:
                 continue  # cancelled before the client asked
-            yield from stream
-            conn.last_seen = time.monotonic()
+            if s.gate is not None:  # the call's deadline grows with the bytes it streams (deploy.min_transfer_Bps)
+                s.gate.expect(sum(len(c.data) for c in stream))
+            for chunk in stream:
+                yield chunk
+                conn.last_seen = time.monotonic()  # a slow download is not silence
             return
         yield pb.Chunk(task=pb.TaskHeader(kind=pb.TaskHeader.NONE))
 
     def SendUpdate(self, request_iterator, context: grpc.ServicerContext) -> pb.Ack:
         s = self.s
+        conn = self._client(None, context)  # the session is the call's metadata: checked before the stream is read
         try:
             first = next(request_iterator)
         except StopIteration:
@@ -796,12 +1227,25 @@ class _Servicer(pb_grpc.FederationServicer):
         if first.WhichOneof("part") != "update":
             return pb.Ack(accepted=False, reason="the stream must begin with an UpdateHeader")
         header = first.update
-        conn = self._client(header.session, context)
+        conn.last_seen = time.monotonic()
+        task = s.state.busy.get(conn.client_id)
+        if not header.unmask_share and (task is None or task.task_id != header.task_id):
+            # nothing to read: the engine would drop it (a task id is never reused)
+            reason = f"task {header.task_id} is no longer wanted (cancelled, timed out, or from before a restart)"
+            log.info("client %d: update for task %d ignored: %s", conn.client_id, header.task_id, reason)
+            return pb.Ack(accepted=False, reason=reason)
+        cap = self._upload_cap(task)
         try:
-            tensors, metas, nbytes = wire.collect(header.tensors, request_iterator)
+            tensors, metas, nbytes = wire.collect(header.tensors, self._arriving(request_iterator, conn), max_bytes=cap,
+                                                  on_header=s.gate.expect if s.gate is not None else None)
         except wire.WireError as err:
             s.events.put(("lost", conn.client_id, header.task_id, f"malformed update: {err}"))
             return pb.Ack(accepted=False, reason=str(err))
+        except grpc.RpcError:  # the stream broke off, or ran past its deadline (the gate cancelled it)
+            call = gate.current()
+            why = "it ran past its deadline" if call is not None and call.cancelled else "the stream broke off"
+            s.events.put(("lost", conn.client_id, header.task_id, f"its upload did not complete: {why}"))
+            raise
         reply: futures.Future = futures.Future()
         s.events.put(("update", conn.client_id, header, tensors, metas, nbytes, reply))
         conn.last_seen = time.monotonic()
@@ -812,6 +1256,26 @@ class _Servicer(pb_grpc.FederationServicer):
             except futures.TimeoutError:
                 if s.finished.is_set():  # the engine has stopped: nobody will look at it
                     return pb.Ack(accepted=False, reason="the run is over")
+                if not context.is_active():  # cancelled: nobody waits for the answer
+                    return pb.Ack(accepted=False, reason="cancelled")
+
+    def _upload_cap(self, task: Task | None) -> int:
+        """The most bytes an upload for ``task`` may announce: its model and payload (at least float32 each), or
+        what the strategy says it uploads, times UPLOAD_MARGIN, plus a chunk. A secure-aggregation share without a
+        task in flight is a vector of the model's size."""
+        s = self.s
+        tensors = [task.params, *task.payload.values()] if task is not None else [s.state.params]
+        expected = sum(t.numel() * max(4, t.element_size()) for t in tensors)
+        if task is not None:
+            expected = max(expected, int(task.bytes_up or 0))
+        return int(UPLOAD_MARGIN * expected) + s.deploy.chunk_bytes
+
+    @staticmethod
+    def _arriving(stream, conn: Connection):
+        """The chunks of an upload; each one shows its client is alive (a slow upload is not silence)."""
+        for chunk in stream:
+            conn.last_seen = time.monotonic()
+            yield chunk
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
         conn = self._client(request.session, context)
@@ -825,17 +1289,36 @@ def serve_command(
     tls_cert: str | None = None, tls_key: str | None = None, tls_client_ca: str | None = None,
     min_clients: int | None = None, fresh: bool = False, quiet: bool = False,
 ) -> dict[str, Any]:
-    """``hetfl server``: run ``config`` with real clients at ``address``; results in ``out`` (resumed if it has a checkpoint)."""
-    from hetfl.engine.run import CHECKPOINT, Run, _check_resumable_change, build_federation
+    """``hetfl server``: run ``config`` with real clients at ``address``; results in ``out`` (resumed if it has a checkpoint).
+
+    One process per run folder and per port: ``out`` is locked (:func:`hetfl.results.outdir.lock_out`) and the port
+    bound without SO_REUSEPORT before anything is written, so a second server on either is refused in one line."""
+    from hetfl.results.outdir import lock_out
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    check_address(address)
+    with lock_out(out):
+        return _serve(config, address=address, out=out, overrides=overrides, tokens=tokens, tls_cert=tls_cert,
+                      tls_key=tls_key, tls_client_ca=tls_client_ca, min_clients=min_clients, fresh=fresh)
+
+
+def _serve(
+    config: str, *, address: str, out: str, overrides: list[str] | None, tokens: str | None, tls_cert: str | None,
+    tls_key: str | None, tls_client_ca: str | None, min_clients: int | None, fresh: bool,
+) -> dict[str, Any]:
+    from hetfl.engine.run import CHECKPOINT, Run, _check_resumable_change, build_federation
+    from hetfl.results.outdir import check_server_out, clear_run
+
+    out_dir = Path(out)
+    resume = check_server_out(out_dir, fresh=fresh)  # a run's folder, new or empty; refused before anything is written
     cfg = load_config(config, overrides)
     if (tls_cert is None) != (tls_key is None):
         raise HetflError("--tls-cert and --tls-key go together (the server's certificate and its private key)")
     if tls_client_ca is not None and tls_cert is None:
         raise HetflError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
     cert, key, client_ca = read_pem(tls_cert, "--tls-cert"), read_pem(tls_key, "--tls-key"), read_pem(tls_client_ca, "--tls-client-ca")
+    check_server_tls(tls_cert, tls_key, tls_client_ca)  # a wrong key is one line naming it, not "cannot listen"
     token_file = tokens or cfg.deploy.tokens
     if token_file is None:
         raise HetflError("no token file: give --tokens FILE or set deploy.tokens (hetfl tokens N --out FILE makes one)")
@@ -843,8 +1326,6 @@ def serve_command(
     need = min_clients or cfg.deploy.min_clients or cfg.data.n_clients
     if need > len(table.clients):
         raise ConfigError(f"min_clients {need}: the token file {token_file} lets only {len(table.clients)} clients in")
-    out_dir = Path(out)
-    resume = (out_dir / CHECKPOINT).is_file() and not fresh
     if resume:  # the federation must be the checkpoint's: compare with the config the run was started with
         _check_resumable_change(load_config(out_dir / "config.yaml"), cfg)
     fed = build_federation(cfg)
@@ -869,10 +1350,10 @@ def serve_command(
         raise ConfigError("deploy.secure_aggregation: deploy.max_update_norm bounds each update, which secure "
                           "aggregation hides (clients clip each entry to deploy.secagg_clip instead); use one or the other")
     server = DeployServer(cfg, fed, strategy, ServerOptions(address, table, cert, key, client_ca, need))
+    server.bind()  # before anything is written: a port another process holds is refused here
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
-        for stale in ("metrics.jsonl", "summary.json", CHECKPOINT):
-            (out_dir / stale).unlink(missing_ok=True)
+        clear_run(out_dir)  # an earlier run's files (--fresh, or one that never checkpointed); nothing else
     (out_dir / "config.yaml").write_text(dump_config(cfg))
     _log_to_file(out_dir / "server.log")
     run = Run(cfg, out_dir, fed, strategy, resume=resume, engine=server)
@@ -922,7 +1403,8 @@ def _write_devices(path: Path, server: DeployServer) -> None:
     for c in range(server.n_clients):
         p = st.profiles[c]
         rows.append({
-            "client_id": c, "n_samples": st.n_samples.get(c), **st.measured.get(c, {}),
+            "client_id": c, "n_samples": st.n_samples.get(c), "weight": server.num_samples(c) if c in st.n_samples else None,
+            **st.measured.get(c, {}),
             "speed": p.speed if p.tier == "measured" else None, "participation": int(st.counters.participation[c]),
         })
     tmp = path.with_suffix(".tmp")

@@ -7,10 +7,14 @@ A token file is YAML::
       7f3c...e1: 0
       a91b...04: 1
     revoked: [5d2e...9c]    # refused even if listed above
+    samples: {0: 359, 1: 360}   # optional: each client's registered sample count, which bounds its weight
 
-or CSV with a header ``token,client_id`` and an optional third column ``revoked`` (``yes``/``true``/``1``).
+or CSV with a header ``token,client_id`` and optional columns ``revoked`` (``yes``/``true``/``1``) and ``samples``.
 ``hetfl tokens N --out tokens.yaml`` writes one with N random tokens. Tokens are compared in constant
 time (:func:`hmac.compare_digest`), every token every time, so timing says nothing about which matched.
+
+The TLS files are checked here too (:func:`check_server_tls`, :func:`check_client_tls`), with Python's own TLS
+library, so a wrong key or a file that is no certificate is one line naming it, before gRPC sees them.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ MIN_TOKEN_CHARS = 16
 class TokenTable:
     tokens: dict[str, int]  # token -> client id
     revoked: set[str] = field(default_factory=set)
+    samples: dict[int, int] = field(default_factory=dict)  # client id -> registered sample count (bounds its weight)
 
     def identify(self, token: str) -> tuple[int | None, str]:
         """(client id, "") for a valid token; (None, reason) for an unknown or revoked one."""
@@ -60,7 +65,13 @@ def load_tokens(path: str | Path, n_clients: int) -> TokenTable:
     path = Path(path)
     if not path.is_file():
         raise HetflError(f"--tokens {path}: no such file")
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise HetflError(f"{path}: not a text file (expected YAML 'tokens: {{TOKEN: CLIENT_ID}}' or CSV "
+                         "'token,client_id'; hetfl tokens N --out FILE writes one)") from None
+    if "\x00" in text:
+        raise HetflError(f"{path}: holds NUL bytes; not a token file (hetfl tokens N --out FILE writes one)")
     if path.suffix.lower() == ".csv":
         table = _from_csv(path, text)
     else:
@@ -74,14 +85,24 @@ def load_tokens(path: str | Path, n_clients: int) -> TokenTable:
         if not isinstance(revoked, list):
             raise HetflError(f"{path}: 'revoked' must be a list of tokens")
         table = TokenTable({str(k): _client_id(path, k, v) for k, v in raw["tokens"].items()}, {str(t) for t in revoked})
-        unknown = set(raw) - {"tokens", "revoked"}
+        samples = raw.get("samples") or {}
+        if not isinstance(samples, dict):
+            raise HetflError(f"{path}: 'samples' must map client ids to sample counts, e.g. 'samples: {{0: 359}}'")
+        for k in samples:
+            if isinstance(k, bool) or not isinstance(k, int):
+                raise HetflError(f"{path}: samples: {k!r} is not a client id (an integer)")
+        table.samples = {k: _count(path, k, v) for k, v in samples.items()}
+        unknown = set(raw) - {"tokens", "revoked", "samples"}
         if unknown:
-            raise HetflError(f"{path}: unknown key '{sorted(unknown)[0]}' (expected tokens, revoked)")
+            raise HetflError(f"{path}: unknown key '{sorted(unknown)[0]}' (expected tokens, revoked, samples)")
     for token, client in table.tokens.items():
         if len(token) < MIN_TOKEN_CHARS:
             raise HetflError(f"{path}: the token of client {client} has {len(token)} characters; use at least {MIN_TOKEN_CHARS} (hetfl tokens makes them)")
         if not 0 <= client < n_clients:
             raise HetflError(f"{path}: client id {client} is outside 0..{n_clients - 1} (data.n_clients is {n_clients})")
+    for client in table.samples:
+        if not 0 <= client < n_clients:
+            raise HetflError(f"{path}: samples: client id {client} is outside 0..{n_clients - 1} (data.n_clients is {n_clients})")
     ids = list(table.tokens.values())
     twice = sorted({c for c in ids if ids.count(c) > 1})
     if twice:
@@ -95,11 +116,22 @@ def _client_id(path: Path, token: object, value: object) -> int:
     return value
 
 
+def _count(path: Path, client: object, value: object) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise HetflError(f"{path}: the sample count of client {client} must be a positive integer, got {value!r}")
+    return value
+
+
 def _from_csv(path: Path, text: str) -> TokenTable:
-    rows = list(csv.DictReader(text.splitlines()))
+    try:
+        rows = list(csv.DictReader(text.splitlines()))
+    except csv.Error as err:
+        raise HetflError(f"{path}: not a readable CSV file ({err})") from None
     if not rows or "token" not in rows[0] or "client_id" not in rows[0]:
         raise HetflError(f"{path}: expected a CSV header 'token,client_id' (and optionally ',revoked')")
-    tokens, revoked = {}, set()
+    tokens, revoked, samples = {}, set(), {}
     for line, row in enumerate(rows, start=2):
         try:
             client = int(row["client_id"])
@@ -110,7 +142,9 @@ def _from_csv(path: Path, text: str) -> TokenTable:
             revoked.add(token)
         else:
             tokens[token] = client
-    return TokenTable(tokens, revoked)
+            if str(row.get("samples") or "").strip():
+                samples[client] = _count(path, client, str(row["samples"]).strip())
+    return TokenTable(tokens, revoked, samples)
 
 
 def generate(n_clients: int) -> dict[str, int]:
@@ -139,3 +173,60 @@ def read_pem(path: str | None, flag: str) -> bytes | None:
     if b"-----BEGIN" not in data:
         raise HetflError(f"{flag} {p}: not a PEM file (expected '-----BEGIN ...')")
     return data
+
+
+def check_server_tls(cert: str | None, key: str | None, client_ca: str | None = None) -> None:
+    """Refuse, in one line naming the file, a certificate that is not one, a key that is not the certificate's
+    (or is encrypted), or a client CA that is no certificate: what gRPC would report as not being able to listen."""
+    if cert is not None and key is not None:
+        _check_pair(cert, key, "--tls-cert", "--tls-key")
+    if client_ca is not None:
+        _certificates(client_ca, "--tls-client-ca")
+
+
+def check_client_tls(ca: str | None, cert: str | None = None, key: str | None = None) -> None:
+    """As :func:`check_server_tls`, for a client's ``--tls-ca`` and its own ``--tls-cert/--tls-key``."""
+    if ca is not None:
+        _certificates(ca, "--tls-ca")
+    if cert is not None and key is not None:
+        _check_pair(cert, key, "--tls-cert", "--tls-key")
+
+
+def _certificates(path: str, flag: str) -> list:
+    from cryptography import x509
+
+    try:
+        certs = x509.load_pem_x509_certificates(Path(path).read_bytes())
+    except ValueError:
+        certs = []
+    if not certs:
+        raise HetflError(f"{flag} {path}: holds no readable PEM certificate ('-----BEGIN CERTIFICATE-----')")
+    return certs
+
+
+def _check_pair(cert: str, key: str, cert_flag: str, key_flag: str) -> None:
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    leaf = _certificates(cert, cert_flag)[0]
+    try:
+        private = serialization.load_pem_private_key(Path(key).read_bytes(), password=None)
+    except TypeError:
+        raise HetflError(f"{key_flag} {key}: the private key is encrypted; gRPC needs it unencrypted "
+                         "(openssl pkey -in KEY -out KEY.plain)") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise HetflError(f"{key_flag} {key}: holds no readable PEM private key ('-----BEGIN PRIVATE KEY-----')") from None
+    raw = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if private.public_key().public_bytes(*raw) != leaf.public_key().public_bytes(*raw):
+        raise HetflError(f"{key_flag} {key}: not the private key of the certificate {cert_flag} {cert}")
+
+
+def check_address(address: str, flag: str = "--address") -> str:
+    """``HOST:PORT`` with a port in 0..65535 (0: a free one), or ``unix:PATH``; else a one-line error."""
+    if address.startswith("unix:"):
+        return address
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise HetflError(f"{flag} {address}: expected HOST:PORT with a port in 0..65535 (0: any free port), "
+                         "e.g. 0.0.0.0:50051")
+    return address

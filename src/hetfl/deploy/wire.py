@@ -11,7 +11,7 @@ Float tensors go through :mod:`hetfl.deploy.compress` (``none``, ``float16``, ``
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -66,12 +66,22 @@ def chunks(header: pb.Chunk, blobs: Iterable[bytes], chunk_bytes: int = DEFAULT_
             yield pb.Chunk(data=bytes(view[start : start + chunk_bytes]))
 
 
-def collect(specs: Iterable[pb.TensorSpec], stream: Iterator[pb.Chunk]) -> tuple[dict[str, torch.Tensor], dict[str, dict], int]:
-    """Read the data chunks that follow a header: ``(tensors by name, metas by name, bytes received)``."""
+def collect(specs: Iterable[pb.TensorSpec], stream: Iterator[pb.Chunk], *, max_bytes: int = MAX_MESSAGE_BYTES,
+            on_header: Callable[[int], None] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, dict], int]:
+    """Read the data chunks that follow a header: ``(tensors by name, metas by name, bytes received)``.
+
+    A header announcing more than ``max_bytes`` (the server: what the task's update can hold) is refused before a
+    chunk is read, and a stream is never read past what its header announced, so at most ``max_bytes`` are held.
+    ``on_header`` hears the bytes announced, once they are accepted."""
     specs = list(specs)
     expected = sum(int(s.nbytes) for s in specs)
-    if any(s.nbytes < 0 for s in specs) or expected > MAX_MESSAGE_BYTES:
-        raise WireError(f"the header announces {expected} bytes of tensors; refused")
+    if any(s.nbytes < 0 for s in specs):
+        raise WireError("the header announces a tensor of negative size; refused")
+    if expected > max_bytes:
+        raise WireError(f"the header announces {expected} bytes of tensors, more than the {max_bytes} this message "
+                        "can hold; refused")
+    if on_header is not None:
+        on_header(expected)
     buffer = bytearray()
     for chunk in stream:
         if chunk.WhichOneof("part") != "data":

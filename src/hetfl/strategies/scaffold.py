@@ -76,6 +76,9 @@ class Scaffold(RoundStrategy):
         state["c_i"] = c_i_new
         return ClientResult(result.params, result.steps, result.loss, payload={"delta_c": c_i_new - c_i})
 
+    def expected_payload(self, server: Server, task: Task) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {"delta_c": (tuple(task.params.shape), task.params.dtype)}  # Delta c_i: one tensor of the model's size
+
     def aggregate(self, server: Server, updates: list[Update]) -> torch.Tensor:
         assert self.c is not None
         delta_y = torch.stack([u.delta for u in updates]).mean(0)
