@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -59,6 +60,21 @@ def test_task_options_split_into_json_scalars_and_tensors():
     assert scalars == {"lr": 0.1} and list(tensors) == ["correction"]
     with pytest.raises(ValueError, match="JSON scalars or tensors"):
         wire.split_options({"bad": object()})
+
+
+def test_hetfl_tokens_registers_the_exported_sample_counts(tmp_path, capsys):
+    from hetfl.cli import main
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for c, n in enumerate([5, 7]):
+        np.savez(parts / f"client_{c}.npz", x=np.zeros((n, 3), np.float32), y=np.zeros(n, np.int64))
+    assert main(["tokens", "2", "--out", str(tmp_path / "t.yaml"), "--samples-from", str(parts)]) == 0
+    assert load_tokens(tmp_path / "t.yaml", 2).samples == {0: 5, 1: 7}
+    assert main(["tokens", "3", "--out", str(tmp_path / "u.yaml"), "--samples-from", str(parts)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --samples-from {parts}: no client_2.npz (written by hetfl partition CONFIG --export "
+                   f"{parts} for 3 clients)") and not (tmp_path / "u.yaml").exists()
 
 
 def test_token_files_yaml_and_csv(tmp_path):

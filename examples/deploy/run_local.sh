@@ -16,7 +16,7 @@ PORT=${PORT:-50051}
 mkdir -p "$WORK"
 N=$($PY -c "import sys; from hetfl.config import load_config; print(load_config(sys.argv[1]).data.n_clients)" "$CONFIG")
 $HETFL partition "$CONFIG" --export "$WORK/parts"
-$HETFL tokens "$N" --out "$WORK/tokens.yaml" --force
+$HETFL tokens "$N" --out "$WORK/tokens.yaml" --force --samples-from "$WORK/parts"
 $PY - "$WORK" <<'PYEOF'
 import sys, yaml, pathlib
 work = pathlib.Path(sys.argv[1])

@@ -434,15 +434,17 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_tokens(args: argparse.Namespace) -> int:
-    from hetfl.deploy.tokens import write_tokens
+    from hetfl.deploy.tokens import exported_samples, write_tokens
 
     if args.clients < 1:
         raise HetflError("hetfl tokens: the number of clients must be at least 1")
     if Path(args.out).exists() and not args.force:
         raise HetflError(f"--out {args.out}: exists; add --force to replace it (its clients would need new tokens)")
-    write_tokens(args.out, args.clients)
-    console.print(f"wrote {args.clients} tokens to {escape(args.out)} (client ids 0..{args.clients - 1}; keep it private)",
-                  highlight=False)
+    samples = exported_samples(args.samples_from, args.clients) if args.samples_from else None
+    write_tokens(args.out, args.clients, samples)
+    registered = f", each client's sample count from {escape(args.samples_from)}" if samples else ""
+    console.print(f"wrote {args.clients} tokens to {escape(args.out)} (client ids 0..{args.clients - 1}{registered}; "
+                  "keep it private)", highlight=False)
     return 0
 
 
@@ -479,6 +481,8 @@ def _deploy_parsers(sub: Any, with_overrides: Any) -> None:
     p.add_argument("clients", type=int, help="number of clients (ids 0..N-1; data.n_clients of the config)")
     p.add_argument("--out", required=True, help="token file to write (YAML; give it to hetfl server --tokens)")
     p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.add_argument("--samples-from", metavar="DIR", help="register each client's sample count from the partition "
+                   "hetfl partition --export wrote to DIR: a client's weight never exceeds it")
     p.set_defaults(func=cmd_tokens)
 
     p = sub.add_parser("server", help="run a config's strategy with real clients over gRPC (wall clock)",

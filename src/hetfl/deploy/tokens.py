@@ -152,11 +152,35 @@ def generate(n_clients: int) -> dict[str, int]:
     return {secrets.token_urlsafe(32): client for client in range(n_clients)}
 
 
-def write_tokens(path: str | Path, n_clients: int) -> dict[str, int]:
-    """Write a YAML token file for ``n_clients`` clients (readable by its owner only); return the tokens."""
+def exported_samples(folder: str | Path, n_clients: int) -> dict[int, int]:
+    """Each client's sample count from the partition ``hetfl partition --export`` wrote to ``folder``
+    (``client_C.npz``: the length of its ``y``); a one-line error naming a file that is missing or unreadable."""
+    import numpy as np
+
+    counts = {}
+    for client in range(n_clients):
+        path = Path(folder) / f"client_{client}.npz"
+        if not path.is_file():
+            raise HetflError(f"--samples-from {folder}: no {path.name} (written by hetfl partition CONFIG --export "
+                             f"{folder} for {n_clients} clients)")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                counts[client] = int(len(npz["y"]))
+        except Exception as err:  # noqa: BLE001 - any unreadable file is the same user mistake
+            raise HetflError(f"--samples-from {path}: not a client file of hetfl partition --export "
+                             f"({type(err).__name__}: {err})") from None
+    return counts
+
+
+def write_tokens(path: str | Path, n_clients: int, samples: dict[int, int] | None = None) -> dict[str, int]:
+    """Write a YAML token file for ``n_clients`` clients (readable by its owner only), with each client's
+    registered sample count if ``samples`` gives them (they bound a client's weight); return the tokens."""
     path = Path(path)
     tokens = generate(n_clients)
-    path.write_text(yaml.safe_dump({"tokens": tokens, "revoked": []}, sort_keys=False))
+    content: dict = {"tokens": tokens, "revoked": []}
+    if samples:
+        content["samples"] = dict(sorted(samples.items()))
+    path.write_text(yaml.safe_dump(content, sort_keys=False))
     path.chmod(0o600)
     return tokens
 
