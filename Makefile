@@ -19,7 +19,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/hetfl partition examples/quickstart.yaml
-	$(VENV)/bin/hetfl compare examples/quickstart.yaml --algorithms fedavg,fedprox,fednova,scaffold,fedadam --out results/quickstart
+	$(VENV)/bin/hetfl compare examples/quickstart.yaml --algorithms fedavg,fedprox,fednova,scaffold,fedadam --out results/quickstart --overwrite
 	$(VENV)/bin/hetfl runs --root results
 
 # Two workers, each test file on one (its module fixtures stay together); then, alone, the tests marked serial:
