@@ -1,0 +1,100 @@
+"""Repeated seeds: the arithmetic of hetfl.results.seeds, on cases worked by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from hetfl.results.seeds import aggregate, against_best, band, mean_std_ci, paired_tests, step_interpolate, time_to_target
+
+
+def test_mean_std_and_confidence_interval_of_three_seeds():
+    # 0.8, 0.9, 1.0: mean 0.9; deviations -0.1, 0, 0.1, sum of squares 0.02 / (3 - 1) = 0.01: std 0.1;
+    # half-width t(0.975, 2) * 0.1 / sqrt(3) = 4.3027 * 0.057735 = 0.24842
+    s = mean_std_ci([0.8, 0.9, 1.0])
+    assert s["n"] == 3
+    assert s["mean"] == pytest.approx(0.9)
+    assert s["std"] == pytest.approx(0.1)
+    lo, hi = s["ci95"]
+    assert (hi - lo) / 2 == pytest.approx(0.24842, abs=1e-5)
+    assert lo == pytest.approx(0.9 - 0.24842, abs=1e-5) and hi == pytest.approx(0.9 + 0.24842, abs=1e-5)
+
+
+def test_one_seed_has_no_spread_and_missing_values_are_left_out():
+    assert mean_std_ci([0.7]) == {"n": 1, "mean": 0.7, "std": None, "ci95": None}
+    assert mean_std_ci([]) == {"n": 0, "mean": None, "std": None, "ci95": None}
+    s = mean_std_ci([0.5, None, 0.7, float("nan")])
+    assert s["n"] == 2 and s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(math.sqrt(0.02))
+
+
+def test_step_interpolation_holds_the_last_evaluated_value():
+    times, values = [0.0, 10.0, 25.0], [0.1, 0.5, 0.9]
+    got = step_interpolate(times, values, [0.0, 5.0, 10.0, 24.9, 25.0, 30.0])
+    assert got.tolist() == [0.1, 0.1, 0.5, 0.5, 0.9, 0.9]
+    assert math.isnan(step_interpolate([2.0], [0.3], [1.0, 2.0])[0])  # nothing measured yet
+
+
+def test_band_ends_where_the_shortest_seed_ends():
+    curves = [([0, 10, 20], [0.1, 0.5, 0.7]), ([0, 5, 15, 30], [0.1, 0.3, 0.6, 0.9])]
+    grid, mean, std = band(curves, points=5)  # 0, 5, 10, 15, 20
+    assert grid.tolist() == [0.0, 5.0, 10.0, 15.0, 20.0]
+    a = np.array([0.1, 0.1, 0.5, 0.5, 0.7])
+    b = np.array([0.1, 0.3, 0.3, 0.6, 0.6])
+    assert mean == pytest.approx((a + b) / 2)
+    assert std == pytest.approx(np.abs(a - b) / math.sqrt(2))  # sample std of two values: |a - b| / sqrt(2)
+
+
+def test_time_to_target_is_the_mean_over_the_seeds_that_reached_it():
+    assert time_to_target([100.0, None, 200.0]) == {"mean_s": 150.0, "reached": 2, "n": 3}
+    assert time_to_target([None, None]) == {"mean_s": None, "reached": 0, "n": 2}
+
+
+def test_paired_tests_agree_with_scipy_on_the_common_seeds():
+    a = {0: 0.91, 1: 0.88, 2: 0.93, 3: 0.90, 4: 0.89, 9: 0.5}
+    b = {0: 0.86, 1: 0.87, 2: 0.88, 3: 0.84, 4: 0.88, 7: 0.99}  # seeds 9 and 7 are not paired
+    x, y = [0.91, 0.88, 0.93, 0.90, 0.89], [0.86, 0.87, 0.88, 0.84, 0.88]
+    r = paired_tests(a, b)
+    assert r["seeds"] == [0, 1, 2, 3, 4] and r["n"] == 5
+    assert r["mean_diff"] == pytest.approx(0.036)
+    assert r["ttest_p"] == pytest.approx(stats.ttest_rel(x, y).pvalue)
+    # by hand: d = 0.05 0.01 0.05 0.06 0.01, mean 0.036, sample std 0.02408, t = 0.036 / (0.02408 / sqrt 5) = 3.343
+    assert stats.t.sf(3.3430, 4) * 2 == pytest.approx(r["ttest_p"], rel=1e-3)
+    # Wilcoxon, exact: all five differences positive, the smallest possible two-sided p: 2 / 2^5
+    assert r["wilcoxon_p"] == pytest.approx(stats.wilcoxon(x, y).pvalue) == pytest.approx(0.0625)
+
+
+def test_paired_tests_need_two_common_seeds_and_some_difference():
+    assert paired_tests({0: 0.9}, {0: 0.8, 1: 0.7}) == {"seeds": [0], "n": 1, "mean_diff": pytest.approx(0.1),
+                                                         "ttest_p": None, "wilcoxon_p": None}
+    same = paired_tests({0: 0.9, 1: 0.8}, {0: 0.9, 1: 0.8})
+    assert same["n"] == 2 and same["ttest_p"] is None and same["wilcoxon_p"] is None
+
+
+def _summary(seed, final, *, reached=None, status="completed"):
+    return {"algorithm": "x", "seed": seed, "status": status, "final_accuracy": final, "best_accuracy": final + 0.05,
+            "client_acc_p10": final - 0.2, "bytes_up": 1000, "bytes_down": 3000, "wall_time_s": 2.0 + seed,
+            "target_accuracy": 0.85, "time_to_target_s": reached}
+
+
+def test_an_algorithms_entry_over_its_seeds():
+    runs = [_summary(0, 0.8), _summary(1, 0.9, reached=40.0), _summary(2, 1.0, reached=60.0, status="diverged")]
+    e = aggregate("fedavg", runs, ["fedavg-seed0", "fedavg-seed1", "fedavg-seed2"])
+    assert e["algorithm"] == "fedavg" and e["seeds"] == [0, 1, 2] and e["runs"] == runs
+    assert e["status"] == "completed 2, diverged 1"
+    assert e["final_accuracy"]["mean"] == pytest.approx(0.9) and e["final_accuracy"]["std"] == pytest.approx(0.1)
+    assert e["best_accuracy"]["mean"] == pytest.approx(0.95)
+    assert e["client_acc_p10"]["mean"] == pytest.approx(0.7)
+    assert e["bytes"] == {"n": 3, "mean": 4000.0, "std": 0.0, "ci95": [4000.0, 4000.0]}
+    assert e["wall_time_s"]["mean"] == pytest.approx(3.0)
+    assert e["time_to_target_s"] == {"mean_s": 50.0, "reached": 2, "n": 3}
+    assert e["target_accuracy"] == 0.85
+
+    other = aggregate("fedprox", [_summary(0, 0.7), _summary(1, 0.75), _summary(2, 0.85)], ["a", "b", "c"])
+    entries = [e, other]
+    against_best(entries)
+    assert e["vs_best"] is None
+    assert other["vs_best"]["best"] == "fedavg" and other["vs_best"]["n"] == 3
+    assert other["vs_best"]["ttest_p"] == pytest.approx(stats.ttest_rel([0.7, 0.75, 0.85], [0.8, 0.9, 1.0]).pvalue)
