@@ -98,3 +98,92 @@ def test_an_algorithms_entry_over_its_seeds():
     assert e["vs_best"] is None
     assert other["vs_best"]["best"] == "fedavg" and other["vs_best"]["n"] == 3
     assert other["vs_best"]["ttest_p"] == pytest.approx(stats.ttest_rel([0.7, 0.75, 0.85], [0.8, 0.9, 1.0]).pvalue)
+
+
+# --------------------------------------------------------------------------- hetfl compare --seeds
+SMALL = {"data__n_clients": 3, "rounds": 2, "strategy__clients_per_round": 3, "training__lr": 0.2}
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    from hetfl.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(capsys, *argv) -> str:
+    code, _, err = cli(capsys, *argv)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_compare_over_seeds_writes_means_and_spreads(tmp_path, capsys):
+    import json
+
+    from conftest import write_config
+    from hetfl.results.metrics import read_summary
+
+    out = tmp_path / "cmp"
+    config = write_config(tmp_path, **SMALL)
+    code, stdout, err = cli(capsys, "compare", config, "--algorithms", "fedavg,fedprox", "--seeds", "0,1,2",
+                            "--out", out, "--quiet", "--set", "strategy.per_algorithm.fedprox.mu=1.0")
+    assert code == 0, err
+    assert "seeds 0,1,2" in stdout and " ± " in stdout  # mean ± std in the table
+    entries = {e["algorithm"]: e for e in json.loads((out / "comparison.json").read_text())}
+    assert set(entries) == {"fedavg", "fedprox"}
+    for name, e in entries.items():
+        assert e["seeds"] == [0, 1, 2] and e["folders"] == [f"{name}-seed{k}" for k in range(3)]
+        summaries = [read_summary(out / f"{name}-seed{k}" / "summary.json") for k in range(3)]
+        assert [s["seed"] for s in summaries] == [0, 1, 2]
+        finals = [s["final_accuracy"] for s in summaries]
+        assert e["final_accuracy"]["mean"] == pytest.approx(np.mean(finals))
+        assert e["final_accuracy"]["std"] == pytest.approx(np.std(finals, ddof=1))
+        assert [r["final_accuracy"] for r in e["runs"]] == finals
+        assert e["time_to_target_s"]["n"] == 3
+    assert len({tuple(r["final_accuracy"] for r in e["runs"]) for e in entries.values()}) == 2  # mu changed something
+    assert (out / "report.html").is_file() and (out / "accuracy_vs_time.png").stat().st_size > 0
+
+    # --overwrite with fewer seeds: the seed-2 runs of the earlier comparison go
+    code, _, err = cli(capsys, "compare", config, "--algorithms", "fedavg", "--seeds", "0,1", "--out", out, "--quiet")
+    assert code == 2 and "holds an earlier comparison" in err
+    code, _, err = cli(capsys, "compare", config, "--algorithms", "fedavg", "--seeds", "0,1", "--out", out, "--quiet",
+                       "--overwrite")
+    assert code == 0, err
+    assert [e["folders"] for e in json.loads((out / "comparison.json").read_text())] == [["fedavg-seed0", "fedavg-seed1"]]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir() and any(p.iterdir())) == ["fedavg-seed0", "fedavg-seed1"]
+
+
+def test_seeds_from_the_config_and_one_seed_keeps_the_old_layout(tmp_path, capsys):
+    import json
+
+    from conftest import write_config
+
+    out = tmp_path / "cmp"
+    config = write_config(tmp_path, seeds=[4], **SMALL)  # one seed: one folder per algorithm, a list of summaries
+    code, stdout, err = cli(capsys, "compare", config, "--algorithms", "fedavg", "--out", out, "--quiet")
+    assert code == 0, err
+    assert "seed 4" in stdout
+    summaries = json.loads((out / "comparison.json").read_text())
+    assert [(s["algorithm"], s["seed"]) for s in summaries] == [("fedavg", 4)] and (out / "fedavg" / "summary.json").is_file()
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--seeds", "0,x"], "--seeds: 'x' is not an integer"),
+    (["--seeds", "0,1,0"], "--seeds: 0 is given twice"),
+    (["--seeds", ","], "--seeds: none given"),
+    (["--seeds", "-1"], "--seeds: -1 is negative"),
+    (["--set", "seeds=[0, 1.5]"], "seeds: 1.5 is not an integer"),
+    (["--set", "seeds=[]"], "seeds: an empty list"),
+    (["--set", "seeds=[2, 2]"], "seeds: 2 is given twice"),
+    (["--set", "seeds=3"], "seeds: expected a list of integer seeds"),
+])
+def test_a_bad_seed_is_one_line_naming_the_key(tmp_path, capsys, argv, needle):
+    from conftest import write_config
+
+    line = one_line_error(capsys, "compare", write_config(tmp_path, **SMALL), "--algorithms", "fedavg",
+                          "--out", tmp_path / "cmp", "--quiet", *argv)
+    assert needle in line
+    assert not (tmp_path / "cmp").exists()
