@@ -145,6 +145,9 @@ def test_compare_over_seeds_writes_means_and_spreads(tmp_path, capsys):
         assert e["time_to_target_s"]["n"] == 3
     assert len({tuple(r["final_accuracy"] for r in e["runs"]) for e in entries.values()}) == 2  # mu changed something
     assert (out / "report.html").is_file() and (out / "accuracy_vs_time.png").stat().st_size > 0
+    page = (out / "report.html").read_text()
+    assert "6 runs (2 groups of seeds)" in page and "± 1 sample standard deviation" in page  # the band's caption
+    assert "paired t-test p = " in page and "best (highest mean)" in page
 
     # --overwrite with fewer seeds: the seed-2 runs of the earlier comparison go
     code, _, err = cli(capsys, "compare", config, "--algorithms", "fedavg", "--seeds", "0,1", "--out", out, "--quiet")
@@ -187,3 +190,51 @@ def test_a_bad_seed_is_one_line_naming_the_key(tmp_path, capsys, argv, needle):
                           "--out", tmp_path / "cmp", "--quiet", *argv)
     assert needle in line
     assert not (tmp_path / "cmp").exists()
+
+
+# --------------------------------------------------------------------------- hetfl report on a folder of seed runs
+def seed_run(folder, algorithm: str, seed: int, top: float, step_s: float, rounds: int = 6):
+    """A run folder as hetfl run writes it, its accuracy rising to ``top`` in ``rounds`` evaluations ``step_s`` apart."""
+    import yaml
+
+    from hetfl.results import MetricsLog, write_summary
+
+    folder.mkdir(parents=True)
+    config = {"name": "seeds", "seed": seed, "rounds": rounds, "data": {"dataset": "digits", "n_clients": 4},
+              "strategy": {"name": algorithm}, "evaluation": {"target_accuracy": 0.5}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    records = [{"round": r, "sim_time_s": r * step_s, "wall_time_s": 0.1 * r, "accuracy": top * r / rounds,
+                "bytes_up": 10 * r, "bytes_down": 30 * r} for r in range(rounds + 1)]
+    with MetricsLog(folder / "metrics.jsonl") as log:
+        for record in records:
+            log.append(record)
+    reached = next((x["sim_time_s"] for x in records if x["accuracy"] >= 0.5), None)
+    write_summary(folder / "summary.json", {
+        "name": "seeds", "algorithm": algorithm, "status": "completed", "seed": seed, "final_accuracy": top,
+        "best_accuracy": top, "client_acc_p10": top - 0.1, "rounds": rounds, "sim_time_s": rounds * step_s,
+        "wall_time_s": 0.1 * rounds, "bytes_up": 10 * rounds, "bytes_down": 30 * rounds, "target_accuracy": 0.5,
+        "time_to_target_s": reached})
+
+
+def test_report_groups_runs_that_differ_only_in_seed(tmp_path, capsys):
+    import re
+
+    from hetfl.results import render_report
+
+    finals = {"fedavg": [0.80, 0.90, 0.85, 0.88], "fedbuff": [0.60, 0.70, 0.62, 0.75]}
+    for algorithm, tops in finals.items():
+        for seed, top in enumerate(tops):
+            seed_run(tmp_path / f"{algorithm}-{seed}", algorithm, seed, top, 10.0 + seed)
+    seed_run(tmp_path / "lone", "fedavg", 0, 0.7, 10.0, rounds=3)  # another config (3 rounds): its own line
+    page = render_report(tmp_path).read_text()
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page))
+    assert "9 runs (2 groups of seeds)" in text
+    assert "fedavg 0, 1, 2, 3 completed 85.8% ± 4.3 pt" in text  # mean 0.8575, std 0.0427
+    ttest = stats.ttest_rel(finals["fedbuff"], finals["fedavg"]).pvalue
+    wilcoxon = stats.wilcoxon(finals["fedbuff"], finals["fedavg"]).pvalue
+    assert f"paired t-test p = {ttest:.3g} (significant)" in text
+    assert f"Wilcoxon p = {wilcoxon:.3g} (not significant)" in text  # n = 4: its smallest p is 0.125
+    assert "n/a (fewer than 2 seeds in common" in text  # the lone run, one seed
+    assert "band ± 1 sample standard deviation" not in text and "± 1 sample standard deviation" in text
+    assert (tmp_path / "accuracy_vs_time.png").stat().st_size > 0
+    assert "fedavg seed 3" in text  # each run still listed, in the table of runs
