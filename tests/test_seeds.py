@@ -99,6 +99,12 @@ def test_an_algorithms_entry_over_its_seeds():
     assert other["vs_best"]["best"] == "fedavg" and other["vs_best"]["n"] == 3
     assert other["vs_best"]["ttest_p"] == pytest.approx(stats.ttest_rel([0.7, 0.75, 0.85], [0.8, 0.9, 1.0]).pvalue)
 
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "metrics.md").read_text()
+    keys = [*other, *other["vs_best"], *other["time_to_target_s"]]
+    assert not [key for key in keys if f"`{key}`" not in doc], "define them in docs/metrics.md (comparison.json)"
+
 
 # --------------------------------------------------------------------------- hetfl compare --seeds
 SMALL = {"data__n_clients": 3, "rounds": 2, "strategy__clients_per_round": 3, "training__lr": 0.2}
