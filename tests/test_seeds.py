@@ -137,6 +137,7 @@ def test_compare_over_seeds_writes_means_and_spreads(tmp_path, capsys):
     code, stdout, err = cli(capsys, "compare", config, "--algorithms", "fedavg,fedprox", "--seeds", "0,1,2",
                             "--out", out, "--quiet", "--set", "strategy.per_algorithm.fedprox.mu=1.0")
     assert code == 0, err
+    assert err == ""
     assert "seeds 0,1,2" in stdout and " ± " in stdout  # mean ± std in the table
     entries = {e["algorithm"]: e for e in json.loads((out / "comparison.json").read_text())}
     assert set(entries) == {"fedavg", "fedprox"}

@@ -678,13 +678,13 @@ def _summary_table(runs: list[_Run]) -> str:
     return "\n".join(lines)
 
 
-def _spread(value: dict | None, fmt: Any, unit: str = "") -> str:
-    """``mean ± std`` of a measure over seeds (``mean`` alone for one seed)."""
+def _spread(value: dict | None, fmt: Any) -> str:
+    """``mean ± std`` of a measure over seeds (``mean`` alone for one seed), each part as ``fmt`` writes it."""
     if not value or value.get("mean") is None:
         return "—"
     if value.get("std") is None:
         return fmt(value["mean"])
-    return f"{fmt(value['mean'])} ± {fmt(value['std'])}{unit}"
+    return f"{fmt(value['mean'])} ± {fmt(value['std'])}"
 
 
 def _p_value(p: float | None) -> str:
@@ -715,33 +715,39 @@ def _entries(units: list[_Run | _Group]) -> list[dict[str, Any]]:
     return entries
 
 
+def _accuracy_spread(value: dict) -> str:
+    """``85.8% ± 4.3 pt`` (a spread of accuracies in percentage points), ``85.8%`` for one seed, ``—`` for none."""
+    if value["mean"] is None or value["std"] is None:
+        return format_accuracy(value["mean"])
+    return f"{format_accuracy(value['mean'])} ± {100 * value['std']:.1f} pt"
+
+
 def _seeds_table(units: list[_Run | _Group]) -> str:
     """One row per seed group (and per lone run): mean ± standard deviation over the seeds, and whether the
     difference of its final accuracy to the best one's is significant, paired over the seeds both have."""
     e = html.escape
-    entries = _entries(units)
-    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731  (a spread's parts; the mean gets its % below)
     head = ["run", "seeds", "status", "final acc", "best acc", "client acc p10", "time to target", "MB up + down",
             "wall time", "final acc against the best"]
     lines = ["<table>", "<tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>"]
-    for unit, entry in zip(units, entries):
+    for unit, entry in zip(units, _entries(units)):
         swatch = f'<span class="swatch" style="background:{unit.color}"></span>'
-        seeds = ", ".join("—" if s is None else str(s) for s in entry["seeds"])
-        status = str(entry["status"])
-        reached = entry["time_to_target_s"]
-        cells = [f"<td>{swatch}{e(unit.label)}</td>", f"<td>{e(seeds)}</td>",
-                 f'<td class="status-{e(status.split()[0])}">{e(status)}</td>']
-        best = ' best' if entry.get("vs_best", 0) is None else ""
-        for key, fmt, suffix in (("final_accuracy", pct, "%"), ("best_accuracy", pct, "%"), ("client_acc_p10", pct, "%")):
-            text = _spread(entry[key], fmt, " pt").replace(" ±", "% ±", 1) if entry[key]["std"] is not None else \
-                format_accuracy(entry[key]["mean"])
-            cells.append(f'<td class="num{best if key == "final_accuracy" else ""}">{e(text)}</td>')
-        target = "—" if reached["mean_s"] is None and not reached["n"] else \
+        status, reached = str(entry["status"]), entry["time_to_target_s"]
+        ranked = "vs_best" in entry  # not when no unit has a final accuracy
+        target = "—" if entry["target_accuracy"] is None else \
             f"{format_duration(reached['mean_s'])} ({reached['reached']} of {reached['n']})"
-        cells.append(f'<td class="num">{e(target)}</td>')
-        cells.append(f'<td class="num">{e(_spread(entry["bytes"], format_mb))}</td>')
-        cells.append(f'<td class="num">{e(_spread(entry["wall_time_s"], format_duration))}</td>')
-        cells.append(f"<td>{e(_against_best(entry.get('vs_best')))}</td>")
+        cells = [
+            f"<td>{swatch}{e(unit.label)}</td>",
+            f"<td>{e(', '.join('—' if s is None else str(s) for s in entry['seeds']))}</td>",
+            f'<td class="status-{e(status.split()[0])}">{e(status)}</td>',
+            f'<td class="num{" best" if ranked and entry["vs_best"] is None else ""}">'
+            f"{e(_accuracy_spread(entry['final_accuracy']))}</td>",
+            f'<td class="num">{e(_accuracy_spread(entry["best_accuracy"]))}</td>',
+            f'<td class="num">{e(_accuracy_spread(entry["client_acc_p10"]))}</td>',
+            f'<td class="num">{e(target)}</td>',
+            f'<td class="num">{e(_spread(entry["bytes"], format_mb))}</td>',
+            f'<td class="num">{e(_spread(entry["wall_time_s"], format_duration))}</td>',
+            f"<td>{e(_against_best(entry['vs_best']) if ranked else '—')}</td>",
+        ]
         lines.append("<tr>" + "".join(cells) + "</tr>")
     lines.append("</table>")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ The statistics, for ``n`` values ``x_1 .. x_n`` (docs/metrics.md):
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -88,8 +89,10 @@ def band(curves: Sequence[tuple[Sequence[float], Sequence[float]]], points: int 
     0 for a single curve."""
     grid = common_grid(curves, points)
     rows = np.array([step_interpolate(t, v, grid) for t, v in curves])
-    mean = np.nanmean(rows, axis=0) if len(rows) else np.full(len(grid), np.nan)
-    std = np.nanstd(rows, axis=0, ddof=1) if len(rows) > 1 else np.zeros(len(grid))
+    with warnings.catch_warnings():  # a point no seed has measured yet is nan, said once by the plot, not numpy
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(rows, axis=0) if len(rows) else np.full(len(grid), np.nan)
+        std = np.nanstd(rows, axis=0, ddof=1) if len(rows) > 1 else np.zeros(len(grid))
     return grid, mean, std
 
 
@@ -110,10 +113,12 @@ def paired_tests(a: dict[int, Any], b: dict[int, Any]) -> dict[str, Any]:
     if len(seeds) < 2:
         return out
     d = x - y
-    if np.ptp(d) > 0:
-        out["ttest_p"] = float(stats.ttest_rel(x, y).pvalue)
-    if np.any(d != 0):
-        out["wilcoxon_p"] = float(stats.wilcoxon(x, y).pvalue)
+    with warnings.catch_warnings():  # scipy's about few samples or ties: the caller reports n, nothing to add
+        warnings.simplefilter("ignore")
+        if np.ptp(d) > 0:
+            out["ttest_p"] = float(stats.ttest_rel(x, y).pvalue)
+        if np.any(d != 0):
+            out["wilcoxon_p"] = float(stats.wilcoxon(x, y).pvalue)
     return out
 
 
