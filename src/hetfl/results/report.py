@@ -16,6 +16,11 @@ Writes into DIR:
 - ``report.html``: a summary table (the best value of each column highlighted), the images, and
   each run's configuration. Plain HTML and inline CSS, nothing fetched.
 
+Runs whose ``config.yaml`` differ only in ``seed`` (``hetfl compare --seeds``, or ``hetfl run`` under several seeds)
+are grouped: one row a group in the summary table (mean ± std over the seeds; final accuracy tested against the
+best group's, paired over seeds: :mod:`hetfl.results.seeds`), and in ``accuracy_vs_time.png`` the group's mean
+accuracy on a common time grid with a ± 1 std band; the other plots draw each seed in the group's colour.
+
 The last two are drawn from ``summary.json`` (``staleness_histogram``, ``participation``,
 ``tasks_per_client``, ``client_speed``); a run without them (unfinished, or written by an older
 hetfl) is left out of them, with a note. Each run keeps its colour in every plot and in the
@@ -856,6 +861,7 @@ def render_report(path: Path) -> Path:
     images = dict(IMAGES)
     if any(isinstance(unit, _Group) for unit in units):
         images["accuracy_vs_time.png"] = SEEDS_CAPTION
+        images["accuracy_vs_round.png"] += " Runs that differ only in their seed: one line each, in one colour."
     try:
         _plot_accuracy_vs_time(runs, root / "accuracy_vs_time.png", unit)
         _plot_accuracy_vs_round(runs, root / "accuracy_vs_round.png")
