@@ -3,6 +3,7 @@
     hetfl run CONFIG.yaml --out DIR [--set key=value ...]      one experiment (--overwrite: replace a run in DIR)
     hetfl run --resume DIR [--set rounds=100]                  continue from the last checkpoint
     hetfl compare CONFIG.yaml --algorithms a,b,c --out DIR     same seed, data and devices; one table
+                  [--seeds 0,1,2]                              each algorithm on each seed: mean ± std, 95% CI
     hetfl report DIR                                           PNG plots and one HTML page
     hetfl partition CONFIG.yaml                                per-client data statistics
     hetfl devices CONFIG.yaml                                  the simulated devices
@@ -186,55 +187,139 @@ def _algorithms(text: str) -> dict[str, str]:
     return folders
 
 
+def _seeds(text: str) -> list[int]:
+    """``--seeds 0,1,2``: distinct non-negative integers."""
+    from hetfl.config import check_seeds
+
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise HetflError("--seeds: none given; e.g. --seeds 0,1,2")
+    seeds = []
+    for item in items:
+        try:
+            seeds.append(int(item))
+        except ValueError:
+            raise HetflError(f"--seeds: {item!r} is not an integer; e.g. --seeds 0,1,2") from None
+    try:
+        return check_seeds(seeds)
+    except ValueError as err:
+        raise HetflError(f"--seeds: {err}") from None
+
+
+def _fmt_spread(value: dict | None, fmt: Any) -> str:
+    """``mean ± std`` of a measure over seeds (:func:`hetfl.results.seeds.mean_std_ci`), each part as ``fmt`` writes it."""
+    if not value or value.get("mean") is None:
+        return "—"
+    if value.get("std") is None:
+        return fmt(value["mean"])
+    return f"{fmt(value['mean'])} ± {fmt(value['std'])}"
+
+
+def _fmt_reached(value: dict | None) -> str:
+    if not value:
+        return "—"
+    return f"{format_duration(value.get('mean_s'))} ({value['reached']} of {value['n']})"
+
+
+# (header, comparison.json key, formatter of one number) for a comparison over several seeds
+_SEEDS_COLUMNS: list[tuple[str, str, Any]] = [
+    ("final acc", "final_accuracy", _fmt_acc),
+    ("best acc", "best_accuracy", _fmt_acc),
+    ("client acc\np10", "client_acc_p10", _fmt_acc),
+    ("MB\nup + down", "bytes", format_mb),
+    ("wall\ntime", "wall_time_s", format_duration),
+]
+
+
+def seeds_table(entries: list[dict[str, Any]], title: str) -> Table:
+    """One row per algorithm of a comparison over several seeds: mean ± sample standard deviation of each measure,
+    the time to target as the mean over the seeds that reached it and how many did."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0), caption_justify="left",
+                  caption="mean ± standard deviation over the seeds (sample, n - 1). time to target: mean over the "
+                  "seeds that reached it (k of n). The 95% confidence intervals are in comparison.json.")  # fmt: skip
+    for header in ("algorithm", "seeds", "status"):
+        table.add_column(header, justify="left", no_wrap=header == "algorithm")
+    for header, _, _ in _SEEDS_COLUMNS[:2]:
+        table.add_column(header, justify="right")
+    table.add_column("time to\ntarget", justify="right")
+    for header, _, _ in _SEEDS_COLUMNS[2:]:
+        table.add_column(header, justify="right")
+    for e in entries:
+        cells = [escape(str(e["algorithm"])), escape(",".join(str(s) for s in e["seeds"])), escape(str(e["status"]))]
+        spreads = [escape(_fmt_spread(e.get(key), fmt)) for _, key, fmt in _SEEDS_COLUMNS]
+        table.add_row(*cells, *spreads[:2], escape(_fmt_reached(e.get("time_to_target_s"))), *spreads[2:])
+    return table
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from hetfl.engine.backends import code_roots, share_ray
     from hetfl.engine.run import check_architectures, run_experiment
     from hetfl.results import SUMMARY_NAME, read_summary, render_report
     from hetfl.results.outdir import check_comparison_out, clear_run, lock_out
+    from hetfl.results.seeds import against_best, aggregate
     from hetfl.strategies import build_strategy
 
-    folders = _algorithms(args.algorithms)
+    algorithms = _algorithms(args.algorithms)
+    seeds = _seeds(args.seeds) if args.seeds is not None else None  # a mistake here is said before the config's
     out = Path(args.out)
-    replaced = check_comparison_out(out, list(folders.values()), overwrite=args.overwrite)  # all, before any run
     base = load_config(args.config, args.set)
+    seeds = seeds or base.seeds or [base.seed]
+    seeded = len(seeds) > 1  # several seeds: a run folder per (algorithm, seed), and means over the seeds
+    folders = {(name, seed): f"{folder}-seed{seed}" if seeded else folder
+               for name, folder in algorithms.items() for seed in seeds}
+    replaced = check_comparison_out(out, list(folders.values()), overwrite=args.overwrite)  # all, before any run
     config_dir = Path(args.config).parent.resolve()  # where an algorithm named by import path is looked for first
     configs = {}
-    for name in folders:  # every algorithm's parameters and optimiser are checked before the first run starts
+    for name in algorithms:  # every algorithm's parameters and optimiser are checked before the first run starts
         raw = base.model_dump()
         raw.pop("code", None)  # recorded again for this algorithm's code
         raw["strategy"].update(name=name, params=base.strategy.params_for(name), per_algorithm={})
-        cfg = validate(raw, source=f"{args.config} ({name})", base_dir=config_dir)
-        strategy = build_strategy(cfg.strategy, cfg.training, cfg.model)
-        check_architectures(strategy, len(cfg.model.zoo))  # before any run starts (assignment needs the devices)
-        configs[name] = cfg
+        raw.update(seeds=None)  # each run is of one seed
+        for seed in seeds:
+            cfg = validate({**raw, "seed": seed}, source=f"{args.config} ({name})", base_dir=config_dir)
+            if seed == seeds[0]:
+                strategy = build_strategy(cfg.strategy, cfg.training, cfg.model)
+                check_architectures(strategy, len(cfg.model.zoo))  # before any run (assignment needs the devices)
+            configs[name, seed] = cfg
     with lock_out(out):  # one process per comparison folder (each run locks its own folder too)
-        summaries, diverged, interrupted = [], [], False
+        runs, diverged, interrupted = {}, [], False
         roots = [root for cfg in configs.values() for root in code_roots(cfg.code)]  # every run's code, for Ray workers
         share_ray(base, list(dict.fromkeys(roots)))  # backend.name ray: one Ray for every run, not one per algorithm
-        first = next(iter(folders))
-        for name, cfg in configs.items():
-            folder = out / folders[name]
+        for key, cfg in configs.items():
+            name, seed = key
+            folder = out / folders[key]
             try:
                 summary = run_experiment(cfg, folder, show_progress=not args.quiet, console=console,
-                                         describe=name == first, overwrite=args.overwrite)  # one federation: said once
+                                         describe=name == next(iter(algorithms)),  # one federation per seed: said once
+                                         overwrite=args.overwrite)  # fmt: skip
             except KeyboardInterrupt:  # while the next federation was being built: keep what the others measured
                 interrupted = True
                 break
             except DivergedError as err:  # one algorithm diverging does not void the comparison
-                diverged.append(f"{name} diverged ({_one_line(err)})")
+                diverged.append(f"{name}{f' (seed {seed})' if seeded else ''} diverged ({_one_line(err)})")
                 if not (folder / SUMMARY_NAME).is_file():
                     continue
                 summary = read_summary(folder / SUMMARY_NAME)
-            summaries.append(summary)
+            runs[key] = summary
             if summary["status"] == "interrupted":
                 interrupted = True
                 break
-        for stale in replaced:  # --overwrite: the earlier comparison's runs of algorithms not compared now
+        for stale in replaced:  # --overwrite: the earlier comparison's runs not made again now
             clear_run(stale)
-        title = f"{base.name}: {base.data.dataset}, {base.data.n_clients} clients, seed {base.seed}"
-        console.print(comparison_table(summaries, escape(title)))
-        if summaries:
-            (out / "comparison.json").write_text(json.dumps(summaries, indent=2))
+        title = f"{base.name}: {base.data.dataset}, {base.data.n_clients} clients"
+        if seeded:
+            compared: list[dict[str, Any]] = []
+            for name in algorithms:
+                done = [key for key in configs if key[0] == name and key in runs]
+                if done:
+                    compared.append(aggregate(name, [runs[k] for k in done], [folders[k] for k in done]))
+            against_best(compared)
+            console.print(seeds_table(compared, escape(f"{title}, seeds {','.join(str(s) for s in seeds)}")))
+        else:
+            compared = list(runs.values())
+            console.print(comparison_table(compared, escape(f"{title}, seed {seeds[0]}")))
+        if compared:
+            (out / "comparison.json").write_text(json.dumps(compared, indent=2))
             console.print(f"Report: {escape(str(render_report(out)))}")
         elif args.overwrite:  # nothing measured: the earlier comparison's table would describe runs that are gone
             (out / "comparison.json").unlink(missing_ok=True)
@@ -547,6 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated, e.g. fedavg,fedprox,scaffold; an import path mymodule:MyStrategy runs your own")
     p.add_argument("--out", required=True, help="comparison directory: one run folder per algorithm, comparison.json, "
                    "the report")
+    p.add_argument("--seeds", metavar="0,1,2", help="run every algorithm once per seed (comma-separated, distinct "
+                   "integers from 0; overrides the config's seeds) into OUT/ALGORITHM-seedK, and report mean, standard "
+                   "deviation and 95%% confidence interval over them; default: the config's seeds, else its seed")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the comparison already in --out (only hetfl's own files there are removed)")
     p.add_argument("--quiet", action="store_true")

@@ -901,6 +901,25 @@ class CodeRecord(Section):
     root: str | None = Field(None, description="The directory its top-level module was imported from.")
 
 
+def check_seeds(values: Any) -> list[int]:
+    """``values`` as a list of distinct non-negative integer seeds, or a ValueError saying what is wrong with it
+    (the caller names the key: ``seeds`` in a config, ``--seeds`` on the command line)."""
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"expected a list of integer seeds, e.g. [0, 1, 2], not {values!r}")
+    if not values:
+        raise ValueError("an empty list; give at least one seed, e.g. [0, 1, 2]")
+    seen: list[int] = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{value!r} is not an integer")
+        if value < 0:
+            raise ValueError(f"{value} is negative; seeds are integers from 0")
+        if value in seen:
+            raise ValueError(f"{value} is given twice; each seed once")
+        seen.append(value)
+    return seen
+
+
 def code_keys(cfg: "ExperimentConfig") -> list[tuple[str, str, str]]:
     """Every (key, kind, name) of ``cfg`` that names code (:mod:`hetfl.registry`)."""
     keys = [("model.name", "model", cfg.model.name)]
@@ -917,6 +936,12 @@ def code_keys(cfg: "ExperimentConfig") -> list[tuple[str, str, str]]:
 class ExperimentConfig(Section):
     name: str = Field("experiment", description="A label for the run (shown in tables and the run index).")
     seed: int = Field(0, description="Seeds data partition, devices, model initialisation, sampling and batches.")
+    seeds: list[int] | None = Field(
+        None,
+        description="hetfl compare: run every algorithm once per seed in this list (e.g. [0, 1, 2]; distinct "
+        "non-negative integers) and report mean, standard deviation and 95% confidence interval over them "
+        "(docs/metrics.md); --seeds overrides it. Unset: the one run of seed. hetfl run uses seed only.",
+    )
     rounds: int = Field(50, ge=1, description="Number of aggregations (server model versions) to run.")
     max_sim_time_s: float | None = Field(None, gt=0, description="Stop once simulated time passes this.")
     checkpoint_every: int = Field(10, ge=1, description="Checkpoint the server state every this many aggregations.")
@@ -945,6 +970,11 @@ class ExperimentConfig(Section):
         "carries it (a run's config.yaml, the one a server sends its clients), the code must still hash the same: a "
         "resumed run or a deployed client refuses changed code; delete the entry to accept the change.",
     )
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seeds(cls, value: Any) -> Any:
+        return None if value is None else check_seeds(value)
 
     @field_validator("client", mode="before")
     @classmethod

@@ -9,8 +9,9 @@
   (:data:`RUN_FILES`, the report's images and page, its row in the run index) are replaced, and any
   other file stays;
 - for ``hetfl compare``, a folder holding an earlier comparison (its ``comparison.json``), likewise only
-  with ``--overwrite``; the runs that comparison made (the algorithms its ``comparison.json`` lists) are
-  replaced or, if not compared again, their files removed. A folder of other runs (a results root) is
+  with ``--overwrite``; the runs that comparison made (the algorithms its ``comparison.json`` lists, or with
+  several seeds the run folders, ``ALGORITHM-seedK``, it lists) are replaced or, if not compared again, their
+  files removed. A folder of other runs (a results root) is
   never a comparison's.
 
 Everything else is refused before anything is written, with one line saying why: a non-empty folder
@@ -212,14 +213,23 @@ def check_comparison_out(path: str | Path, folders: list[str], *, overwrite: boo
 
 
 def _compared(folder: Path) -> list[str]:
-    """The run folders of the comparison in ``folder``: its ``comparison.json``'s algorithms."""
+    """The run folders of the comparison in ``folder``: its ``comparison.json``'s algorithms' (one seed), or the
+    ``folders`` of each algorithm's entry (several seeds)."""
     try:
-        summaries = json.loads((folder / COMPARISON_NAME).read_text(encoding="utf-8"))
+        entries = json.loads((folder / COMPARISON_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
-    if not isinstance(summaries, list):
+    if not isinstance(entries, list):
         return []
-    return [folder_name(str(s["algorithm"])) for s in summaries if isinstance(s, dict) and s.get("algorithm")]
+    names = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        if isinstance(entry.get("folders"), list):
+            names += [str(name) for name in entry["folders"] if isinstance(name, str) and name == folder_name(name)]
+        elif entry.get("algorithm"):
+            names.append(folder_name(str(entry["algorithm"])))
+    return names
 
 
 def check_server_out(path: str | Path, *, fresh: bool) -> bool:

@@ -16,6 +16,11 @@ Writes into DIR:
 - ``report.html``: a summary table (the best value of each column highlighted), the images, and
   each run's configuration. Plain HTML and inline CSS, nothing fetched.
 
+Runs whose ``config.yaml`` differ only in ``seed`` (``hetfl compare --seeds``, or ``hetfl run`` under several seeds)
+are grouped: one row a group in the summary table (mean ± std over the seeds; final accuracy tested against the
+best group's, paired over seeds: :mod:`hetfl.results.seeds`), and in ``accuracy_vs_time.png`` the group's mean
+accuracy on a common time grid with a ± 1 std band; the other plots draw each seed in the group's colour.
+
 The last two are drawn from ``summary.json`` (``staleness_histogram``, ``participation``,
 ``tasks_per_client``, ``client_speed``); a run without them (unfinished, or written by an older
 hetfl) is left out of them, with a note. Each run keeps its colour in every plot and in the
@@ -26,7 +31,10 @@ pyplot, no global backend change).
 from __future__ import annotations
 
 import html
+import json
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -47,6 +55,12 @@ IMAGES = {
     "the 10th-percentile client accuracy.",
     "bytes.png": "Cumulative data transferred, uploads plus downloads, against simulated time.",
 }
+SEEDS_CAPTION = (
+    "Global test accuracy against simulated time. Runs that differ only in their seed: the mean over the seeds, each "
+    "seed's accuracy held at its last evaluated value (step-wise) on a common time grid that ends where the shortest "
+    "of them ends; shaded: ± 1 sample standard deviation. Lone runs: their own line, dashed: target accuracy, star "
+    "and dotted line: where a run first reaches it."
+)
 STALENESS_IMAGE = (
     "staleness.png",
     "Staleness of the aggregated updates: server versions committed between a task's dispatch and the "
@@ -76,6 +90,13 @@ class _Run:
     label: str = ""
     color: str = ""
     notes: list[str] = field(default_factory=list)
+    group: "_Group | None" = None  # the seed group it belongs to, if any
+    legend: str = ""  # its line's entry in a legend ("_nolegend_": its group's first run names the group)
+
+    @property
+    def seed(self) -> int | None:
+        seed = self.summary.get("seed", self.config.get("seed"))
+        return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
     @property
     def algorithm(self) -> str:
@@ -205,14 +226,15 @@ def _relative(folder: Path, root: Path) -> str:
     return str(rel) if str(rel) != "." else folder.resolve().name
 
 
-def _assign_labels(runs: list[_Run], root: Path) -> None:
-    """Label runs by algorithm; by name, then by folder, when that does not tell them apart."""
+def _assign_labels(runs: list[_Run], root: Path, where: Any = None) -> None:
+    """Label runs by algorithm; by name, then by folder (``where(run)``, default its path under ``root``), when that
+    does not tell them apart."""
     for attribute in ("algorithm", "name"):
         labels = [getattr(run, attribute) for run in runs]
         if len(set(labels)) == len(labels):
             break
     else:
-        labels = [_relative(run.folder, root) for run in runs]
+        labels = [where(run) if where else _relative(run.folder, root) for run in runs]
     for run, label in zip(runs, labels):
         run.label = label
 
@@ -224,6 +246,76 @@ def _assign_colors(runs: list[_Run]) -> None:
     palette = colormaps["tab10"].colors if len(runs) <= 10 else colormaps["tab20"].colors
     for i, run in enumerate(runs):
         run.color = to_hex(palette[i % len(palette)])
+
+
+@dataclass(eq=False)  # each group is itself (hashable by identity)
+class _Group:
+    """Runs of one configuration under different seeds (their ``config.yaml`` differ only in ``seed``)."""
+
+    runs: list[_Run]
+    label: str = ""
+    color: str = ""
+
+    @property
+    def seeds(self) -> list[int]:
+        return [run.seed for run in self.runs]  # type: ignore[misc]
+
+    def entry(self) -> dict[str, Any]:
+        """Its measures over the seeds, as ``comparison.json`` holds them (:func:`hetfl.results.seeds.aggregate`)."""
+        from hetfl.results.seeds import aggregate
+
+        summaries = [{**run.summary, "seed": run.seed} for run in self.runs]
+        return aggregate(self.label, summaries, [run.folder.name for run in self.runs])
+
+
+def _without_seed(config: dict) -> str:
+    return json.dumps({k: v for k, v in config.items() if k not in ("seed", "seeds")}, sort_keys=True, default=str)
+
+
+def _group_seeds(runs: list[_Run]) -> list[_Run | _Group]:
+    """The runs in order, those whose configs differ only in ``seed`` (at least two, each seed once) as one group."""
+    by_config: dict[str, list[_Run]] = {}
+    for run in runs:
+        if run.config and run.seed is not None:
+            by_config.setdefault(_without_seed(run.config), []).append(run)
+    units: list[_Run | _Group] = []
+    for run in runs:
+        same = by_config.get(_without_seed(run.config), []) if run.config and run.seed is not None else []
+        if len(same) < 2 or len({r.seed for r in same}) < len(same):
+            units.append(run)
+        elif run is same[0]:
+            units.append(_Group(sorted(same, key=lambda r: r.seed)))
+    return units
+
+
+def _label_groups(units: list[_Run | _Group], root: Path) -> None:
+    """Label every unit as :func:`_assign_labels` labels runs (a group by its first run, its folder without the
+    ``-seedK`` ending); each run of a group is labelled ``GROUP seed K``, in the group's colour."""
+    firsts = [unit.runs[0] if isinstance(unit, _Group) else unit for unit in units]
+    grouped = {id(unit.runs[0]): unit for unit in units if isinstance(unit, _Group)}
+
+    def where(run: _Run) -> str:  # a group: what its folders share, less the seed (fedavg-seed0, fedavg-seed1: fedavg)
+        if id(run) not in grouped:
+            return _relative(run.folder, root)
+        shared = os.path.commonprefix([_relative(r.folder, root) for r in grouped[id(run)].runs])
+        shared = re.sub(r"[-_. ]*(seed)?[-_ ]*\d*$", "", shared, flags=re.IGNORECASE)
+        return shared or f"{_relative(run.folder, root)} and its seeds"
+
+    _assign_labels(firsts, root, where)
+    for unit, first in zip(units, firsts):
+        if isinstance(unit, _Group):
+            unit.label = first.label
+            for run in unit.runs:
+                run.group = unit
+    _assign_colors(firsts)
+    for unit, first in zip(units, firsts):
+        if isinstance(unit, _Group):
+            unit.color = first.color
+            for i, run in enumerate(unit.runs):
+                run.label, run.color = f"{unit.label} seed {run.seed}", unit.color
+                run.legend = f"{unit.label} ({len(unit.runs)} seeds)" if i == 0 else "_nolegend_"
+        else:
+            unit.legend = unit.label
 
 
 # --------------------------------------------------------------------------- plots
@@ -289,11 +381,21 @@ def _save(fig, path: Path) -> None:
 def _plot_accuracy_vs_time(runs: list[_Run], out: Path, unit: tuple[str, float]) -> None:
     from matplotlib.lines import Line2D
 
+    from hetfl.results.seeds import band
+
     name, scale = unit
     fig, ax = _figure()
     shown: list[float] = []
     marked = False
+    for group in dict.fromkeys(run.group for run in runs if run.group is not None):  # a band for each seed group
+        grid, mean, std = band([(run.series("sim_time_s"), run.series("accuracy")) for run in group.runs])
+        ax.plot(grid / scale, mean, color=group.color, linewidth=1.8, zorder=3,
+                label=f"{group.label}: mean of {len(group.runs)} seeds, band ± 1 std")
+        ax.fill_between(grid / scale, mean - std, mean + std, color=group.color, alpha=0.2, linewidth=0, zorder=2)
+        shown += [*(mean - std), *(mean + std)]
     for run in runs:
+        if run.group is not None:
+            continue
         t = [v / scale for v in run.series("sim_time_s")]
         accuracy = run.series("accuracy")
         ax.plot(t, accuracy, color=run.color, label=run.label, linewidth=1.8, zorder=3, **_points(run))
@@ -308,7 +410,7 @@ def _plot_accuracy_vs_time(runs: list[_Run], out: Path, unit: tuple[str, float])
     _accuracy_axis(ax, shown)
     bottom = ax.get_ylim()[0]
     for run in runs:  # a dotted drop line from each star to the time axis
-        reached = run.first_at_target()
+        reached = run.first_at_target() if run.group is None else None
         if reached is not None:
             x = reached["sim_time_s"] / scale
             ax.vlines(x, bottom, reached["accuracy"], color=run.color, linestyle=":", linewidth=1.1, zorder=2)
@@ -332,7 +434,7 @@ def _plot_accuracy_vs_round(runs: list[_Run], out: Path) -> None:
     for run in runs:
         rounds = run.series("round")
         accuracy = run.series("accuracy")
-        ax.plot(rounds, accuracy, color=run.color, label=run.label, linewidth=1.8, zorder=3, **_points(run))
+        ax.plot(rounds, accuracy, color=run.color, label=run.legend, linewidth=1.8, zorder=3, **_points(run))
         shown += accuracy
         p10 = run.series("client_acc_p10")
         if _finite(p10):
@@ -361,7 +463,7 @@ def _plot_perplexity_vs_time(runs: list[_Run], out: Path, unit: tuple[str, float
     for run in runs:
         t = [v / scale for v in run.series("sim_time_s")]
         ppl = run.series("perplexity")
-        ax.plot(t, ppl, color=run.color, label=run.label, linewidth=1.8, zorder=3, **_points(run))
+        ax.plot(t, ppl, color=run.color, label=run.legend, linewidth=1.8, zorder=3, **_points(run))
         finite = [(p, x) for p, x in zip(ppl, t) if math.isfinite(p)]
         low, at = min(finite)
         ax.plot(at, low, marker="o", markersize=7, color=run.color, markeredgecolor="black", markeredgewidth=0.6,
@@ -389,7 +491,7 @@ def _plot_bytes(runs: list[_Run], out: Path, unit: tuple[str, float]) -> None:
     fig, ax = _figure()
     for run in runs:
         t = [v / scale for v in run.series("sim_time_s")]
-        ax.plot(t, [v / size_scale for v in totals[run.folder]], color=run.color, label=run.label, linewidth=1.8)
+        ax.plot(t, [v / size_scale for v in totals[run.folder]], color=run.color, label=run.legend, linewidth=1.8)
     ax.set_xlim(left=0)
     ax.set_ylim(bottom=0)
     ax.set_xlabel(f"simulated time ({name})")
@@ -581,6 +683,90 @@ def _summary_table(runs: list[_Run]) -> str:
     return "\n".join(lines)
 
 
+def _spread(value: dict | None, fmt: Any) -> str:
+    """``mean ± std`` of a measure over seeds (``mean`` alone for one seed), each part as ``fmt`` writes it."""
+    if not value or value.get("mean") is None:
+        return "—"
+    if value.get("std") is None:
+        return fmt(value["mean"])
+    return f"{fmt(value['mean'])} ± {fmt(value['std'])}"
+
+
+def _p_value(p: float | None) -> str:
+    from hetfl.results.seeds import SIGNIFICANCE
+
+    if p is None:
+        return "n/a"
+    return f"{p:.3g} ({'significant' if p < SIGNIFICANCE else 'not significant'})"
+
+
+def _against_best(vs: dict | None) -> str:
+    """The significance cell: the paired tests of a unit's final accuracy against the best unit's."""
+    if vs is None:
+        return "best (highest mean)"
+    if vs["n"] < 2:
+        return f"n/a (fewer than 2 seeds in common with {vs['best']})"
+    return (f"{100 * vs['mean_diff']:+.1f} pt over {vs['n']} seeds; paired t-test p = {_p_value(vs['ttest_p'])}; "
+            f"Wilcoxon p = {_p_value(vs['wilcoxon_p'])}")
+
+
+def _entries(units: list[_Run | _Group]) -> list[dict[str, Any]]:
+    """Each unit's measures over its seeds (a single run: one seed), with ``vs_best``."""
+    from hetfl.results.seeds import against_best, aggregate
+
+    entries = [unit.entry() if isinstance(unit, _Group) else
+               aggregate(unit.label, [{**unit.summary, "seed": unit.seed}], [unit.folder.name]) for unit in units]
+    against_best(entries)
+    return entries
+
+
+def _accuracy_spread(value: dict) -> str:
+    """``85.8% ± 4.3 pt`` (a spread of accuracies in percentage points), ``85.8%`` for one seed, ``—`` for none."""
+    if value["mean"] is None or value["std"] is None:
+        return format_accuracy(value["mean"])
+    return f"{format_accuracy(value['mean'])} ± {100 * value['std']:.1f} pt"
+
+
+def _seeds_table(units: list[_Run | _Group]) -> str:
+    """One row per seed group (and per lone run): mean ± standard deviation over the seeds, and whether the
+    difference of its final accuracy to the best one's is significant, paired over the seeds both have."""
+    e = html.escape
+    head = ["run", "seeds", "status", "final acc", "best acc", "client acc p10", "time to target", "MB up + down",
+            "wall time", "final acc against the best"]
+    lines = ["<table>", "<tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>"]
+    for unit, entry in zip(units, _entries(units)):
+        swatch = f'<span class="swatch" style="background:{unit.color}"></span>'
+        status, reached = str(entry["status"]), entry["time_to_target_s"]
+        ranked = "vs_best" in entry  # not when no unit has a final accuracy
+        target = "—" if entry["target_accuracy"] is None else \
+            f"{format_duration(reached['mean_s'])} ({reached['reached']} of {reached['n']})"
+        cells = [
+            f"<td>{swatch}{e(unit.label)}</td>",
+            f"<td>{e(', '.join('—' if s is None else str(s) for s in entry['seeds']))}</td>",
+            f'<td class="status-{e(status.split()[0])}">{e(status)}</td>',
+            f'<td class="num{" best" if ranked and entry["vs_best"] is None else ""}">'
+            f"{e(_accuracy_spread(entry['final_accuracy']))}</td>",
+            f'<td class="num">{e(_accuracy_spread(entry["best_accuracy"]))}</td>',
+            f'<td class="num">{e(_accuracy_spread(entry["client_acc_p10"]))}</td>',
+            f'<td class="num">{e(target)}</td>',
+            f'<td class="num">{e(_spread(entry["bytes"], format_mb))}</td>',
+            f'<td class="num">{e(_spread(entry["wall_time_s"], format_duration))}</td>',
+            f"<td>{e(_against_best(entry['vs_best']) if ranked else '—')}</td>",
+        ]
+        lines.append("<tr>" + "".join(cells) + "</tr>")
+    lines.append("</table>")
+    return "\n".join(lines)
+
+
+SEEDS_NOTE = (
+    "Over seeds: mean ± sample standard deviation (n - 1); accuracies in %, their spread in percentage points. Time "
+    "to target: the mean over the seeds that reached it (k of n). Final acc against the best: the difference of the "
+    "mean final accuracy to that of the run with the highest, and two-sided paired tests over the seeds both have "
+    "(scipy.stats.ttest_rel, the paired t-test; scipy.stats.wilcoxon, the signed-rank test), significant when "
+    "p < 0.05; n/a where there are fewer than 2 common seeds, or no differences to test."
+)
+
+
 def _common(runs: list[_Run], key: str, section: str | None = None) -> Any:
     values = set()
     for run in runs:
@@ -591,10 +777,14 @@ def _common(runs: list[_Run], key: str, section: str | None = None) -> Any:
     return values.pop() if len(values) == 1 else None
 
 
-def _html(root: Path, runs: list[_Run], skipped: list[str], images: dict[str, str]) -> str:
+def _html(root: Path, runs: list[_Run], skipped: list[str], images: dict[str, str],
+          units: list[_Run | _Group] | None = None) -> str:
     e = html.escape
     title = f"hetfl report: {root.resolve().name}"
     facts = [f"{len(runs)} run{'s' if len(runs) != 1 else ''}"]
+    groups = [unit for unit in units or [] if isinstance(unit, _Group)]
+    if groups:
+        facts[0] += f" ({len(groups)} group{'s' if len(groups) != 1 else ''} of seeds)"
     dataset = _common(runs, "dataset", "data")
     if dataset:
         facts.append(f"dataset {dataset}")
@@ -621,13 +811,20 @@ def _html(root: Path, runs: list[_Run], skipped: list[str], images: dict[str, st
         f'<p class="meta">{e(" · ".join(facts))}<br><code>{e(str(root.resolve()))}</code></p>',
         *(f'<p class="note">{e(note)}</p>' for note in notes),
         "<h2>Summary</h2>",
+    ]
+    if groups:
+        parts += [_seeds_table(units or []), f'<p class="meta">{e(SEEDS_NOTE)}</p>',
+                  "<details><summary>Each run</summary>"]
+    parts += [
         _summary_table(runs),
         '<p class="meta">Highlighted: the best value of each column (highest accuracy; shortest time; '
         "fewest bytes; least staleness and fast-client idling; the most even participation). Times are "
         "simulated unless marked wall. Fast idle: share of their online time the fastest 10% of devices "
         "spent without a task. Jain particip.: Jain's fairness index of updates per client (1: even).</p>",
-        "<h2>Plots</h2>",
     ]
+    if groups:
+        parts.append("</details>")
+    parts.append("<h2>Plots</h2>")
     for image, caption in images.items():
         parts.append(f'<figure><img src="{image}" alt="{e(caption)}"><figcaption>{e(caption)}</figcaption></figure>')
     parts.append("<h2>Configurations</h2>")
@@ -656,12 +853,15 @@ def render_report(path: Path) -> Path:
             skipped.append(_relative(folder, root))
     if not runs:
         raise HetflError(f"no metrics recorded yet in the runs under {root} ({', '.join(skipped)})")
-    _assign_labels(runs, root)
-    _assign_colors(runs)
+    units = _group_seeds(runs)
+    _label_groups(units, root)
 
     max_time = max((v for run in runs for v in _finite(run.series("sim_time_s"))), default=0.0)
     unit = _time_unit(max_time)
     images = dict(IMAGES)
+    if any(isinstance(unit, _Group) for unit in units):
+        images["accuracy_vs_time.png"] = SEEDS_CAPTION
+        images["accuracy_vs_round.png"] += " Runs that differ only in their seed: one line each, in one colour."
     try:
         _plot_accuracy_vs_time(runs, root / "accuracy_vs_time.png", unit)
         _plot_accuracy_vs_round(runs, root / "accuracy_vs_round.png")
@@ -681,7 +881,7 @@ def render_report(path: Path) -> Path:
             else:
                 (root / image).unlink(missing_ok=True)  # from an earlier report of other runs
         out = root / REPORT_NAME
-        out.write_text(_html(root, runs, skipped, images), encoding="utf-8")
+        out.write_text(_html(root, runs, skipped, images, units), encoding="utf-8")
     except OSError as err:
         raise HetflError(f"{root}: cannot write the report ({err.strerror or err})") from None
     return out
