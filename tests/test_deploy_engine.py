@@ -18,7 +18,8 @@ import torch
 
 from hetfl.config import UpdateNormConfig, load_config
 from hetfl.deploy import federation_pb2 as pb
-from hetfl.deploy.server import Connection, DeployServer, ServerOptions
+from hetfl.deploy.engine import DeployServer, ServerOptions
+from hetfl.deploy.servicer import Connection
 from hetfl.deploy.tokens import TokenTable
 from hetfl.deploy.validate import NormBound, bounded_samples, check_payload
 from hetfl.engine.run import build_federation

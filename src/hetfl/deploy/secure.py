@@ -29,7 +29,7 @@ from hetfl.deploy.secagg import SecureCohort
 from hetfl.strategies.base import Task, Update
 
 if TYPE_CHECKING:
-    from hetfl.deploy.server import DeployServer
+    from hetfl.deploy.engine import DeployServer
 
 log = logging.getLogger("hetfl.server")
 

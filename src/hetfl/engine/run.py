@@ -273,7 +273,7 @@ class Run:
         self, cfg: ExperimentConfig, out: Path, fed: Federation, strategy: Strategy, *, resume: bool, engine: Any = None
     ) -> None:
         """``engine``: the server the strategy runs on, the simulator by default; the deployment server
-        (:mod:`hetfl.deploy.server`) passes itself and gets this run's evaluation, logging and checkpoints."""
+        (:mod:`hetfl.deploy.engine`) passes itself and gets this run's evaluation, logging and checkpoints."""
         self.cfg, self.out, self.fed = cfg, out, fed
         self.tracker = Tracker(cfg.evaluation.target_accuracy)
         self.wall_before = 0.0  # wall seconds spent by earlier processes (resume)
