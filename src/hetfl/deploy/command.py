@@ -41,7 +41,7 @@ def _serve(
     config: str, *, address: str, out: str, overrides: list[str] | None, tokens: str | None, tls_cert: str | None,
     tls_key: str | None, tls_client_ca: str | None, min_clients: int | None, fresh: bool,
 ) -> dict[str, Any]:
-    from hetfl.engine.run import CHECKPOINT, Run, _check_resumable_change, build_federation
+    from hetfl.engine.run import CHECKPOINT, Run, check_resumable_change, build_federation
     from hetfl.results.outdir import check_server_out, clear_run
 
     out_dir = Path(out)
@@ -61,7 +61,7 @@ def _serve(
     if need > len(table.clients):
         raise ConfigError(f"min_clients {need}: the token file {token_file} lets only {len(table.clients)} clients in")
     if resume:  # the federation must be the checkpoint's: compare with the config the run was started with
-        _check_resumable_change(load_config(out_dir / "config.yaml"), cfg)
+        check_resumable_change(load_config(out_dir / "config.yaml"), cfg)
     fed = build_federation(cfg)
     strategy = fed.strategy()
     if not strategy.global_model:

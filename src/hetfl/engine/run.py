@@ -155,9 +155,9 @@ def build_federation(cfg: ExperimentConfig) -> Federation:
     data = SyntheticData(cfg.data, cfg.seed) if cfg.data.dataset == "synthetic" else federate(cfg.data, cfg.seed)
     profiles = build_profiles(cfg.devices, data.n_clients, np.random.default_rng([cfg.seed, 4]))
     torch.manual_seed(cfg.seed)  # initialises the reference model, then each zoo architecture in turn
-    trainer, flops = _trainer(cfg.model, cfg, data)
+    trainer, flops = build_trainer_for(cfg.model, cfg, data)
     if cfg.model.zoo:
-        zoo = [_trainer(arch, cfg, data, key=f"model.zoo.{i}.name") for i, arch in enumerate(cfg.model.zoo)]
+        zoo = [build_trainer_for(arch, cfg, data, key=f"model.zoo.{i}.name") for i, arch in enumerate(cfg.model.zoo)]
         for member, _ in zoo:
             member.reference = trainer
         models = ClientModels([t for t, _ in zoo], [f for _, f in zoo], assign_architectures(cfg.model, profiles))
@@ -196,7 +196,7 @@ def _check_batchable(cfg: ExperimentConfig, models: ClientModels, pool: ClientPo
             )
 
 
-def _trainer(arch, cfg: ExperimentConfig, data: FederatedData, key: str = "model.name") -> tuple[LocalTrainer, float]:
+def build_trainer_for(arch, cfg: ExperimentConfig, data: FederatedData, key: str = "model.name") -> tuple[LocalTrainer, float]:
     """A trainer of architecture ``arch`` (the reference or a zoo member, named by the config key ``key``) and the
     FLOPs of one of its steps.
 
@@ -536,7 +536,7 @@ def resume_experiment(
     with lock_out(out):  # one process per run folder: a second --resume of it is refused
         before = load_config(out / "config.yaml")
         cfg = load_config(out / "config.yaml", overrides)
-        _check_resumable_change(before, cfg)
+        check_resumable_change(before, cfg)
         fed = build_federation(cfg)
         run = Run(cfg, out, fed, fed.strategy(), resume=True)  # validated before anything in ``out`` changes
         (out / "config.yaml").write_text(dump_config(cfg))
@@ -546,7 +546,7 @@ def resume_experiment(
 RESUMABLE = ("rounds", "max_sim_time_s", "checkpoint_every", "threads", "evaluation.", "backend.", "training.state_memory_mb")
 
 
-def _check_resumable_change(before: ExperimentConfig, after: ExperimentConfig) -> None:
+def check_resumable_change(before: ExperimentConfig, after: ExperimentConfig) -> None:
     """Refuse overrides on resume that would change the federation the checkpoint was taken in."""
     old, new = _flatten(before.model_dump(mode="json")), _flatten(after.model_dump(mode="json"))
     for key in sorted(set(old) | set(new)):
