@@ -71,7 +71,8 @@ from hetfl.deploy.servicer import Connection, FederationServicer
 from hetfl.deploy.tokens import TokenTable
 from hetfl.deploy.validate import NormBound, bounded_samples, change_norm, check_payload, check_stats, check_update
 from hetfl.devices import DeviceProfile
-from hetfl.engine.simulator import Counters, task_seed
+from hetfl.engine.core import Counters, EngineCore, EngineState
+from hetfl.engine.simulator import task_seed
 from hetfl.errors import DivergedError, HetflError
 from hetfl.results.fairness import fastest, idle_fractions
 from hetfl.strategies.base import Strategy, Task, Update
@@ -96,14 +97,11 @@ class Timer:
 
 
 @dataclass
-class DeployState:
-    """Everything that changes during a deployed run: what a checkpoint holds."""
+class DeployState(EngineState):
+    """Everything that changes during a deployed run: what a checkpoint holds (the global model, strategy, counters
+    and version of every engine's state, and the deployment's own)."""
 
-    params: torch.Tensor
-    strategy: Strategy
-    counters: Counters
-    server_rng: np.random.Generator
-    version: int = 0
+    server_rng: np.random.Generator | None = None
     elapsed: float = 0.0  # wall seconds of the run when the state was saved
     started: bool = False
     timers: list[tuple[float, int, Timer]] = field(default_factory=list)  # a heap
@@ -153,15 +151,16 @@ class DeployServer:
         self.seed = cfg.seed
         n = cfg.data.n_clients
         median = cfg.devices.compute.median_flops
-        self.state = DeployState(
+        state = DeployState(
             params=strategy.initial_params(fed.trainer),
             strategy=strategy,
             counters=Counters.for_clients(n),
             server_rng=np.random.default_rng([cfg.seed, 1]),
             profiles=[DeviceProfile(c, 1.0, median, math.inf, math.inf, 0.0, tier="not joined") for c in range(n)],
         )
-        self.on_commit: Any = None
-        self.checkpoint_due = False
+        # the global model, strategy, counters and version, and the bookkeeping on them the simulator shares
+        self.core = EngineCore(self, state, commit_log=log, diverged_advice=(
+            "lower training.lr or the strategy's server_lr, or bound updates with deploy.max_update_norm"))
         self.lock = threading.Lock()
         self.events: queue.Queue = queue.Queue()
         self.conns: dict[int, Connection] = {}
@@ -203,6 +202,34 @@ class DeployServer:
         self._warned: set[tuple[int, str]] = set()  # (client, what) warned about once
         self._snapshots = True  # False once the strategy could not be copied (its on_update is then not rolled back)
 
+    # ------------------------------------------------------------------ the state and the core
+    @property
+    def state(self) -> DeployState:
+        """Everything that changes during the run (a checkpoint's); assigning it (a resumed run) replaces it whole."""
+        return self.core.state  # type: ignore[return-value]
+
+    @state.setter
+    def state(self, state: DeployState) -> None:
+        self.core.state = state
+
+    @property
+    def on_commit(self) -> Any:
+        """Called with the server after each aggregation (the run's: evaluates, logs, decides whether to stop)."""
+        return self.core.on_commit
+
+    @on_commit.setter
+    def on_commit(self, callback: Any) -> None:
+        self.core.on_commit = callback
+
+    @property
+    def checkpoint_due(self) -> bool:
+        """An aggregation was committed since the last checkpoint (:meth:`save` clears it)."""
+        return self.core.checkpoint_due
+
+    @checkpoint_due.setter
+    def checkpoint_due(self, due: bool) -> None:
+        self.core.checkpoint_due = due
+
     # ------------------------------------------------------------------ the Server protocol
     @property
     def now(self) -> float:
@@ -210,23 +237,23 @@ class DeployServer:
 
     @property
     def version(self) -> int:
-        return self.state.version
+        return self.core.version
 
     @property
     def params(self) -> torch.Tensor:
-        return self.state.params
+        return self.core.params
 
     @property
     def rng(self) -> np.random.Generator:
-        return self.state.server_rng
+        return self.state.server_rng  # type: ignore[return-value]
 
     @property
     def strategy(self) -> Strategy:
-        return self.state.strategy
+        return self.core.strategy
 
     @property
     def counters(self) -> Counters:
-        return self.state.counters
+        return self.core.counters
 
     @property
     def profiles(self) -> list[DeviceProfile]:
@@ -299,9 +326,7 @@ class DeployServer:
         if conn is None or not conn.alive:
             raise RuntimeError(f"client {client_id} is not connected")
         steps = self.default_steps(client_id) if steps is None else steps
-        task = st.counters.new_task(client_id, st.version, st.params, steps, self.now, payload, options)
-        task.bytes_up = st.strategy.transfer_bytes(self, task)[1]
-        task.flops = st.strategy.task_flops(self, task)
+        task, _ = self.core.new_task(client_id, steps, payload, options)  # the download is counted as encoded (_send)
         st.busy[client_id] = task
         if self._journal is not None:
             self._journal.append(("dispatch", task))
@@ -351,21 +376,9 @@ class DeployServer:
         handle.cancelled = True
 
     def commit(self, params: torch.Tensor, updates: list[Update], *, dropped: int = 0) -> None:
-        if not torch.isfinite(params).all():
-            raise DivergedError(
-                f"the global model became non-finite at aggregation {self.version + 1}; "
-                "lower training.lr or the strategy's server_lr, or bound updates with deploy.max_update_norm"
-            )
-        st = self.state
-        if self._journal is not None:
-            self._journal.append(("commit",))
-        st.counters.count_commit(st.version, updates, dropped)
-        st.params = params
-        st.version += 1
-        self.checkpoint_due = True
-        log.info("aggregation %d: %d update(s)%s", st.version, len(updates), f", {dropped} dropped" if dropped else "")
-        if self.on_commit is not None:
-            self.on_commit(self)
+        """The core's commit (:meth:`EngineCore.commit`), which logs the aggregation; a hook's call (:meth:`_call`)
+        that committed is one whose version moved."""
+        self.core.commit(params, updates, dropped)
 
     # ------------------------------------------------------------------ what Run asks of an engine
     def engine_metrics(self) -> dict[str, Any]:
@@ -380,15 +393,13 @@ class DeployServer:
         }
 
     def busy_time(self) -> np.ndarray:
-        busy = self.state.counters.busy_s.copy()
-        for client, task in self.state.busy.items():
-            busy[client] += self.now - task.dispatched_at
-        return busy
+        """Wall seconds each client has spent with a task since the run began (tasks in flight included)."""
+        return self.core.busy_time(self.state.busy.values())
 
     def fairness(self, *, window: bool = True) -> dict[str, Any]:
         # online time: a deployment does not know when a device was reachable but idle; the run's duration is it
         idle = idle_fractions(self.busy_time(), np.full(self.n_clients, self.now))
-        return self.state.counters.fairness(idle, fastest([p.flops for p in self.profiles]), window=window)
+        return self.core.fairness(idle, fastest([p.flops for p in self.profiles]), window=window)
 
     def personal_model(self, client_id: int) -> None:
         return None  # a client's own state stays on the client: the server scores the global model
@@ -425,7 +436,7 @@ class DeployServer:
         """``task`` is over (arrived, failed or cancelled): free its client, drop its unsent stream."""
         st = self.state
         del st.busy[task.client_id]
-        st.counters.busy_s[task.client_id] += self.now - task.dispatched_at
+        self.core.task_over(task)
         with self.lock:
             self.outgoing.pop(task.task_id, None)
             self.handed_out.discard(task.task_id)
@@ -480,9 +491,10 @@ class DeployServer:
                 log.warning("strategy %s cannot be copied (pickle): an update its on_update fails on is rejected, but "
                             "its state is kept as the hook left it", strategy.name)
         self._journal = journal = []
+        version = self.state.version  # a call that moved it committed an aggregation
         try:
             getattr(strategy, hook)(self, *args)
-            return None, any(e[0] == "commit" for e in journal)
+            return None, self.state.version != version
         except DivergedError as err:
             if not transactional:
                 raise
@@ -491,7 +503,7 @@ class DeployServer:
             error = _one_line(err)
         finally:
             self._journal = None
-        committed = any(e[0] == "commit" for e in journal)
+        committed = self.state.version != version
         if transactional and snapshot is not None and not committed:
             _restore(strategy, snapshot)
             cancelled = self._undo(journal)
@@ -636,10 +648,9 @@ class DeployServer:
             self.reject(task, reason)
             return False, reason
         self._forget(task)
-        update = Update(
-            task=task, params=params, n_samples=self.num_samples(client_id), steps=int(header.steps),
-            loss=float(header.loss), arrived_at=self.now, payload=payload,
-            stats={**st.client_stats.get(client_id, {}), **stats}, arrived_version=st.version,
+        update = self.core.make_update(
+            task, params, n_samples=self.num_samples(client_id), steps=int(header.steps), loss=float(header.loss),
+            payload=payload, stats={**st.client_stats.get(client_id, {}), **stats},
         )
         accepted, reason = self._deliver(update)
         if accepted:

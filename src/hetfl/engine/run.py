@@ -27,6 +27,7 @@ from hetfl.data.synthetic import SyntheticData, SyntheticPool
 from hetfl.devices import DeviceTable, build_profiles
 from hetfl.devices.byzantine import Byzantine
 from hetfl.engine.backends import build_backend, code_roots
+from hetfl.engine.core import Engine
 from hetfl.engine.simulator import ClientModels, ClientPool, Simulator
 from hetfl.engine.store import memory_budget
 from hetfl.errors import ConfigError, DivergedError, HetflError
@@ -270,13 +271,15 @@ class Run:
     """A run directory being written: evaluation, logging, checkpoints and the summary."""
 
     def __init__(
-        self, cfg: ExperimentConfig, out: Path, fed: Federation, strategy: Strategy, *, resume: bool, engine: Any = None
+        self, cfg: ExperimentConfig, out: Path, fed: Federation, strategy: Strategy, *, resume: bool,
+        engine: Engine | None = None,
     ) -> None:
         """``engine``: the server the strategy runs on, the simulator by default; the deployment server
         (:mod:`hetfl.deploy.engine`) passes itself and gets this run's evaluation, logging and checkpoints."""
         self.cfg, self.out, self.fed = cfg, out, fed
         self.tracker = Tracker(cfg.evaluation.target_accuracy)
         self.wall_before = 0.0  # wall seconds spent by earlier processes (resume)
+        self.sim: Engine  # the simulator, or the deployment server; :meth:`execute` drives the simulator only
         if engine is None:
             self.sim = fed.simulator(strategy, on_commit=self._on_commit)  # on resume, the checkpoint's replaces it
         else:
@@ -337,7 +340,7 @@ class Run:
         self.tracker.observe(record)
         return record
 
-    def _on_commit(self, sim: Simulator) -> None:
+    def _on_commit(self, sim: Engine) -> None:
         cfg = self.cfg
         last_round = sim.version >= cfg.rounds
         if sim.version % cfg.evaluation.every == 0 or last_round:
@@ -382,6 +385,8 @@ class Run:
     def execute(self, show_progress: bool = True, console: Console | None = None) -> dict[str, Any]:
         status = "completed"
         sim, every = self.sim, self.cfg.checkpoint_every
+        if not isinstance(sim, Simulator):
+            raise TypeError(f"Run.execute drives the simulator, not a {type(sim).__name__} (which runs itself)")
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[where]}  acc {task.fields[acc]}"),
             TimeElapsedColumn(), console=console, disable=not show_progress, transient=False,
@@ -407,8 +412,7 @@ class Run:
             self.finish("diverged")
             raise
         finally:
-            if isinstance(sim, Simulator):
-                sim.close()  # the backend's workers (a local Ray it started) are released, whatever happened
+            sim.close()  # the backend's workers (a local Ray it started) are released, whatever happened
         if status == "completed":
             if sim.stop_reason == "stalled":
                 status = "stalled"
