@@ -39,8 +39,8 @@ Evaluation, ``metrics.jsonl``, ``summary.json`` and checkpoints are the simulato
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import io
+import itertools
 import json
 import logging
 import math
@@ -71,6 +71,7 @@ from hetfl.deploy.servicer import Connection, FederationServicer
 from hetfl.deploy.tokens import TokenTable
 from hetfl.deploy.validate import NormBound, bounded_samples, change_norm, check_payload, check_stats, check_update
 from hetfl.devices import DeviceProfile
+from hetfl.engine.clock import Event, EventQueue
 from hetfl.engine.core import Counters, EngineCore, EngineState
 from hetfl.engine.simulator import task_seed
 from hetfl.errors import DivergedError, HetflError
@@ -88,15 +89,6 @@ OUTLIER_CLAIM = 10.0  # a claimed sample count this many times the others' media
 
 
 @dataclass
-class Timer:
-    """A strategy's timer (the handle ``set_timer`` returns)."""
-
-    at: float
-    tag: str
-    cancelled: bool = False
-
-
-@dataclass
 class DeployState(EngineState):
     """Everything that changes during a deployed run: what a checkpoint holds (the global model, strategy, counters
     and version of every engine's state, and the deployment's own)."""
@@ -104,8 +96,7 @@ class DeployState(EngineState):
     server_rng: np.random.Generator | None = None
     elapsed: float = 0.0  # wall seconds of the run when the state was saved
     started: bool = False
-    timers: list[tuple[float, int, Timer]] = field(default_factory=list)  # a heap
-    timer_seq: int = 0
+    timers: EventQueue = field(default_factory=EventQueue)  # the strategy's timers (events of kind "timer")
     busy: dict[int, Task] = field(default_factory=dict)  # client -> its task in flight
     n_samples: dict[int, int] = field(default_factory=dict)  # as each client reported at its first join
     client_stats: dict[int, dict[str, float]] = field(default_factory=dict)  # label entropy, labels present
@@ -201,6 +192,7 @@ class DeployServer:
         self._interrupted = threading.Event()  # SIGINT or SIGTERM: stop at the next engine step, save, keep clients
         self._warned: set[tuple[int, str]] = set()  # (client, what) warned about once
         self._snapshots = True  # False once the strategy could not be copied (its on_update is then not rolled back)
+        self._control_keys = itertools.count(-1, -1)  # outgoing keys of messages without tensors (send_control)
 
     # ------------------------------------------------------------------ the state and the core
     @property
@@ -361,19 +353,16 @@ class DeployServer:
             if self._journal is not None:
                 self._journal.append(("cancel", task))
 
-    def set_timer(self, at: float, tag: str) -> Timer:
-        st = self.state
-        timer = Timer(max(at, self.now), tag)
-        heapq.heappush(st.timers, (timer.at, st.timer_seq, timer))
-        st.timer_seq += 1
+    def set_timer(self, at: float, tag: str) -> Event:
+        timer = self.state.timers.push(max(at, self.now), "timer", tag)
         if self._journal is not None:
             self._journal.append(("timer", timer))
         return timer
 
-    def cancel_timer(self, handle: Timer) -> None:
+    def cancel_timer(self, handle: Event) -> None:
         if self._journal is not None:
             self._journal.append(("cancel_timer", handle, handle.cancelled))
-        handle.cancelled = True
+        EventQueue.cancel(handle)  # it stays in the queue until it reaches the top: a failed hook's undo revives it
 
     def commit(self, params: torch.Tensor, updates: list[Update], *, dropped: int = 0) -> None:
         """The core's commit (:meth:`EngineCore.commit`), which logs the aggregation; a hook's call (:meth:`_call`)
@@ -424,8 +413,7 @@ class DeployServer:
 
     def send_control(self, client_id: int, header: pb.TaskHeader) -> None:
         """Queue a message without tensors (secure aggregation's unmasking request) for a client's next poll."""
-        key = -1 - self.state.timer_seq  # negative ids never collide with task ids
-        self.state.timer_seq += 1
+        key = next(self._control_keys)  # negative ids never collide with task ids
         with self.lock:
             self.outgoing[key] = [pb.Chunk(task=header)]
             conn = self.conns.get(client_id)
@@ -531,9 +519,9 @@ class DeployServer:
                     if self.secagg is not None:
                         self.secagg.failed(task)
             elif kind == "timer":
-                entry[1].cancelled = True
+                EventQueue.cancel(entry[1])
             elif kind == "cancel_timer":
-                entry[1].cancelled = entry[2]
+                entry[1].cancelled = entry[2]  # revived: a cancelled timer is still in the queue (no step ran since)
             elif kind == "cancel":
                 cancelled.append(entry[1])
         return [t for t in reversed(cancelled) if t.task_id not in withdrawn]
@@ -748,11 +736,14 @@ class DeployServer:
                       timed_out=True)
 
     def _fire_timers(self) -> None:
+        """The strategy's timers that are due, in order (ties: first set, first fired), until the run stops."""
         timers = self.state.timers
-        while timers and timers[0][0] <= self.now and not self.stopping:
-            _, _, timer = heapq.heappop(timers)
-            if not timer.cancelled:
-                self._call("on_timer", timer.tag, context=f"timer '{timer.tag}'")
+        while not self.stopping:
+            timer = timers.peek()
+            if timer is None or timer.time > self.now:
+                return
+            timers.pop()
+            self._call("on_timer", timer.data, context=f"timer '{timer.data}'")
 
     def _handle(self, event: tuple) -> None:
         kind = event[0]
@@ -816,7 +807,7 @@ class DeployServer:
             if not self._interrupted.is_set():
                 if self._resumed:
                     self._resume_tasks()
-                    if not self.state.busy and not any(not t.cancelled for _, _, t in self.state.timers):
+                    if not self.state.busy and self.state.timers.peek() is None:
                         self.state.strategy.start(self)  # nothing pending: begin again from the restored model
                 elif not self.state.started:
                     self.state.started = True
@@ -828,8 +819,9 @@ class DeployServer:
             while not self.stopping and not self._interrupted.is_set():
                 self._tick()
                 wait = TICK_S
-                if self.state.timers:
-                    wait = max(0.0, min(wait, self.state.timers[0][0] - self.now))
+                timer = self.state.timers.peek()
+                if timer is not None:
+                    wait = max(0.0, min(wait, timer.time - self.now))
                 try:
                     event = self.events.get(timeout=wait)
                 except queue.Empty:
@@ -844,7 +836,7 @@ class DeployServer:
                     self.save()
                 if self.cfg.max_sim_time_s is not None and self.now > self.cfg.max_sim_time_s:
                     self.stop("time limit")
-                pending = self.state.busy or any(not t.cancelled for _, _, t in self.state.timers)
+                pending = self.state.busy or self.state.timers.peek() is not None
                 if pending or event is not None:
                     idle_since = None
                 elif idle_since is None:
@@ -1047,7 +1039,7 @@ def _shared(obj: Any) -> bool:
     """What a strategy snapshot shares with the live strategy instead of copying (:func:`_snapshot`)."""
     from hetfl.training import LocalTrainer
 
-    return isinstance(obj, (torch.Tensor, torch.nn.Module, Task, Timer, LocalTrainer, DeployServer))
+    return isinstance(obj, (torch.Tensor, torch.nn.Module, Task, Event, LocalTrainer, DeployServer))
 
 
 def _snapshot(strategy: Strategy) -> tuple[bytes, list] | None:
