@@ -132,7 +132,10 @@ class ServerOptions:
 
 
 class DeployServer:
-    """Runs ``strategy`` with real clients; implements :class:`hetfl.strategies.base.Server`."""
+    """Runs ``strategy`` with real clients; implements :class:`hetfl.strategies.base.Server`.
+
+    The bookkeeping it shares with the simulator (tasks counted and priced, updates built, aggregations committed,
+    busy time, fairness) is its :class:`~hetfl.engine.core.EngineCore` (``core``), on its :class:`DeployState`."""
 
     def __init__(self, cfg: ExperimentConfig, fed: Any, strategy: Strategy, options: ServerOptions) -> None:
         self.cfg, self.fed, self.options = cfg, fed, options

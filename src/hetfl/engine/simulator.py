@@ -330,6 +330,16 @@ class Simulator:
         """Where per-client tensors live under the memory budget (client states; FedStale's memory)."""
         return self.state.client_state.store
 
+    @property
+    def client_states(self) -> ClientStates:
+        """Each client's state between its tasks (SCAFFOLD's ``c_i``, Ditto's ``v``...), in :attr:`client_store`."""
+        return self.state.client_state
+
+    def in_flight(self) -> list[Event]:
+        """The events that end the tasks in flight, one per busy client: its task's ``arrival``, or the ``failure``
+        that loses it (the task is ``event.data``)."""
+        return list(self.state.busy.values())
+
     def step_flops(self, client_id: int) -> float:
         """FLOPs of one local step of ``client_id``'s architecture."""
         return self.models.flops(client_id)
