@@ -18,7 +18,8 @@ import torch
 
 from hetfl.config import UpdateNormConfig, load_config
 from hetfl.deploy import federation_pb2 as pb
-from hetfl.deploy.server import Connection, DeployServer, ServerOptions
+from hetfl.deploy.engine import DeployServer, ServerOptions
+from hetfl.deploy.servicer import Connection
 from hetfl.deploy.tokens import TokenTable
 from hetfl.deploy.validate import NormBound, bounded_samples, check_payload
 from hetfl.engine.run import build_federation
@@ -102,7 +103,7 @@ def test_an_update_the_strategy_fails_on_is_rejected_and_its_state_restored(tmp_
     server = _engine(tmp_path, strategy=Fragile(clients_per_round=N_CLIENTS))
     strategy = server.strategy
     pending_before = dict(strategy._pending)
-    timers_before = len(server.state.timers)
+    timers_before = len(server.state.timers)  # live ones
     with caplog.at_level(logging.WARNING, logger="hetfl.server"):
         ok, reason = _send(server, 0, stats='{"boom": 1}')
     assert not ok and reason == "the strategy failed on it (RuntimeError: boom on two lines)"
@@ -110,7 +111,7 @@ def test_an_update_the_strategy_fails_on_is_rejected_and_its_state_restored(tmp_
     assert server.strategy is strategy and strategy._received == []  # restored in place, then told the task failed
     assert set(strategy._pending) == set(pending_before) - {0} and strategy._dropped == 1
     assert not hasattr(strategy, "extra")
-    assert [t for _, _, t in server.state.timers[timers_before:] if not t.cancelled] == []  # its timer withdrawn
+    assert len(server.state.timers) == timers_before  # its timer withdrawn
     assert server.state.rejected == 1 and server.counters.trained_steps == 0
     for c in (1, 2):
         assert _send(server, c) == (True, "")
@@ -122,6 +123,41 @@ def test_an_update_the_strategy_fails_on_is_rejected_and_its_state_restored(tmp_
     assert server.version == 1 and server.counters.updates == 3 and server.state.rejected == 2
     assert len(server.state.busy) == N_CLIENTS  # the next round went out
     assert "strategy fragile: on_update raised ValueError: cannot aggregate this" in caplog.text
+
+
+class Forgetful(FedAvg):
+    """FedAvg with an alarm set at its start, which an update carrying the statistic ``boom`` cancels before it
+    raises: the failed call's cancellation must be undone, so the alarm still fires."""
+
+    name = "forgetful"
+
+    def start(self, server):
+        super().start(server)
+        self.alarm, self.rang = server.set_timer(server.now + 1.0, "alarm"), []
+
+    def on_timer(self, server, tag):
+        if tag == "alarm":
+            self.rang.append(server.now)
+        else:
+            super().on_timer(server, tag)
+
+    def on_update(self, server, update):
+        if update.stats.get("boom"):
+            server.cancel_timer(self.alarm)
+            raise RuntimeError("boom")
+        super().on_update(server, update)
+
+
+def test_a_timer_cancelled_by_a_hook_that_raises_is_revived_and_fires(tmp_path, caplog):
+    server = _engine(tmp_path, strategy=Forgetful(clients_per_round=N_CLIENTS))
+    alarm = server.strategy.alarm
+    with caplog.at_level(logging.WARNING, logger="hetfl.server"):
+        ok, reason = _send(server, 0, stats='{"boom": 1}')
+    assert not ok and reason == "the strategy failed on it (RuntimeError: boom)"
+    assert server.strategy.alarm is alarm and not alarm.cancelled and server.state.timers.peek() is alarm
+    server._now = alarm.time + 0.5  # the clock moves past it
+    server._fire_timers()
+    assert server.strategy.rang == [alarm.time + 0.5] and server.state.timers.peek() is None
 
 
 def test_a_claimed_sample_count_is_bounded_by_the_registered_count_and_max_samples(tmp_path, caplog):

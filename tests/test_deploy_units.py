@@ -200,7 +200,7 @@ def test_secure_rounds_unmask_a_dropped_member_and_hand_fedavg_the_survivors_mea
     from hetfl.config import DeployConfig
     from hetfl.deploy.secagg import MaskingClient
     from hetfl.deploy.secure import SecureRounds
-    from hetfl.engine.simulator import Counters
+    from hetfl.engine.core import Counters, EngineCore
     from hetfl.strategies.base import Task
 
     received, failed, controls = [], [], []
@@ -212,10 +212,12 @@ def test_secure_rounds_unmask_a_dropped_member_and_hand_fedavg_the_survivors_mea
     server = SimpleNamespace(
         deploy=DeployConfig(), lock=threading.Lock(), handed_out=set(), now=1.0, version=0,
         conns={c: SimpleNamespace(public_key=keys[c].public_key) for c in range(3)},
-        state=SimpleNamespace(busy=dict(tasks), client_stats={}, counters=Counters.for_clients(3), strategy=strategy),
+        state=SimpleNamespace(busy=dict(tasks), client_stats={}, counters=Counters.for_clients(3), strategy=strategy,
+                              version=0),
         num_samples=lambda c: [10, 20, 30][c],
         send_control=lambda c, header: controls.append((c, _json.loads(header.secagg_json))),
     )
+    server.core = EngineCore(server, server.state, diverged_advice="")  # builds the updates
     server._forget = lambda task: server.state.busy.pop(task.client_id)
     server._deliver = lambda update: (strategy.on_update(server, update), (True, ""))[1]
 

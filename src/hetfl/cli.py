@@ -534,7 +534,7 @@ def cmd_tokens(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from hetfl.deploy.server import serve_command
+    from hetfl.deploy.command import serve_command
 
     summary = serve_command(
         args.config, address=args.address, out=args.out, overrides=args.set, tokens=args.tokens,

@@ -111,21 +111,21 @@ def load_data(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def build_trainer(cfg: ExperimentConfig, setup: dict[str, Any]) -> LocalTrainer:
-    """The client's trainer, built as the simulator builds it (:func:`hetfl.engine.run.build_federation`,
-    with its ``_trainer``): the same seed, the reference architecture first, then each zoo member; this
-    client's architecture is ``setup['architecture']``."""
+    """The client's trainer, built as the simulator builds it (:func:`hetfl.engine.run.build_federation`, with
+    :func:`~hetfl.engine.run.build_trainer_for`): the same seed, the reference architecture first, then each zoo
+    member; this client's architecture is ``setup['architecture']``."""
     from types import SimpleNamespace
 
-    from hetfl.engine.run import _trainer
+    from hetfl.engine.run import build_trainer_for
 
     data = SimpleNamespace(input_shape=tuple(setup["input_shape"]), n_classes=int(setup["n_classes"]),
                            vocab_size=setup.get("vocab_size"))
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    reference, _ = _trainer(cfg.model, cfg, data)
+    reference, _ = build_trainer_for(cfg.model, cfg, data)
     if not cfg.model.zoo:
         return reference
-    members = [_trainer(arch, cfg, data, key=f"model.zoo.{i}.name")[0] for i, arch in enumerate(cfg.model.zoo)]
+    members = [build_trainer_for(arch, cfg, data, key=f"model.zoo.{i}.name")[0] for i, arch in enumerate(cfg.model.zoo)]
     for member in members:
         member.reference = reference
     return members[int(setup["architecture"])]

@@ -26,10 +26,10 @@ import torch
 
 from hetfl.deploy import federation_pb2 as pb
 from hetfl.deploy.secagg import SecureCohort
-from hetfl.strategies.base import Task, Update
+from hetfl.strategies.base import Task
 
 if TYPE_CHECKING:
-    from hetfl.deploy.server import DeployServer
+    from hetfl.deploy.engine import DeployServer
 
 log = logging.getLogger("hetfl.server")
 
@@ -170,8 +170,8 @@ class SecureRounds:
                 continue
             s._forget(task)
             steps, loss = cohort.reported[c]
-            update = Update(task=task, params=params, n_samples=cohort.arrived[c], steps=steps, loss=loss,
-                            arrived_at=s.now, stats=dict(s.state.client_stats.get(c, {})), arrived_version=s.version)
+            update = s.core.make_update(task, params, n_samples=cohort.arrived[c], steps=steps, loss=loss,
+                                        stats=dict(s.state.client_stats.get(c, {})))
             s._deliver(update)  # on_update, guarded: a strategy's failure rejects this update only
 
     def _abandon(self, cohort: Cohort, reason: str) -> None:

@@ -107,13 +107,13 @@ class InProcess(Backend):
         trainer = sim.models.trainer(task.client_id)
         result = self._train_batched(task, data, trainer)
         if result is None:
-            result = sim.state.strategy.client_train(trainer, task, data, state, sim.task_seed(task.task_id))
+            result = sim.strategy.client_train(trainer, task, data, state, sim.task_seed(task.task_id))
         return result
 
     def forget(self, task: Task) -> None:
         cached = self._trained.pop(task.task_id, None)
         if cached is not None and cached[0] is task:
-            self.sim.state.counters.wasted_steps += self.sim.state.strategy.compute_steps(cached[1].steps)
+            self.sim.counters.wasted_steps += self.sim.strategy.compute_steps(cached[1].steps)
 
     def _train_batched(self, task: Task, data: ClientData, trainer: LocalTrainer) -> ClientResult | None:
         """``task``'s result from a batch (trained now or earlier), or None: train it on its own.
@@ -129,13 +129,13 @@ class InProcess(Backend):
         if cached is not None and cached[0] is task:  # (another task object: a state restored from a checkpoint)
             return ClientResult(cached[1].params, cached[1].steps, cached[1].loss)
         sim = self.sim
-        strategy = sim.state.strategy
+        strategy = sim.strategy
         options = strategy.local_training(task)
         if options is None:
             return None
         key = _options_key(options)
         group, group_options = [task], [options]
-        for event in sim.state.busy.values():
+        for event in sim.in_flight():
             other: Task = event.data
             if event.kind != "arrival" or other is task or sim.models.trainer(other.client_id) is not trainer:
                 continue
@@ -302,7 +302,7 @@ class ClientSide:
         models = np.array([index[id(t)] for t in sim.models.trainers], dtype=np.int64)
         from ray import cloudpickle  # a strategy class defined in a script (__main__) travels by value
 
-        return cls(cloudpickle.dumps(sim.state.strategy), specs, models[sim.models.of_client], sim.pool, threads)
+        return cls(cloudpickle.dumps(sim.strategy), specs, models[sim.models.of_client], sim.pool, threads)
 
     def unpack(self) -> "_Worker":
         trainers = []
@@ -478,7 +478,7 @@ class RayBackend(Backend):
         # finishing and can abort the driver (Ray's "Tried to complete task that was not pending" check, seen
         # here with Ray 2.60; ray-project/ray#54798), so a cancelled task runs to its end and is wasted.
         del ref
-        self.sim.state.counters.wasted_steps += self.sim.state.strategy.compute_steps(task.steps)
+        self.sim.counters.wasted_steps += self.sim.strategy.compute_steps(task.steps)
 
     def close(self) -> None:
         self._futures.clear()
@@ -501,8 +501,7 @@ class RayBackend(Backend):
         stale = self._futures.get(task.task_id)
         if stale is not None:  # another task object of the same id (a state restored from a checkpoint)
             self._release(stale[2])
-        st = self.sim.state
-        state = st.client_state.get(task.client_id, {})
+        state = self.sim.client_states.get(task.client_id, {})
         tensors = [task.params, *task.payload.values()]
         refs = [self._shared(t) for t in tensors]
         stub = dataclasses.replace(task, params=torch.empty(0), payload=dict.fromkeys(task.payload))
@@ -512,7 +511,7 @@ class RayBackend(Backend):
 
     def _submit_in_flight(self) -> None:
         """Submit every in-flight task that will arrive and has no Ray task of its own (after a resume)."""
-        for event in list(self.sim.state.busy.values()):
+        for event in self.sim.in_flight():
             task: Task = event.data
             entry = self._futures.get(task.task_id)
             if event.kind == "arrival" and (entry is None or entry[0] is not task):

@@ -27,6 +27,7 @@ from hetfl.data.synthetic import SyntheticData, SyntheticPool
 from hetfl.devices import DeviceTable, build_profiles
 from hetfl.devices.byzantine import Byzantine
 from hetfl.engine.backends import build_backend, code_roots
+from hetfl.engine.core import Engine
 from hetfl.engine.simulator import ClientModels, ClientPool, Simulator
 from hetfl.engine.store import memory_budget
 from hetfl.errors import ConfigError, DivergedError, HetflError
@@ -155,9 +156,9 @@ def build_federation(cfg: ExperimentConfig) -> Federation:
     data = SyntheticData(cfg.data, cfg.seed) if cfg.data.dataset == "synthetic" else federate(cfg.data, cfg.seed)
     profiles = build_profiles(cfg.devices, data.n_clients, np.random.default_rng([cfg.seed, 4]))
     torch.manual_seed(cfg.seed)  # initialises the reference model, then each zoo architecture in turn
-    trainer, flops = _trainer(cfg.model, cfg, data)
+    trainer, flops = build_trainer_for(cfg.model, cfg, data)
     if cfg.model.zoo:
-        zoo = [_trainer(arch, cfg, data, key=f"model.zoo.{i}.name") for i, arch in enumerate(cfg.model.zoo)]
+        zoo = [build_trainer_for(arch, cfg, data, key=f"model.zoo.{i}.name") for i, arch in enumerate(cfg.model.zoo)]
         for member, _ in zoo:
             member.reference = trainer
         models = ClientModels([t for t, _ in zoo], [f for _, f in zoo], assign_architectures(cfg.model, profiles))
@@ -196,7 +197,7 @@ def _check_batchable(cfg: ExperimentConfig, models: ClientModels, pool: ClientPo
             )
 
 
-def _trainer(arch, cfg: ExperimentConfig, data: FederatedData, key: str = "model.name") -> tuple[LocalTrainer, float]:
+def build_trainer_for(arch, cfg: ExperimentConfig, data: FederatedData, key: str = "model.name") -> tuple[LocalTrainer, float]:
     """A trainer of architecture ``arch`` (the reference or a zoo member, named by the config key ``key``) and the
     FLOPs of one of its steps.
 
@@ -270,13 +271,15 @@ class Run:
     """A run directory being written: evaluation, logging, checkpoints and the summary."""
 
     def __init__(
-        self, cfg: ExperimentConfig, out: Path, fed: Federation, strategy: Strategy, *, resume: bool, engine: Any = None
+        self, cfg: ExperimentConfig, out: Path, fed: Federation, strategy: Strategy, *, resume: bool,
+        engine: Engine | None = None,
     ) -> None:
         """``engine``: the server the strategy runs on, the simulator by default; the deployment server
-        (:mod:`hetfl.deploy.server`) passes itself and gets this run's evaluation, logging and checkpoints."""
+        (:mod:`hetfl.deploy.engine`) passes itself and gets this run's evaluation, logging and checkpoints."""
         self.cfg, self.out, self.fed = cfg, out, fed
         self.tracker = Tracker(cfg.evaluation.target_accuracy)
         self.wall_before = 0.0  # wall seconds spent by earlier processes (resume)
+        self.sim: Engine  # the simulator, or the deployment server; :meth:`execute` drives the simulator only
         if engine is None:
             self.sim = fed.simulator(strategy, on_commit=self._on_commit)  # on resume, the checkpoint's replaces it
         else:
@@ -337,7 +340,7 @@ class Run:
         self.tracker.observe(record)
         return record
 
-    def _on_commit(self, sim: Simulator) -> None:
+    def _on_commit(self, sim: Engine) -> None:
         cfg = self.cfg
         last_round = sim.version >= cfg.rounds
         if sim.version % cfg.evaluation.every == 0 or last_round:
@@ -382,6 +385,8 @@ class Run:
     def execute(self, show_progress: bool = True, console: Console | None = None) -> dict[str, Any]:
         status = "completed"
         sim, every = self.sim, self.cfg.checkpoint_every
+        if not isinstance(sim, Simulator):
+            raise TypeError(f"Run.execute drives the simulator, not a {type(sim).__name__} (which runs itself)")
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[where]}  acc {task.fields[acc]}"),
             TimeElapsedColumn(), console=console, disable=not show_progress, transient=False,
@@ -407,8 +412,7 @@ class Run:
             self.finish("diverged")
             raise
         finally:
-            if isinstance(sim, Simulator):
-                sim.close()  # the backend's workers (a local Ray it started) are released, whatever happened
+            sim.close()  # the backend's workers (a local Ray it started) are released, whatever happened
         if status == "completed":
             if sim.stop_reason == "stalled":
                 status = "stalled"
@@ -536,7 +540,7 @@ def resume_experiment(
     with lock_out(out):  # one process per run folder: a second --resume of it is refused
         before = load_config(out / "config.yaml")
         cfg = load_config(out / "config.yaml", overrides)
-        _check_resumable_change(before, cfg)
+        check_resumable_change(before, cfg)
         fed = build_federation(cfg)
         run = Run(cfg, out, fed, fed.strategy(), resume=True)  # validated before anything in ``out`` changes
         (out / "config.yaml").write_text(dump_config(cfg))
@@ -546,7 +550,7 @@ def resume_experiment(
 RESUMABLE = ("rounds", "max_sim_time_s", "checkpoint_every", "threads", "evaluation.", "backend.", "training.state_memory_mb")
 
 
-def _check_resumable_change(before: ExperimentConfig, after: ExperimentConfig) -> None:
+def check_resumable_change(before: ExperimentConfig, after: ExperimentConfig) -> None:
     """Refuse overrides on resume that would change the federation the checkpoint was taken in."""
     old, new = _flatten(before.model_dump(mode="json")), _flatten(after.model_dump(mode="json"))
     for key in sorted(set(old) | set(new)):

@@ -19,9 +19,11 @@ How a task flows:
    logs and decides whether to stop. Checkpoints are taken between events, when state is whole.
 
 Along the way the simulator counts, in O(1) per event, what the staleness and fairness metrics
-need (:class:`Counters`): the staleness of every aggregated update at its commit, aggregated
-updates and dispatched tasks per client, and the simulated seconds each client spent with a task.
+need (:class:`~hetfl.engine.core.Counters`): the staleness of every aggregated update at its commit,
+aggregated updates and dispatched tasks per client, and the simulated seconds each client spent with a task.
 :meth:`Simulator.fairness` turns them into the numbers of an evaluation record (``docs/metrics.md``).
+That bookkeeping (tasks counted and priced, updates built, aggregations committed, busy time) is the
+:class:`~hetfl.engine.core.EngineCore` the simulator holds, as the deployment server holds one.
 
 Simulated time (what a deployment would take) is ``now``; wall time is measured by the caller.
 """
@@ -41,9 +43,9 @@ from hetfl.devices import DeviceProfile, DeviceTable, task_timing
 from hetfl.devices.byzantine import Byzantine
 from hetfl.engine.backends import Backend, InProcess
 from hetfl.engine.clock import Event, EventQueue
+from hetfl.engine.core import Counters, EngineCore, EngineState
 from hetfl.engine.store import ClientStates, ParamStore, memory_budget
-from hetfl.errors import DivergedError
-from hetfl.results.fairness import fastest, idle_fractions, jain_index, mean_or_none, staleness_stats
+from hetfl.results.fairness import fastest, idle_fractions
 from hetfl.strategies.base import ClientData, Strategy, Task, Update, client_report
 from hetfl.training import LocalTrainer
 
@@ -159,99 +161,14 @@ class ClientModels:
         return self.flops_per_step[self.of_client[client_id]]
 
 
-def _zeros(dtype: type = np.int64) -> np.ndarray:
-    return np.zeros(0, dtype=dtype)
-
-
 @dataclass
-class Counters:
-    """What the run has done so far; the per-client arrays are sized by :meth:`for_clients`."""
+class SimState(EngineState):
+    """Everything that changes during a run: what a checkpoint holds (the global model, strategy, counters and
+    version of every engine's state, and the simulator's own)."""
 
-    bytes_up: int = 0
-    bytes_down: int = 0
-    updates: int = 0  # client updates aggregated
-    dropped: int = 0  # updates a strategy gave up on (late, lost)
-    failed: int = 0  # tasks lost by clients (dropout, offline)
-    cancelled: int = 0  # tasks the strategy gave up on before they arrived (never trained)
-    arrived: int = 0  # tasks whose update reached the server (trained)
-    tasks: int = 0  # tasks dispatched
-    trained_steps: int = 0  # local steps actually computed
-    trained_flops: float = 0.0  # FLOPs of those steps, each at its client's architecture
-    wasted_steps: int = 0  # steps trained ahead in a batch for tasks then cancelled (not in trained_steps)
-    staleness: dict[int, int] = field(default_factory=dict)  # staleness at commit -> aggregated updates
-    staleness_window: dict[int, int] = field(default_factory=dict)  # the same, since the last evaluation
-    participation: np.ndarray = field(default_factory=_zeros)  # aggregated updates per client
-    dispatched: np.ndarray = field(default_factory=_zeros)  # tasks dispatched per client
-    busy_s: np.ndarray = field(default_factory=lambda: _zeros(np.float64))  # seconds of finished tasks per client
-
-    @classmethod
-    def for_clients(cls, n_clients: int) -> "Counters":
-        return cls(
-            participation=np.zeros(n_clients, dtype=np.int64),
-            dispatched=np.zeros(n_clients, dtype=np.int64),
-            busy_s=np.zeros(n_clients, dtype=np.float64),
-        )
-
-    def new_task(
-        self, client_id: int, version: int, params: torch.Tensor, steps: int, now: float,
-        payload: dict[str, torch.Tensor] | None, options: dict[str, Any] | None,
-    ) -> Task:
-        """A task for ``client_id`` from the server's model ``params`` (version ``version``), counted as
-        dispatched; tasks are numbered in dispatch order (the number seeds the client's training)."""
-        task = Task(
-            task_id=self.tasks, client_id=client_id, version=version, params=params, steps=steps,
-            dispatched_at=now, payload=payload or {}, options=options or {},
-        )
-        self.tasks += 1
-        self.dispatched[client_id] += 1
-        return task
-
-    def count_commit(self, version: int, updates: list[Update], dropped: int) -> None:
-        """An aggregation of ``updates`` into the model after ``version`` (their staleness is counted
-        against it), giving up on ``dropped``."""
-        for update in updates:
-            staleness = version - update.task.version
-            self.staleness[staleness] = self.staleness.get(staleness, 0) + 1
-            self.staleness_window[staleness] = self.staleness_window.get(staleness, 0) + 1
-            self.participation[update.task.client_id] += 1
-        self.updates += len(updates)
-        self.dropped += dropped
-
-    def fairness(self, idle: np.ndarray, fast: np.ndarray, *, window: bool = True) -> dict[str, Any]:
-        """The staleness and fairness numbers of an evaluation record (``docs/metrics.md``), given each client's
-        ``idle`` fraction of its online time and the ``fast`` clients' ids.
-
-        Staleness is over the updates aggregated since the previous call with ``window=True`` (which
-        starts a new window); with ``window=False`` over the whole run, and the window is untouched.
-        """
-        stale = staleness_stats(self.take_staleness_window() if window else self.staleness)
-        return {
-            "staleness_mean": stale["mean"],
-            "staleness_p90": stale["p90"],
-            "staleness_max": stale["max"],
-            "participation_jain": jain_index(self.participation),
-            "participated_frac": float(np.count_nonzero(self.participation)) / len(self.participation),
-            "idle_fast_frac": mean_or_none(idle[fast]),
-            "idle_frac": mean_or_none(idle),
-        }
-
-    def take_staleness_window(self) -> dict[int, int]:
-        """The staleness histogram since the last call (or the start), and a fresh window."""
-        window, self.staleness_window = self.staleness_window, {}
-        return window
-
-
-@dataclass
-class SimState:
-    """Everything that changes during a run: what a checkpoint holds."""
-
-    params: torch.Tensor
-    strategy: Strategy
     queue: EventQueue = field(default_factory=EventQueue)
-    version: int = 0
-    busy: dict[int, Event] = field(default_factory=dict)
+    busy: dict[int, Event] = field(default_factory=dict)  # client -> the event that ends its task
     client_state: ClientStates = field(default_factory=ClientStates)  # tensors in a ParamStore under a memory budget
-    counters: Counters = field(default_factory=Counters)  # the simulator sizes it for its clients
     server_rng: np.random.Generator | None = None
     device_rng: np.random.Generator | None = None
     started: bool = False
@@ -325,11 +242,10 @@ class Simulator:
         if self.models.heterogeneous and not strategy.model_heterogeneous:
             raise ValueError(f"{strategy.name} needs one architecture for every client; the clients have several")
         self.flops_per_step, self.seed, self.jitter = flops_per_step, seed, jitter
-        self.on_commit = on_commit
         self.max_sim_time_s = max_sim_time_s
         params = strategy.initial_params(trainer) if initial_params is None else initial_params.clone()
         memory_mb = getattr(trainer.cfg, "state_memory_mb", None)
-        self.state = SimState(
+        state = SimState(
             params=params,
             strategy=strategy,
             counters=Counters.for_clients(len(profiles)),
@@ -337,8 +253,10 @@ class Simulator:
             device_rng=np.random.default_rng([seed, 2]),
             client_state=ClientStates(ParamStore(memory_budget(memory_mb))),
         )
+        # the global model, strategy, counters and version, and the bookkeeping on them the deployment server shares
+        self.core = EngineCore(self, state, diverged_advice="lower training.lr or the strategy's server_lr")
+        self.core.on_commit = on_commit
         self._stop_reason: str | None = None
-        self.checkpoint_due = False
         self.online_time = self.profiles.online_seconds  # derived from the profiles: not state
         cfg = trainer.cfg
         # where client halves run; not state (work started ahead is redone by a resumed run)
@@ -350,6 +268,34 @@ class Simulator:
         self.fast_clients = fastest(self.profiles.flops)
         self.byzantine = byzantine
 
+    # ----------------------------------------------------------------- the state and the core
+    @property
+    def state(self) -> SimState:
+        """Everything that changes during the run (a checkpoint's); assigning it (a resumed run) replaces it whole."""
+        return self.core.state  # type: ignore[return-value]
+
+    @state.setter
+    def state(self, state: SimState) -> None:
+        self.core.state = state
+
+    @property
+    def on_commit(self) -> Callable[["Simulator"], None] | None:
+        """Called with the simulator after each aggregation (the run's: evaluates, logs, decides whether to stop)."""
+        return self.core.on_commit
+
+    @on_commit.setter
+    def on_commit(self, callback: Callable[["Simulator"], None] | None) -> None:
+        self.core.on_commit = callback
+
+    @property
+    def checkpoint_due(self) -> bool:
+        """An aggregation was committed since the last checkpoint (the run clears it when it saves one)."""
+        return self.core.checkpoint_due
+
+    @checkpoint_due.setter
+    def checkpoint_due(self, due: bool) -> None:
+        self.core.checkpoint_due = due
+
     # ----------------------------------------------------------------- Server protocol
     @property
     def now(self) -> float:
@@ -357,11 +303,11 @@ class Simulator:
 
     @property
     def version(self) -> int:
-        return self.state.version
+        return self.core.version
 
     @property
     def params(self) -> torch.Tensor:
-        return self.state.params
+        return self.core.params
 
     @property
     def rng(self) -> np.random.Generator:
@@ -369,11 +315,11 @@ class Simulator:
 
     @property
     def strategy(self) -> Strategy:
-        return self.state.strategy
+        return self.core.strategy
 
     @property
     def counters(self) -> Counters:
-        return self.state.counters
+        return self.core.counters
 
     @property
     def n_clients(self) -> int:
@@ -383,6 +329,16 @@ class Simulator:
     def client_store(self) -> ParamStore:
         """Where per-client tensors live under the memory budget (client states; FedStale's memory)."""
         return self.state.client_state.store
+
+    @property
+    def client_states(self) -> ClientStates:
+        """Each client's state between its tasks (SCAFFOLD's ``c_i``, Ditto's ``v``...), in :attr:`client_store`."""
+        return self.state.client_state
+
+    def in_flight(self) -> list[Event]:
+        """The events that end the tasks in flight, one per busy client: its task's ``arrival``, or the ``failure``
+        that loses it (the task is ``event.data``)."""
+        return list(self.state.busy.values())
 
     def step_flops(self, client_id: int) -> float:
         """FLOPs of one local step of ``client_id``'s architecture."""
@@ -460,14 +416,11 @@ class Simulator:
         if not profile.is_online(self.now):
             raise RuntimeError(f"client {client_id} is offline at t={self.now:.1f}s")
         steps = self.default_steps(client_id) if steps is None else steps
-        task = st.counters.new_task(client_id, st.version, st.params, steps, self.now, payload, options)
-        bytes_down, bytes_up = st.strategy.transfer_bytes(self, task)
-        task.bytes_up = bytes_up
-        task.flops = st.strategy.task_flops(self, task)
+        task, bytes_down = self.core.new_task(client_id, steps, payload, options)
         st.counters.bytes_down += bytes_down
         timing = task_timing(
             profile, flops=task.flops, bytes_down=bytes_down,
-            bytes_up=bytes_up,
+            bytes_up=task.bytes_up,
             jitter=self.jitter, rng=st.device_rng,
         )
         end = self.now + timing.total_s
@@ -489,7 +442,7 @@ class Simulator:
             del self.state.busy[task.client_id]
             self.backend.forget(task)  # it will never arrive: drop the work it started (wasted work is counted)
             self.state.counters.cancelled += 1
-            self.state.counters.busy_s[task.client_id] += self.now - task.dispatched_at
+            self.core.task_over(task)
 
     def set_timer(self, at: float, tag: str) -> Event:
         return self.state.queue.push(max(at, self.now), "timer", tag)
@@ -498,35 +451,20 @@ class Simulator:
         EventQueue.cancel(handle)
 
     def commit(self, params: torch.Tensor, updates: list[Update], *, dropped: int = 0) -> None:
-        if not torch.isfinite(params).all():
-            raise DivergedError(
-                f"the global model became non-finite at aggregation {self.version + 1}; "
-                "lower training.lr or the strategy's server_lr"
-            )
-        st = self.state
-        st.counters.count_commit(st.version, updates, dropped)
-        st.params = params
-        st.version += 1
-        self.checkpoint_due = True
-        if self.on_commit is not None:
-            self.on_commit(self)
+        self.core.commit(params, updates, dropped)
 
     # ----------------------------------------------------------------- measurements
     def busy_time(self) -> np.ndarray:
         """Simulated seconds each client has spent with a task over ``[0, now]`` (tasks in flight included)."""
-        busy = self.state.counters.busy_s.copy()
-        now = self.now
-        for client, event in self.state.busy.items():
-            busy[client] += now - event.data.dispatched_at
-        return busy
+        return self.core.busy_time(event.data for event in self.state.busy.values())
 
     def idle_fractions(self) -> np.ndarray:
         """Per client, the share of its online time over ``[0, now]`` it spent without a task (nan: not online yet)."""
         return idle_fractions(self.busy_time(), self.online_time(self.now))
 
     def fairness(self, *, window: bool = True) -> dict[str, Any]:
-        """The engine's staleness and fairness numbers for an evaluation record (:meth:`Counters.fairness`)."""
-        return self.state.counters.fairness(self.idle_fractions(), self.fast_clients, window=window)
+        """The engine's staleness and fairness numbers for an evaluation record (:meth:`~hetfl.engine.core.Counters.fairness`)."""
+        return self.core.fairness(self.idle_fractions(), self.fast_clients, window=window)
 
     def personal_model(self, client_id: int) -> tuple[LocalTrainer, torch.Tensor] | None:
         """The model ``client_id`` would use now, with its architecture's trainer (its strategy's
@@ -572,7 +510,7 @@ class Simulator:
             del st.busy[task.client_id]
             self.backend.forget(task)
             st.counters.failed += 1
-            st.counters.busy_s[task.client_id] += self.now - task.dispatched_at
+            self.core.task_over(task)
             st.strategy.on_failure(self, task)
         else:
             st.strategy.on_timer(self, event.data)
@@ -581,7 +519,7 @@ class Simulator:
     def _arrive(self, task: Task) -> None:
         st = self.state
         del st.busy[task.client_id]
-        st.counters.busy_s[task.client_id] += self.now - task.dispatched_at
+        self.core.task_over(task)
         data = self.pool.data(task.client_id, task.dispatched_at)  # the data the client held when it began
         state = st.client_state.load(task.client_id)  # materialised while the client is active
         result = self.backend.result(task, data, state)  # client_train's, which updates ``state``
@@ -594,16 +532,9 @@ class Simulator:
         params = result.params
         if self.byzantine is not None:
             params = self.byzantine.returned(task.client_id, task.task_id, task.params, params)
-        update = Update(
-            task=task,
-            params=params,
-            n_samples=data.n_samples,
-            steps=result.steps,
-            loss=result.loss,
-            arrived_at=self.now,
-            payload=result.payload,
+        update = self.core.make_update(
+            task, params, n_samples=data.n_samples, steps=result.steps, loss=result.loss, payload=result.payload,
             stats={**client_report(data, self.pool.n_classes), **result.stats},
-            arrived_version=st.version,
         )
         st.strategy.on_update(self, update)
 

@@ -8,7 +8,7 @@ on Ray workers, or a gRPC deployment) calls its hooks when something happens:
 - ``on_failure(server, task)``: a client lost its task (went offline or dropped out).
 - ``on_timer(server, tag)``: a timer the strategy set has fired (round deadlines, group deadlines).
 
-A deployed server (:mod:`hetfl.deploy.server`) also asks ``expected_payload(server, task)``: the tensors a client
+A deployed server (:mod:`hetfl.deploy.engine`) also asks ``expected_payload(server, task)``: the tensors a client
 half returns besides its parameters, checked before ``on_update`` sees them. There an exception raised by
 ``on_update`` rejects that update: the strategy's state is restored as it was before the call (its containers
 copied, tensors and tasks shared: a hook must not change a tensor in place before it may raise) unless the hook

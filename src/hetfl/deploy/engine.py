@@ -1,4 +1,8 @@
-"""The deployment server: the simulator's strategies on the wall clock, with real clients over gRPC.
+"""The deployment server's engine: the simulator's strategies on the wall clock, with real clients over gRPC.
+
+The deployment server is three modules: this one (:class:`DeployServer`, its state and its engine events),
+:mod:`hetfl.deploy.servicer` (the gRPC handlers, which hand what arrives to the engine) and
+:mod:`hetfl.deploy.command` (``hetfl server``: the run folder, the federation, logging, ``devices.json``).
 
 :class:`DeployServer` implements :class:`hetfl.strategies.base.Server` as the simulator does, so a strategy
 runs here unchanged. Time is wall seconds since the run started (continuing after a restart); timers are
@@ -31,25 +35,24 @@ with the state saved; only a run that ended tells its clients to exit.
 Evaluation, ``metrics.jsonl``, ``summary.json`` and checkpoints are the simulator's (:class:`hetfl.engine.run.Run`).
 """
 
+
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import io
+import itertools
 import json
 import logging
 import math
 import os
 import pickle
 import queue
-import secrets
 import signal
 import statistics
 import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 # gRPC's C core logs its own errors to stderr; hetfl reports them as one line each (GRPC_VERBOSITY=debug shows them)
@@ -60,16 +63,18 @@ import numpy as np
 import torch
 import yaml
 
-from hetfl.config import ExperimentConfig, dump_config, load_config
+from hetfl.config import ExperimentConfig
 from hetfl.deploy import federation_pb2 as pb
 from hetfl.deploy import federation_pb2_grpc as pb_grpc
 from hetfl.deploy import gate, wire
-from hetfl.deploy.tokens import TokenTable, check_address, check_server_tls, load_tokens, read_pem
+from hetfl.deploy.servicer import Connection, FederationServicer
+from hetfl.deploy.tokens import TokenTable
 from hetfl.deploy.validate import NormBound, bounded_samples, change_norm, check_payload, check_stats, check_update
 from hetfl.devices import DeviceProfile
-from hetfl.devices.table import DeviceTable
-from hetfl.engine.simulator import Counters, task_seed
-from hetfl.errors import ConfigError, DivergedError, HetflError
+from hetfl.engine.clock import Event, EventQueue
+from hetfl.engine.core import Counters, EngineCore, EngineState
+from hetfl.engine.simulator import task_seed
+from hetfl.errors import DivergedError, HetflError
 from hetfl.results.fairness import fastest, idle_fractions
 from hetfl.strategies.base import Strategy, Task, Update
 
@@ -80,33 +85,18 @@ RECONNECT_POLL_S = 1.0  # next_available_time() while a known client is disconne
 FINISH_GRACE_S = 3.0  # after the run ends, how long clients get to hear so before the server exits
 PACE_WINDOW = 5  # round trips per client whose median sets its expected task time (deploy.task_timeout_s auto)
 MAX_TIMEOUT_DOUBLINGS = 4  # a client's auto task timeout doubles after each timeout in a row, at most this often
-STOPPING = "the server is stopping without ending the run (interrupted, or it failed); a restarted server resumes it"
 OUTLIER_CLAIM = 10.0  # a claimed sample count this many times the others' median, with nothing to bound it, is logged
-UPLOAD_MARGIN = 2.0  # an upload may be this many times its task's expected bytes (plus a chunk), no more
 
 
 @dataclass
-class Timer:
-    """A strategy's timer (the handle ``set_timer`` returns)."""
+class DeployState(EngineState):
+    """Everything that changes during a deployed run: what a checkpoint holds (the global model, strategy, counters
+    and version of every engine's state, and the deployment's own)."""
 
-    at: float
-    tag: str
-    cancelled: bool = False
-
-
-@dataclass
-class DeployState:
-    """Everything that changes during a deployed run: what a checkpoint holds."""
-
-    params: torch.Tensor
-    strategy: Strategy
-    counters: Counters
-    server_rng: np.random.Generator
-    version: int = 0
+    server_rng: np.random.Generator | None = None
     elapsed: float = 0.0  # wall seconds of the run when the state was saved
     started: bool = False
-    timers: list[tuple[float, int, Timer]] = field(default_factory=list)  # a heap
-    timer_seq: int = 0
+    timers: EventQueue = field(default_factory=EventQueue)  # the strategy's timers (events of kind "timer")
     busy: dict[int, Task] = field(default_factory=dict)  # client -> its task in flight
     n_samples: dict[int, int] = field(default_factory=dict)  # as each client reported at its first join
     client_stats: dict[int, dict[str, float]] = field(default_factory=dict)  # label entropy, labels present
@@ -130,20 +120,6 @@ class DeployState:
 
 
 @dataclass
-class Connection:
-    """A joined client, as the handlers see it (not checkpointed: clients rejoin after a restart)."""
-
-    client_id: int
-    session: str
-    last_seen: float
-    outbox: queue.Queue = field(default_factory=queue.Queue)
-    alive: bool = False  # connected: set by the engine when the client asks for work, cleared when it goes silent
-    public_key: bytes = b""
-    peer: str = ""  # gRPC's peer string of its join (ipv4:HOST:PORT)
-    instance: str = ""  # the client process's random id (gate.INSTANCE_KEY): its own rejoin replaces this session
-
-
-@dataclass
 class ServerOptions:
     """How the server listens and what it enforces (the config's ``deploy`` section plus command-line flags)."""
 
@@ -156,7 +132,10 @@ class ServerOptions:
 
 
 class DeployServer:
-    """Runs ``strategy`` with real clients; implements :class:`hetfl.strategies.base.Server`."""
+    """Runs ``strategy`` with real clients; implements :class:`hetfl.strategies.base.Server`.
+
+    The bookkeeping it shares with the simulator (tasks counted and priced, updates built, aggregations committed,
+    busy time, fairness) is its :class:`~hetfl.engine.core.EngineCore` (``core``), on its :class:`DeployState`."""
 
     def __init__(self, cfg: ExperimentConfig, fed: Any, strategy: Strategy, options: ServerOptions) -> None:
         self.cfg, self.fed, self.options = cfg, fed, options
@@ -166,15 +145,16 @@ class DeployServer:
         self.seed = cfg.seed
         n = cfg.data.n_clients
         median = cfg.devices.compute.median_flops
-        self.state = DeployState(
+        state = DeployState(
             params=strategy.initial_params(fed.trainer),
             strategy=strategy,
             counters=Counters.for_clients(n),
             server_rng=np.random.default_rng([cfg.seed, 1]),
             profiles=[DeviceProfile(c, 1.0, median, math.inf, math.inf, 0.0, tier="not joined") for c in range(n)],
         )
-        self.on_commit: Any = None
-        self.checkpoint_due = False
+        # the global model, strategy, counters and version, and the bookkeeping on them the simulator shares
+        self.core = EngineCore(self, state, commit_log=log, diverged_advice=(
+            "lower training.lr or the strategy's server_lr, or bound updates with deploy.max_update_norm"))
         self.lock = threading.Lock()
         self.events: queue.Queue = queue.Queue()
         self.conns: dict[int, Connection] = {}
@@ -215,6 +195,35 @@ class DeployServer:
         self._interrupted = threading.Event()  # SIGINT or SIGTERM: stop at the next engine step, save, keep clients
         self._warned: set[tuple[int, str]] = set()  # (client, what) warned about once
         self._snapshots = True  # False once the strategy could not be copied (its on_update is then not rolled back)
+        self._control_keys = itertools.count(-1, -1)  # outgoing keys of messages without tensors (send_control)
+
+    # ------------------------------------------------------------------ the state and the core
+    @property
+    def state(self) -> DeployState:
+        """Everything that changes during the run (a checkpoint's); assigning it (a resumed run) replaces it whole."""
+        return self.core.state  # type: ignore[return-value]
+
+    @state.setter
+    def state(self, state: DeployState) -> None:
+        self.core.state = state
+
+    @property
+    def on_commit(self) -> Any:
+        """Called with the server after each aggregation (the run's: evaluates, logs, decides whether to stop)."""
+        return self.core.on_commit
+
+    @on_commit.setter
+    def on_commit(self, callback: Any) -> None:
+        self.core.on_commit = callback
+
+    @property
+    def checkpoint_due(self) -> bool:
+        """An aggregation was committed since the last checkpoint (:meth:`save` clears it)."""
+        return self.core.checkpoint_due
+
+    @checkpoint_due.setter
+    def checkpoint_due(self, due: bool) -> None:
+        self.core.checkpoint_due = due
 
     # ------------------------------------------------------------------ the Server protocol
     @property
@@ -223,23 +232,23 @@ class DeployServer:
 
     @property
     def version(self) -> int:
-        return self.state.version
+        return self.core.version
 
     @property
     def params(self) -> torch.Tensor:
-        return self.state.params
+        return self.core.params
 
     @property
     def rng(self) -> np.random.Generator:
-        return self.state.server_rng
+        return self.state.server_rng  # type: ignore[return-value]
 
     @property
     def strategy(self) -> Strategy:
-        return self.state.strategy
+        return self.core.strategy
 
     @property
     def counters(self) -> Counters:
-        return self.state.counters
+        return self.core.counters
 
     @property
     def profiles(self) -> list[DeviceProfile]:
@@ -312,9 +321,7 @@ class DeployServer:
         if conn is None or not conn.alive:
             raise RuntimeError(f"client {client_id} is not connected")
         steps = self.default_steps(client_id) if steps is None else steps
-        task = st.counters.new_task(client_id, st.version, st.params, steps, self.now, payload, options)
-        task.bytes_up = st.strategy.transfer_bytes(self, task)[1]
-        task.flops = st.strategy.task_flops(self, task)
+        task, _ = self.core.new_task(client_id, steps, payload, options)  # the download is counted as encoded (_send)
         st.busy[client_id] = task
         if self._journal is not None:
             self._journal.append(("dispatch", task))
@@ -349,36 +356,21 @@ class DeployServer:
             if self._journal is not None:
                 self._journal.append(("cancel", task))
 
-    def set_timer(self, at: float, tag: str) -> Timer:
-        st = self.state
-        timer = Timer(max(at, self.now), tag)
-        heapq.heappush(st.timers, (timer.at, st.timer_seq, timer))
-        st.timer_seq += 1
+    def set_timer(self, at: float, tag: str) -> Event:
+        timer = self.state.timers.push(max(at, self.now), "timer", tag)
         if self._journal is not None:
             self._journal.append(("timer", timer))
         return timer
 
-    def cancel_timer(self, handle: Timer) -> None:
+    def cancel_timer(self, handle: Event) -> None:
         if self._journal is not None:
             self._journal.append(("cancel_timer", handle, handle.cancelled))
-        handle.cancelled = True
+        EventQueue.cancel(handle)  # it stays in the queue until it reaches the top: a failed hook's undo revives it
 
     def commit(self, params: torch.Tensor, updates: list[Update], *, dropped: int = 0) -> None:
-        if not torch.isfinite(params).all():
-            raise DivergedError(
-                f"the global model became non-finite at aggregation {self.version + 1}; "
-                "lower training.lr or the strategy's server_lr, or bound updates with deploy.max_update_norm"
-            )
-        st = self.state
-        if self._journal is not None:
-            self._journal.append(("commit",))
-        st.counters.count_commit(st.version, updates, dropped)
-        st.params = params
-        st.version += 1
-        self.checkpoint_due = True
-        log.info("aggregation %d: %d update(s)%s", st.version, len(updates), f", {dropped} dropped" if dropped else "")
-        if self.on_commit is not None:
-            self.on_commit(self)
+        """The core's commit (:meth:`EngineCore.commit`), which logs the aggregation; a hook's call (:meth:`_call`)
+        that committed is one whose version moved."""
+        self.core.commit(params, updates, dropped)
 
     # ------------------------------------------------------------------ what Run asks of an engine
     def engine_metrics(self) -> dict[str, Any]:
@@ -393,15 +385,13 @@ class DeployServer:
         }
 
     def busy_time(self) -> np.ndarray:
-        busy = self.state.counters.busy_s.copy()
-        for client, task in self.state.busy.items():
-            busy[client] += self.now - task.dispatched_at
-        return busy
+        """Wall seconds each client has spent with a task since the run began (tasks in flight included)."""
+        return self.core.busy_time(self.state.busy.values())
 
     def fairness(self, *, window: bool = True) -> dict[str, Any]:
         # online time: a deployment does not know when a device was reachable but idle; the run's duration is it
         idle = idle_fractions(self.busy_time(), np.full(self.n_clients, self.now))
-        return self.state.counters.fairness(idle, fastest([p.flops for p in self.profiles]), window=window)
+        return self.core.fairness(idle, fastest([p.flops for p in self.profiles]), window=window)
 
     def personal_model(self, client_id: int) -> None:
         return None  # a client's own state stays on the client: the server scores the global model
@@ -426,8 +416,7 @@ class DeployServer:
 
     def send_control(self, client_id: int, header: pb.TaskHeader) -> None:
         """Queue a message without tensors (secure aggregation's unmasking request) for a client's next poll."""
-        key = -1 - self.state.timer_seq  # negative ids never collide with task ids
-        self.state.timer_seq += 1
+        key = next(self._control_keys)  # negative ids never collide with task ids
         with self.lock:
             self.outgoing[key] = [pb.Chunk(task=header)]
             conn = self.conns.get(client_id)
@@ -438,7 +427,7 @@ class DeployServer:
         """``task`` is over (arrived, failed or cancelled): free its client, drop its unsent stream."""
         st = self.state
         del st.busy[task.client_id]
-        st.counters.busy_s[task.client_id] += self.now - task.dispatched_at
+        self.core.task_over(task)
         with self.lock:
             self.outgoing.pop(task.task_id, None)
             self.handed_out.discard(task.task_id)
@@ -493,9 +482,10 @@ class DeployServer:
                 log.warning("strategy %s cannot be copied (pickle): an update its on_update fails on is rejected, but "
                             "its state is kept as the hook left it", strategy.name)
         self._journal = journal = []
+        version = self.state.version  # a call that moved it committed an aggregation
         try:
             getattr(strategy, hook)(self, *args)
-            return None, any(e[0] == "commit" for e in journal)
+            return None, self.state.version != version
         except DivergedError as err:
             if not transactional:
                 raise
@@ -504,7 +494,7 @@ class DeployServer:
             error = _one_line(err)
         finally:
             self._journal = None
-        committed = any(e[0] == "commit" for e in journal)
+        committed = self.state.version != version
         if transactional and snapshot is not None and not committed:
             _restore(strategy, snapshot)
             cancelled = self._undo(journal)
@@ -532,9 +522,9 @@ class DeployServer:
                     if self.secagg is not None:
                         self.secagg.failed(task)
             elif kind == "timer":
-                entry[1].cancelled = True
+                EventQueue.cancel(entry[1])
             elif kind == "cancel_timer":
-                entry[1].cancelled = entry[2]
+                entry[1].cancelled = entry[2]  # revived: a cancelled timer is still in the queue (no step ran since)
             elif kind == "cancel":
                 cancelled.append(entry[1])
         return [t for t in reversed(cancelled) if t.task_id not in withdrawn]
@@ -649,10 +639,9 @@ class DeployServer:
             self.reject(task, reason)
             return False, reason
         self._forget(task)
-        update = Update(
-            task=task, params=params, n_samples=self.num_samples(client_id), steps=int(header.steps),
-            loss=float(header.loss), arrived_at=self.now, payload=payload,
-            stats={**st.client_stats.get(client_id, {}), **stats}, arrived_version=st.version,
+        update = self.core.make_update(
+            task, params, n_samples=self.num_samples(client_id), steps=int(header.steps), loss=float(header.loss),
+            payload=payload, stats={**st.client_stats.get(client_id, {}), **stats},
         )
         accepted, reason = self._deliver(update)
         if accepted:
@@ -750,11 +739,14 @@ class DeployServer:
                       timed_out=True)
 
     def _fire_timers(self) -> None:
+        """The strategy's timers that are due, in order (ties: first set, first fired), until the run stops."""
         timers = self.state.timers
-        while timers and timers[0][0] <= self.now and not self.stopping:
-            _, _, timer = heapq.heappop(timers)
-            if not timer.cancelled:
-                self._call("on_timer", timer.tag, context=f"timer '{timer.tag}'")
+        while not self.stopping:
+            timer = timers.peek()
+            if timer is None or timer.time > self.now:
+                return
+            timers.pop()
+            self._call("on_timer", timer.data, context=f"timer '{timer.data}'")
 
     def _handle(self, event: tuple) -> None:
         kind = event[0]
@@ -818,7 +810,7 @@ class DeployServer:
             if not self._interrupted.is_set():
                 if self._resumed:
                     self._resume_tasks()
-                    if not self.state.busy and not any(not t.cancelled for _, _, t in self.state.timers):
+                    if not self.state.busy and self.state.timers.peek() is None:
                         self.state.strategy.start(self)  # nothing pending: begin again from the restored model
                 elif not self.state.started:
                     self.state.started = True
@@ -830,8 +822,9 @@ class DeployServer:
             while not self.stopping and not self._interrupted.is_set():
                 self._tick()
                 wait = TICK_S
-                if self.state.timers:
-                    wait = max(0.0, min(wait, self.state.timers[0][0] - self.now))
+                timer = self.state.timers.peek()
+                if timer is not None:
+                    wait = max(0.0, min(wait, timer.time - self.now))
                 try:
                     event = self.events.get(timeout=wait)
                 except queue.Empty:
@@ -846,7 +839,7 @@ class DeployServer:
                     self.save()
                 if self.cfg.max_sim_time_s is not None and self.now > self.cfg.max_sim_time_s:
                     self.stop("time limit")
-                pending = self.state.busy or any(not t.cancelled for _, _, t in self.state.timers)
+                pending = self.state.busy or self.state.timers.peek() is not None
                 if pending or event is not None:
                     idle_since = None
                 elif idle_since is None:
@@ -985,7 +978,7 @@ class DeployServer:
         # an honest client holds at most two calls (a poll or an upload, and a heartbeat); the gate frees the rest
         pool = futures.ThreadPoolExecutor(max_workers=max(32, 3 * self.n_clients + 16), thread_name_prefix="hetfl-grpc")
         server = grpc.server(pool, interceptors=[self.gate], options=opts)
-        pb_grpc.add_FederationServicer_to_server(_Servicer(self), server)
+        pb_grpc.add_FederationServicer_to_server(FederationServicer(self), server)
         o = self.options
         in_use = (f"--address {o.address}: cannot listen there (the port is in use, or the host is not an address of "
                   "this machine; GRPC_VERBOSITY=debug says more)")
@@ -1049,7 +1042,7 @@ def _shared(obj: Any) -> bool:
     """What a strategy snapshot shares with the live strategy instead of copying (:func:`_snapshot`)."""
     from hetfl.training import LocalTrainer
 
-    return isinstance(obj, (torch.Tensor, torch.nn.Module, Task, Timer, LocalTrainer, DeployServer))
+    return isinstance(obj, (torch.Tensor, torch.nn.Module, Task, Event, LocalTrainer, DeployServer))
 
 
 def _snapshot(strategy: Strategy) -> tuple[bytes, list] | None:
@@ -1092,321 +1085,3 @@ def _stats(text: str) -> dict[str, float]:
     except (ValueError, TypeError, AttributeError):
         return {}
 
-
-def _last_logged_round(path: Path) -> int | None:
-    from hetfl.results.metrics import read_metrics
-
-    records = read_metrics(path) if path.is_file() else []
-    return records[-1]["round"] if records else None
-
-
-class _Servicer(pb_grpc.FederationServicer):
-    """The gRPC handlers: they talk to the engine through its queue, never to the strategy.
-
-    Every call has passed the gate (:mod:`hetfl.deploy.gate`) before its handler runs: a join's token and any
-    other call's session were checked from the call's metadata, before a byte of its request was read;
-    :func:`gate.current` says which client the call is from."""
-
-    def __init__(self, server: DeployServer) -> None:
-        self.s = server
-        self._refusals: dict[int, tuple[float, int]] = {}  # client -> (when its in-use refusal was logged, since)
-
-    def _client(self, session: str | None, context: grpc.ServicerContext) -> Connection:
-        """The connection of the call's session (the gate's, from the metadata; ``session`` only without a gate)."""
-        s = self.s
-        call = gate.current()
-        if call is not None and call.session is not None:
-            session = call.session
-        with s.lock:
-            client = s.sessions.get(session) if session else None
-            conn = s.conns.get(client) if client is not None else None
-            if conn is not None and conn.session == session:
-                conn.last_seen = time.monotonic()
-                return conn
-        context.abort(grpc.StatusCode.NOT_FOUND, "unknown session (the server restarted or the client joined again): join again")
-        raise AssertionError  # abort raises
-
-    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
-        s = self.s
-        call = gate.current()
-        if call is not None and call.client is not None:
-            client, instance = call.client, call.instance  # the gate checked the token in the call's metadata
-        else:  # no gate (a test driving the servicer directly): the token in the request
-            client, reason = s.options.tokens.identify(request.token)
-            instance = ""
-            if client is None:
-                log.warning("refused a join from %s: %s", context.peer(), reason)
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{reason}: the server refused it")
-        peer = context.peer()
-        if request.device.n_samples < 1:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the client reports no training samples")
-        if s.finished.is_set():
-            if s.run_over is None:  # interrupted or failed: the run is not over, a restarted server resumes it
-                context.abort(grpc.StatusCode.UNAVAILABLE, STOPPING)
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the run is over")
-        session = secrets.token_hex(16)
-        now = time.monotonic()
-        with s.lock:
-            old = s.conns.get(client)
-            same_process = old is not None and bool(instance) and old.instance == instance
-            in_use = old is not None and not same_process and now - old.last_seen < s.deploy.heartbeat_timeout_s
-            if not in_use:
-                if old is not None:
-                    s.sessions.pop(old.session, None)
-                s.conns[client] = Connection(client, session, now, public_key=bytes(request.device.public_key),
-                                             peer=peer, instance=instance)
-                s.sessions[session] = client
-        if in_use:
-            self._refuse_in_use(client, peer, old, now, context)
-        s.events.put(("join", client, request.device, request.device.hostname or peer))
-        setup = dict(s._setup, architecture=int(s.models.of_client[client]))
-        return pb.JoinReply(client_id=client, session=session, config_yaml=s._config_yaml, setup_json=json.dumps(setup))
-
-    def _refuse_in_use(self, client: int, peer: str, old: Connection, now: float, context: grpc.ServicerContext) -> None:
-        """A second process with a client's token, while the first is alive: refused (logged once per timeout)."""
-        timeout = self.s.deploy.heartbeat_timeout_s
-        logged, unlogged = self._refusals.get(client, (-math.inf, 0))
-        if now - logged > timeout:
-            more = f" ({unlogged} more since the last line)" if unlogged else ""
-            log.warning("client %d: refused a second session for its token from %s: its session from %s is alive "
-                        "(seen %.1f s ago); two processes cannot share a token%s", client, peer, old.peer or "?",
-                        now - old.last_seen, more)
-            self._refusals[client] = (now, 0)
-        else:
-            self._refusals[client] = (logged, unlogged + 1)
-        context.abort(grpc.StatusCode.ALREADY_EXISTS,
-                      f"client {client}'s token is in use by a live session (from {old.peer or '?'}, seen "
-                      f"{now - old.last_seen:.1f} s ago): two processes cannot share a token; a client that restarted "
-                      f"gets in once that session has been silent for heartbeat_timeout_s ({timeout:g} s)")
-
-    def GetTask(self, request: pb.TaskRequest, context: grpc.ServicerContext):
-        s = self.s
-        conn = self._client(request.session, context)
-        if not conn.alive:
-            s.events.put(("ready", conn))
-        task = s.state.busy.get(conn.client_id)
-        with s.lock:
-            lost = task is not None and task.task_id in s.handed_out
-        if lost:
-            s.events.put(("lost", conn.client_id, task.task_id, "the client asked for work while holding it (its stream broke)"))
-        deadline = time.monotonic() + s.deploy.poll_s
-        while context.is_active() and time.monotonic() < deadline:
-            if s.finished.is_set():
-                with s.lock:
-                    conn.alive = False
-                if s.run_over is None:  # interrupted or failed: the run is not over, the client keeps retrying
-                    context.abort(grpc.StatusCode.UNAVAILABLE, STOPPING)
-                yield pb.Chunk(task=pb.TaskHeader(kind=pb.TaskHeader.FINISHED, message=f"run over ({s.run_over})"))
-                return
-            try:
-                key = conn.outbox.get(timeout=0.5)
-            except queue.Empty:
-                conn.last_seen = time.monotonic()
-                continue
-            with s.lock:
-                stream = s.outgoing.pop(key, None)
-                if stream is not None and key >= 0:
-                    s.handed_out.add(key)
-            if stream is None:
-                continue  # cancelled before the client asked
-            if s.gate is not None:  # the call's deadline grows with the bytes it streams (deploy.min_transfer_Bps)
-                s.gate.expect(sum(len(c.data) for c in stream))
-            for chunk in stream:
-                yield chunk
-                conn.last_seen = time.monotonic()  # a slow download is not silence
-            return
-        yield pb.Chunk(task=pb.TaskHeader(kind=pb.TaskHeader.NONE))
-
-    def SendUpdate(self, request_iterator, context: grpc.ServicerContext) -> pb.Ack:
-        s = self.s
-        conn = self._client(None, context)  # the session is the call's metadata: checked before the stream is read
-        try:
-            first = next(request_iterator)
-        except StopIteration:
-            return pb.Ack(accepted=False, reason="empty stream")
-        if first.WhichOneof("part") != "update":
-            return pb.Ack(accepted=False, reason="the stream must begin with an UpdateHeader")
-        header = first.update
-        conn.last_seen = time.monotonic()
-        task = s.state.busy.get(conn.client_id)
-        if not header.unmask_share and (task is None or task.task_id != header.task_id):
-            # nothing to read: the engine would drop it (a task id is never reused)
-            reason = f"task {header.task_id} is no longer wanted (cancelled, timed out, or from before a restart)"
-            log.info("client %d: update for task %d ignored: %s", conn.client_id, header.task_id, reason)
-            return pb.Ack(accepted=False, reason=reason)
-        cap = self._upload_cap(task)
-        try:
-            tensors, metas, nbytes = wire.collect(header.tensors, self._arriving(request_iterator, conn), max_bytes=cap,
-                                                  on_header=s.gate.expect if s.gate is not None else None)
-        except wire.WireError as err:
-            s.events.put(("lost", conn.client_id, header.task_id, f"malformed update: {err}"))
-            return pb.Ack(accepted=False, reason=str(err))
-        except grpc.RpcError:  # the stream broke off, or ran past its deadline (the gate cancelled it)
-            call = gate.current()
-            why = "it ran past its deadline" if call is not None and call.cancelled else "the stream broke off"
-            s.events.put(("lost", conn.client_id, header.task_id, f"its upload did not complete: {why}"))
-            raise
-        reply: futures.Future = futures.Future()
-        s.events.put(("update", conn.client_id, header, tensors, metas, nbytes, reply))
-        conn.last_seen = time.monotonic()
-        while True:
-            try:
-                accepted, reason = reply.result(timeout=0.5)
-                return pb.Ack(accepted=accepted, reason=reason)
-            except futures.TimeoutError:
-                if s.finished.is_set():  # the engine has stopped: nobody will look at it
-                    return pb.Ack(accepted=False, reason="the run is over")
-                if not context.is_active():  # cancelled: nobody waits for the answer
-                    return pb.Ack(accepted=False, reason="cancelled")
-
-    def _upload_cap(self, task: Task | None) -> int:
-        """The most bytes an upload for ``task`` may announce: its model and payload (at least float32 each), or
-        what the strategy says it uploads, times UPLOAD_MARGIN, plus a chunk. A secure-aggregation share without a
-        task in flight is a vector of the model's size."""
-        s = self.s
-        tensors = [task.params, *task.payload.values()] if task is not None else [s.state.params]
-        expected = sum(t.numel() * max(4, t.element_size()) for t in tensors)
-        if task is not None:
-            expected = max(expected, int(task.bytes_up or 0))
-        return int(UPLOAD_MARGIN * expected) + s.deploy.chunk_bytes
-
-    @staticmethod
-    def _arriving(stream, conn: Connection):
-        """The chunks of an upload; each one shows its client is alive (a slow upload is not silence)."""
-        for chunk in stream:
-            conn.last_seen = time.monotonic()
-            yield chunk
-
-    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
-        conn = self._client(request.session, context)
-        task = self.s.state.busy.get(conn.client_id)
-        return pb.HeartbeatReply(task_wanted=task is not None and task.task_id == request.task_id)
-
-
-# ---------------------------------------------------------------------------- the command
-def serve_command(
-    config: str, *, address: str, out: str, overrides: list[str] | None = None, tokens: str | None = None,
-    tls_cert: str | None = None, tls_key: str | None = None, tls_client_ca: str | None = None,
-    min_clients: int | None = None, fresh: bool = False, quiet: bool = False,
-) -> dict[str, Any]:
-    """``hetfl server``: run ``config`` with real clients at ``address``; results in ``out`` (resumed if it has a checkpoint).
-
-    One process per run folder and per port: ``out`` is locked (:func:`hetfl.results.outdir.lock_out`) and the port
-    bound without SO_REUSEPORT before anything is written, so a second server on either is refused in one line."""
-    from hetfl.results.outdir import lock_out
-
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    check_address(address)
-    with lock_out(out):
-        return _serve(config, address=address, out=out, overrides=overrides, tokens=tokens, tls_cert=tls_cert,
-                      tls_key=tls_key, tls_client_ca=tls_client_ca, min_clients=min_clients, fresh=fresh)
-
-
-def _serve(
-    config: str, *, address: str, out: str, overrides: list[str] | None, tokens: str | None, tls_cert: str | None,
-    tls_key: str | None, tls_client_ca: str | None, min_clients: int | None, fresh: bool,
-) -> dict[str, Any]:
-    from hetfl.engine.run import CHECKPOINT, Run, _check_resumable_change, build_federation
-    from hetfl.results.outdir import check_server_out, clear_run
-
-    out_dir = Path(out)
-    resume = check_server_out(out_dir, fresh=fresh)  # a run's folder, new or empty; refused before anything is written
-    cfg = load_config(config, overrides)
-    if (tls_cert is None) != (tls_key is None):
-        raise HetflError("--tls-cert and --tls-key go together (the server's certificate and its private key)")
-    if tls_client_ca is not None and tls_cert is None:
-        raise HetflError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
-    cert, key, client_ca = read_pem(tls_cert, "--tls-cert"), read_pem(tls_key, "--tls-key"), read_pem(tls_client_ca, "--tls-client-ca")
-    check_server_tls(tls_cert, tls_key, tls_client_ca)  # a wrong key is one line naming it, not "cannot listen"
-    token_file = tokens or cfg.deploy.tokens
-    if token_file is None:
-        raise HetflError("no token file: give --tokens FILE or set deploy.tokens (hetfl tokens N --out FILE makes one)")
-    table = load_tokens(token_file, cfg.data.n_clients)
-    need = min_clients or cfg.deploy.min_clients or cfg.data.n_clients
-    if need > len(table.clients):
-        raise ConfigError(f"min_clients {need}: the token file {token_file} lets only {len(table.clients)} clients in")
-    if resume:  # the federation must be the checkpoint's: compare with the config the run was started with
-        _check_resumable_change(load_config(out_dir / "config.yaml"), cfg)
-    fed = build_federation(cfg)
-    strategy = fed.strategy()
-    if not strategy.global_model:
-        raise ConfigError(
-            f"strategy.name: {strategy.name} has no global model for the server to evaluate; "
-            "deployment runs algorithms with a global model"
-        )
-    if cfg.deploy.secure_aggregation and not strategy.linear_aggregation:
-        raise ConfigError(
-            f"deploy.secure_aggregation: {strategy.name} does not aggregate by a weighted mean of the updates, "
-            "which is all the server learns under secure aggregation; use fedavg or fedprox"
-        )
-    if cfg.deploy.secure_aggregation and _robust(cfg):
-        raise ConfigError("deploy.secure_aggregation: a robust aggregator needs each update, which secure aggregation hides")
-    privacy = getattr(cfg.strategy, "privacy", None)
-    if cfg.deploy.secure_aggregation and privacy is not None and privacy.enabled:
-        raise ConfigError("deploy.secure_aggregation: strategy.privacy clips each client's change at the server, which "
-                          "secure aggregation hides; use one or the other")
-    if cfg.deploy.secure_aggregation and cfg.deploy.max_update_norm is not None:
-        raise ConfigError("deploy.secure_aggregation: deploy.max_update_norm bounds each update, which secure "
-                          "aggregation hides (clients clip each entry to deploy.secagg_clip instead); use one or the other")
-    server = DeployServer(cfg, fed, strategy, ServerOptions(address, table, cert, key, client_ca, need))
-    server.bind()  # before anything is written: a port another process holds is refused here
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        clear_run(out_dir)  # an earlier run's files (--fresh, or one that never checkpointed); nothing else
-    (out_dir / "config.yaml").write_text(dump_config(cfg))
-    _log_to_file(out_dir / "server.log")
-    run = Run(cfg, out_dir, fed, strategy, resume=resume, engine=server)
-    if resume:
-        server._resumed = True
-        log.info("resumed from %s at aggregation %d (%.1f s into the run)", out_dir / CHECKPOINT, server.version,
-                 server.state.elapsed)
-        if _last_logged_round(out_dir / "metrics.jsonl") != server.version and (
-                server.version % cfg.evaluation.every == 0 or server.version >= cfg.rounds):
-            run.evaluate()  # killed between the checkpoint and its metrics line: write it now
-    status = "completed"
-    try:
-        status = server.serve(run)
-    except DivergedError:
-        server.finished.set()
-        server.shutdown()
-        run.finish("diverged")  # summary.json says so, as the simulator's does; the CLI prints the error
-        raise
-    finally:
-        server.finished.set()
-    if run.tracker.last.get("round") != server.version:
-        run.evaluate()
-    server.save()
-    server.shutdown()
-    _write_devices(out_dir / "devices.json", server)
-    # summary.json's client_speed: the speeds measured here, not those of the (ignored) devices section
-    run.fed = replace(run.fed, profiles=DeviceTable.from_profiles(server.profiles))
-    return run.finish(status)
-
-
-def _robust(cfg: ExperimentConfig) -> bool:
-    aggregator = getattr(cfg.strategy, "aggregator", None)
-    rule = getattr(aggregator, "rule", None) if aggregator is not None else None
-    return rule not in (None, "mean")
-
-
-def _log_to_file(path: Path) -> None:
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
-    logging.getLogger("hetfl").addHandler(handler)
-
-
-def _write_devices(path: Path, server: DeployServer) -> None:
-    """What each client reported and was measured to do: ``devices.json`` in the run directory."""
-    st = server.state
-    rows = []
-    for c in range(server.n_clients):
-        p = st.profiles[c]
-        rows.append({
-            "client_id": c, "n_samples": st.n_samples.get(c), "weight": server.num_samples(c) if c in st.n_samples else None,
-            **st.measured.get(c, {}),
-            "speed": p.speed if p.tier == "measured" else None, "participation": int(st.counters.participation[c]),
-        })
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=2, default=float))
-    os.replace(tmp, path)
