@@ -333,7 +333,7 @@ class NetworkConfig(Section):
     @field_validator("tiers")
     @classmethod
     def _known_tiers(cls, tiers: dict[str, float]) -> dict[str, float]:
-        from hetfl.devices.profiles import NETWORK_TIERS
+        from hetfl.devices.tiers import NETWORK_TIERS
 
         _check_weights(tiers, "devices.network.tiers", known=NETWORK_TIERS)
         return tiers

@@ -1,7 +1,7 @@
 """Device profiles: how fast each client computes, how fast it talks, and when it is online.
 
 A :class:`DeviceProfile` is everything the virtual clock needs to know about one client. It is
-drawn once per run by :func:`build_profiles` from the ``devices`` config section (or read from a
+drawn once per run by :func:`hetfl.devices.draw.build_profiles` from the ``devices`` config section (or read from a
 trace, see :mod:`hetfl.devices.trace`), and :func:`task_timing` turns it into the simulated
 seconds a task takes.
 
@@ -15,7 +15,7 @@ Compute speed is relative: 1.0 is the median device, whose FLOP/s is
   is ``2**(1/shape)`` times the median and the slowest are unbounded (clipped at 1e-3).
 - ``tiers``: named tiers with fixed relative speeds, drawn with ``tier_weights`` (default equal).
 
-Network tiers (:data:`NETWORK_TIERS`) are *typical* figures for each kind of link, chosen to
+Network tiers (:data:`hetfl.devices.tiers.NETWORK_TIERS`) are *typical* figures for each kind of link, chosen to
 give plausible orders of magnitude, not measurements of any network:
 
 ==========  =============  ===========  ============
@@ -46,40 +46,13 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from operator import itemgetter
-from typing import TYPE_CHECKING
 
 import numpy as np
 from rich.table import Table
 
-
-if TYPE_CHECKING:
-    from hetfl.config import AvailabilityConfig, DevicesConfig
-    from hetfl.devices.table import DeviceTable
-
-BYTES_PER_MBIT = 1e6 / 8  # 1 Mbit/s = 125,000 bytes/s
-MIN_PARETO_SPEED = 1e-3
-
-
-@dataclass(frozen=True)
-class NetworkTier:
-    name: str
-    down_mbps: float
-    up_mbps: float
-    latency_ms: float
-
-
-NETWORK_TIERS: dict[str, NetworkTier] = {
-    t.name: t
-    for t in (
-        NetworkTier("3g", down_mbps=2.0, up_mbps=0.5, latency_ms=150.0),
-        NetworkTier("4g", down_mbps=20.0, up_mbps=5.0, latency_ms=60.0),
-        NetworkTier("5g", down_mbps=150.0, up_mbps=30.0, latency_ms=25.0),
-        NetworkTier("wifi", down_mbps=50.0, up_mbps=20.0, latency_ms=15.0),
-        NetworkTier("ethernet", down_mbps=1000.0, up_mbps=1000.0, latency_ms=2.0),
-    )
-}
+from hetfl.devices.tiers import BYTES_PER_MBIT, NETWORK_TIERS, NetworkTier  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)
@@ -137,105 +110,6 @@ class DeviceProfile:
         return online / horizon
 
 
-# --------------------------------------------------------------------------- drawing profiles
-def build_profiles(cfg: DevicesConfig, n_clients: int, rng: np.random.Generator) -> DeviceTable:
-    """Draw one profile per client from the ``devices`` config (or read them from its trace).
-
-    With a trace, client ``i`` of the federation gets the ``i``-th trace device in order of its id
-    (``client_id`` is renumbered ``0..n_clients-1``); ``devices.dropout`` applies to every device
-    whose trace row gives no dropout. The same ``rng`` state gives the same profiles.
-
-    Returns a :class:`~hetfl.devices.table.DeviceTable`: the profiles as columns, a sequence of
-    :class:`DeviceProfile` to whoever indexes or iterates it.
-    """
-    from hetfl.devices.table import DeviceTable  # here, as table.py imports this module
-
-    if cfg.trace:
-        from hetfl.devices.trace import load_trace  # here, as trace.py imports this module
-
-        loaded = load_trace(cfg.trace, n_clients, cfg.compute.median_flops, default_dropout=cfg.dropout)
-        memory = math.inf if cfg.memory.limit is None else cfg.memory.limit  # traces carry no memory column
-        return DeviceTable.from_profiles([replace(p, client_id=i, memory_bytes=memory) for i, p in enumerate(loaded)])
-
-    # tier names, speeds and weights were checked where the config was validated (hetfl.config)
-    speeds, compute_labels = _draw_speeds(cfg, n_clients, rng)
-    network_names = _draw_choice(cfg.network.tiers, n_clients, rng)
-    nets = [NETWORK_TIERS[name] for name in network_names]
-    memory_of = {label: _memory(cfg, label) for label in set(compute_labels)}
-    windows = (
-        [_markov_windows(cfg.availability, rng) for _ in range(n_clients)]  # client by client, as the draws were always made
-        if cfg.availability.kind == "markov" else None
-    )
-    speeds = np.asarray(speeds, dtype=float)
-    return DeviceTable.from_columns(
-        speed=speeds,
-        flops=speeds * cfg.compute.median_flops,
-        down_Bps=np.array([net.down_mbps * BYTES_PER_MBIT for net in nets]),
-        up_Bps=np.array([net.up_mbps * BYTES_PER_MBIT for net in nets]),
-        latency_s=np.array([net.latency_ms / 1000 for net in nets]),
-        dropout=np.full(n_clients, float(cfg.dropout)),
-        memory_bytes=np.array([memory_of[label] for label in compute_labels], dtype=float),
-        tiers=[f"{label}/{name}" for label, name in zip(compute_labels, network_names)],
-        windows=windows,
-    )
-
-
-def _memory(cfg: DevicesConfig, compute_label: str) -> float:
-    """Memory in bytes of a device of compute tier ``compute_label``: its tier's, else the limit, else unlimited."""
-    value = cfg.memory.tiers.get(compute_label, cfg.memory.limit)
-    return math.inf if value is None else float(value)
-
-
-def _draw_speeds(cfg: DevicesConfig, n: int, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
-    """Relative speeds of ``n`` devices and the compute label of each (for the tier string)."""
-    compute = cfg.compute
-    kind = compute.distribution
-    if kind == "constant":
-        return np.ones(n), [kind] * n
-    if kind == "lognormal":
-        return np.exp(rng.normal(0.0, compute.sigma, size=n)), [kind] * n
-    if kind == "pareto":
-        x = 1.0 + rng.pareto(compute.pareto_shape, size=n)  # classic Pareto, minimum 1, median 2**(1/shape)
-        speeds = 2.0 ** (1.0 / compute.pareto_shape) / x
-        return np.maximum(speeds, MIN_PARETO_SPEED), [kind] * n
-    weights = compute.tier_weights or {name: 1.0 for name in compute.tiers}
-    names = _draw_choice(weights, n, rng)
-    return np.array([compute.tiers[name] for name in names], dtype=float), names
-
-
-def _draw_choice(weights: dict[str, float], n: int, rng: np.random.Generator) -> list[str]:
-    """Draw ``n`` names with probabilities proportional to ``weights`` (validated by the config)."""
-    names = list(weights)
-    w = np.array([weights[name] for name in names], dtype=float)
-    picks = rng.choice(len(names), size=n, p=w / w.sum())
-    return [names[k] for k in picks]
-
-
-def _markov_windows(avail: AvailabilityConfig, rng: np.random.Generator) -> tuple[tuple[float, float], ...]:
-    """Alternating exponential online/offline periods up to the horizon, then online forever.
-
-    Periods are drawn in vectorised batches of (first, second) pairs, so parity never breaks.
-    """
-    mean_on, mean_off, horizon = avail.mean_online_s, avail.mean_offline_s, avail.horizon_s
-    online_first = bool(rng.random() < mean_on / (mean_on + mean_off))
-    first, second = (mean_on, mean_off) if online_first else (mean_off, mean_on)
-    batch = int(horizon / (mean_on + mean_off)) + 8
-    chunks, total = [], 0.0
-    while total < horizon:
-        pairs = np.column_stack([rng.exponential(first, batch), rng.exponential(second, batch)]).ravel()
-        chunks.append(pairs)
-        total += float(pairs.sum())
-    lengths = np.concatenate(chunks)
-    ends = np.cumsum(lengths)
-    n = int(np.searchsorted(ends, horizon, side="left")) + 1  # periods that start before the horizon
-    ends, starts = ends[:n], ends[:n] - lengths[:n]
-    is_online = (np.arange(n) % 2 == 0) == online_first
-    windows = [(float(a), float(b)) for a, b in zip(starts[is_online], ends[is_online])]
-    if windows and windows[-1][1] >= horizon:  # the last online period runs past the horizon
-        windows[-1] = (windows[-1][0], math.inf)
-    else:  # an offline period runs past the horizon: online again from the horizon on
-        windows.append((horizon, math.inf))
-    return tuple(windows)
 
 
 # --------------------------------------------------------------------------- task timing
