@@ -293,3 +293,23 @@ def test_report_labels_repeated_algorithms_by_name(tmp_path):
 def test_report_on_empty_folder_raises(tmp_path):
     with pytest.raises(HetflError, match="no hetfl runs under"):
         render_report(tmp_path)
+
+
+def test_a_checkpoint_of_another_hetfl_version_is_one_line(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    import torch
+
+    from hetfl.engine.run import read_checkpoint
+
+    old = types.ModuleType("hetfl.deploy.server")  # where deployment state lived before engine/core.py
+    old.DeployState = type("DeployState", (), {"__module__": "hetfl.deploy.server"})
+    monkeypatch.setitem(sys.modules, "hetfl.deploy.server", old)
+    torch.save({"state": old.DeployState(), "tracker": None, "wall_time_s": 0.0}, tmp_path / "checkpoint.pt")
+    monkeypatch.delitem(sys.modules, "hetfl.deploy.server")
+    with pytest.raises(HetflError) as err:
+        read_checkpoint(tmp_path / "checkpoint.pt")
+    line = str(err.value)
+    assert "\n" not in line and "written by another version of hetfl" in line and "hetfl.deploy.server" in line
+    assert str(tmp_path / "checkpoint.pt") in line

@@ -485,6 +485,14 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
                          "start anew (hetfl server --fresh, or hetfl run --overwrite)")
     try:
         saved = torch.load(path, weights_only=False)
+    except (ModuleNotFoundError, AttributeError) as err:  # a class the pickle names is not where it was
+        missing = getattr(err, "name", None) or str(err)
+        if str(missing).startswith("hetfl") or "hetfl." in str(err):
+            raise HetflError(f"{path}: written by another version of hetfl, whose state this one cannot read "
+                             f"({str(err).splitlines()[0][:200]}); finish that run with the hetfl that started it, or "
+                             "start anew (hetfl server --fresh, or hetfl run --overwrite)") from None
+        raise HetflError(f"{path}: the checkpoint needs code that cannot be imported ({str(err).splitlines()[0][:200]}); "
+                         "make it importable (the code section of config.yaml says from where), or start anew") from None
     except Exception as err:  # EOFError, UnpicklingError, RuntimeError (a broken zip), OSError (EINVAL), ...
         why = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         raise HetflError(f"{path}: not a readable checkpoint, truncated or not one ({why}); start anew "
