@@ -312,7 +312,7 @@ def _accounting(make: Callable[[], Strategy], model: str, seed: int, label: str,
         if not ok:
             raise _fail(label, ACCOUNTING, f"seed {seed}, {sim.version} aggregations, t = {sim.now:.2f} s", detail)
 
-    c, in_flight = sim.counters, len(sim.state.busy)
+    c, in_flight = sim.counters, len(sim.in_flight())
     check(c.tasks == len(dispatched), f"{c.tasks} tasks counted, {len(dispatched)} dispatched")
     check(c.tasks == c.arrived + c.failed + c.cancelled + in_flight,
           f"{c.tasks} tasks dispatched, but {c.arrived} arrived + {c.failed} lost + {c.cancelled} cancelled + "
@@ -387,9 +387,9 @@ def _same_run(a: Simulator, b: Simulator, label: str, invariant: str, context: s
         if not _same(getattr(a.counters, name), getattr(b.counters, name)):
             raise _fail(label, invariant, context,
                         f"counters.{name} differ: {getattr(a.counters, name)!r} and {getattr(b.counters, name)!r}")
-    clients = sorted(set(a.state.client_state) | set(b.state.client_state))
+    clients = sorted(set(a.client_states) | set(b.client_states))
     for client in clients:
-        if not _same(a.state.client_state.get(client), b.state.client_state.get(client)):
+        if not _same(a.client_states.get(client), b.client_states.get(client)):
             raise _fail(label, invariant, context, f"client {client}'s state differs")
 
 

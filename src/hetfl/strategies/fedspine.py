@@ -481,7 +481,7 @@ class FedSpine(FedLoRA):
         out, latency = [], {}
         for c in range(sim.n_clients):
             trainer = sim.models.trainer(c)
-            state = sim.state.client_state.get(c, {})
+            state = sim.client_states.get(c, {})
             model = self.device_model(trainer, sim.params, state)
             x = torch.zeros(8, model.context, dtype=torch.long) if batch is None else batch
             shape = json.dumps(model.sizes())
