@@ -72,7 +72,7 @@ from hetfl.deploy.tokens import TokenTable
 from hetfl.deploy.validate import NormBound, bounded_samples, change_norm, check_payload, check_stats, check_update
 from hetfl.devices import DeviceProfile
 from hetfl.engine.clock import Event, EventQueue
-from hetfl.engine.core import Counters, EngineCore, EngineState
+from hetfl.engine.core import Counters, EngineCore, EngineState, HoldsEngineCore
 from hetfl.engine.simulator import task_seed
 from hetfl.errors import DivergedError, HetflError
 from hetfl.results.fairness import fastest, idle_fractions
@@ -131,7 +131,7 @@ class ServerOptions:
     min_clients: int = 1
 
 
-class DeployServer:
+class DeployServer(HoldsEngineCore):
     """Runs ``strategy`` with real clients; implements :class:`hetfl.strategies.base.Server`.
 
     The bookkeeping it shares with the simulator (tasks counted and priced, updates built, aggregations committed,
@@ -197,58 +197,14 @@ class DeployServer:
         self._snapshots = True  # False once the strategy could not be copied (its on_update is then not rolled back)
         self._control_keys = itertools.count(-1, -1)  # outgoing keys of messages without tensors (send_control)
 
-    # ------------------------------------------------------------------ the state and the core
-    @property
-    def state(self) -> DeployState:
-        """Everything that changes during the run (a checkpoint's); assigning it (a resumed run) replaces it whole."""
-        return self.core.state  # type: ignore[return-value]
-
-    @state.setter
-    def state(self, state: DeployState) -> None:
-        self.core.state = state
-
-    @property
-    def on_commit(self) -> Any:
-        """Called with the server after each aggregation (the run's: evaluates, logs, decides whether to stop)."""
-        return self.core.on_commit
-
-    @on_commit.setter
-    def on_commit(self, callback: Any) -> None:
-        self.core.on_commit = callback
-
-    @property
-    def checkpoint_due(self) -> bool:
-        """An aggregation was committed since the last checkpoint (:meth:`save` clears it)."""
-        return self.core.checkpoint_due
-
-    @checkpoint_due.setter
-    def checkpoint_due(self, due: bool) -> None:
-        self.core.checkpoint_due = due
-
     # ------------------------------------------------------------------ the Server protocol
     @property
     def now(self) -> float:
         return self._now
 
     @property
-    def version(self) -> int:
-        return self.core.version
-
-    @property
-    def params(self) -> torch.Tensor:
-        return self.core.params
-
-    @property
     def rng(self) -> np.random.Generator:
         return self.state.server_rng  # type: ignore[return-value]
-
-    @property
-    def strategy(self) -> Strategy:
-        return self.core.strategy
-
-    @property
-    def counters(self) -> Counters:
-        return self.core.counters
 
     @property
     def profiles(self) -> list[DeviceProfile]:

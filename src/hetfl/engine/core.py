@@ -222,6 +222,60 @@ class EngineCore:
         return self.state.counters.fairness(idle, fast, window=window)
 
 
+
+class HoldsEngineCore:
+    """What an engine answers from the :class:`EngineCore` it holds (``self.core``): its state (assigning it, as a
+    resumed run does, replaces it whole), the run's ``on_commit`` callback, whether a checkpoint is due, and the
+    :class:`~hetfl.strategies.base.Server` members that are the core's (version, params, strategy, counters).
+    The :class:`~hetfl.engine.simulator.Simulator` and the :class:`~hetfl.deploy.engine.DeployServer` derive from
+    it; everything about when and where things happen stays theirs."""
+
+    core: EngineCore
+
+    @property
+    def state(self) -> Any:
+        """Everything that changes during the run (a checkpoint's): the engine's ``SimState`` or ``DeployState``."""
+        return self.core.state
+
+    @state.setter
+    def state(self, state: EngineState) -> None:
+        self.core.state = state
+
+    @property
+    def on_commit(self) -> Callable[[Any], None] | None:
+        """Called with the engine after each aggregation (the run's: evaluates, logs, decides whether to stop)."""
+        return self.core.on_commit
+
+    @on_commit.setter
+    def on_commit(self, callback: Callable[[Any], None] | None) -> None:
+        self.core.on_commit = callback
+
+    @property
+    def checkpoint_due(self) -> bool:
+        """An aggregation was committed since the last checkpoint (cleared when one is saved)."""
+        return self.core.checkpoint_due
+
+    @checkpoint_due.setter
+    def checkpoint_due(self, due: bool) -> None:
+        self.core.checkpoint_due = due
+
+    @property
+    def version(self) -> int:
+        return self.core.version
+
+    @property
+    def params(self) -> torch.Tensor:
+        return self.core.params
+
+    @property
+    def strategy(self) -> Strategy:
+        return self.core.strategy
+
+    @property
+    def counters(self) -> Counters:
+        return self.core.counters
+
+
 class Engine(Protocol):
     """What a run (:class:`hetfl.engine.run.Run`) asks of its engine, the simulator or the deployment server: the
     numbers it evaluates and logs, the callback at each aggregation, a stop, and the state its checkpoints hold.

@@ -43,7 +43,7 @@ from hetfl.devices import DeviceProfile, DeviceTable, task_timing
 from hetfl.devices.byzantine import Byzantine
 from hetfl.engine.backends import Backend, InProcess
 from hetfl.engine.clock import Event, EventQueue
-from hetfl.engine.core import Counters, EngineCore, EngineState
+from hetfl.engine.core import Counters, EngineCore, EngineState, HoldsEngineCore
 from hetfl.engine.store import ClientStates, ParamStore, memory_budget
 from hetfl.results.fairness import fastest, idle_fractions
 from hetfl.strategies.base import ClientData, Strategy, Task, Update, client_report
@@ -174,7 +174,7 @@ class SimState(EngineState):
     started: bool = False
 
 
-class Simulator:
+class Simulator(HoldsEngineCore):
     """Drives ``strategy`` on a virtual clock; implements :class:`hetfl.strategies.base.Server`.
 
     Parameters
@@ -268,58 +268,14 @@ class Simulator:
         self.fast_clients = fastest(self.profiles.flops)
         self.byzantine = byzantine
 
-    # ----------------------------------------------------------------- the state and the core
-    @property
-    def state(self) -> SimState:
-        """Everything that changes during the run (a checkpoint's); assigning it (a resumed run) replaces it whole."""
-        return self.core.state  # type: ignore[return-value]
-
-    @state.setter
-    def state(self, state: SimState) -> None:
-        self.core.state = state
-
-    @property
-    def on_commit(self) -> Callable[["Simulator"], None] | None:
-        """Called with the simulator after each aggregation (the run's: evaluates, logs, decides whether to stop)."""
-        return self.core.on_commit
-
-    @on_commit.setter
-    def on_commit(self, callback: Callable[["Simulator"], None] | None) -> None:
-        self.core.on_commit = callback
-
-    @property
-    def checkpoint_due(self) -> bool:
-        """An aggregation was committed since the last checkpoint (the run clears it when it saves one)."""
-        return self.core.checkpoint_due
-
-    @checkpoint_due.setter
-    def checkpoint_due(self, due: bool) -> None:
-        self.core.checkpoint_due = due
-
     # ----------------------------------------------------------------- Server protocol
     @property
     def now(self) -> float:
         return self.state.queue.now
 
     @property
-    def version(self) -> int:
-        return self.core.version
-
-    @property
-    def params(self) -> torch.Tensor:
-        return self.core.params
-
-    @property
     def rng(self) -> np.random.Generator:
         return self.state.server_rng  # type: ignore[return-value]
-
-    @property
-    def strategy(self) -> Strategy:
-        return self.core.strategy
-
-    @property
-    def counters(self) -> Counters:
-        return self.core.counters
 
     @property
     def n_clients(self) -> int:
