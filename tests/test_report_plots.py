@@ -1,0 +1,79 @@
+"""``hetfl report``'s figures for papers: formats, log axes, smoothing, curves that coincide, variant labels."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hetfl.cli import main
+from hetfl.errors import HetflError
+from hetfl.results import ReportOptions, moving_average, render_report
+
+
+def write_run(folder: Path, strategy: dict | None = None, *, rounds: int = 8, wiggle: float = 0.0) -> Path:
+    """A run folder with a synthetic metrics.jsonl (no summary.json: the report computes one)."""
+    folder.mkdir(parents=True)
+    config = {"name": folder.name, "seed": 0, "data": {"dataset": "digits", "n_clients": 4},
+              "strategy": strategy or {"name": "fedavg"}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    lines = []
+    for r in range(rounds + 1):
+        acc = 0.9 - 0.8 * math.exp(-r / 3) + (wiggle * (-1) ** r if r else 0.0)
+        lines.append(json.dumps({"round": r, "sim_time_s": 10.0 * r, "wall_time_s": 0.1 * r, "accuracy": acc,
+                                 "loss": 2.3 * (1 - acc), "bytes_up": 1000 * r, "bytes_down": 1000 * r}))
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_formats_and_log_axes(tmp_path):
+    run = write_run(tmp_path / "run")
+    page = render_report(run, ReportOptions(formats=("png", "pdf", "svg"), log_x=True, log_y=True)).read_text()
+    for name in ("accuracy_vs_time", "accuracy_vs_round", "loss_vs_time", "bytes"):
+        for ext in ("png", "pdf", "svg"):
+            assert (run / f"{name}.{ext}").stat().st_size > 1000, (name, ext)
+        assert f'src="{name}.png"' in page  # the page embeds the PNGs
+    assert (run / "loss_vs_time.pdf").read_bytes().startswith(b"%PDF")
+    assert "log scale" in (run / "accuracy_vs_time.svg").read_text()  # the axis label says so
+    render_report(run)  # PNG only: the other formats are not written again, nor removed
+    assert (run / "bytes.png").is_file()
+
+
+def test_bad_report_flags_are_one_line_naming_the_flag(tmp_path, capsys):
+    run = write_run(tmp_path / "run")
+    for argv, flag in ((["--format", "png,jpeg"], "--format"), (["--smooth", "0"], "--smooth"),
+                       (["--smooth", "three"], "--smooth")):  # fmt: skip
+        code = main(["report", str(run), *argv])
+        err = capsys.readouterr().err
+        assert code != 0 and flag in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert main(["report", str(run), "--format", "svg", "--log-x", "--smooth", "3"]) == 0
+    assert (run / "accuracy_vs_round.svg").is_file()
+
+
+def test_moving_average_is_trailing():
+    # hand-worked: window of 3 ending at each point, fewer at the start; a nan is left out of its windows
+    assert moving_average([0.0, 3.0, 6.0, 9.0, 12.0], 3) == [0.0, 1.5, 3.0, 6.0, 9.0]
+    assert moving_average([1.0, math.nan, 3.0], 2) == [1.0, 1.0, 3.0]
+    assert moving_average([2.0, 4.0], 1) == [2.0, 4.0]
+    with pytest.raises(HetflError, match="--smooth"):
+        ReportOptions(smooth=0)
+
+
+def test_smoothing_draws_the_raw_curve_lighter(tmp_path, monkeypatch):
+    from hetfl.results import report
+
+    run = write_run(tmp_path / "run", rounds=30, wiggle=0.05)
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path, opts: figures.append((path.name, fig)))
+    render_report(run, ReportOptions(smooth=5))
+    fig = dict(figures)["accuracy_vs_round.png"]
+    lines = [line for line in fig.axes[0].get_lines() if len(line.get_xdata()) == 31]
+    raw = [line for line in lines if (line.get_alpha() or 1.0) < 1.0]
+    smooth = [line for line in lines if (line.get_alpha() or 1.0) == 1.0]
+    assert len(raw) == 1 and len(smooth) == 1
+    acc = list(raw[0].get_ydata())
+    assert list(smooth[0].get_ydata()) == pytest.approx(moving_average(acc, 5))
+    assert smooth[0].get_ydata()[-1] == pytest.approx(sum(acc[-5:]) / 5)
