@@ -77,3 +77,35 @@ def test_smoothing_draws_the_raw_curve_lighter(tmp_path, monkeypatch):
     acc = list(raw[0].get_ydata())
     assert list(smooth[0].get_ydata()) == pytest.approx(moving_average(acc, 5))
     assert smooth[0].get_ydata()[-1] == pytest.approx(sum(acc[-5:]) / 5)
+
+
+def _figures(monkeypatch) -> dict:
+    """Every figure the report draws, by file name, instead of writing them."""
+    from hetfl.results import report
+
+    figures: dict = {}
+    monkeypatch.setattr(report, "_save", lambda fig, path, opts: figures.__setitem__(path.name, fig))
+    return figures
+
+
+def test_coinciding_curves_get_their_own_line_styles_and_markers(tmp_path, monkeypatch):
+    write_run(tmp_path / "fedavg", {"name": "fedavg"}, rounds=40)
+    write_run(tmp_path / "fedprox", {"name": "fedprox", "params": {"mu": 1e-6}}, rounds=40)  # the same curve
+    figures = _figures(monkeypatch)
+    render_report(tmp_path)
+    for image in ("accuracy_vs_time.png", "accuracy_vs_round.png", "loss_vs_time.png"):
+        lines = [line for line in figures[image].axes[0].get_lines() if len(line.get_xdata()) == 41]
+        assert len(lines) == 2 and list(lines[0].get_ydata()) == list(lines[1].get_ydata())
+        assert lines[0].get_linestyle() != lines[1].get_linestyle()
+        assert lines[0].get_marker() != lines[1].get_marker()
+        assert all(line.get_markevery()[1] == 5 for line in lines)  # sparse: every 5th of 41 evaluations
+
+
+def test_distinct_curves_keep_plain_lines(tmp_path, monkeypatch):
+    write_run(tmp_path / "fedavg", {"name": "fedavg"}, rounds=40)
+    write_run(tmp_path / "fedbuff", {"name": "fedbuff"}, rounds=40, wiggle=0.05)
+    figures = _figures(monkeypatch)
+    render_report(tmp_path)
+    lines = [line for line in figures["accuracy_vs_round.png"].axes[0].get_lines() if len(line.get_xdata()) == 41]
+    assert len(lines) == 2 and {line.get_linestyle() for line in lines} == {"-"}
+    assert {line.get_marker() for line in lines} == {"None"}

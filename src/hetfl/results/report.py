@@ -27,6 +27,9 @@ accuracy on a common time grid with a ± 1 std band; the other plots draw each s
 and/or SVG beside its PNG (the page embeds the PNGs); a log time axis; a log loss axis; a trailing moving average
 over N evaluations drawn over each run's raw accuracy and loss curves, the raw ones lighter.
 
+Runs whose accuracy curves coincide (within 0.5 percentage points at every round both evaluated: FedAvg and FedProx
+with a tiny mu) each get a line style and a marker of their own, markers sparse and staggered, so that both show.
+
 The last two are drawn from ``summary.json`` (``staleness_histogram``, ``participation``,
 ``tasks_per_client``, ``client_speed``); a run without them (unfinished, or written by an older
 hetfl) is left out of them, with a note. Each run keeps its colour in every plot and in the
@@ -139,6 +142,7 @@ class _Run:
     notes: list[str] = field(default_factory=list)
     group: "_Group | None" = None  # the seed group it belongs to, if any
     legend: str = ""  # its line's entry in a legend ("_nolegend_": its group's first run names the group)
+    style: dict = field(default_factory=dict)  # its own line style and sparse markers, when its curve has a twin
 
     @property
     def seed(self) -> int | None:
@@ -365,6 +369,30 @@ def _label_groups(units: list[_Run | _Group], root: Path) -> None:
             unit.legend = unit.label
 
 
+COINCIDE = 0.005  # accuracy curves closer than this (0.5 percentage points) at every common round coincide
+LINESTYLES = ["-", "--", "-.", (0, (6, 2, 1, 2, 1, 2))]  # not ":", the 10th-percentile lines' style
+MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
+
+
+def _coincide(a: _Run, b: _Run) -> bool:
+    """Whether two runs' accuracy curves lie on each other: within :data:`COINCIDE` at every round both evaluated."""
+    ours = {r: v for r, v in zip(a.series("round"), a.series("accuracy")) if math.isfinite(r) and math.isfinite(v)}
+    theirs = {r: v for r, v in zip(b.series("round"), b.series("accuracy")) if math.isfinite(r) and math.isfinite(v)}
+    common = ours.keys() & theirs.keys()
+    return bool(common) and all(abs(ours[r] - theirs[r]) <= COINCIDE for r in common)
+
+
+def _assign_styles(runs: list[_Run]) -> None:
+    """Runs whose accuracy curve coincides with another's (FedAvg and FedProx with a tiny mu) each get a line style
+    and a marker of their own, markers sparse and staggered, so that every one of them stays visible."""
+    twins = [run for run in runs if run.group is None and any(
+        other is not run and other.group is None and _coincide(run, other) for other in runs)]
+    for k, run in enumerate(twins):
+        step = max(1, len(run.metrics) // 8)
+        run.style = {"linestyle": LINESTYLES[k % len(LINESTYLES)], "marker": MARKERS[k % len(MARKERS)],
+                     "markersize": 5, "markevery": ((k * max(1, step // 3)) % step, step)}
+
+
 # --------------------------------------------------------------------------- plots
 def _time_unit(max_seconds: float) -> tuple[str, float]:
     """The unit that keeps simulated-time tick labels short: s, min or h."""
@@ -417,7 +445,10 @@ def _draw_targets(ax, runs: list[_Run]) -> None:
 
 
 def _points(run: _Run) -> dict:
-    """Dots on the line when a run has few evaluations (a single one would not show otherwise)."""
+    """Dots on the line when a run has few evaluations (a single one would not show otherwise); a run whose curve
+    has a twin: its own line style and sparse markers (:func:`_assign_styles`)."""
+    if run.style:
+        return dict(run.style)
     return {"marker": "o", "markersize": 3.5} if len(run.metrics) <= 20 else {}
 
 
@@ -443,10 +474,23 @@ def _unlink(path: Path) -> None:
         path.with_suffix(f".{fmt}").unlink(missing_ok=True)
 
 
+def _log_labels(axis, limits: tuple[float, float]) -> None:
+    """Plain numbers on a log axis (0.1, 1, 10, not 10^-1); within three decades the minor ticks at 2 and 5 too."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    def two_five(v: float, _: Any) -> str:
+        return f"{v:g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v) + 1e-9)) in (2, 5) else ""
+
+    low, high = limits
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter() if low <= 0 or high / low > 1000 else FuncFormatter(two_five))
+
+
 def _time_axis(ax, name: str, opts: ReportOptions) -> None:
     """The x axis of a plot against simulated time: from 0, or log-scaled with ``--log-x``."""
     if opts.log_x:
         ax.set_xscale("log")  # the evaluation at t = 0 has no place on it
+        _log_labels(ax.xaxis, ax.get_xlim())
         ax.set_xlabel(f"simulated time ({name}, log scale)")
     else:
         ax.set_xlim(left=0)
@@ -563,6 +607,7 @@ def _plot_loss_vs_time(runs: list[_Run], out: Path, unit: tuple[str, float], opt
         _curve(ax, t, run.series("loss"), run, opts, run.legend)
     if opts.log_y:
         ax.set_yscale("log")
+        _log_labels(ax.yaxis, ax.get_ylim())
     _time_axis(ax, name, opts)
     ax.set_ylabel("test loss (nats" + (", log scale)" if opts.log_y else ")"))
     ax.set_title("Loss against simulated time", loc="left", fontsize="medium")
@@ -580,7 +625,8 @@ def _plot_bytes(runs: list[_Run], out: Path, unit: tuple[str, float], opts: Repo
     fig, ax = _figure()
     for run in runs:
         t = [v / scale for v in run.series("sim_time_s")]
-        ax.plot(t, [v / size_scale for v in totals[run.folder]], color=run.color, label=run.legend, linewidth=1.8)
+        ax.plot(t, [v / size_scale for v in totals[run.folder]], color=run.color, label=run.legend, linewidth=1.8,
+                **run.style)
     _time_axis(ax, name, opts)
     ax.set_ylim(bottom=0)
     ax.set_ylabel(f"transferred, up + down ({size_unit})")
@@ -946,6 +992,7 @@ def render_report(path: Path, options: ReportOptions | None = None) -> Path:
         raise HetflError(f"no metrics recorded yet in the runs under {root} ({', '.join(skipped)})")
     units = _group_seeds(runs)
     _label_groups(units, root)
+    _assign_styles(runs)
 
     max_time = max((v for run in runs for v in _finite(run.series("sim_time_s"))), default=0.0)
     unit = _time_unit(max_time)
