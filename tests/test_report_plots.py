@@ -109,3 +109,36 @@ def test_distinct_curves_keep_plain_lines(tmp_path, monkeypatch):
     lines = [line for line in figures["accuracy_vs_round.png"].axes[0].get_lines() if len(line.get_xdata()) == 41]
     assert len(lines) == 2 and {line.get_linestyle() for line in lines} == {"-"}
     assert {line.get_marker() for line in lines} == {"None"}
+
+
+def test_variant_labels_tell_runs_apart_in_hetfl_runs_and_the_report(tmp_path, monkeypatch, capsys):
+    from hetfl.results import list_runs, record_run
+    from hetfl.results.variant import variant_label
+
+    results = tmp_path / "results"
+    plain = write_run(results / "plain", {"name": "fedavg", "selection": {"name": "random", "params": {}},
+                                          "aggregator": {"rule": "mean", "trim_frac": 0.1, "byzantine": 1}})
+    oort = write_run(results / "oort", {"name": "fedavg", "selection": {"name": "oort", "params": {}},
+                                        "aggregator": {"rule": "mean", "trim_frac": 0.1, "byzantine": 1}})
+    for i, run in enumerate((plain, oort)):
+        record_run(run, {"name": run.name, "algorithm": "fedavg", "started_at": f"2026-05-0{i + 1}T10:00:00"})
+    assert [row["variant"] for row in list_runs(results)] == ["fedavg+oort", "fedavg"]
+    assert [row["variant"] for row in list_runs(results, algorithm="fedavg")] == ["fedavg+oort", "fedavg"]
+    monkeypatch.chdir(tmp_path)  # short paths in the table
+    assert main(["runs", "--root", "results"]) == 0
+    table = capsys.readouterr().out
+    assert "fedavg+oort" in table and table.count("fedavg") == 2
+
+    figures = _figures(monkeypatch)
+    render_report(results)
+    labels = figures["accuracy_vs_round.png"].axes[0].get_legend_handles_labels()[1]
+    assert sorted(labels) == ["fedavg", "fedavg+oort"]
+
+    assert variant_label({"name": "fedprox", "params": {"mu": 0.1}}) == "fedprox(mu=0.1)"
+    assert variant_label({"name": "fedavg", "aggregator": {"rule": "median", "trim_frac": 0.1}}) == "fedavg[median]"
+    assert variant_label({"name": "fedavg", "aggregator": {"rule": "trimmed_mean", "trim_frac": 0.2}}) == \
+        "fedavg[trimmed_mean(trim_frac=0.2)]"
+    assert variant_label({"name": "fedavg", "privacy": {"clip": 1.0, "noise_multiplier": 1.0}}) == "fedavg+dp(clip=1)"
+    assert variant_label({"name": "fedprox", "per_algorithm": {"fedprox": {"mu": 0.01}, "fedadam": {"x": 1}}}) == \
+        "fedprox(mu=0.01)"
+    assert variant_label({"clients_per_round": 5}) is None

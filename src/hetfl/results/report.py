@@ -154,6 +154,13 @@ class _Run:
         return str(self.summary.get("algorithm") or self.config.get("strategy", {}).get("name") or self.folder.name)
 
     @property
+    def variant(self) -> str:
+        """The algorithm and what its strategy section changes (``fedavg+oort``; :mod:`hetfl.results.variant`)."""
+        from hetfl.results.variant import variant_label
+
+        return variant_label(self.config.get("strategy")) or self.algorithm
+
+    @property
     def name(self) -> str:
         return str(self.summary.get("name") or self.config.get("name") or self.folder.name)
 
@@ -278,9 +285,9 @@ def _relative(folder: Path, root: Path) -> str:
 
 
 def _assign_labels(runs: list[_Run], root: Path, where: Any = None) -> None:
-    """Label runs by algorithm; by name, then by folder (``where(run)``, default its path under ``root``), when that
-    does not tell them apart."""
-    for attribute in ("algorithm", "name"):
+    """Label runs by algorithm; by variant (``fedavg+oort``), by name, then by folder (``where(run)``, default its path
+    under ``root``), when that does not tell them apart."""
+    for attribute in ("algorithm", "variant", "name"):
         labels = [getattr(run, attribute) for run in runs]
         if len(set(labels)) == len(labels):
             break
