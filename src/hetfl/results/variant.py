@@ -49,7 +49,8 @@ def variant_label(strategy: dict[str, Any] | None) -> str | None:
               **(strategy.get("params") or {})}
     label = name + _args(params)
     selection = strategy.get("selection")
-    if isinstance(selection, dict) and selection.get("name", defaults["selection"]["name"]) != defaults["selection"]["name"]:
+    random = defaults["selection"]["name"]
+    if isinstance(selection, dict) and selection.get("name", random) != random:
         label += f"+{selection['name']}{_args(selection.get('params') or {})}"
     aggregator = strategy.get("aggregator")
     if isinstance(aggregator, dict) and aggregator.get("rule", "mean") != defaults["aggregator"]["rule"]:
