@@ -142,3 +142,14 @@ def test_variant_labels_tell_runs_apart_in_hetfl_runs_and_the_report(tmp_path, m
     assert variant_label({"name": "fedprox", "per_algorithm": {"fedprox": {"mu": 0.01}, "fedadam": {"x": 1}}}) == \
         "fedprox(mu=0.01)"
     assert variant_label({"clients_per_round": 5}) is None
+
+
+def test_clear_run_removes_every_format_of_every_figure(tmp_path):
+    from hetfl.results.outdir import clear_run
+
+    run = write_run(tmp_path / "run")
+    render_report(run, ReportOptions(formats=("png", "pdf", "svg")))
+    assert (run / "loss_vs_time.svg").is_file()
+    (run / "notes.txt").write_text("mine")
+    clear_run(run)
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
