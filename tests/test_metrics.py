@@ -321,8 +321,11 @@ def test_progress_follows_whichever_limit_is_nearer():
     # an asynchronous run: 10 of 100 commits, but 50 of 100 simulated seconds
     done, text = progress(10, 100, 50.0, 100.0)
     assert done == PROGRESS_TOTAL // 2
-    assert "10/100 rounds" in text and "50.0 s / 1.7 min" in text
-    assert progress(90, 100, 5.0, 100.0)[0] == PROGRESS_TOTAL * 9 // 10  # rounds nearer their limit
+    assert text == "sim 50.0 s / 1.7 min  10 rounds"  # time first, against its limit
+    # bounded by time: rounds huge; the text never says 12/100000 rounds
+    assert progress(12, 100_000, 300.0, 600.0) == (PROGRESS_TOTAL // 2, "sim 5.0 min / 10.0 min  12 rounds")
+    done, text = progress(90, 100, 5.0, 100.0)
+    assert done == PROGRESS_TOTAL * 9 // 10 and text == "90/100 rounds  sim 5.0 s / 1.7 min"  # rounds nearer theirs
     assert progress(100, 100, 120.0, 100.0)[0] == PROGRESS_TOTAL  # never past the end
 
 

@@ -5,6 +5,7 @@
     hetfl compare CONFIG.yaml --algorithms a,b,c --out DIR     same seed, data and devices; one table
                   [--seeds 0,1,2]                              each algorithm on each seed: mean ± std, 95% CI
     hetfl report DIR                                           PNG plots and one HTML page
+                 [--format png,pdf,svg] [--log-x] [--log-y] [--smooth N]
     hetfl partition CONFIG.yaml                                per-client data statistics
     hetfl devices CONFIG.yaml                                  the simulated devices
     hetfl runs [--root results] [--algorithm A] ...            past runs, from the SQLite index
@@ -329,13 +330,28 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_INTERRUPTED if interrupted else 0
 
 
+def _report_options(args: argparse.Namespace):
+    """``hetfl report``'s drawing flags as :class:`hetfl.results.ReportOptions`; a bad value names its flag."""
+    from hetfl.results import ReportOptions
+
+    formats = tuple(dict.fromkeys(f.strip().lower() for f in args.format.split(",") if f.strip()))
+    smooth = None
+    if args.smooth is not None:
+        try:
+            smooth = int(args.smooth)
+        except ValueError:
+            raise HetflError(f"--smooth: {args.smooth!r} is not a whole number of evaluations >= 1") from None
+    return ReportOptions(formats=formats, log_x=args.log_x, log_y=args.log_y, smooth=smooth)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from hetfl.results import render_report
 
+    options = _report_options(args)
     path = Path(args.dir)
     if not path.is_dir():
         raise HetflError(f"{path}: no such directory")
-    console.print(f"Report: {escape(str(render_report(path)))}")
+    console.print(f"Report: {escape(str(render_report(path, options)))}")
     return 0
 
 
@@ -643,6 +659,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="render plots and an HTML page for a run or comparison directory")
     p.add_argument("dir")
+    p.add_argument("--format", default="png", metavar="png,pdf,svg",
+                   help="write every figure in these formats, side by side (comma-separated; default png; the PNG is "
+                   "always written, for report.html)")
+    p.add_argument("--log-x", action="store_true",
+                   help="log scale on the simulated-time axis of accuracy_vs_time, loss_vs_time, perplexity_vs_time "
+                   "and bytes (not the round, staleness or participation plots)")
+    p.add_argument("--log-y", action="store_true",
+                   help="log scale on the loss axis of loss_vs_time (perplexity_vs_time is always log; accuracy "
+                   "and bytes stay linear)")
+    p.add_argument("--smooth", metavar="N",
+                   help="draw a trailing moving average over N evaluations over each run's raw accuracy and loss "
+                   "curves (the raw curve lighter): for asynchronous runs with thousands of aggregations")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("partition", help="print per-client data statistics")

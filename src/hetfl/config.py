@@ -943,7 +943,10 @@ class ExperimentConfig(Section):
         "(docs/metrics.md); --seeds overrides it. Unset: the one run of seed. hetfl run uses seed only.",
     )
     rounds: int = Field(50, ge=1, description="Number of aggregations (server model versions) to run.")
-    max_sim_time_s: float | None = Field(None, gt=0, description="Stop once simulated time passes this.")
+    max_sim_time_s: float | None = Field(
+        None, gt=0, description="Stop once simulated time passes this; the progress bar then shows simulated time "
+        "against it (with rounds set high, a run bounded by time).",
+    )
     checkpoint_every: int = Field(10, ge=1, description="Checkpoint the server state every this many aggregations.")
     threads: int = Field(1, ge=1, description="torch intra-op threads (small models run fastest on one).")
     data: DataConfig = DataConfig()

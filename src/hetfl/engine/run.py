@@ -50,14 +50,19 @@ def progress(version: int, rounds: int, now: float, max_sim_time_s: float | None
 
     The run ends at ``rounds`` aggregations or at ``max_sim_time_s`` simulated seconds, whichever
     comes first, so the bar follows whichever of the two is nearer its limit (an asynchronous run
-    commits once per update, where rounds say little); the text shows both.
+    commits once per update, where rounds say little). The text puts that one first, against its
+    limit, and the other as a plain count: ``sim 5.0 min / 10.0 min  12 rounds`` for a run bounded
+    by time (``rounds`` huge), not ``12/100000 rounds``.
     """
-    done = version / rounds if rounds > 0 else 1.0
-    where = f"{version}/{rounds} rounds  sim {format_duration(now)}"
-    if max_sim_time_s is not None:
-        done = max(done, now / max_sim_time_s if max_sim_time_s > 0 else 1.0)
-        where += f" / {format_duration(max_sim_time_s)}"
-    return round(PROGRESS_TOTAL * min(done, 1.0)), where
+    by_rounds = version / rounds if rounds > 0 else 1.0
+    if max_sim_time_s is None:
+        return round(PROGRESS_TOTAL * min(by_rounds, 1.0)), f"{version}/{rounds} rounds  sim {format_duration(now)}"
+    by_time = now / max_sim_time_s if max_sim_time_s > 0 else 1.0
+    if by_time > by_rounds:
+        where = f"sim {format_duration(now)} / {format_duration(max_sim_time_s)}  {version} rounds"
+    else:
+        where = f"{version}/{rounds} rounds  sim {format_duration(now)} / {format_duration(max_sim_time_s)}"
+    return round(PROGRESS_TOTAL * min(max(by_rounds, by_time), 1.0)), where
 
 
 @dataclass

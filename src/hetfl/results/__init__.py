@@ -20,7 +20,7 @@ from hetfl.results.metrics import (
     read_summary,
     write_summary,
 )
-from hetfl.results.report import render_report
+from hetfl.results.report import ReportOptions, moving_average, render_report
 
 __all__ = [
     "CONFIG_NAME",
@@ -37,6 +37,8 @@ __all__ = [
     "read_metrics",
     "read_summary",
     "record_run",
+    "ReportOptions",
+    "moving_average",
     "render_report",
     "runs_table",
     "write_summary",

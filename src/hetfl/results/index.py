@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hetfl.errors import HetflError
+from hetfl.results.variant import run_variant
 
 INDEX_NAME = "hetfl-runs.sqlite"
 
@@ -121,7 +122,8 @@ def list_runs(
 
     ``algorithm``, ``dataset`` and ``status`` match exactly (ignoring case); ``name`` matches
     any run whose name contains it; ``min_accuracy`` keeps runs whose final accuracy is at
-    least that. Rows whose run folder no longer exists are skipped.
+    least that. Rows whose run folder no longer exists are skipped. Each row also has ``variant``, the short label of
+    its strategy section (``fedavg+oort``, :func:`hetfl.results.variant.variant_label`), None without a config.yaml.
     """
     root = Path(root)
     if not root.is_dir():
@@ -152,6 +154,7 @@ def list_runs(
                 if not run_dir.is_dir():
                     continue
             row["path"] = str(run_dir)
+            row["variant"] = run_variant(run_dir)  # from its config.yaml: an index written before labels still has it
             known = found.get(row["path"])
             if known is None or _started_key(row) > _started_key(known):
                 found[row["path"]] = row
@@ -213,13 +216,13 @@ def runs_table(rows: Iterable[dict[str, Any]]) -> Table:
         ("time to target", "right"), ("sim time", "right"), ("wall time", "right"),
         ("MB up/down", "right"), ("path", "left"),
     ):  # fmt: skip
-        table.add_column(title, justify=justify, no_wrap=title in ("started", "path"))
+        table.add_column(title, justify=justify, no_wrap=title in ("started", "algorithm", "path"))
     for row in rows:
         status = row.get("status") or "—"
         cells = [
             format_started(row.get("started_at")),
             row.get("name") or "—",
-            row.get("algorithm") or "—",
+            row.get("variant") or row.get("algorithm") or "—",  # fedavg+oort, not fedavg
             row.get("dataset") or "—",
             "—" if row.get("n_clients") is None else str(row["n_clients"]),
             Text(status, style=_STATUS_STYLE.get(status, "")),

@@ -41,7 +41,9 @@ from pathlib import Path
 from hetfl.errors import HetflError
 from hetfl.results.index import INDEX_NAME, forget_run
 from hetfl.results.metrics import CONFIG_NAME, METRICS_NAME, SUMMARY_NAME
-from hetfl.results.report import IMAGES, PARTICIPATION_IMAGE, PERPLEXITY_IMAGE, REPORT_NAME, STALENESS_IMAGE
+from hetfl.results.report import (
+    FORMATS, IMAGES, LOSS_IMAGE, PARTICIPATION_IMAGE, PERPLEXITY_IMAGE, REPORT_NAME, STALENESS_IMAGE,
+)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOCK_NAME = ".hetfl.lock"
@@ -52,8 +54,9 @@ RUN_FILES = (
     "devices.json", "server.log",  # hetfl server's
 )
 """The files a run writes into its folder (besides the report's)."""
-REPORT_FILES = (REPORT_NAME, *IMAGES, STALENESS_IMAGE[0], PERPLEXITY_IMAGE[0], PARTICIPATION_IMAGE[0])
-"""The files ``hetfl report`` writes into the folder it reports on."""
+_FIGURES = (*IMAGES, STALENESS_IMAGE[0], PERPLEXITY_IMAGE[0], PARTICIPATION_IMAGE[0], LOSS_IMAGE[0])
+REPORT_FILES = (REPORT_NAME, *(f"{Path(image).stem}.{fmt}" for image in _FIGURES for fmt in FORMATS))
+"""The files ``hetfl report`` writes into the folder it reports on (each figure in every ``--format``)."""
 _RUN_MARKERS = (METRICS_NAME, SUMMARY_NAME, CHECKPOINT_NAME)  # with config.yaml: a run (config.yaml alone may be the user's)
 
 

@@ -9,6 +9,8 @@ Writes into DIR:
 - ``perplexity_vs_time.png`` (language-model runs only, those whose metrics have ``perplexity``):
   perplexity against simulated time, on a log axis, with each run's lowest perplexity marked (for them
   ``accuracy`` in the other plots is next-token accuracy);
+- ``loss_vs_time.png`` (runs that are not language models, when their metrics have ``loss``): test loss against
+  simulated time;
 - ``bytes.png``: cumulative megabytes transferred (up + down) against simulated time;
 - ``staleness.png``: each run's staleness distribution (share of aggregated updates at most x versions stale);
 - ``participation.png``: each run's aggregated updates per client, clients sorted by device
@@ -20,6 +22,13 @@ Runs whose ``config.yaml`` differ only in ``seed`` (``hetfl compare --seeds``, o
 are grouped: one row a group in the summary table (mean ± std over the seeds; final accuracy tested against the
 best group's, paired over seeds: :mod:`hetfl.results.seeds`), and in ``accuracy_vs_time.png`` the group's mean
 accuracy on a common time grid with a ± 1 std band; the other plots draw each seed in the group's colour.
+
+:class:`ReportOptions` (``hetfl report --format png,pdf,svg --log-x --log-y --smooth N``): every figure also as PDF
+and/or SVG beside its PNG (the page embeds the PNGs); a log time axis; a log loss axis; a trailing moving average
+over N evaluations drawn over each run's raw accuracy and loss curves, the raw ones lighter.
+
+Runs whose accuracy curves coincide (within 0.5 percentage points at every round both evaluated: FedAvg and FedProx
+with a tiny mu) each get a line style and a marker of their own, markers sparse and staggered, so that both show.
 
 The last two are drawn from ``summary.json`` (``staleness_histogram``, ``participation``,
 ``tasks_per_client``, ``client_speed``); a run without them (unfinished, or written by an older
@@ -76,7 +85,48 @@ PARTICIPATION_IMAGE = (
     "Aggregated updates per client (filled, coloured by device speed) and tasks dispatched (outline), "
     "clients sorted from slowest to fastest device. One panel per run; J: Jain's index of participation.",
 )
+LOSS_IMAGE = (
+    "loss_vs_time.png",
+    "Test loss of the global model (mean cross-entropy, nats; lower is better) against simulated time.",
+)
 REPORT_NAME = "report.html"
+FORMATS = ("png", "pdf", "svg")  # what --format may name; the page always embeds the PNGs
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """How ``hetfl report`` draws: the file formats of each figure, log axes, smoothing.
+
+    ``formats``: every figure is written as ``NAME.png`` and also as each other format named (``pdf``, ``svg``),
+    beside it. ``log_x``: a log time axis in the plots against simulated time (accuracy, loss, perplexity,
+    bytes). ``log_y``: a log loss axis in ``loss_vs_time.png`` (``perplexity_vs_time.png`` is always log).
+    ``smooth``: a trailing moving average over this many evaluations drawn over each run's raw accuracy (and
+    loss) curve, the raw curve in a lighter tone; 1 or None: no smoothing.
+    """
+
+    formats: tuple[str, ...] = ("png",)
+    log_x: bool = False
+    log_y: bool = False
+    smooth: int | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown or not self.formats:
+            raise HetflError(f"--format: {', '.join(unknown) or 'nothing'} is not one of {', '.join(FORMATS)} "
+                             "(comma-separated, e.g. png,pdf)")
+        if self.smooth is not None and (isinstance(self.smooth, bool) or not isinstance(self.smooth, int)
+                                        or self.smooth < 1):
+            raise HetflError(f"--smooth: {self.smooth!r} is not a whole number of evaluations >= 1")
+
+
+def moving_average(values: list[float], n: int) -> list[float]:
+    """The trailing moving average over ``n`` values: point i is the mean of the finite values among
+    ``values[i - n + 1 .. i]`` (fewer at the start, ``nan`` where none is finite)."""
+    out = []
+    for i in range(len(values)):
+        window = _finite(values[max(0, i - n + 1): i + 1])
+        out.append(sum(window) / len(window) if window else math.nan)
+    return out
 
 
 @dataclass
@@ -92,6 +142,7 @@ class _Run:
     notes: list[str] = field(default_factory=list)
     group: "_Group | None" = None  # the seed group it belongs to, if any
     legend: str = ""  # its line's entry in a legend ("_nolegend_": its group's first run names the group)
+    style: dict = field(default_factory=dict)  # its own line style and sparse markers, when its curve has a twin
 
     @property
     def seed(self) -> int | None:
@@ -101,6 +152,13 @@ class _Run:
     @property
     def algorithm(self) -> str:
         return str(self.summary.get("algorithm") or self.config.get("strategy", {}).get("name") or self.folder.name)
+
+    @property
+    def variant(self) -> str:
+        """The algorithm and what its strategy section changes (``fedavg+oort``; :mod:`hetfl.results.variant`)."""
+        from hetfl.results.variant import variant_label
+
+        return variant_label(self.config.get("strategy")) or self.algorithm
 
     @property
     def name(self) -> str:
@@ -227,9 +285,9 @@ def _relative(folder: Path, root: Path) -> str:
 
 
 def _assign_labels(runs: list[_Run], root: Path, where: Any = None) -> None:
-    """Label runs by algorithm; by name, then by folder (``where(run)``, default its path under ``root``), when that
-    does not tell them apart."""
-    for attribute in ("algorithm", "name"):
+    """Label runs by algorithm; by variant (``fedavg+oort``), by name, then by folder (``where(run)``, default its path
+    under ``root``), when that does not tell them apart."""
+    for attribute in ("algorithm", "variant", "name"):
         labels = [getattr(run, attribute) for run in runs]
         if len(set(labels)) == len(labels):
             break
@@ -318,6 +376,30 @@ def _label_groups(units: list[_Run | _Group], root: Path) -> None:
             unit.legend = unit.label
 
 
+COINCIDE = 0.005  # accuracy curves closer than this (0.5 percentage points) at every common round coincide
+LINESTYLES = ["-", "--", "-.", (0, (6, 2, 1, 2, 1, 2))]  # not ":", the 10th-percentile lines' style
+MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
+
+
+def _coincide(a: _Run, b: _Run) -> bool:
+    """Whether two runs' accuracy curves lie on each other: within :data:`COINCIDE` at every round both evaluated."""
+    ours = {r: v for r, v in zip(a.series("round"), a.series("accuracy")) if math.isfinite(r) and math.isfinite(v)}
+    theirs = {r: v for r, v in zip(b.series("round"), b.series("accuracy")) if math.isfinite(r) and math.isfinite(v)}
+    common = ours.keys() & theirs.keys()
+    return bool(common) and all(abs(ours[r] - theirs[r]) <= COINCIDE for r in common)
+
+
+def _assign_styles(runs: list[_Run]) -> None:
+    """Runs whose accuracy curve coincides with another's (FedAvg and FedProx with a tiny mu) each get a line style
+    and a marker of their own, markers sparse and staggered, so that every one of them stays visible."""
+    twins = [run for run in runs if run.group is None and any(
+        other is not run and other.group is None and _coincide(run, other) for other in runs)]
+    for k, run in enumerate(twins):
+        step = max(1, len(run.metrics) // 8)
+        run.style = {"linestyle": LINESTYLES[k % len(LINESTYLES)], "marker": MARKERS[k % len(MARKERS)],
+                     "markersize": 5, "markevery": ((k * max(1, step // 3)) % step, step)}
+
+
 # --------------------------------------------------------------------------- plots
 def _time_unit(max_seconds: float) -> tuple[str, float]:
     """The unit that keeps simulated-time tick labels short: s, min or h."""
@@ -370,15 +452,59 @@ def _draw_targets(ax, runs: list[_Run]) -> None:
 
 
 def _points(run: _Run) -> dict:
-    """Dots on the line when a run has few evaluations (a single one would not show otherwise)."""
+    """Dots on the line when a run has few evaluations (a single one would not show otherwise); a run whose curve
+    has a twin: its own line style and sparse markers (:func:`_assign_styles`)."""
+    if run.style:
+        return dict(run.style)
     return {"marker": "o", "markersize": 3.5} if len(run.metrics) <= 20 else {}
 
 
-def _save(fig, path: Path) -> None:
+def _curve(ax, x: list[float], y: list[float], run: _Run, opts: ReportOptions, label: str) -> None:
+    """A run's line; with ``--smooth N`` its moving average over N evaluations, over the raw line drawn lighter."""
+    if opts.smooth and opts.smooth > 1:
+        ax.plot(x, y, color=run.color, linewidth=0.9, alpha=0.3, zorder=2)
+        y = moving_average(y, opts.smooth)
+    ax.plot(x, y, color=run.color, label=label, linewidth=1.8, zorder=3, **_points(run))
+
+
+def _save(fig, path: Path, opts: ReportOptions) -> None:
+    """``path`` (a PNG), and beside it the same figure in each other format of ``opts.formats``."""
     fig.savefig(path, dpi=DPI, facecolor="white")
+    for fmt in opts.formats:
+        if fmt != "png":
+            fig.savefig(path.with_suffix(f".{fmt}"), facecolor="white")
 
 
-def _plot_accuracy_vs_time(runs: list[_Run], out: Path, unit: tuple[str, float]) -> None:
+def _unlink(path: Path) -> None:
+    """A figure of an earlier report that this one does not draw, in every format."""
+    for fmt in FORMATS:
+        path.with_suffix(f".{fmt}").unlink(missing_ok=True)
+
+
+def _log_labels(axis, limits: tuple[float, float]) -> None:
+    """Plain numbers on a log axis (0.1, 1, 10, not 10^-1); within three decades the minor ticks at 2 and 5 too."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    def two_five(v: float, _: Any) -> str:
+        return f"{v:g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v) + 1e-9)) in (2, 5) else ""
+
+    low, high = limits
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter() if low <= 0 or high / low > 1000 else FuncFormatter(two_five))
+
+
+def _time_axis(ax, name: str, opts: ReportOptions) -> None:
+    """The x axis of a plot against simulated time: from 0, or log-scaled with ``--log-x``."""
+    if opts.log_x:
+        ax.set_xscale("log")  # the evaluation at t = 0 has no place on it
+        _log_labels(ax.xaxis, ax.get_xlim())
+        ax.set_xlabel(f"simulated time ({name}, log scale)")
+    else:
+        ax.set_xlim(left=0)
+        ax.set_xlabel(f"simulated time ({name})")
+
+
+def _plot_accuracy_vs_time(runs: list[_Run], out: Path, unit: tuple[str, float], opts: ReportOptions) -> None:
     from matplotlib.lines import Line2D
 
     from hetfl.results.seeds import band
@@ -398,7 +524,7 @@ def _plot_accuracy_vs_time(runs: list[_Run], out: Path, unit: tuple[str, float])
             continue
         t = [v / scale for v in run.series("sim_time_s")]
         accuracy = run.series("accuracy")
-        ax.plot(t, accuracy, color=run.color, label=run.label, linewidth=1.8, zorder=3, **_points(run))
+        _curve(ax, t, accuracy, run, opts, run.label)
         shown += accuracy
         reached = run.first_at_target()
         if reached is not None:
@@ -414,17 +540,16 @@ def _plot_accuracy_vs_time(runs: list[_Run], out: Path, unit: tuple[str, float])
         if reached is not None:
             x = reached["sim_time_s"] / scale
             ax.vlines(x, bottom, reached["accuracy"], color=run.color, linestyle=":", linewidth=1.1, zorder=2)
-    ax.set_xlim(left=0)
-    ax.set_xlabel(f"simulated time ({name})")
+    _time_axis(ax, name, opts)
     ax.set_ylabel("test accuracy")
     ax.set_title("Accuracy against simulated time", loc="left", fontsize="medium")
     star = Line2D([], [], marker="*", markersize=11, color="#999999", markeredgecolor="black",
                   markeredgewidth=0.6, linestyle="none", label="reaches target")  # fmt: skip
     _legend(fig, ax, [star] if marked else None)
-    _save(fig, out)
+    _save(fig, out, opts)
 
 
-def _plot_accuracy_vs_round(runs: list[_Run], out: Path) -> None:
+def _plot_accuracy_vs_round(runs: list[_Run], out: Path, opts: ReportOptions) -> None:
     from matplotlib.lines import Line2D
 
     fig, ax = _figure()
@@ -434,7 +559,7 @@ def _plot_accuracy_vs_round(runs: list[_Run], out: Path) -> None:
     for run in runs:
         rounds = run.series("round")
         accuracy = run.series("accuracy")
-        ax.plot(rounds, accuracy, color=run.color, label=run.legend, linewidth=1.8, zorder=3, **_points(run))
+        _curve(ax, rounds, accuracy, run, opts, run.legend)
         shown += accuracy
         p10 = run.series("client_acc_p10")
         if _finite(p10):
@@ -451,10 +576,10 @@ def _plot_accuracy_vs_round(runs: list[_Run], out: Path) -> None:
     ax.set_title("Accuracy against rounds", loc="left", fontsize="medium")
     dotted = Line2D([], [], color="#777777", linestyle=":", linewidth=1.4, label="client accuracy, 10th pct.")
     _legend(fig, ax, [dotted] if has_p10 else None)
-    _save(fig, out)
+    _save(fig, out, opts)
 
 
-def _plot_perplexity_vs_time(runs: list[_Run], out: Path, unit: tuple[str, float]) -> None:
+def _plot_perplexity_vs_time(runs: list[_Run], out: Path, unit: tuple[str, float], opts: ReportOptions) -> None:
     """Perplexity against simulated time for the language-model runs; a dot at each run's lowest."""
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
@@ -473,15 +598,31 @@ def _plot_perplexity_vs_time(runs: list[_Run], out: Path, unit: tuple[str, float
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     # a range within a decade or two has few decade ticks: label the minor ones (2, 3, ... 9) too
     ax.yaxis.set_minor_formatter(NullFormatter() if high / low > 30 else FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.set_xlim(left=0)
-    ax.set_xlabel(f"simulated time ({name})")
+    _time_axis(ax, name, opts)
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title("Perplexity against simulated time", loc="left", fontsize="medium")
     _legend(fig, ax)
-    _save(fig, out)
+    _save(fig, out, opts)
 
 
-def _plot_bytes(runs: list[_Run], out: Path, unit: tuple[str, float]) -> None:
+def _plot_loss_vs_time(runs: list[_Run], out: Path, unit: tuple[str, float], opts: ReportOptions) -> None:
+    """Test loss against simulated time; a log loss axis with ``--log-y``."""
+    name, scale = unit
+    fig, ax = _figure()
+    for run in runs:
+        t = [v / scale for v in run.series("sim_time_s")]
+        _curve(ax, t, run.series("loss"), run, opts, run.legend)
+    if opts.log_y:
+        ax.set_yscale("log")
+        _log_labels(ax.yaxis, ax.get_ylim())
+    _time_axis(ax, name, opts)
+    ax.set_ylabel("test loss (nats" + (", log scale)" if opts.log_y else ")"))
+    ax.set_title("Loss against simulated time", loc="left", fontsize="medium")
+    _legend(fig, ax)
+    _save(fig, out, opts)
+
+
+def _plot_bytes(runs: list[_Run], out: Path, unit: tuple[str, float], opts: ReportOptions) -> None:
     name, scale = unit
     totals = {}
     for run in runs:
@@ -491,14 +632,14 @@ def _plot_bytes(runs: list[_Run], out: Path, unit: tuple[str, float]) -> None:
     fig, ax = _figure()
     for run in runs:
         t = [v / scale for v in run.series("sim_time_s")]
-        ax.plot(t, [v / size_scale for v in totals[run.folder]], color=run.color, label=run.legend, linewidth=1.8)
-    ax.set_xlim(left=0)
+        ax.plot(t, [v / size_scale for v in totals[run.folder]], color=run.color, label=run.legend, linewidth=1.8,
+                **run.style)
+    _time_axis(ax, name, opts)
     ax.set_ylim(bottom=0)
-    ax.set_xlabel(f"simulated time ({name})")
     ax.set_ylabel(f"transferred, up + down ({size_unit})")
     ax.set_title("Cumulative communication", loc="left", fontsize="medium")
     _legend(fig, ax)
-    _save(fig, out)
+    _save(fig, out, opts)
 
 
 def _panels(n: int, title: str, *, sharex: bool = True):
@@ -516,7 +657,7 @@ def _panels(n: int, title: str, *, sharex: bool = True):
     return fig, axes
 
 
-def _plot_staleness(runs: list[_Run], out: Path) -> None:
+def _plot_staleness(runs: list[_Run], out: Path, opts: ReportOptions) -> None:
     """One line a run: the share of its aggregated updates at most x versions stale (x on a symlog axis,
     so staleness 0 to a few thousand fits: synchronous rounds jump to 100% at 0, FedAsync spreads)."""
     from matplotlib.ticker import PercentFormatter
@@ -543,10 +684,10 @@ def _plot_staleness(runs: list[_Run], out: Path) -> None:
     ax.set_ylabel("share of aggregated updates at most this stale")
     ax.set_title("Staleness of aggregated updates", loc="left")
     _legend(fig, ax)
-    _save(fig, out)
+    _save(fig, out, opts)
 
 
-def _plot_participation(runs: list[_Run], out: Path) -> None:
+def _plot_participation(runs: list[_Run], out: Path, opts: ReportOptions) -> None:
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import LogNorm
@@ -592,7 +733,7 @@ def _plot_participation(runs: list[_Run], out: Path) -> None:
     bar.ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     bar.ax.yaxis.set_minor_formatter(NullFormatter())
-    _save(fig, out)
+    _save(fig, out, opts)
 
 
 # --------------------------------------------------------------------------- HTML
@@ -838,8 +979,11 @@ def _html(root: Path, runs: list[_Run], skipped: list[str], images: dict[str, st
 
 
 # --------------------------------------------------------------------------- entry point
-def render_report(path: Path) -> Path:
-    """Draw the plots and write ``report.html`` for every run in or under ``path``; return the HTML path."""
+def render_report(path: Path, options: ReportOptions | None = None) -> Path:
+    """Draw the plots and write ``report.html`` for every run in or under ``path``; return the HTML path.
+
+    ``options``: formats, log axes and smoothing (:class:`ReportOptions`; default: PNG only, linear, raw)."""
+    opts = options or ReportOptions()
     root = Path(path)
     folders = find_runs(root)
     if not folders:
@@ -855,6 +999,7 @@ def render_report(path: Path) -> Path:
         raise HetflError(f"no metrics recorded yet in the runs under {root} ({', '.join(skipped)})")
     units = _group_seeds(runs)
     _label_groups(units, root)
+    _assign_styles(runs)
 
     max_time = max((v for run in runs for v in _finite(run.series("sim_time_s"))), default=0.0)
     unit = _time_unit(max_time)
@@ -863,23 +1008,29 @@ def render_report(path: Path) -> Path:
         images["accuracy_vs_time.png"] = SEEDS_CAPTION
         images["accuracy_vs_round.png"] += " Runs that differ only in their seed: one line each, in one colour."
     try:
-        _plot_accuracy_vs_time(runs, root / "accuracy_vs_time.png", unit)
-        _plot_accuracy_vs_round(runs, root / "accuracy_vs_round.png")
+        _plot_accuracy_vs_time(runs, root / "accuracy_vs_time.png", unit, opts)
+        _plot_accuracy_vs_round(runs, root / "accuracy_vs_round.png", opts)
         lm = [run for run in runs if _has_perplexity(run)]
         if lm:
-            _plot_perplexity_vs_time(lm, root / PERPLEXITY_IMAGE[0], unit)
+            _plot_perplexity_vs_time(lm, root / PERPLEXITY_IMAGE[0], unit, opts)
             images = {PERPLEXITY_IMAGE[0]: PERPLEXITY_IMAGE[1], **images}  # first: what an LM run is judged by
         else:
-            (root / PERPLEXITY_IMAGE[0]).unlink(missing_ok=True)
-        _plot_bytes(runs, root / "bytes.png", unit)
+            _unlink(root / PERPLEXITY_IMAGE[0])
+        with_loss = [run for run in runs if _finite(run.series("loss"))] if not lm else []  # an LM's loss: its ppl
+        if with_loss:
+            _plot_loss_vs_time(with_loss, root / LOSS_IMAGE[0], unit, opts)
+            images[LOSS_IMAGE[0]] = LOSS_IMAGE[1] + (" Log scale." if opts.log_y else "")
+        else:
+            _unlink(root / LOSS_IMAGE[0])
+        _plot_bytes(runs, root / "bytes.png", unit, opts)
         for (image, caption), has, plot in ((STALENESS_IMAGE, _has_staleness, _plot_staleness),
                                             (PARTICIPATION_IMAGE, _has_participation, _plot_participation)):  # fmt: skip
             drawn = [run for run in runs if has(run)]
             if drawn:
-                plot(drawn, root / image)
+                plot(drawn, root / image, opts)
                 images[image] = caption
             else:
-                (root / image).unlink(missing_ok=True)  # from an earlier report of other runs
+                _unlink(root / image)  # from an earlier report of other runs
         out = root / REPORT_NAME
         out.write_text(_html(root, runs, skipped, images, units), encoding="utf-8")
     except OSError as err:
