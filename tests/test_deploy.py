@@ -17,26 +17,8 @@ import torch
 
 from hetfl.config import load_config
 from hetfl.engine.run import run_experiment
-from test_deploy_support import (
-    N_CLIENTS,
-    Deployment,
-    make_certificates,
-    make_env,
-    run_cli,
-    write_config,
-)
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return make_env(tmp_path_factory.mktemp("deploy"))
-
-
-@pytest.fixture
-def deployment(env, tmp_path):
-    dep = Deployment(env, tmp_path / "run")
-    yield dep
-    dep.close()
+from test_deploy_support import deployment, env  # noqa: F401 - fixtures
+from test_deploy_support import N_CLIENTS, make_certificates, run_cli, write_config
 
 
 @pytest.fixture(scope="module")

@@ -13,19 +13,8 @@ import time
 import pytest
 import torch
 
-from test_deploy_support import N_CLIENTS, Deployment, make_env, wait_for, write_config
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return make_env(tmp_path_factory.mktemp("deploy-faults"))
-
-
-@pytest.fixture
-def deployment(env, tmp_path):
-    dep = Deployment(env, tmp_path / "run")
-    yield dep
-    dep.close()
+from test_deploy_support import deployment, env  # noqa: F401 - fixtures
+from test_deploy_support import N_CLIENTS, Deployment, wait_for, write_config
 
 
 @pytest.fixture(scope="module")

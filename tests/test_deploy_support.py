@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 HETFL = [sys.executable, "-m", "hetfl.cli"]
@@ -214,3 +215,19 @@ def make_certificates(folder: Path) -> dict[str, Path]:
     files["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                serialization.NoEncryption()))
     return files
+
+
+# ---------------------------------------------------------------------------- fixtures the deployment test files share
+# A test file imports them (``from test_deploy_support import deployment, env``): each file gets its own env.
+@pytest.fixture(scope="module")
+def env(request, tmp_path_factory) -> DeployEnv:
+    """The exported partition and tokens of the shared config (five clients), once per test file."""
+    return make_env(tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_").replace("_", "-")))
+
+
+@pytest.fixture
+def deployment(env, tmp_path):
+    """A Deployment in the test's folder; its processes are killed at the end, whatever happened."""
+    dep = Deployment(env, tmp_path / "run")
+    yield dep
+    dep.close()

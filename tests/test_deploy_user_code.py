@@ -12,23 +12,11 @@ import subprocess
 import textwrap
 from pathlib import Path
 
-import pytest
 import yaml
 
-from test_deploy_support import HETFL, Deployment, make_env, write_config
+from test_deploy_support import deployment, env  # noqa: F401 - fixtures
+from test_deploy_support import HETFL, Deployment, write_config
 from test_user_strategy import FEDAVGM, sha256
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return make_env(tmp_path_factory.mktemp("deploy-user-code"))
-
-
-@pytest.fixture
-def deployment(env, tmp_path):
-    dep = Deployment(env, tmp_path / "run")
-    yield dep
-    dep.close()
 
 
 def project(folder: Path, **changes) -> Path:

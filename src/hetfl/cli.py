@@ -207,15 +207,6 @@ def _seeds(text: str) -> list[int]:
         raise HetflError(f"--seeds: {err}") from None
 
 
-def _fmt_spread(value: dict | None, fmt: Any) -> str:
-    """``mean ± std`` of a measure over seeds (:func:`hetfl.results.seeds.mean_std_ci`), each part as ``fmt`` writes it."""
-    if not value or value.get("mean") is None:
-        return "—"
-    if value.get("std") is None:
-        return fmt(value["mean"])
-    return f"{fmt(value['mean'])} ± {fmt(value['std'])}"
-
-
 def _fmt_reached(value: dict | None) -> str:
     if not value:
         return "—"
@@ -235,6 +226,8 @@ _SEEDS_COLUMNS: list[tuple[str, str, Any]] = [
 def seeds_table(entries: list[dict[str, Any]], title: str) -> Table:
     """One row per algorithm of a comparison over several seeds: mean ± sample standard deviation of each measure,
     the time to target as the mean over the seeds that reached it and how many did."""
+    from hetfl.results.seeds import format_spread
+
     table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0), caption_justify="left",
                   caption="mean ± standard deviation over the seeds (sample, n - 1). time to target: mean over the "
                   "seeds that reached it (k of n). The 95% confidence intervals are in comparison.json.")  # fmt: skip
@@ -247,7 +240,7 @@ def seeds_table(entries: list[dict[str, Any]], title: str) -> Table:
         table.add_column(header, justify="right")
     for e in entries:
         cells = [escape(str(e["algorithm"])), escape(",".join(str(s) for s in e["seeds"])), escape(str(e["status"]))]
-        spreads = [escape(_fmt_spread(e.get(key), fmt)) for _, key, fmt in _SEEDS_COLUMNS]
+        spreads = [escape(format_spread(e.get(key), fmt)) for _, key, fmt in _SEEDS_COLUMNS]
         table.add_row(*cells, *spreads[:2], escape(_fmt_reached(e.get("time_to_target_s"))), *spreads[2:])
     return table
 

@@ -276,7 +276,6 @@ class DeployServer(HoldsEngineCore):
             conn = self.conns.get(client_id)
         if conn is None or not conn.alive:
             raise RuntimeError(f"client {client_id} is not connected")
-        steps = self.default_steps(client_id) if steps is None else steps
         task, _ = self.core.new_task(client_id, steps, payload, options)  # the download is counted as encoded (_send)
         st.busy[client_id] = task
         if self._journal is not None:

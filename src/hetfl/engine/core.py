@@ -163,12 +163,15 @@ class EngineCore:
         return self.state.counters
 
     def new_task(
-        self, client_id: int, steps: int, payload: dict[str, torch.Tensor] | None, options: dict[str, Any] | None,
+        self, client_id: int, steps: int | None, payload: dict[str, torch.Tensor] | None,
+        options: dict[str, Any] | None,
     ) -> tuple[Task, int]:
         """A task for ``client_id`` from the current model, dispatched now: counted (:meth:`Counters.new_task`),
-        with what its upload carries and what it computes (the strategy's ``transfer_bytes`` and ``task_flops``).
-        Returns it and the bytes its download carries as the strategy counts them."""
+        with what its upload carries and what it computes (the strategy's ``transfer_bytes`` and ``task_flops``);
+        ``steps`` None: the engine's ``default_steps`` for the client. Returns it and the bytes its download carries
+        as the strategy counts them."""
         st = self.state
+        steps = self.server.default_steps(client_id) if steps is None else steps
         task = st.counters.new_task(client_id, st.version, st.params, steps, self.server.now, payload, options)
         bytes_down, bytes_up = st.strategy.transfer_bytes(self.server, task)
         task.bytes_up = bytes_up

@@ -371,7 +371,6 @@ class Simulator(HoldsEngineCore):
         profile = self.profiles[client_id]
         if not profile.is_online(self.now):
             raise RuntimeError(f"client {client_id} is offline at t={self.now:.1f}s")
-        steps = self.default_steps(client_id) if steps is None else steps
         task, bytes_down = self.core.new_task(client_id, steps, payload, options)
         st.counters.bytes_down += bytes_down
         timing = task_timing(

@@ -824,15 +824,6 @@ def _summary_table(runs: list[_Run]) -> str:
     return "\n".join(lines)
 
 
-def _spread(value: dict | None, fmt: Any) -> str:
-    """``mean ± std`` of a measure over seeds (``mean`` alone for one seed), each part as ``fmt`` writes it."""
-    if not value or value.get("mean") is None:
-        return "—"
-    if value.get("std") is None:
-        return fmt(value["mean"])
-    return f"{fmt(value['mean'])} ± {fmt(value['std'])}"
-
-
 def _p_value(p: float | None) -> str:
     from hetfl.results.seeds import SIGNIFICANCE
 
@@ -871,6 +862,8 @@ def _accuracy_spread(value: dict) -> str:
 def _seeds_table(units: list[_Run | _Group]) -> str:
     """One row per seed group (and per lone run): mean ± standard deviation over the seeds, and whether the
     difference of its final accuracy to the best one's is significant, paired over the seeds both have."""
+    from hetfl.results.seeds import format_spread
+
     e = html.escape
     head = ["run", "seeds", "status", "final acc", "best acc", "client acc p10", "time to target", "MB up + down",
             "wall time", "final acc against the best"]
@@ -890,8 +883,8 @@ def _seeds_table(units: list[_Run | _Group]) -> str:
             f'<td class="num">{e(_accuracy_spread(entry["best_accuracy"]))}</td>',
             f'<td class="num">{e(_accuracy_spread(entry["client_acc_p10"]))}</td>',
             f'<td class="num">{e(target)}</td>',
-            f'<td class="num">{e(_spread(entry["bytes"], format_mb))}</td>',
-            f'<td class="num">{e(_spread(entry["wall_time_s"], format_duration))}</td>',
+            f'<td class="num">{e(format_spread(entry["bytes"], format_mb))}</td>',
+            f'<td class="num">{e(format_spread(entry["wall_time_s"], format_duration))}</td>',
             f"<td>{e(_against_best(entry['vs_best']) if ranked else '—')}</td>",
         ]
         lines.append("<tr>" + "".join(cells) + "</tr>")

@@ -164,5 +164,15 @@ def against_best(entries: list[dict[str, Any]]) -> None:
             e["vs_best"] = {"best": best, **paired_tests(finals[e["algorithm"]], finals[best])}
 
 
-__all__ = ["CONFIDENCE", "MEASURES", "SIGNIFICANCE", "against_best", "aggregate", "band", "common_grid", "mean_std_ci",
-           "paired_tests", "step_interpolate", "time_to_target"]
+def format_spread(value: dict[str, Any] | None, fmt: Any) -> str:
+    """``mean ± std`` of a measure over seeds (:func:`mean_std_ci`; ``mean`` alone for one seed, ``—`` for none),
+    each part as ``fmt`` writes it: the printed comparison table's and the report's cells."""
+    if not value or value.get("mean") is None:
+        return "—"
+    if value.get("std") is None:
+        return fmt(value["mean"])
+    return f"{fmt(value['mean'])} ± {fmt(value['std'])}"
+
+
+__all__ = ["CONFIDENCE", "MEASURES", "SIGNIFICANCE", "against_best", "aggregate", "band", "common_grid",
+           "format_spread", "mean_std_ci", "paired_tests", "step_interpolate", "time_to_target"]

@@ -157,6 +157,12 @@ class Server(Protocol):
     def stopping(self) -> bool: ...  # True once the run has met a stop condition
 
 
+def buffer_entries(server: Server) -> int:
+    """How many entries at the front of the flat model vector are the model's buffers (BatchNorm statistics:
+    ``server.trainer.n_buffers``); 0 for a server without a trainer (a test's stand-in)."""
+    return getattr(getattr(server, "trainer", None), "n_buffers", 0)
+
+
 class Strategy:
     """Base class: subclasses override the hooks they need.
 
@@ -299,7 +305,7 @@ class Strategy:
         momentum, Adam's moments). Statistics are averaged, never stepped: momentum or a server learning rate above
         1 would extrapolate a running variance below zero, and the model evaluates to NaN. Every built-in server
         optimiser goes through here; a strategy of one's own should too."""
-        n_buffers = getattr(getattr(server, "trainer", None), "n_buffers", 0)
+        n_buffers = buffer_entries(server)
         if not n_buffers:
             return server.params + step
         step = step.clone()

@@ -39,7 +39,7 @@ import torch
 from scipy.cluster import hierarchy
 from scipy.spatial.distance import squareform
 
-from hetfl.strategies.base import ClientData, ClientResult, Server, Task, Update
+from hetfl.strategies.base import ClientData, ClientResult, Server, Task, Update, buffer_entries
 from hetfl.strategies.rounds import RoundStrategy, weighted_mean
 from hetfl.strategies.selection import Selection
 
@@ -137,7 +137,7 @@ class FLHC(RoundStrategy):
         for u in updates:
             self._n[u.client_id] = u.n_samples
         # updates are clustered by their parameters (the buffers, in front, are statistics of the data)
-        nb = getattr(getattr(server, "trainer", None), "n_buffers", 0)
+        nb = buffer_entries(server)
         if not self.clustered:
             for u in updates:
                 self.latest[u.client_id] = u.delta[nb:]
