@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from rich.console import Console
 
 from hetfl.cli import _announce, comparison_table, main
 from hetfl.config import validate
-from hetfl.engine.run import build_federation
+from hetfl.engine.run import Tracker, build_federation
 from hetfl.results import MetricsLog, render_report, write_summary
 
 
@@ -39,7 +40,9 @@ def test_the_run_line_shows_perplexity_for_a_language_model_and_accuracy_otherwi
     _announce(summary("fedlora", 9.4412, 0.3012), Path("out"))
     line = capsys.readouterr().out
     assert "perplexity 9.44, next-token accuracy 0.3012 (best 0.3112)" in line
-    assert "next-token accuracy target 0.9 reached at" in line
+    assert "perplexity target — reached at" in line  # no target in the summary
+    _announce({**summary("fedlora", 9.4412, 0.3012), "target_perplexity": 9.975, "time_to_target_s": 30.0}, Path("o"))
+    assert "perplexity target 9.97 reached at 30.0 s" in capsys.readouterr().out
     _announce(summary("fedavg", None, 0.9), Path("out"))
     line = capsys.readouterr().out
     assert "accuracy 0.9000 (best 0.9100)" in line and "perplexity" not in line
@@ -111,6 +114,54 @@ def test_hetfl_run_prints_the_adapter_transfer_and_the_final_perplexity(tmp_path
     capsys.readouterr()
     assert main(["run", str(config), "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
-    final = json.loads((tmp_path / "run" / "summary.json").read_text())["final_perplexity"]
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert "rank-2 adapters, 1.0 kB a transfer" in out
-    assert f"perplexity {final:.2f}, next-token accuracy" in out
+    assert f"perplexity {saved['final_perplexity']:.2f}, next-token accuracy" in out
+    # the default target: 0.95 x the perplexity of the first evaluation (the starting model)
+    assert first["round"] == 0 and saved["target_perplexity"] == pytest.approx(0.95 * first["perplexity"])
+    assert f"perplexity target {saved['target_perplexity']:.2f} reached at" in out
+
+
+# --------------------------------------------------------------------------- the target of a language model
+def record(r: int, perplexity: float, accuracy: float = 0.3) -> dict:
+    return {"round": r, "sim_time_s": 10.0 * r, "accuracy": accuracy, "perplexity": perplexity}
+
+
+def test_a_language_models_target_is_095_of_its_first_perplexity_unless_set():
+    tracker = Tracker(0.9)
+    for r, ppl in enumerate([10.0, 9.6, 9.4, 9.8]):  # target 9.5: first reached at round 2 (20 s)
+        tracker.observe(record(r, ppl))
+    assert tracker.target_perplexity == pytest.approx(9.5)
+    assert (tracker.time_to_target_s, tracker.rounds_to_target) == (20.0, 2)
+    tracker = Tracker(0.9, target_perplexity=9.6)  # set: reached at 9.6 exactly (round 1)
+    for r, ppl in enumerate([10.0, 9.6, 9.4]):
+        tracker.observe(record(r, ppl, accuracy=0.95))  # next-token accuracy above 0.9 is not the target
+    assert (tracker.target_perplexity, tracker.time_to_target_s) == (9.6, 10.0)
+    tracker = Tracker(0.5)  # a classifier: the accuracy target
+    for r, accuracy in enumerate([0.1, 0.4, 0.5]):
+        tracker.observe({"round": r, "sim_time_s": 10.0 * r, "accuracy": accuracy})
+    assert (tracker.target_perplexity, tracker.time_to_target_s) == (None, 20.0)
+
+
+def test_stop_at_target_stops_a_language_model_at_its_perplexity_target(tmp_path):
+    raw = lm_raw(params={"rank": 2})
+    raw["rounds"] = 30
+    raw["evaluation"] = {"target_perplexity": 1e6, "stop_at_target": True}  # reached by the first evaluation
+    config = tmp_path / "lm.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(config), "--out", str(tmp_path / "run")]) == 0
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["time_to_target_s"] == 0.0 and saved["rounds"] < 30
+
+
+def test_the_report_marks_a_language_models_perplexity_target(tmp_path):
+    from hetfl.results.report import _load_run
+
+    root = tmp_path / "lm"
+    _lm_run(root / "a", "fedlora", [10.0, 9.6, 9.4])  # no target in the summary: 0.95 x 10 = 9.5, at 20 s
+    run = _load_run(root / "a")
+    assert run.target is None and run.perplexity_target == pytest.approx(9.5)
+    assert run.first_at_target()["sim_time_s"] == 20.0
+    html = render_report(root).read_text()
+    assert "target perplexity 9.5" in html

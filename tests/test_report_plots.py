@@ -153,3 +153,17 @@ def test_clear_run_removes_every_format_of_every_figure(tmp_path):
     (run / "notes.txt").write_text("mine")
     clear_run(run)
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+
+
+def test_a_seed_groups_mean_curve_gets_a_star_where_it_first_reaches_the_target(tmp_path, monkeypatch):
+    from test_seeds import seed_run
+
+    for seed, top in enumerate([0.8, 0.6]):  # target 0.5; the mean rises as 0.7 r / 6 over steps of 10 s
+        seed_run(tmp_path / f"fedavg-{seed}", "fedavg", seed, top, 10.0)
+    figures = _figures(monkeypatch)
+    render_report(tmp_path)
+    stars = [line for line in figures["accuracy_vs_time.png"].axes[0].get_lines() if line.get_marker() == "*"]
+    # mean 0.7 r / 6 first reaches 0.5 at r = 5 (0.583), that is 50 s: the first point of the band's time grid
+    # (200 points over 60 s, seconds on the axis) at or after it
+    assert [(float(s.get_xdata()[0]), float(s.get_ydata()[0])) for s in stars] == [
+        (pytest.approx(50.0, abs=60 / 199), pytest.approx(0.7 * 5 / 6))]

@@ -64,14 +64,14 @@ def _announce(summary: dict[str, Any], out: Path) -> None:
     if summary.get("final_perplexity") is not None:  # a language model: accuracy is next-token accuracy
         score = (f"perplexity {_fmt_ppl(summary['final_perplexity'])}, next-token accuracy "
                  f"{_fmt_acc(summary['final_accuracy'])} (best {_fmt_acc(summary['best_accuracy'])})")
-        target = "next-token accuracy target"
+        target = f"perplexity target {_fmt_ppl(summary.get('target_perplexity'))}"
     else:
         score = f"accuracy {_fmt_acc(summary['final_accuracy'])} (best {_fmt_acc(summary['best_accuracy'])})"
-        target = "target"
+        target = f"target {summary['target_accuracy']}"
     console.print(
         f"[bold]{summary['algorithm']}[/]: {summary['status']}, {score} after {summary['rounds']} rounds; "
         f"simulated {format_duration(summary['sim_time_s'])}, wall {format_duration(summary['wall_time_s'])}; "
-        f"{target} {summary['target_accuracy']} reached at {format_duration(summary['time_to_target_s'])}. Results: {escape(str(out))}"
+        f"{target} reached at {format_duration(summary['time_to_target_s'])}. Results: {escape(str(out))}"
     )
 
 

@@ -703,8 +703,16 @@ class StrategyConfig(Section):
 
 class EvaluationConfig(Section):
     every: int = Field(1, ge=1, description="Evaluate the global model every this many aggregations.")
-    target_accuracy: float = Field(0.9, gt=0, le=1, description="Accuracy whose first crossing gives time_to_target_s.")
-    stop_at_target: bool = Field(False, description="End the run once the target accuracy is reached.")
+    target_accuracy: float = Field(
+        0.9, gt=0, le=1,
+        description="Accuracy whose first crossing gives time_to_target_s (a language model's target is target_perplexity).",
+    )
+    target_perplexity: float | None = Field(
+        None, ge=1,
+        description="Language models: perplexity whose first crossing from above gives time_to_target_s; "
+        "default 0.95 x the perplexity of the first evaluation (the model the federation starts from).",
+    )
+    stop_at_target: bool = Field(False, description="End the run once the target (accuracy, or perplexity) is reached.")
 
 
 def _installed(module: str) -> bool:

@@ -254,20 +254,34 @@ def _perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
 
 
+# A language model's default target: this share of the perplexity of the first evaluation (the starting model).
+LM_TARGET_FRACTION = 0.95
+
+
 @dataclass
 class Tracker:
-    """What the summary needs from the evaluations seen so far."""
+    """What the summary needs from the evaluations seen so far. The target is an accuracy, or for a language
+    model (its records have ``perplexity``) a perplexity to get down to: ``target_perplexity``, set from the
+    first evaluation (``LM_TARGET_FRACTION`` x its perplexity) when the config leaves it unset."""
 
     target: float
     best_accuracy: float = 0.0
     last: dict[str, Any] = field(default_factory=dict)
     time_to_target_s: float | None = None
     rounds_to_target: int | None = None
+    target_perplexity: float | None = None
 
     def observe(self, record: dict[str, Any]) -> None:
         self.last = record
         self.best_accuracy = max(self.best_accuracy, record["accuracy"])
-        if self.time_to_target_s is None and record["accuracy"] >= self.target:
+        perplexity = record.get("perplexity")
+        if perplexity is not None and self.target_perplexity is None and math.isfinite(perplexity):
+            self.target_perplexity = LM_TARGET_FRACTION * perplexity
+        if perplexity is None:
+            reached = record["accuracy"] >= self.target
+        else:
+            reached = self.target_perplexity is not None and perplexity <= self.target_perplexity
+        if self.time_to_target_s is None and reached:
             self.time_to_target_s = record["sim_time_s"]
             self.rounds_to_target = record["round"]
 
@@ -282,7 +296,7 @@ class Run:
         """``engine``: the server the strategy runs on, the simulator by default; the deployment server
         (:mod:`hetfl.deploy.engine`) passes itself and gets this run's evaluation, logging and checkpoints."""
         self.cfg, self.out, self.fed = cfg, out, fed
-        self.tracker = Tracker(cfg.evaluation.target_accuracy)
+        self.tracker = Tracker(cfg.evaluation.target_accuracy, target_perplexity=cfg.evaluation.target_perplexity)
         self.wall_before = 0.0  # wall seconds spent by earlier processes (resume)
         self.sim: Engine  # the simulator, or the deployment server; :meth:`execute` drives the simulator only
         if engine is None:
@@ -349,8 +363,8 @@ class Run:
         cfg = self.cfg
         last_round = sim.version >= cfg.rounds
         if sim.version % cfg.evaluation.every == 0 or last_round:
-            record = self.evaluate()
-            if cfg.evaluation.stop_at_target and record["accuracy"] >= cfg.evaluation.target_accuracy:
+            self.evaluate()
+            if cfg.evaluation.stop_at_target and self.tracker.time_to_target_s is not None:
                 sim.stop("target reached")
         if last_round:
             sim.stop("rounds")
@@ -472,6 +486,7 @@ class Run:
             "idle_fast_frac": fairness["idle_fast_frac"],
             "idle_frac": fairness["idle_frac"],
             "target_accuracy": self.tracker.target,
+            "target_perplexity": self.tracker.target_perplexity,
             "time_to_target_s": self.tracker.time_to_target_s,
             "rounds_to_target": self.tracker.rounds_to_target,
             "started_at": self.started_at,

@@ -7,8 +7,9 @@ Writes into DIR:
 - ``accuracy_vs_round.png``: the same against rounds (aggregations), with the 10th-percentile
   client accuracy dotted (how the worst-served clients fare);
 - ``perplexity_vs_time.png`` (language-model runs only, those whose metrics have ``perplexity``):
-  perplexity against simulated time, on a log axis, with each run's lowest perplexity marked (for them
-  ``accuracy`` in the other plots is next-token accuracy);
+  perplexity against simulated time, on a log axis, with each run's lowest perplexity marked and the target
+  perplexity (``evaluation.target_perplexity``, by default 0.95 x the starting model's) with a star where a run
+  first reaches it (for them ``accuracy`` in the other plots is next-token accuracy);
 - ``loss_vs_time.png`` (runs that are not language models, when their metrics have ``loss``): test loss against
   simulated time;
 - ``bytes.png``: cumulative megabytes transferred (up + down) against simulated time;
@@ -67,7 +68,7 @@ IMAGES = {
 SEEDS_CAPTION = (
     "Global test accuracy against simulated time. Runs that differ only in their seed: the mean over the seeds, each "
     "seed's accuracy held at its last evaluated value (step-wise) on a common time grid that ends where the shortest "
-    "of them ends; shaded: ± 1 sample standard deviation. Lone runs: their own line, dashed: target accuracy, star "
+    "of them ends; shaded: ± 1 sample standard deviation; star: where the mean first reaches the target. Lone runs: their own line, dashed: target accuracy, star "
     "and dotted line: where a run first reaches it."
 )
 STALENESS_IMAGE = (
@@ -78,7 +79,8 @@ STALENESS_IMAGE = (
 PERPLEXITY_IMAGE = (
     "perplexity_vs_time.png",
     "Perplexity of the language model (exp of the mean next-token cross-entropy on the test windows; lower is "
-    "better) against simulated time, log scale. Dot: each run's lowest perplexity.",
+    "better) against simulated time, log scale. Dot: each run's lowest perplexity; dashed: the target perplexity "
+    "(by default 0.95 x the starting model's); star: where a run first reaches it.",
 )
 PARTICIPATION_IMAGE = (
     "participation.png",
@@ -166,10 +168,30 @@ class _Run:
 
     @property
     def target(self) -> float | None:
+        """The accuracy target; None for a language model, whose target is :attr:`perplexity_target`."""
+        if self.is_language_model:
+            return None
         target = self.summary.get("target_accuracy")
         if target is None:
             target = self.config.get("evaluation", {}).get("target_accuracy")
         return float(target) if isinstance(target, (int, float)) else None
+
+    @property
+    def is_language_model(self) -> bool:
+        return bool(_finite(self.series("perplexity")))
+
+    @property
+    def perplexity_target(self) -> float | None:
+        """A language model's target: the summary's, else the config's, else ``LM_TARGET_FRACTION`` x the
+        perplexity of its first evaluation, as the run itself sets it (:class:`hetfl.engine.run.Tracker`)."""
+        if not self.is_language_model:
+            return None
+        from hetfl.engine.run import LM_TARGET_FRACTION
+
+        for target in (self.summary.get("target_perplexity"), self.config.get("evaluation", {}).get("target_perplexity")):
+            if isinstance(target, (int, float)):
+                return float(target)
+        return LM_TARGET_FRACTION * _finite(self.series("perplexity"))[0]
 
     def series(self, key: str) -> list[float]:
         """One metric over the run's evaluations; ``nan`` where a record lacks it."""
@@ -180,12 +202,16 @@ class _Run:
         return out
 
     def first_at_target(self) -> dict | None:
-        """The first evaluation whose accuracy reaches the target, if any."""
-        if self.target is None:
+        """The first evaluation that reaches the target (an accuracy at or above it, or a language model's
+        perplexity at or below it), if any."""
+        key, target, reaches = "accuracy", self.target, lambda v, t: v >= t
+        if self.is_language_model:
+            key, target, reaches = "perplexity", self.perplexity_target, lambda v, t: v <= t
+        if target is None:
             return None
         for record in self.metrics:
-            accuracy, time = record.get("accuracy"), record.get("sim_time_s")
-            if isinstance(accuracy, (int, float)) and isinstance(time, (int, float)) and accuracy >= self.target:
+            value, time = record.get(key), record.get("sim_time_s")
+            if isinstance(value, (int, float)) and isinstance(time, (int, float)) and reaches(value, target):
                 return record
         return None
 
@@ -212,6 +238,7 @@ def _summary_from_metrics(run: _Run) -> dict:
         "bytes_down": last.get("bytes_down"),
         "time_to_target_s": reached.get("sim_time_s") if reached else None,
         "target_accuracy": run.target,
+        "target_perplexity": run.perplexity_target,
         "staleness_mean": _staleness_mean_from_metrics(run.metrics),
         "staleness_max": max(_finite(run.series("staleness_max")), default=None),
         "participation_jain": last.get("participation_jain"),
@@ -519,6 +546,12 @@ def _plot_accuracy_vs_time(runs: list[_Run], out: Path, unit: tuple[str, float],
                 label=f"{group.label}: mean of {len(group.runs)} seeds, band ± 1 std")
         ax.fill_between(grid / scale, mean - std, mean + std, color=group.color, alpha=0.2, linewidth=0, zorder=2)
         shown += [*(mean - std), *(mean + std)]
+        target = group.runs[0].target
+        crossed = [] if target is None else [i for i, value in enumerate(mean) if value >= target]
+        if len(crossed):  # the mean curve's first crossing of the target
+            ax.plot(grid[crossed[0]] / scale, mean[crossed[0]], marker="*", markersize=13, color=group.color,
+                    markeredgecolor="black", markeredgewidth=0.6, linestyle="none", zorder=4)  # fmt: skip
+            marked = True
     for run in runs:
         if run.group is not None:
             continue
@@ -526,7 +559,7 @@ def _plot_accuracy_vs_time(runs: list[_Run], out: Path, unit: tuple[str, float],
         accuracy = run.series("accuracy")
         _curve(ax, t, accuracy, run, opts, run.label)
         shown += accuracy
-        reached = run.first_at_target()
+        reached = run.first_at_target() if run.target is not None else None
         if reached is not None:
             ax.plot(reached["sim_time_s"] / scale, reached["accuracy"], marker="*", markersize=13, color=run.color,
                     markeredgecolor="black", markeredgewidth=0.6, linestyle="none", zorder=4)  # fmt: skip
@@ -536,7 +569,7 @@ def _plot_accuracy_vs_time(runs: list[_Run], out: Path, unit: tuple[str, float],
     _accuracy_axis(ax, shown)
     bottom = ax.get_ylim()[0]
     for run in runs:  # a dotted drop line from each star to the time axis
-        reached = run.first_at_target() if run.group is None else None
+        reached = run.first_at_target() if run.group is None and run.target is not None else None
         if reached is not None:
             x = reached["sim_time_s"] / scale
             ax.vlines(x, bottom, reached["accuracy"], color=run.color, linestyle=":", linewidth=1.1, zorder=2)
@@ -593,6 +626,12 @@ def _plot_perplexity_vs_time(runs: list[_Run], out: Path, unit: tuple[str, float
         low, at = min(finite)
         ax.plot(at, low, marker="o", markersize=7, color=run.color, markeredgecolor="black", markeredgewidth=0.6,
                 linestyle="none", zorder=4)  # fmt: skip
+        reached = run.first_at_target()
+        if reached is not None:
+            ax.plot(reached["sim_time_s"] / scale, reached["perplexity"], marker="*", markersize=13, color=run.color,
+                    markeredgecolor="black", markeredgewidth=0.6, linestyle="none", zorder=5)  # fmt: skip
+    for target in sorted({run.perplexity_target for run in runs if run.perplexity_target is not None}):
+        ax.axhline(target, color="#555555", linestyle="--", linewidth=1.0, label=f"target {target:.3g}", zorder=1)
     ax.set_yscale("log")
     low, high = ax.get_ylim()
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
@@ -872,7 +911,7 @@ def _seeds_table(units: list[_Run | _Group]) -> str:
         swatch = f'<span class="swatch" style="background:{unit.color}"></span>'
         status, reached = str(entry["status"]), entry["time_to_target_s"]
         ranked = "vs_best" in entry  # not when no unit has a final accuracy
-        target = "—" if entry["target_accuracy"] is None else \
+        target = "—" if entry["target_accuracy"] is None and entry.get("target_perplexity") is None else \
             f"{format_duration(reached['mean_s'])} ({reached['reached']} of {reached['n']})"
         cells = [
             f"<td>{swatch}{e(unit.label)}</td>",
@@ -928,6 +967,9 @@ def _html(root: Path, runs: list[_Run], skipped: list[str], images: dict[str, st
     targets = _targets(runs)
     if targets:
         facts.append("target accuracy " + ", ".join(f"{100 * t:g}%" for t in targets))
+    perplexity_targets = sorted({run.perplexity_target for run in runs if run.perplexity_target is not None})
+    if perplexity_targets:
+        facts.append("target perplexity " + ", ".join(f"{t:.3g}" for t in perplexity_targets))
     facts.append(f"generated {datetime.now().strftime('%Y-%m-%d %H:%M')}")
 
     notes = []

@@ -144,6 +144,9 @@ def aggregate(algorithm: str, summaries: list[dict], folders: list[str]) -> dict
         entry[key] = mean_std_ci([read(s) for s in summaries])
     entry["target_accuracy"] = next((s["target_accuracy"] for s in summaries if s.get("target_accuracy") is not None),
                                     None)
+    # a language model's target is a perplexity, each seed's own by default (0.95 x its starting model's)
+    perplexity_targets = [s.get("target_perplexity") for s in summaries]
+    entry["target_perplexity"] = perplexity_targets if any(t is not None for t in perplexity_targets) else None
     entry["time_to_target_s"] = time_to_target([s.get("time_to_target_s") for s in summaries])
     entry["runs"] = summaries
     return entry
