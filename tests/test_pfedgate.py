@@ -13,7 +13,7 @@ from hetfl.models import build_model
 from hetfl.models.zoo import CNN, MLP
 from hetfl.strategies import STRATEGIES, PFedGate, Task, Update, build_strategy
 from hetfl.strategies.base import ClientData
-from hetfl.strategies.pfedgate import block_map, entry_scale, masked_forward, select_blocks
+from hetfl.strategies.pfedgate import block_map, entry_scale, feeds, layer_costs, masked_forward, select_blocks
 from hetfl.training import LocalTrainer
 
 from conftest import TINY
@@ -266,3 +266,120 @@ def test_pfedgate_runs_deterministically_and_reports_personal_accuracy(tmp_path)
     assert 0 < last["pfedgate_density"] <= 0.5
     assert last["personal_acc_mean"] > 0.6, last  # chance is 0.1
     assert records["fedavg"][-1]["client_acc_mean"] > 0.6  # the comparison the note above reports
+
+
+# -- what a task costs --------------------------------------------------------------------------------
+# MLP 4 -> 6 -> 5 -> 3 with a dense head: 6 + 5 = 11 blocks. Forward FLOPs of one sample, 2 per multiply-add as
+# torch's FlopCounterMode counts them: 2*4*6 = 48, 2*6*5 = 60, head 2*5*3 = 30, dense 138; the gate
+# Linear(4, 11): 2*4*11 = 88.
+def mlp_4_6_5_3():
+    torch.manual_seed(0)
+    return MLP(4, [6, 5], 3)
+
+
+def test_layer_costs_of_a_small_mlp_by_hand():
+    costs = layer_costs(mlp_4_6_5_3(), (4,))
+    assert costs.flops == (48.0, 60.0, 30.0) and costs.rest == 0.0 and costs.gate == 88.0 and costs.dense == 138.0
+    assert costs.out == (0, 1, -1)  # gated layers 0 and 1; the head's outputs are dense
+    assert costs.feed == (-1, 0, 1)  # the input; layer 0's units; layer 1's units
+    # 3 of 6 and 2 of 5 units kept: a dense MLP 4 -> 3 -> 2 -> 3, 2 * (4*3 + 3*2 + 2*3) = 48
+    assert costs.forward([0.5, 0.4]) == pytest.approx(48.0, abs=1e-12)
+    assert costs.forward([1.0, 1.0]) == 138.0
+    # gating the head too: its rows are a third gated layer (blocks 11..13), and the gate has 14 outputs
+    gated_head = layer_costs(mlp_4_6_5_3(), (4,), dense_head=False)
+    assert gated_head.out == (0, 1, 2) and gated_head.gate == 2 * 4 * 14
+    assert gated_head.forward([0.5, 0.4, 2 / 3]) == pytest.approx(2 * (4 * 3 + 3 * 2 + 2 * 2), abs=1e-12)
+
+
+def test_layer_costs_of_a_small_cnn_by_hand():
+    # CNN on 1x4x4 images, channels 2 then 3: conv 1 (4x4 out, then pooled to 2x2): 2 * 1*9 per output element,
+    # 2*16 elements: 576; conv 2 on 2x2 (no pooling below 4): 2 * 2*9 * 3*4 = 432; the head Linear(3*2*2, 2): 48.
+    # A channel of conv 2 is 4 inputs of the flattened head: the head's input share is conv 2's kept share
+    costs = layer_costs(CNN((1, 4, 4), [2, 3], 2), (16,))
+    assert costs.flops == (576.0, 432.0, 48.0) and costs.out == (0, 1, -1) and costs.feed == (-1, 0, 1)
+    assert costs.gate == 2 * 16 * 5
+    # 1 of 2 and 1 of 3 channels: 576/2 + 432 * 1/3 * 1/2 + 48/3 = 288 + 72 + 16
+    assert costs.forward([0.5, 1 / 3]) == pytest.approx(376.0)
+
+
+def test_a_layer_fed_through_a_residual_sum_or_a_sigmoid_is_charged_all_its_inputs():
+    class Residual(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x)) + x  # a removed unit of a leaves x in b's input
+            return self.head(torch.sigmoid(self.b(h)))  # sigmoid(0) = 0.5: still an input of the head
+
+    costs = layer_costs(Residual(), (4,))
+    assert costs.out == (0, 1, -1) and costs.feed == (-1, -1, -1)
+    assert costs.forward([0.5, 0.5]) == 2 * 4 * 2 + 2 * 4 * 2 + 2 * 4 * 2  # outputs only: 16 + 16 + the head's 32
+    model = Residual()
+    assert not feeds(model, torch.rand(1, 4), model.a, model.b) and not feeds(model, torch.rand(1, 4), model.b, model.head)
+
+
+class PricingServer:
+    """What task_flops asks of the engine: the reference trainer and the dense price of a step."""
+
+    def __init__(self, trainer, step):
+        self.trainer, self.step = trainer, step
+
+    def step_flops(self, client_id):
+        return self.step
+
+
+def test_task_flops_charge_the_kept_sub_model_and_the_gate_by_hand():
+    trainer = LocalTrainer(mlp_4_6_5_3(), TrainingConfig(batch_size=2))
+    server = PricingServer(trainer, 3 * 2 * 138)  # training_flops: 3 x forward x batch 2 = 828 a dense step
+    strategy = PFedGate(sparsity=0.5)
+    # the first task: the budget on every gated layer, 3 of 6 and 2.5 of 5 units:
+    # 48/2 + 60 * 1/2 * 1/2 + 30/2 = 54, plus the gate's 88; 4 steps of 3 * 2 * (54 + 88) = 852
+    assert strategy.task_flops(server, task(trainer.flat, steps=4)) == 4 * 852
+    # the client reported keeping 3 of 6 and 2 of 5 units: 4 steps of 3 * 2 * (48 + 88) = 816 against 828
+    update = Update(task=task(trainer.flat), params=trainer.flat, n_samples=1, steps=1, loss=0.0, arrived_at=0.0,
+                    stats={"pfedgate_density": 0.5, "pfedgate_kept_0": 0.5, "pfedgate_kept_1": 0.4})
+    strategy.on_update(server, update)  # not part of a round: only the shares are kept
+    assert strategy.task_flops(server, task(trainer.flat, steps=4)) == pytest.approx(4 * 816, rel=1e-12)
+    assert PFedGate(sparsity=0.5, charge="dense").task_flops(server, task(trainer.flat, steps=4)) == 4 * 828
+    # a model with nothing to gate (logreg, dense head) trains as FedAvg and costs what FedAvg's task does
+    logreg = LocalTrainer(build_model(ModelConfig(name="logreg"), (4,), 3), TrainingConfig(batch_size=2))
+    assert strategy.task_flops(PricingServer(logreg, 30.0), task(logreg.flat, steps=4)) == 120.0
+
+
+def test_a_task_reports_each_layers_kept_share_averaged_over_its_steps():
+    trainer, d = LocalTrainer(mlp_4_6_5_3(), TrainingConfig(lr=0.1, batch_size=64)), data(features=4, classes=3)
+    strategy, blocks = PFedGate(sparsity=0.5), block_map(trainer.model)
+    gates = strategy.gate(blocks, d, {}, seed=3)(d.x).detach()  # one full-batch step: this gate, this kept set
+    keep = select_blocks(gates, blocks.sizes, blocks.layer, 0.5 * float(blocks.sizes.sum()))
+    stats = strategy.client_train(trainer, task(trainer.flat), d, {}, seed=3).stats
+    by_hand = [float(keep[:6].sum()) / 6, float(keep[6:].sum()) / 5]  # blocks 0-5: layer 0, 6-10: layer 1
+    assert [stats["pfedgate_kept_0"], stats["pfedgate_kept_1"]] == pytest.approx(by_hand, abs=1e-12)
+    assert stats["pfedgate_density"] == pytest.approx((by_hand[0] * 6 * 5 + by_hand[1] * 5 * 7) / (6 * 5 + 5 * 7))
+
+
+def test_the_simulated_compute_time_and_train_flops_follow_the_sparse_charge():
+    # one client on a device of 1 FLOP/s with a free network: a round lasts its task's FLOPs in seconds
+    from hetfl.engine.simulator import ClientPool, Simulator
+
+    from conftest import blobs, profile, run_rounds
+
+    def simulate(charge):
+        x, y = blobs(8, features=4)
+        trainer = LocalTrainer(mlp_4_6_5_3(), TrainingConfig(lr=0.1, batch_size=2, local_steps=3))
+        sim = Simulator(strategy=PFedGate(sparsity=0.5, charge=charge, clients_per_round=1), trainer=trainer,
+                        pool=ClientPool(x, y, [torch.arange(8)]), profiles=[profile(0, flops=1.0, bw=1e15)],
+                        flops_per_step=3 * 2 * 138, seed=0)
+        times, flops = [], []
+        run_rounds(sim, 2, observe=lambda s: (times.append(s.now), flops.append(s.counters.trained_flops)))
+        return sim, times, flops
+
+    dense, times, flops = simulate("dense")
+    assert times == pytest.approx([3 * 828, 6 * 828], abs=1e-6) and flops == [3 * 828, 6 * 828]
+    sparse, times, flops = simulate("sparse")
+    first = 3 * 3 * 2 * (54 + 88)  # the first task: sparsity 0.5 on every layer (see the test above)
+    kept = sparse.strategy._kept[0]  # the shares the first task reported price the second
+    second = 3 * 3 * 2 * (layer_costs(mlp_4_6_5_3(), (4,)).forward(kept) + 88)
+    assert times == pytest.approx([first, first + second], abs=1e-6)
+    assert flops == pytest.approx([first, first + second], rel=1e-12)
+    assert torch.equal(sparse.params, dense.params)  # what is charged changes the clock, not the training

@@ -228,7 +228,9 @@ def build_trainer_for(arch, cfg: ExperimentConfig, data: FederatedData, key: str
         raise ConfigError(
             f"{key}: {arch.label()} failed on one sample of shape {tuple(ds.input_shape)}: {short_error(err)}"
         ) from None
-    return LocalTrainer(model, cfg.training, arch.label(), key=key), training_flops(forward, cfg.training.batch_size)
+    trainer = LocalTrainer(model, cfg.training, arch.label(), key=key)
+    trainer.input_shape, trainer.token_input = tuple(ds.input_shape), ds.vocab_size is not None
+    return trainer, training_flops(forward, cfg.training.batch_size)
 
 
 def _check_logits(model: torch.nn.Module, ds: Any, key: str, label: str) -> None:

@@ -44,11 +44,33 @@ hetfl's choices where the paper leaves room or our interface asks for one:
   see the parameter for why 2, with ``gate_lr`` 1, trains much faster on models without batch norm.
 - Evaluation (``personal_params``): the gate's output on the client's whole training set, so one
   sparse model per client, ``w ⊙ m_i(X_train)``; a client that never trained uses the global model.
-- Cost: ``compute_steps`` is the task's steps. The gate adds one linear layer's forward and backward
-  (input to blocks: for the zoo's small MLPs about the size of the first layer); the sparse model
-  needs about ``sparsity`` of the dense model's FLOPs on hardware that skips the removed units, while
-  our simulation multiplies by zeros. Neither is charged, so a task costs what FedAvg's does (the
-  paper's compute savings are not simulated). Bytes: the engine counts the dense model both ways.
+- Cost (``charge: sparse``, :meth:`PFedGate.task_flops`): a task is charged its sparse model and its gate, as
+  hardware that skips the removed units would compute them (our simulation multiplies by zeros, so its wall
+  time does not shrink; the simulated time and ``train_flops`` do). Every ``nn.Linear`` and ``nn.Conv2d`` i has
+  dense forward FLOPs F_i per sample (:func:`layer_costs`: torch's ``FlopCounterMode``, as
+  :mod:`hetfl.models.cost`, 2 per multiply-add); a Linear's and a (groups 1) convolution's are bilinear in its
+  input and output units, so when gated layer l keeps the share k_l of its units, layer i costs
+  ``F_i * k_out(i) * k_in(i)``: k_out the share its own gate keeps (1 for the dense head), k_in the share kept
+  of the gated layer that feeds it (1 if none): a removed neuron or filter also removes an input of the next
+  layer. "Feeds" is checked on the model, not assumed (:func:`feeds`): the layer called just before it,
+  both called once, whose removed units reach its input as whole zero columns (channels), in proportion:
+  true through ReLU, pooling and flattening (hetfl's MLP and CNN), false through a residual sum or a sigmoid,
+  which are then charged in full. Everything else (``rest``: attention products, a layer called twice) is
+  charged in full, and the gate, ``Linear(inputs, blocks)``, is charged its forward pass
+  ``2 * inputs * blocks``. A step costs :data:`~hetfl.models.cost.BACKWARD_FACTOR` (3) times the forward FLOPs
+  of the batch, as every step in hetfl; the task costs the engine's dense price (``server.step_flops``, the
+  steps) times ``(sparse forward + gate forward) / dense forward``. The kept shares are decided on the client
+  during the task, per batch, while the engine prices a task at dispatch: the client reports the mean over its
+  steps of each gated layer's kept share (``pfedgate_kept_<l>`` in the update's stats), the server keeps the
+  last one per client, and a client's first task is charged ``sparsity`` for every gated layer (the budget
+  spread evenly). So the charge is exact for a kept set the client keeps at every step and, when the set
+  varies, the formula applied to the mean shares. Worked example: MLP 4 -> 6 -> 5 -> 3, dense head, 11
+  blocks; dense forward 2 * (4*6 + 6*5 + 5*3) = 138. Keeping 3 of 6 and 2 of 5 units: 48 * 1/2 + 60 * 2/5 *
+  1/2 + 30 * 2/5 = 2 * (4*3 + 3*2 + 2*3) = 48; the gate 2 * 4 * 11 = 88; a step of batch 2 costs 3 * 2 *
+  (48 + 88) = 816 FLOPs against FedAvg's 3 * 2 * 138 = 828. One block per output unit makes the gate about
+  as large as the model's first layer (the paper's chunks are fewer), so on small MLPs it eats the saving:
+  see docs/benchmarks.md. ``charge: dense`` charges a task what FedAvg's costs (the dense model's steps, no
+  gate). Bytes: the engine counts the dense model both ways.
 - The dense global model (``accuracy``, ``client_acc_mean``) is evaluated without any gate; it was
   trained only through gated, sparse forward passes, so the personal accuracy is the meaningful one.
 - Buffers (BatchNorm's running statistics, the first entries of the flat vector; never gated): each client
@@ -63,15 +85,18 @@ hetfl's choices where the paper leaves room or our interface asks for one:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from hetfl.errors import ConfigError, DivergedError
+from hetfl.models.cost import flops_per_sample
 from hetfl.strategies.base import ClientData, ClientResult, Server, Task, Update
 from hetfl.strategies.rounds import RoundStrategy, weighted_mean
 from hetfl.strategies.selection import Selection
@@ -96,6 +121,15 @@ class BlockMap:
         return int(self.sizes.numel())
 
 
+def gated_layers(model: nn.Module, *, dense_head: bool = True) -> list[nn.Module]:
+    """Every ``nn.Linear`` and ``nn.Conv2d`` of the model, in ``model.modules()`` order, but the classifier head
+    (``model.head``) if ``dense_head``: layer l of :class:`BlockMap`'s ``layer``."""
+    head = classifier_head(model) if dense_head else None
+    if dense_head and head is None:
+        raise ValueError(f"{type(model).__name__} has no classifier head (model.head) to keep dense")
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m is not head]
+
+
 def block_map(model: nn.Module, *, dense_head: bool = True) -> BlockMap:
     """One block per output unit of every ``nn.Linear`` and ``nn.Conv2d`` (weight row or filter, with its
     bias entry), over the trainer's flat vector (the model's floating-point buffers, then its parameters in
@@ -107,10 +141,7 @@ def block_map(model: nn.Module, *, dense_head: bool = True) -> BlockMap:
     for p in model.parameters():
         offsets[id(p)] = offset
         offset += p.numel()
-    head = classifier_head(model) if dense_head else None
-    if dense_head and head is None:
-        raise ValueError(f"{type(model).__name__} has no classifier head (model.head) to keep dense")
-    gated = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m is not head]
+    gated = gated_layers(model, dense_head=dense_head)
     ids = torch.full((offset,), -1, dtype=torch.long)  # -1: dense, renumbered below
     sizes, layer = [], []
     for index, module in enumerate(gated):
@@ -131,10 +162,15 @@ def block_map(model: nn.Module, *, dense_head: bool = True) -> BlockMap:
 _BLOCK_MAPS: dict[tuple, BlockMap] = {}
 
 
+def architecture_key(model: nn.Module, *extra: Any) -> tuple:
+    """What identifies an architecture for the caches here: its parameters' and buffers' names and shapes."""
+    return (tuple((name, tuple(p.shape)) for name, p in model.named_parameters()),
+            tuple((name, tuple(b.shape)) for name, b in federated_buffers(model)), *extra)
+
+
 def cached_block_map(model: nn.Module, *, dense_head: bool = True) -> BlockMap:
     """:func:`block_map`, computed once per architecture (parameter names and shapes)."""
-    key = (tuple((name, tuple(p.shape)) for name, p in model.named_parameters()),
-           tuple((name, tuple(b.shape)) for name, b in federated_buffers(model)), dense_head)
+    key = architecture_key(model, dense_head)
     if key not in _BLOCK_MAPS:
         _BLOCK_MAPS[key] = block_map(model, dense_head=dense_head)
     return _BLOCK_MAPS[key]
@@ -171,6 +207,10 @@ def masked_forward(model: nn.Module, scale: torch.Tensor, x: torch.Tensor) -> to
     return torch.func.functional_call(model, params, (x,))
 
 
+KEPT = "pfedgate_kept_"
+"""A task's stats: ``pfedgate_kept_<l>``, the mean over its steps of the share of gated layer l's units kept."""
+
+
 class Gate(nn.Module):
     """The client's gating layer: g(x) = mean over the batch of sigmoid(scale * normalise(A x + c) + shift).
 
@@ -194,6 +234,139 @@ class Gate(nn.Module):
         z = self.linear(x.flatten(1).float())
         z = (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + 1e-5)
         return torch.sigmoid(self.scale * z + self.shift).mean(0)
+
+
+# -- what a task costs (module docstring, Cost) ---------------------------------------------------
+@dataclass(frozen=True)
+class LayerCosts:
+    """Forward FLOPs of one sample, split by what the gate removes.
+
+    Layer i (every ``nn.Linear`` and ``nn.Conv2d``, the dense head included, in ``model.modules()`` order) costs
+    ``flops[i]`` dense; its output units are gated layer ``out[i]``'s (-1: kept dense) and its input units gated
+    layer ``feed[i]``'s outputs (-1: none, or not known: charged in full). ``rest``: every other FLOP of the
+    forward pass; ``gate``: the gate's forward pass. All as :class:`~torch.utils.flop_counter.FlopCounterMode`
+    counts them (2 per multiply-add).
+    """
+
+    flops: tuple[float, ...]
+    out: tuple[int, ...]
+    feed: tuple[int, ...]
+    rest: float
+    gate: float
+
+    @property
+    def dense(self) -> float:
+        """The dense model's forward FLOPs (what ``server.step_flops`` prices), without the gate."""
+        return self.rest + sum(self.flops)
+
+    def forward(self, kept: Sequence[float]) -> float:
+        """The sparse model's forward FLOPs when gated layer l keeps the share ``kept[l]`` of its units:
+        ``rest + sum_i flops[i] * k[out[i]] * k[feed[i]]`` with k = 1 for -1 (without the gate)."""
+        k = [*(float(v) for v in kept), 1.0]
+        return self.rest + sum(f * k[o] * k[i] for f, o, i in zip(self.flops, self.out, self.feed))
+
+
+def _units(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def _width(layer: nn.Module) -> int:
+    return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+
+
+def feeds(model: nn.Module, sample: torch.Tensor, a: nn.Module, b: nn.Module) -> bool:
+    """Whether removing output units of layer ``a`` removes the same share of layer ``b``'s input units (columns
+    of an ``nn.Linear``'s input, channels of an ``nn.Conv2d``'s), each unit as many: ``a``'s outputs are
+    replaced by 0 for its even units and 1 for the others, and ``b``'s input must then be 0 in whole input units,
+    exactly ``in(b) * removed / units(a)`` of them, and nowhere else. True through element-wise activations
+    that keep 0 at 0 (ReLU), pooling and flattening; false through a residual sum, a sigmoid, a normalisation
+    that shifts (BatchNorm in eval mode), or a grouped convolution ``b``."""
+    units, width = _units(a), _width(b)
+    if (isinstance(b, nn.Conv2d) and b.groups != 1) or width % units:
+        return False
+    cut = torch.arange(units) % 2 == 0
+    seen: list[torch.Tensor] = []
+
+    def replace(module, args, out):
+        shape = [1] * out.dim()
+        shape[-1 if isinstance(a, nn.Linear) else 1] = units
+        return torch.ones_like(out) * (~cut).to(out.dtype).view(shape)
+
+    hooks = [a.register_forward_hook(replace), b.register_forward_pre_hook(lambda module, args: seen.append(args[0]))]
+    try:
+        with torch.no_grad():
+            model(sample)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if len(seen) != 1:
+        return False
+    x = seen[0]
+    columns = x.reshape(-1, width) if isinstance(b, nn.Linear) else x.transpose(0, 1).reshape(width, -1).T
+    zero = columns == 0
+    gone = int(zero.all(0).sum())
+    return int(zero.sum()) == gone * columns.shape[0] and gone * units == width * int(cut.sum())
+
+
+def layer_costs(
+    model: nn.Module, input_shape: Sequence[int], *, token_input: bool = False, dense_head: bool = True
+) -> LayerCosts:
+    """The model's :class:`LayerCosts` for one sample of ``input_shape``: each layer's FLOPs from one forward
+    pass under :class:`~torch.utils.flop_counter.FlopCounterMode` (as :func:`hetfl.models.cost.flops_per_sample`),
+    in ``eval`` mode; layer b's inputs are gated layer a's outputs when a is the layer called just before b, both
+    are called once, and :func:`feeds` holds on a sample of uniform noise (zeros for token ids)."""
+    gated = gated_layers(model, dense_head=dense_head)
+    index = {id(m): l for l, m in enumerate(gated)}
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    calls: list[nn.Module] = []
+    hooks = [m.register_forward_hook(lambda module, args, out: calls.append(module)) for _, m in layers]
+    counter = FlopCounterMode(display=False)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), counter:
+            model(torch.zeros((1, *input_shape), dtype=torch.long if token_input else torch.float32))
+        for hook in hooks:
+            hook.remove()
+        probe = (torch.zeros((1, *input_shape), dtype=torch.long) if token_input
+                 else torch.rand((1, *input_shape), generator=torch.Generator().manual_seed(0)))
+        counts = counter.get_flop_counts()
+        root = type(model).__name__
+        flops = tuple(float(sum(counts.get(f"{root}.{name}", {}).values())) for name, _ in layers)
+        feed = []
+        for _, b in layers:
+            at = [i for i, m in enumerate(calls) if m is b]
+            a = calls[at[0] - 1] if len(at) == 1 and at[0] > 0 else None
+            once = a is not None and sum(m is a for m in calls) == 1
+            feed.append(index[id(a)] if once and id(a) in index and feeds(model, probe, a, b) else -1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    n_blocks = sum(_units(m) for m in gated)
+    gate = flops_per_sample(Gate(math.prod(input_shape), n_blocks), tuple(input_shape), token_input) if gated else 0.0
+    return LayerCosts(flops, tuple(index.get(id(m), -1) for _, m in layers), tuple(feed),
+                      float(counter.get_total_flops()) - sum(flops), gate)
+
+
+_LAYER_COSTS: dict[tuple, LayerCosts] = {}
+
+
+def cached_layer_costs(
+    model: nn.Module, input_shape: Sequence[int], *, token_input: bool = False, dense_head: bool = True
+) -> LayerCosts:
+    """:func:`layer_costs`, computed once per architecture and sample shape."""
+    key = architecture_key(model, tuple(input_shape), token_input, dense_head)
+    if key not in _LAYER_COSTS:
+        _LAYER_COSTS[key] = layer_costs(model, input_shape, token_input=token_input, dense_head=dense_head)
+    return _LAYER_COSTS[key]
+
+
+def kept_shares(keep: torch.Tensor, blocks: BlockMap) -> torch.Tensor:
+    """The share of each gated layer's units (blocks) that ``keep`` keeps."""
+    n_layers = int(blocks.layer.max()) + 1
+    kept = torch.bincount(blocks.layer[keep], minlength=n_layers).double()
+    return kept / torch.bincount(blocks.layer, minlength=n_layers).double()
 
 
 # -- the algorithm --------------------------------------------------------------------------------
@@ -220,6 +393,11 @@ class PFedGate(RoundStrategy):
     dense_head : bool, default True
         Keep the classifier head (the last linear layer) dense; False gates its rows (classes) too,
         which logreg, all head, needs.
+    charge : {"sparse", "dense"}, default "sparse"
+        What a task costs (its simulated compute time and ``train_flops``): ``sparse``, the sparse model
+        the client's gate kept in its previous task and the gate itself (module docstring, Cost);
+        ``dense``, the dense model's steps as FedAvg's (hetfl before the sparse model was priced), for
+        comparison.
     clients_per_round, deadline_s, selection
         See :class:`~hetfl.strategies.rounds.RoundStrategy`.
     """
@@ -235,6 +413,7 @@ class PFedGate(RoundStrategy):
         gate_clip: float = 10.0,
         gate_shift: float = 2.0,
         dense_head: bool = True,
+        charge: Literal["sparse", "dense"] = "sparse",
         clients_per_round: int = 10,
         deadline_s: float | None = None,
         selection: Selection | None = None,
@@ -246,12 +425,16 @@ class PFedGate(RoundStrategy):
             raise ValueError("gate_lr must be positive")
         if gate_clip <= 0:
             raise ValueError("gate_clip must be positive")
+        if charge not in ("sparse", "dense"):
+            raise ValueError("charge must be sparse (the kept sub-model and the gate) or dense (FedAvg's steps)")
         self.sparsity = sparsity
         self.gate_lr = gate_lr
         self.gate_clip = gate_clip
         self.gate_shift = gate_shift
         self.dense_head = dense_head
+        self.charge = charge
         self._density: float | None = None
+        self._kept: dict[int, tuple[float, ...]] = {}  # per client: each gated layer's kept share, last task
 
     def check_model(self, model_name: str) -> None:
         if model_name == "logreg" and self.dense_head:
@@ -305,7 +488,7 @@ class PFedGate(RoundStrategy):
         trainer.load(self.with_own_buffers(trainer, task.params, state))
         opt, gate_opt = trainer.optimizer(), torch.optim.SGD(gate.parameters(), lr=self.gate_lr)
         total = float(blocks.sizes.sum())
-        loss_sum, kept_sum = 0.0, 0.0
+        loss_sum, kept_sum, shares = 0.0, 0.0, torch.zeros(int(blocks.layer.max()) + 1, dtype=torch.float64)
         with trainer.training(seed, "gated training"):
             for batch in trainer.batches(data.n_samples, task.steps, seed):
                 x, y = data.x[batch], data.y[batch]
@@ -320,6 +503,7 @@ class PFedGate(RoundStrategy):
                 gate_opt.step()
                 loss_sum += loss.item()
                 kept_sum += float(blocks.sizes[keep].sum()) / total
+                shares += kept_shares(keep, blocks)
         steps = max(task.steps, 1)
         if not math.isfinite(loss_sum) or not torch.isfinite(trainer.flat).all():
             raise DivergedError(
@@ -328,8 +512,9 @@ class PFedGate(RoundStrategy):
         state["gate"] = {k: v.detach().clone() for k, v in gate.state_dict().items()}
         if trainer.n_buffers:
             state["buffers"] = trainer.flat[trainer.buffer_slice].clone()
+        kept = {f"{KEPT}{layer}": float(share) / steps for layer, share in enumerate(shares)}
         return ClientResult(trainer.flat.clone(), task.steps, loss_sum / steps,
-                            stats={"pfedgate_density": kept_sum / steps})
+                            stats={"pfedgate_density": kept_sum / steps, **kept})
 
     def personal_params(self, trainer, params: torch.Tensor, data: ClientData, state: dict[str, Any], seed: int):
         if "gate" not in state:
@@ -342,6 +527,40 @@ class PFedGate(RoundStrategy):
             return self.with_own_buffers(trainer, params * entry_scale(gates, keep, blocks), state)
 
     # -- the server half ------------------------------------------------------------------------
+    def layer_costs(self, trainer) -> LayerCosts:
+        """The :class:`LayerCosts` of ``trainer``'s model on one sample of the federation's input shape (a trainer
+        built by hand, without ``input_shape``: the first layer's, if it is an ``nn.Linear``)."""
+        shape, tokens = trainer.input_shape, trainer.token_input
+        if shape is None:
+            first = next((m for m in trainer.model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
+            if not isinstance(first, nn.Linear):
+                raise ConfigError(f"strategy.params.charge: sparse needs the input's shape to price {trainer.label}'s "
+                                  "layers, which this trainer does not know; set charge: dense")
+            shape, tokens = (first.in_features,), False
+        return cached_layer_costs(trainer.model, shape, token_input=tokens, dense_head=self.dense_head)
+
+    def task_kept(self, client_id: int, n_layers: int) -> tuple[float, ...]:
+        """Each gated layer's kept share the client reported from its previous task; ``sparsity`` for every layer
+        before its first."""
+        return self._kept.get(client_id, (self.sparsity,) * n_layers)
+
+    def task_flops(self, server: Server, task: Task) -> float:
+        """The dense price (:meth:`Strategy.task_flops`) times (sparse forward + gate forward) / dense forward, the
+        forward passes of :class:`LayerCosts` at the client's :meth:`task_kept` (module docstring, Cost)."""
+        dense = super().task_flops(server, task)
+        blocks = self.blocks(server.trainer)
+        if self.charge == "dense" or not blocks.n_blocks:
+            return dense
+        costs = self.layer_costs(server.trainer)
+        kept = self.task_kept(task.client_id, int(blocks.layer.max()) + 1)
+        return dense * (costs.forward(kept) + costs.gate) / costs.dense
+
+    def on_update(self, server: Server, update: Update) -> None:
+        shares = sorted((int(key[len(KEPT):]), value) for key, value in update.stats.items() if key.startswith(KEPT))
+        if shares and [layer for layer, _ in shares] == list(range(len(shares))):
+            self._kept[update.client_id] = tuple(min(max(float(v), 0.0), 1.0) for _, v in shares)
+        super().on_update(server, update)
+
     def aggregate(self, server: Server, updates: list[Update]) -> torch.Tensor:
         self._density = float(np.mean([u.stats.get("pfedgate_density", 1.0) for u in updates]))
         return weighted_mean(updates)

@@ -228,7 +228,14 @@ class LocalTrainer:
     reference : LocalTrainer
         The federation's reference architecture (``model.name``), whose parameters a global-model
         strategy's ``server.params`` are; itself unless a zoo gives this client another one.
+    input_shape, token_input : tuple of int or None, bool
+        One sample's shape and whether it is token ids, as the federation built the trainer
+        (``engine.run.build_trainer_for``); None when not known (a trainer built by hand). pFedGate prices
+        its sparse model's layers with them.
     """
+
+    input_shape: tuple[int, ...] | None = None
+    token_input: bool = False
 
     def __init__(self, model: nn.Module, cfg: TrainingConfig, label: str = "", key: str = "model.name") -> None:
         self.model = model
