@@ -278,7 +278,10 @@ def mlp_4_6_5_3():
 
 
 def test_layer_costs_of_a_small_mlp_by_hand():
-    costs = layer_costs(mlp_4_6_5_3(), (4,))
+    model, rng = mlp_4_6_5_3().train(), torch.get_rng_state()
+    costs = layer_costs(model, (4,))
+    assert model.training and torch.equal(torch.get_rng_state(), rng)  # the model's mode and torch's stream kept
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # no hook left behind
     assert costs.flops == (48.0, 60.0, 30.0) and costs.rest == 0.0 and costs.gate == 88.0 and costs.dense == 138.0
     assert costs.out == (0, 1, -1)  # gated layers 0 and 1; the head's outputs are dense
     assert costs.feed == (-1, 0, 1)  # the input; layer 0's units; layer 1's units

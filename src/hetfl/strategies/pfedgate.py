@@ -343,8 +343,11 @@ def layer_costs(
         for hook in hooks:
             hook.remove()
         model.train(was_training)
-    n_blocks = sum(_units(m) for m in gated)
-    gate = flops_per_sample(Gate(math.prod(input_shape), n_blocks), tuple(input_shape), token_input) if gated else 0.0
+    gate = 0.0
+    if gated:
+        with torch.random.fork_rng(devices=[]):  # a gate only to count: torch's global stream stays as it was
+            counted = Gate(math.prod(input_shape), sum(_units(m) for m in gated))
+        gate = flops_per_sample(counted, tuple(input_shape), token_input)
     return LayerCosts(flops, tuple(index.get(id(m), -1) for _, m in layers), tuple(feed),
                       float(counter.get_total_flops()) - sum(flops), gate)
 
