@@ -215,10 +215,11 @@ def test_server_averages_the_dense_models_and_reports_the_density():
 
 def test_parameters_are_checked():
     assert STRATEGIES["pfedgate"] is PFedGate and PFedGate.personalised
-    for bad in ({"sparsity": 0.0}, {"sparsity": 1.5}, {"gate_lr": 0.0}, {"gate_clip": -1.0}):
+    for bad in ({"sparsity": 0.0}, {"sparsity": 1.5}, {"gate_lr": 0.0}, {"gate_clip": -1.0}, {"charge": "half"}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             build_strategy(StrategyConfig(name="pfedgate", params=bad))
     assert build_strategy(StrategyConfig(name="pfedgate", params={"sparsity": 0.3})).sparsity == 0.3
+    assert build_strategy(StrategyConfig(name="pfedgate", params={"charge": "dense"})).charge == "dense"
     with pytest.raises(ConfigError, match="mlp or cnn"):
         PFedGate().check_model("logreg")
     PFedGate(dense_head=False).check_model("logreg")
