@@ -84,6 +84,7 @@ hetfl's choices where the paper leaves room or our interface asks for one:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -358,10 +359,12 @@ _LAYER_COSTS: dict[tuple, LayerCosts] = {}
 def cached_layer_costs(
     model: nn.Module, input_shape: Sequence[int], *, token_input: bool = False, dense_head: bool = True
 ) -> LayerCosts:
-    """:func:`layer_costs`, computed once per architecture and sample shape."""
+    """:func:`layer_costs`, computed once per architecture and sample shape, on a copy of ``model`` (whose hooks no
+    training of the original, in another thread, can meet)."""
     key = architecture_key(model, tuple(input_shape), token_input, dense_head)
     if key not in _LAYER_COSTS:
-        _LAYER_COSTS[key] = layer_costs(model, input_shape, token_input=token_input, dense_head=dense_head)
+        _LAYER_COSTS[key] = layer_costs(copy.deepcopy(model), input_shape, token_input=token_input,
+                                        dense_head=dense_head)
     return _LAYER_COSTS[key]
 
 
