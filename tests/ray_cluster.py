@@ -13,15 +13,16 @@ joined to the bridge by a veth pair, with an address of its own (10.x.y.2, .3, .
 network, as on a cluster. Elsewhere every node is on loopback (127.0.0.1), each still a separate raylet, object
 store and set of workers. ``LocalCluster.network`` says which.
 
-Every node gets ``RAY_AUTH_MODE=token`` and one random token (the driver too, through the environment), so the
-cluster does not depend on a token file in the home folder and no other process can join it.
+Every node, and the driver through :func:`driver_env`, gets ``RAY_AUTH_MODE=disabled``: Ray turns token
+authentication on for a head when a token file exists in the home folder but not for ``ray start --address`` nor
+for a driver whose Ray was imported before, so the cluster does not depend on that file. (A test cluster on a
+private bridge or loopback; a real one should use token authentication.)
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -29,6 +30,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -54,7 +57,7 @@ class LocalCluster:
         self.workers, self.cpus, self.object_store = workers, cpus, object_store_mb * 1024 * 1024
         self.tag = f"hf{os.getpid() % 100000}"  # interface and namespace names of this process (15 characters at most)
         self.tmp = Path(tempfile.mkdtemp(prefix="hfray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
-        self.env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
+        self.env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
         self.procs: list[subprocess.Popen | None] = []  # the head, then the worker nodes
         self.namespaces: list[str] = []
         self.bridge: str | None = None
@@ -207,3 +210,29 @@ def _killpg(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         pass
+
+
+@contextmanager
+def driver_env(cluster: LocalCluster) -> Iterator[None]:
+    """This process's environment with the cluster's auth settings (and Ray's cached token reloaded), restored after."""
+    saved = {k: os.environ.get(k) for k in cluster.env}
+    os.environ.update(cluster.env)
+    _reload_token()
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _reload_token()
+
+
+def _reload_token() -> None:
+    """Ray reads the auth token once per process and caches it: make it read the environment again."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader
+    except ImportError:  # a Ray without token authentication
+        return
+    AuthenticationTokenLoader.instance().reset_cache()
