@@ -21,6 +21,7 @@ private bridge or loopback; a real one should use token authentication.)
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -35,6 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 RAY = str(Path(sys.executable).with_name("ray"))
+_CLUSTERS = itertools.count()
 START_TIMEOUT_S = 90.0  # the machine may be shared; a node comes up in a few seconds when idle
 
 
@@ -55,7 +57,8 @@ class LocalCluster:
 
     def __init__(self, workers: int = 2, *, cpus: int = 1, object_store_mb: int = 150, netns: bool = True) -> None:
         self.workers, self.cpus, self.object_store = workers, cpus, object_store_mb * 1024 * 1024
-        self.tag = f"hf{os.getpid() % 100000}"  # interface and namespace names of this process (15 characters at most)
+        # interface and namespace names of this cluster (15 characters at most): a cluster's may take a moment to go
+        self.tag = f"hf{os.getpid() % 100000}{next(_CLUSTERS) % 10}"
         self.tmp = Path(tempfile.mkdtemp(prefix="hfray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
         self.env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
         self.procs: list[subprocess.Popen | None] = []  # the head, then the worker nodes
@@ -71,7 +74,7 @@ class LocalCluster:
         """Set up a bridge and one namespace per worker node; False (and nothing left behind) where not allowed."""
         if not (self.try_netns and shutil.which("ip") and os.geteuid() == 0):
             return False
-        subnet = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
+        subnet = f"10.{200 + os.getpid() % 50}.{(os.getpid() + int(self.tag[-1])) % 250}"
         bridge = f"{self.tag}b"
         if not (_run("ip", "link", "add", bridge, "type", "bridge")):
             return False
