@@ -14,7 +14,7 @@ import torch
 from hetfl.config import ModelConfig, StrategyConfig, TrainingConfig, validate
 from hetfl.engine import ClientPool, Simulator
 from hetfl.engine.backends import RayBackend
-from hetfl.errors import ConfigError
+from hetfl.errors import ConfigError, HetflError
 from hetfl.models import build_model
 from hetfl.strategies import STRATEGIES, build_strategy
 from hetfl.training import LocalTrainer
@@ -179,3 +179,40 @@ def test_without_ray_installed_the_error_says_how_to_install_it(monkeypatch):
 def test_a_cluster_address_takes_no_worker_count():
     with pytest.raises(ConfigError, match=r"backend\.num_workers: only for a local Ray"):
         validate({"backend": {"name": "ray", "address": "auto", "num_workers": 4}})
+
+
+# --------------------------------------------------------------------------- lost nodes and workers
+class LosingRay(SpyRay):
+    """The ``ray`` module, whose first ``lose`` fetches fail as if the task's node had died."""
+
+    def __init__(self, lose: int) -> None:
+        super().__init__()
+        self.lose = lose
+
+    def get(self, ref, **kwargs):
+        if self.lose > 0:
+            self.lose -= 1
+            raise ray.exceptions.NodeDiedError("node 0 died (a test)")
+        return super().get(ref, **kwargs)
+
+
+def test_a_task_lost_with_its_node_is_submitted_again_with_the_same_result():
+    backend = RayBackend()
+    backend.ray = LosingRay(lose=3)
+    sim = simulate("fedavg", backend, rounds=3)
+    assert backend.resubmitted == 3
+    assert torch.equal(sim.params, simulate("fedavg", rounds=3).params)
+    forever = RayBackend()
+    forever.ray = LosingRay(lose=100)
+    with pytest.raises(HetflError, match=r"^backend ray: task \d+ \(client \d+\) failed 4 times, the last: node 0 died"):
+        simulate("fedavg", forever, rounds=3)
+
+
+def test_dispatched_tasks_train_in_batches_on_the_workers():
+    # vectorize on: each round's tasks as at most one batch per worker slot (2 here), trained by train_many
+    backend = RayBackend(vectorize="on")
+    sim = simulate("fedprox", backend, rounds=4)
+    assert backend.batches and max(backend.batches) > 1 and len(backend.batches) >= 4
+    assert backend.collected == sim.counters.arrived
+    local = simulate("fedprox", rounds=4)
+    assert torch.allclose(sim.params, local.params, atol=1e-5, rtol=1e-4)

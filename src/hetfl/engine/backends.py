@@ -23,6 +23,7 @@ arrival; see its docstring for what travels and what stays.
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import logging
@@ -38,7 +39,6 @@ import torch
 from hetfl.errors import ConfigError, DivergedError, HetflError
 from hetfl.strategies.base import ClientData, ClientResult, Strategy, Task
 from hetfl.training import LocalTrainer
-from hetfl.training.local import LocalResult
 from hetfl.training.vectorized import train_many
 
 if TYPE_CHECKING:
@@ -96,11 +96,8 @@ class InProcess(Backend):
 
     def __init__(self, vectorize: str = "off", *, min_tasks: int = 1, max_params: int = 0) -> None:
         super().__init__()
-        if vectorize not in ("auto", "on", "off"):
-            raise ValueError(f"vectorize must be auto, on or off; got {vectorize!r}")
-        self.vectorize, self.min_tasks, self.max_params = vectorize, min_tasks, max_params
-        self._trained: dict[int, tuple[Task, LocalResult]] = {}  # task id -> (its task, result trained ahead)
-        self._noticed: set[int] = set()  # trainers said to be trained one task at a time (auto), by id
+        self.batching = Batching(vectorize, min_tasks, max_params)
+        self._trained: dict[int, tuple[Task, ClientResult]] = {}  # task id -> (its task, result trained ahead)
 
     def result(self, task: Task, data: ClientData, state: dict[str, Any]) -> ClientResult:
         sim = self.sim
@@ -123,11 +120,11 @@ class InProcess(Backend):
         options and whose client trains ``trainer``'s architecture. Each task keeps its own inputs (start,
         steps, seed, data), so a result equals ``client_train``'s up to floating-point summation order.
         """
-        if self.vectorize == "off":
+        if self.batching.vectorize == "off":
             return None
         cached = self._trained.pop(task.task_id, None)
         if cached is not None and cached[0] is task:  # (another task object: a state restored from a checkpoint)
-            return ClientResult(cached[1].params, cached[1].steps, cached[1].loss)
+            return cached[1]
         sim = self.sim
         strategy = sim.strategy
         options = strategy.local_training(task)
@@ -145,35 +142,44 @@ class InProcess(Backend):
             if other_options is not None and _options_key(other_options) == key:
                 group.append(other)
                 group_options.append(other_options)
-        if self.vectorize == "auto" and (len(group) < self.min_tasks or trainer.numel > self.max_params):
+        if not self.batching.allows(len(group), trainer, data):
             return None
-        if not self._batchable(trainer, data):
-            return None
-        kwargs = {
-            name: torch.stack([o[name].expand(trainer.numel) for o in group_options])
-            if isinstance(value, torch.Tensor) else value
-            for name, value in options.items()
-        }
         datasets = [data, *(sim.pool.data(t.client_id, t.dispatched_at) for t in group[1:])]  # ``task``'s: at hand
-        try:
-            results = train_many(
-                trainer,
-                torch.stack([t.params for t in group]),
-                [(d.x, d.y) for d in datasets],
-                [t.steps for t in group],
-                [sim.task_seed(t.task_id) for t in group],
-                **kwargs,
-            )
-        except DivergedError:
+        results = train_batch(trainer, group, group_options, datasets, [sim.task_seed(t.task_id) for t in group])
+        if results is None:
             return None  # train on its own: the error, if any, comes at the arrival of the task that diverges
         self.batches.append(len(group))
         for other, result in zip(group[1:], results[1:]):
             self._trained[other.task_id] = (other, result)
-        first = results[0]
-        return ClientResult(first.params, first.steps, first.loss)
+        return results[0]
 
 
-    def _batchable(self, trainer: LocalTrainer, data: ClientData) -> bool:
+class Batching:
+    """When tasks are trained together (``training.vectorize``), for both backends.
+
+    Parameters
+    ----------
+    vectorize : {"auto", "on", "off"}
+        ``auto`` batches only a group of at least ``min_tasks`` tasks of a model of at most ``max_params``
+        parameters; ``off`` trains one task at a time.
+    """
+
+    def __init__(self, vectorize: str = "off", min_tasks: int = 1, max_params: int = 0) -> None:
+        if vectorize not in ("auto", "on", "off"):
+            raise ValueError(f"vectorize must be auto, on or off; got {vectorize!r}")
+        self.vectorize, self.min_tasks, self.max_params = vectorize, min_tasks, max_params
+        self._noticed: set[int] = set()  # trainers said to be trained one task at a time (auto), by id
+
+    def allows(self, n_tasks: int, trainer: LocalTrainer, data: ClientData) -> bool:
+        """Whether ``n_tasks`` tasks of ``trainer``'s architecture are trained as one batch (``data``: one client's,
+        for the probe)."""
+        if self.vectorize == "off" or n_tasks < 1:
+            return False
+        if self.vectorize == "auto" and (n_tasks < self.min_tasks or trainer.numel > self.max_params):
+            return False
+        return self.batchable(trainer, data)
+
+    def batchable(self, trainer: LocalTrainer, data: ClientData) -> bool:
         """Whether ``train_many`` can train ``trainer``'s model (:meth:`LocalTrainer.batching_problem`, probed once
         per trainer on two of ``data``'s samples). Under ``auto``, a model it cannot train is trained one task at a
         time, and said so once per architecture per run (a warning on the ``hetfl`` logger); under ``on`` (which
@@ -192,6 +198,23 @@ class InProcess(Backend):
                 "training.vectorize: auto trains %s one task at a time: %s", trainer.label, problem
             )
         return False
+
+
+def train_batch(trainer: LocalTrainer, tasks: list[Task], options: list[dict[str, Any]], datasets: list[ClientData],
+                seeds: list[int]) -> list[ClientResult] | None:
+    """``tasks`` (of ``trainer``'s architecture, plain local training with ``options`` each, the same non-tensor
+    ones) trained as one :func:`~hetfl.training.vectorized.train_many` call; None if one of them diverged (then
+    train each on its own, so that the error comes at the arrival of the task that diverges)."""
+    kwargs = {
+        name: torch.stack([o[name].expand(trainer.numel) for o in options]) if isinstance(value, torch.Tensor) else value
+        for name, value in options[0].items()
+    }
+    try:
+        results = train_many(trainer, torch.stack([t.params for t in tasks]), [(d.x, d.y) for d in datasets],
+                             [t.steps for t in tasks], seeds, **kwargs)
+    except DivergedError:
+        return None
+    return [ClientResult(r.params, r.steps, r.loss) for r in results]
 
 
 def _options_key(options: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -340,23 +363,28 @@ class _Worker:
     pool: Any
     threads: int
 
-    def train(self, task: Task, state: dict[str, Any], seed: int) -> tuple[ClientResult, dict[str, Any], float]:
-        start = time.perf_counter()
+    def train(self, task: Task, state: dict[str, Any], seed: int) -> tuple[ClientResult, dict[str, Any]]:
         torch.set_num_threads(self.threads)
         trainer = self.trainers[self.of_client[task.client_id]]
         data = self.pool.data(task.client_id, task.dispatched_at)
-        result = self.strategy.client_train(trainer, task, data, state, seed)
-        return result, state, time.perf_counter() - start
+        return self.strategy.client_train(trainer, task, data, state, seed), state
+
+    def train_batch(self, tasks: list[Task], seeds: list[int]) -> list[ClientResult] | None:
+        """``tasks`` (one architecture, plain local training: the driver grouped them) as one batch
+        (:func:`train_batch`); None if one diverged."""
+        torch.set_num_threads(self.threads)
+        trainer = self.trainers[self.of_client[tasks[0].client_id]]
+        options = [self.strategy.local_training(t) for t in tasks]
+        datasets = [self.pool.data(t.client_id, t.dispatched_at) for t in tasks]
+        return train_batch(trainer, tasks, options, datasets, seeds)  # type: ignore[arg-type]
 
 
 _WORKERS: dict[str, _Worker] = {}  # in a Ray worker process: the runs it has served, by key (the last two)
 
 
-def _train_remote(key: str, box: list, stub: Task, state: dict[str, Any], seed: int, params: torch.Tensor,
-                  *payload: torch.Tensor) -> tuple[ClientResult, dict[str, Any], float]:
-    """The Ray task: one client half; its result, the client's new state and the seconds it took. ``box`` holds
-    the run's :class:`ClientSide` reference, boxed so that Ray passes the reference itself and this worker
-    fetches and unpacks it once per run."""
+def _worker(key: str, box: list) -> _Worker:
+    """This worker process's :class:`_Worker` for the run ``key``. ``box`` holds the run's :class:`ClientSide`
+    reference, boxed so that Ray passes the reference itself and this process fetches and unpacks it once per run."""
     worker = _WORKERS.get(key)
     if worker is None:
         import ray
@@ -365,8 +393,38 @@ def _train_remote(key: str, box: list, stub: Task, state: dict[str, Any], seed: 
         while len(_WORKERS) >= 2:
             del _WORKERS[next(iter(_WORKERS))]
         _WORKERS[key] = worker
+    return worker
+
+
+def _node() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def _train_remote(key: str, box: list, stub: Task, state: dict[str, Any], seed: int, params: torch.Tensor,
+                  *payload: torch.Tensor) -> tuple[ClientResult, dict[str, Any], float, str]:
+    """The Ray task of one client half: its result, the client's new state, the seconds it took and the node."""
+    start = time.perf_counter()
     task = dataclasses.replace(stub, params=params, payload=dict(zip(stub.payload, payload)))
-    return worker.train(task, state, seed)
+    result, state = _worker(key, box).train(task, state, seed)
+    return result, state, time.perf_counter() - start, _node()
+
+
+def _train_batch_remote(key: str, box: list, stubs: list[Task], uses: list[list[int]], seeds: list[int],
+                        *tensors: torch.Tensor) -> tuple[list[ClientResult] | None, dict[str, Any], float, str]:
+    """The Ray task of a batch of plain-training tasks: their results (None: one diverged), the seconds it took and
+    the node. Task ``i`` starts from ``tensors[uses[i][0]]`` with payload ``tensors[uses[i][1:]]``: a model shared
+    by the batch travels once."""
+    start = time.perf_counter()
+    tasks = [dataclasses.replace(stub, params=tensors[use[0]], payload=dict(zip(stub.payload, (tensors[i] for i in use[1:]))))
+             for stub, use in zip(stubs, uses)]
+    results = _worker(key, box).train_batch(tasks, seeds)
+    return results, {}, time.perf_counter() - start, _node()
+
+
+RAY_RETRIES = 3  # Ray's max_retries of a client half's task: resubmitted by Ray when its worker or node dies
+RESUBMITS = 3  # then by the backend, when a result is still lost (retries spent, its object lost with its node)
 
 
 class RayBackend(Backend):
@@ -384,6 +442,19 @@ class RayBackend(Backend):
       store by the first task that needs it and shared by every task that starts from it;
     - per task: the task's scalars, the client's state (Ditto's personal model, SCAFFOLD's ``c_i``) and the
       seed; back: the result and the client's new state, which replaces the simulator's copy at the arrival.
+
+    With ``training.vectorize`` (``auto`` or ``on``), the tasks dispatched together (between two arrivals: one
+    round's, typically) that are plain local training with the same options and architecture are split into
+    at most one batch per worker slot (the cluster's CPUs over ``threads``) and each batch is one Ray task,
+    trained with :func:`~hetfl.training.vectorized.train_many` (``auto``: a batch of at least
+    ``vectorize_min_tasks`` tasks of a model of at most ``vectorize_max_params`` parameters; smaller ones go
+    one by one). Results then equal the one-by-one ones up to floating-point summation order, as in-process.
+
+    A lost node or worker process costs no result: Ray resubmits a task whose worker or node died
+    (``max_retries``, :data:`RAY_RETRIES`), and a result Ray still cannot produce (its retries spent, its object
+    lost with its node) is submitted again by this backend, alone, up to :data:`RESUBMITS` times
+    (``resubmitted`` counts them). A task's result depends only on what it was sent, so a retried task gives the
+    same result, and a run that loses nodes equals one that does not.
 
     A task that will be lost is never submitted; a cancelled task's result is dropped and never waited on (its Ray
     task runs to its end: ``ray.cancel`` can abort the driver in a race with a finishing task). Futures are not state: a run resumed from a checkpoint submits, at its first arrival,
@@ -403,6 +474,9 @@ class RayBackend(Backend):
         workers can import hetfl and its dependencies.
     threads : int
         torch threads of each worker's training (the run's ``threads``), so results equal the in-process run's.
+    vectorize, min_tasks, max_params
+        ``training.vectorize``, ``vectorize_min_tasks``, ``vectorize_max_params``: when dispatched tasks are
+        trained as one batch on a worker (:class:`Batching`).
     roots : list of str, optional
         Folders the config's user code was imported from (:func:`code_roots`): put on a local Ray's workers'
         ``PYTHONPATH`` (:func:`start_ray`).
@@ -411,8 +485,10 @@ class RayBackend(Backend):
     name = "ray"
 
     def __init__(self, *, address: str | None = None, num_workers: int | None = None,
-                 runtime_env: dict[str, Any] | None = None, threads: int = 1, roots: list[str] | None = None) -> None:
+                 runtime_env: dict[str, Any] | None = None, threads: int = 1, roots: list[str] | None = None,
+                 vectorize: str = "off", min_tasks: int = 1, max_params: int = 0) -> None:
         super().__init__()
+        self.batching = Batching(vectorize, min_tasks, max_params)
         self.ray = import_ray()
         self.address, self.num_workers, self.runtime_env, self.threads = address, num_workers, runtime_env or {}, threads
         self.roots = list(roots or [])
@@ -420,12 +496,19 @@ class RayBackend(Backend):
         self._remote: Any = None
         self._key = uuid.uuid4().hex
         self._box: list[Any] = []
-        self._futures: dict[int, tuple[Task, Any, list[int]]] = {}  # task id -> (task, ObjectRef, tensors it uses)
+        self._batch_remote: Any = None
+        self._slots = 1  # tasks the cluster trains at once: batches a group is split into
+        # task id -> (task, ObjectRef, tensors it uses, its index in a batch's results or None: a task of its own)
+        self._futures: dict[int, tuple[Task, Any, list[int], int | None]] = {}
+        self._batch_values: dict[Any, list[Any]] = {}  # a batch's ObjectRef -> [its tasks not collected, its value]
+        self._pending: list[Task] = []  # dispatched since the last arrival, to be grouped into batches (vectorize)
         self._tensors: dict[int, list[Any]] = {}  # id(tensor) -> [tensor, ObjectRef, tasks using it]
         self.submitted = 0  # diagnostics: tasks submitted, collected, cancelled; seconds workers spent on those collected
         self.collected = 0
         self.cancelled = 0
         self.worker_seconds = 0.0
+        self.resubmitted = 0  # tasks submitted again after a lost node, worker or object
+        self.nodes: collections.Counter[str] = collections.Counter()  # Ray node id -> tasks collected from it
 
     def bind(self, sim: "Simulator") -> None:
         super().bind(sim)
@@ -433,46 +516,92 @@ class RayBackend(Backend):
 
     # ------------------------------------------------------------------ the hooks
     def start(self, task: Task) -> None:
-        self._submit(task)
+        if self.batching.vectorize == "off":
+            self._submit(task)
+        else:
+            self._pending.append(task)  # submitted at the next arrival, with the others dispatched with it
 
     def result(self, task: Task, data: ClientData, state: dict[str, Any]) -> ClientResult:
+        self._flush()
         entry = self._futures.get(task.task_id)
         if entry is None or entry[0] is not task:  # not submitted by this process: a run resumed from a checkpoint
             self._submit_in_flight()  # the others in flight too, so that they train while this one does
             self._submit(task)
-        _, ref, tensors = self._futures.pop(task.task_id)
-        self._release(tensors)
         ray = self.ray
-        try:
-            result, new_state, seconds = ray.get(ref)
-        except ray.exceptions.RayTaskError as err:
-            cause = getattr(err, "cause", None)
-            if isinstance(cause, HetflError):
-                raise cause from None  # a diverged client, say: the same one-line error as in-process
-            if isinstance(cause, ModuleNotFoundError):  # code of one's own the workers cannot import
+        lost = 0
+        while True:
+            _, ref, tensors, index = self._futures.pop(task.task_id)
+            self._release(tensors)
+            try:
+                result, new_state, seconds, node = self._fetch(ref, index)
+            except (ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError) as err:
+                lost += 1
+                if lost > RESUBMITS:
+                    raise HetflError(f"backend ray: task {task.task_id} (client {task.client_id}) failed {lost} times, "
+                                     f"the last: {str(err).splitlines()[0]}") from None
+                self.resubmitted += 1
+                self._submit(task)  # alone: its result depends only on what it is sent
+                continue
+            except ray.exceptions.RayTaskError as err:
+                cause = getattr(err, "cause", None)
+                if isinstance(cause, HetflError):
+                    raise cause from None  # a diverged client, say: the same one-line error as in-process
+                if isinstance(cause, ModuleNotFoundError):  # code of one's own the workers cannot import
+                    raise HetflError(
+                        f"backend ray: the workers cannot import {cause.name!r}, which the strategy or model comes from; "
+                        "give it to them with backend.runtime_env, e.g. {py_modules: [/path/to/" + f"{cause.name}.py]}}"
+                        " (docs/architecture.md, Backends)"
+                    ) from None
+                raise
+            except ray.exceptions.RayError as err:
                 raise HetflError(
-                    f"backend ray: the workers cannot import {cause.name!r}, which the strategy or model comes from; "
-                    "give it to them with backend.runtime_env, e.g. {py_modules: [/path/to/" + f"{cause.name}.py]}}"
-                    " (docs/architecture.md, Backends)"
+                    f"backend ray: task {task.task_id} (client {task.client_id}) failed: {str(err).splitlines()[0]}"
                 ) from None
-            raise
-        except ray.exceptions.RayError as err:
-            raise HetflError(
-                f"backend ray: task {task.task_id} (client {task.client_id}) failed: {str(err).splitlines()[0]}"
-            ) from None
+            if result is None:  # its batch diverged: train it on its own, which raises if it is the one
+                self._submit(task)
+                continue
+            break
         self.collected += 1
         self.worker_seconds += seconds
-        state.clear()
-        state.update(new_state)
+        self.nodes[node] += 1
+        if new_state is not None:
+            state.clear()
+            state.update(new_state)
         return result
 
+    def _fetch(self, ref: Any, index: int | None) -> tuple[ClientResult | None, dict[str, Any] | None, float, str]:
+        """A task's result (None: its batch diverged), the client's new state (None: unchanged), the worker seconds it
+        took (its share of a batch's) and its node. A batch's value is fetched once and kept until its last task
+        is collected or forgotten."""
+        if index is None:
+            return self.ray.get(ref)
+        entry = self._batch_values[ref]
+        if entry[1] is None:
+            entry[1] = self.ray.get(ref)
+        results, _, seconds, node = entry[1]
+        self._batch_done(ref)
+        return None if results is None else results[index], None, seconds / len(results or [0, 0]), node
+
+    def _batch_done(self, ref: Any) -> None:
+        entry = self._batch_values.get(ref)
+        if entry is not None:
+            entry[0] -= 1
+            if entry[0] <= 0:
+                del self._batch_values[ref]
+
     def forget(self, task: Task) -> None:
+        pending = [t for t in self._pending if t is not task]
+        if len(pending) < len(self._pending):
+            self._pending = pending  # never submitted: nothing wasted
+            return
         entry = self._futures.get(task.task_id)
         if entry is None or entry[0] is not task:
             return
         del self._futures[task.task_id]
-        _, ref, tensors = entry
+        _, ref, tensors, index = entry
         self._release(tensors)
+        if index is not None:
+            self._batch_done(ref)
         self.cancelled += 1
         # The result is dropped, never fetched; the work is not stopped: ray.cancel races with a task that is
         # finishing and can abort the driver (Ray's "Tried to complete task that was not pending" check, seen
@@ -482,6 +611,8 @@ class RayBackend(Backend):
 
     def close(self) -> None:
         self._futures.clear()
+        self._batch_values.clear()
+        self._pending.clear()
         self._tensors.clear()
         self._box.clear()
         self._remote = None
@@ -492,7 +623,9 @@ class RayBackend(Backend):
     # ------------------------------------------------------------------ submission
     def _connect(self) -> None:
         self._started_ray = start_ray(self.address, self.num_workers, self.threads, self.runtime_env, self.roots)
-        self._remote = self.ray.remote(num_cpus=self.threads)(_train_remote)
+        self._remote = self.ray.remote(num_cpus=self.threads, max_retries=RAY_RETRIES)(_train_remote)
+        self._batch_remote = self.ray.remote(num_cpus=self.threads, max_retries=RAY_RETRIES)(_train_batch_remote)
+        self._slots = max(1, int(self.ray.cluster_resources().get("CPU", 1) // self.threads))
         self._box = [self.ray.put(self._client_side)]
 
     def _submit(self, task: Task) -> None:
@@ -501,13 +634,66 @@ class RayBackend(Backend):
         stale = self._futures.get(task.task_id)
         if stale is not None:  # another task object of the same id (a state restored from a checkpoint)
             self._release(stale[2])
+            if stale[3] is not None:
+                self._batch_done(stale[1])
         state = self.sim.client_states.get(task.client_id, {})
         tensors = [task.params, *task.payload.values()]
         refs = [self._shared(t) for t in tensors]
         stub = dataclasses.replace(task, params=torch.empty(0), payload=dict.fromkeys(task.payload))
         ref = self._remote.remote(self._key, self._box, stub, state, self.sim.task_seed(task.task_id), *refs)
-        self._futures[task.task_id] = (task, ref, [id(t) for t in tensors])
+        self._futures[task.task_id] = (task, ref, [id(t) for t in tensors], None)
         self.submitted += 1
+
+    def _flush(self) -> None:
+        """Submit the tasks dispatched since the last arrival: plain-training tasks of one architecture and the same
+        options in at most ``_slots`` batches (:class:`Batching` decides whether a batch is trained as one), the
+        others one by one."""
+        pending, self._pending = self._pending, []
+        sim = self.sim
+        groups: dict[tuple[int, tuple[Any, ...]], list[Task]] = {}
+        for task in pending:
+            options = sim.strategy.local_training(task)
+            if options is None:
+                self._submit(task)
+            else:
+                key = (id(sim.models.trainer(task.client_id)), tuple(_options_key(options)))
+                groups.setdefault(key, []).append(task)
+        for tasks in groups.values():
+            trainer = sim.models.trainer(tasks[0].client_id)
+            least = self.batching.min_tasks if self.batching.vectorize == "auto" else 1
+            n_batches = max(1, min(self._slots, len(tasks) // least))
+            for part in (tasks[i::n_batches] for i in range(n_batches)):
+                data = sim.pool.data(part[0].client_id, part[0].dispatched_at)
+                if len(part) > 1 and self.batching.allows(len(part), trainer, data):
+                    self._submit_batch(part)
+                else:
+                    for task in part:
+                        self._submit(task)
+
+    def _submit_batch(self, tasks: list[Task]) -> None:
+        if self._remote is None:
+            self._connect()
+        refs: list[Any] = []
+        where: dict[int, int] = {}  # id(tensor) -> its index among refs: a model shared by the batch travels once
+        uses, stubs = [], []
+        for task in tasks:
+            tensors = [task.params, *task.payload.values()]
+            use = []
+            for tensor in tensors:
+                ref = self._shared(tensor)  # counted once per task, released at each task's arrival or forgetting
+                if id(tensor) not in where:
+                    where[id(tensor)] = len(refs)
+                    refs.append(ref)
+                use.append(where[id(tensor)])
+            uses.append(use)
+            stubs.append(dataclasses.replace(task, params=torch.empty(0), payload=dict.fromkeys(task.payload)))
+        seeds = [self.sim.task_seed(t.task_id) for t in tasks]
+        ref = self._batch_remote.remote(self._key, self._box, stubs, uses, seeds, *refs)
+        self._batch_values[ref] = [len(tasks), None]
+        for i, task in enumerate(tasks):
+            self._futures[task.task_id] = (task, ref, [id(t) for t in (task.params, *task.payload.values())], i)
+        self.submitted += len(tasks)
+        self.batches.append(len(tasks))
 
     def _submit_in_flight(self) -> None:
         """Submit every in-flight task that will arrive and has no Ray task of its own (after a resume)."""
@@ -540,5 +726,6 @@ def build_backend(cfg: "BackendConfig", *, threads: int, training: Any, roots: l
     where the config's user code was imported from (:func:`code_roots`), for a local Ray's workers."""
     if cfg.name == "ray":
         return RayBackend(address=cfg.address, num_workers=cfg.num_workers, runtime_env=cfg.runtime_env,
-                          threads=threads, roots=roots)
+                          threads=threads, roots=roots, vectorize=training.vectorize,
+                          min_tasks=training.vectorize_min_tasks, max_params=training.vectorize_max_params)
     return InProcess(training.vectorize, min_tasks=training.vectorize_min_tasks, max_params=training.vectorize_max_params)

@@ -184,9 +184,9 @@ def build_federation(cfg: ExperimentConfig) -> Federation:
 
 
 def _check_batchable(cfg: ExperimentConfig, models: ClientModels, pool: ClientPool | SyntheticPool) -> None:
-    """``training.vectorize: on`` (in process) refuses, before the run, an architecture ``train_many`` cannot train
+    """``training.vectorize: on`` (in process or on Ray) refuses, before the run, an architecture ``train_many`` cannot train
     (:meth:`LocalTrainer.batching_problem`, probed on two samples of the first client that has any)."""
-    if cfg.training.vectorize != "on" or cfg.backend.name != "inprocess":
+    if cfg.training.vectorize != "on" or cfg.backend.name not in ("inprocess", "ray"):
         return
     client = next((c for c in range(pool.n_clients) if pool.n_samples(c) > 0), None)
     if client is None:
