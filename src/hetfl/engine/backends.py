@@ -38,6 +38,7 @@ import torch
 from hetfl.errors import ConfigError, DivergedError, HetflError
 from hetfl.strategies.base import ClientData, ClientResult, Strategy, Task
 from hetfl.training import LocalTrainer
+from hetfl.training.device import CPU, client_half
 from hetfl.training.local import LocalResult
 from hetfl.training.vectorized import train_many
 
@@ -107,7 +108,7 @@ class InProcess(Backend):
         trainer = sim.models.trainer(task.client_id)
         result = self._train_batched(task, data, trainer)
         if result is None:
-            result = sim.strategy.client_train(trainer, task, data, state, sim.task_seed(task.task_id))
+            result = client_half(sim.strategy, trainer, task, data, state, sim.task_seed(task.task_id))
         return result
 
     def forget(self, task: Task) -> None:
@@ -150,7 +151,7 @@ class InProcess(Backend):
         if not self._batchable(trainer, data):
             return None
         kwargs = {
-            name: torch.stack([o[name].expand(trainer.numel) for o in group_options])
+            name: torch.stack([o[name].expand(trainer.numel) for o in group_options]).to(trainer.device)
             if isinstance(value, torch.Tensor) else value
             for name, value in options.items()
         }
@@ -158,7 +159,7 @@ class InProcess(Backend):
         try:
             results = train_many(
                 trainer,
-                torch.stack([t.params for t in group]),
+                torch.stack([t.params for t in group]).to(trainer.device),
                 [(d.x, d.y) for d in datasets],
                 [t.steps for t in group],
                 [sim.task_seed(t.task_id) for t in group],
@@ -167,6 +168,9 @@ class InProcess(Backend):
         except DivergedError:
             return None  # train on its own: the error, if any, comes at the arrival of the task that diverges
         self.batches.append(len(group))
+        if trainer.device.type != "cpu":  # the results come back to the engine's side at once, in one copy
+            rows = torch.stack([r.params for r in results]).to(CPU)
+            results = [dataclasses.replace(r, params=row.clone()) for r, row in zip(results, rows)]
         for other, result in zip(group[1:], results[1:]):
             self._trained[other.task_id] = (other, result)
         first = results[0]
@@ -302,7 +306,8 @@ class ClientSide:
         models = np.array([index[id(t)] for t in sim.models.trainers], dtype=np.int64)
         from ray import cloudpickle  # a strategy class defined in a script (__main__) travels by value
 
-        return cls(cloudpickle.dumps(sim.strategy), specs, models[sim.models.of_client], sim.pool, threads)
+        pool = sim.pool.to(CPU) if hasattr(sim.pool, "to") else sim.pool  # each worker moves it to its own device
+        return cls(cloudpickle.dumps(sim.strategy), specs, models[sim.models.of_client], pool, threads)
 
     def unpack(self) -> "_Worker":
         trainers = []
@@ -312,22 +317,24 @@ class ClientSide:
             trainers.append(trainer)
         for trainer, spec in zip(trainers, self.trainers):
             trainer.reference = trainers[spec.reference]
-        return _Worker(pickle.loads(self.strategy), trainers, self.of_client, self.pool, self.threads)
+        pool = self.pool.to(trainers[0].device) if hasattr(self.pool, "to") else self.pool  # once per worker and run
+        return _Worker(pickle.loads(self.strategy), trainers, self.of_client, pool, self.threads)
 
 
 def _portable(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` whose parameters and buffers own their memory (a trainer's are views into one flat
-    buffer, which pickling would copy once per tensor) and whose parameters carry no gradient."""
+    """A copy of ``model`` on the CPU whose parameters and buffers own their memory (a trainer's are views into one
+    flat buffer, which pickling would copy once per tensor) and whose parameters carry no gradient. A worker's
+    trainer moves it to the worker's own device (``training.device``, resolved there)."""
     model = copy.deepcopy(model)
     for p in model.parameters():
-        p.data = p.data.clone()
+        p.data = p.data.to(CPU, copy=True)
         p.grad = None
     owned: dict[int, torch.Tensor] = {}  # a buffer two modules share stays shared
     for module in model.modules():
         for name, buffer in module._buffers.items():
             if buffer is not None:
                 if id(buffer) not in owned:
-                    owned[id(buffer)] = buffer.clone()
+                    owned[id(buffer)] = buffer.to(CPU, copy=True)
                 module._buffers[name] = owned[id(buffer)]
     return model
 
@@ -345,7 +352,7 @@ class _Worker:
         torch.set_num_threads(self.threads)
         trainer = self.trainers[self.of_client[task.client_id]]
         data = self.pool.data(task.client_id, task.dispatched_at)
-        result = self.strategy.client_train(trainer, task, data, state, seed)
+        result = client_half(self.strategy, trainer, task, data, state, seed)
         return result, state, time.perf_counter() - start
 
 
@@ -403,6 +410,10 @@ class RayBackend(Backend):
         workers can import hetfl and its dependencies.
     threads : int
         torch threads of each worker's training (the run's ``threads``), so results equal the in-process run's.
+    num_gpus : float
+        GPUs each Ray task reserves (``backend.num_gpus_per_worker``; fractional: tasks share a GPU). Ray sets the
+        task's visible GPUs; its trainer resolves ``training.device`` there (``cuda``: the first visible one) and
+        keeps the run's data on it, moved once per worker.
     roots : list of str, optional
         Folders the config's user code was imported from (:func:`code_roots`): put on a local Ray's workers'
         ``PYTHONPATH`` (:func:`start_ray`).
@@ -411,9 +422,11 @@ class RayBackend(Backend):
     name = "ray"
 
     def __init__(self, *, address: str | None = None, num_workers: int | None = None,
-                 runtime_env: dict[str, Any] | None = None, threads: int = 1, roots: list[str] | None = None) -> None:
+                 runtime_env: dict[str, Any] | None = None, threads: int = 1, roots: list[str] | None = None,
+                 num_gpus: float = 0.0) -> None:
         super().__init__()
         self.ray = import_ray()
+        self.num_gpus = num_gpus
         self.address, self.num_workers, self.runtime_env, self.threads = address, num_workers, runtime_env or {}, threads
         self.roots = list(roots or [])
         self._started_ray = False
@@ -492,7 +505,7 @@ class RayBackend(Backend):
     # ------------------------------------------------------------------ submission
     def _connect(self) -> None:
         self._started_ray = start_ray(self.address, self.num_workers, self.threads, self.runtime_env, self.roots)
-        self._remote = self.ray.remote(num_cpus=self.threads)(_train_remote)
+        self._remote = self.ray.remote(num_cpus=self.threads, num_gpus=self.num_gpus)(_train_remote)
         self._box = [self.ray.put(self._client_side)]
 
     def _submit(self, task: Task) -> None:
@@ -540,5 +553,5 @@ def build_backend(cfg: "BackendConfig", *, threads: int, training: Any, roots: l
     where the config's user code was imported from (:func:`code_roots`), for a local Ray's workers."""
     if cfg.name == "ray":
         return RayBackend(address=cfg.address, num_workers=cfg.num_workers, runtime_env=cfg.runtime_env,
-                          threads=threads, roots=roots)
+                          threads=threads, roots=roots, num_gpus=cfg.num_gpus_per_worker)
     return InProcess(training.vectorize, min_tasks=training.vectorize_min_tasks, max_params=training.vectorize_max_params)
