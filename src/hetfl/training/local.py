@@ -27,6 +27,11 @@ result for the same task, and the caller's stream is left as it was. An exceptio
 or is evaluated is a one-line :class:`~hetfl.errors.HetflError` naming the model and what failed (BatchNorm given a
 batch of one sample, say); ``HETFL_DEBUG=1`` lets the exception itself through.
 
+Device: the model, ``flat`` and ``grad`` live on ``trainer.device`` (``training.device``,
+:mod:`hetfl.training.device`), and what :meth:`LocalTrainer.train` and :meth:`LocalTrainer.predict` return stays
+there; ``trainer.initial`` is on the CPU, with the server's models. The batch order is drawn on the CPU whatever the
+device, so the same seed gives the same batches everywhere.
+
 Batched training (:mod:`hetfl.training.vectorized`) holds buffers constant; :meth:`LocalTrainer.batching_problem`
 says, once per trainer, whether a model can be trained that way.
 """
