@@ -565,7 +565,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     return client_command(
         server=args.server, token=args.token, token_file=args.token_file, data=args.data, tls_ca=args.tls_ca,
         tls_cert=args.tls_cert, tls_key=args.tls_key, give_up_after_s=args.give_up_after, threads=args.threads,
-        attack=args.attack, faults=args.fault, quiet=args.quiet,
+        attack=args.attack, faults=args.fault, quiet=args.quiet, device=args.device,
     )
 
 
@@ -609,6 +609,8 @@ def _deploy_parsers(sub: Any, with_overrides: Any) -> None:
     p.add_argument("--give-up-after", type=float, default=600.0, metavar="SECONDS",
                    help="exit with an error after the server was unreachable this long (default 600)")
     p.add_argument("--threads", type=int, help="torch threads for local training (default: the config's threads)")
+    p.add_argument("--device", help="where this client trains: cpu, cuda, cuda:N, mps or auto (default: the server "
+                   "config's training.device)")
     p.add_argument("--attack", metavar="scaled-random:SCALE",
                    help="for robustness tests only: send the start model plus SCALE * Gaussian noise instead of training's result")
     p.add_argument("--fault", action="append", default=[], help=argparse.SUPPRESS)  # tests: nan-once, bad-shape-once, die-on-task:N

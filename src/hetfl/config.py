@@ -575,6 +575,12 @@ class TrainingConfig(Section):
     vectorize_max_params: int = Field(
         VECTORIZE_MAX_PARAMS, ge=1, description="auto: the largest model (parameters) trained together."
     )
+    device: str = Field(
+        "cpu",
+        description="Where local training and evaluation compute: cpu, cuda (cuda:0), cuda:N, mps, or auto (the first "
+        "CUDA device, else mps, else the CPU). The server's model and the strategies' arithmetic stay on the CPU; each "
+        "client's data is moved to the device once. A device this machine lacks is an error at the run's start.",
+    )
     state_memory_mb: float | None = Field(
         1024.0,
         ge=0,
@@ -582,6 +588,15 @@ class TrainingConfig(Section):
         "control variates, FedStale's stored updates): the least recently used beyond it are spilled to memory-mapped "
         "temporary files (in TMPDIR), with identical results; null: unlimited, 0: everything spilled.",
     )
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        name = value.strip().lower()
+        kind, colon, index = name.partition(":")
+        if name not in ("auto", "cpu", "mps") and not (kind == "cuda" and (not colon or index.isdigit())):
+            raise ValueError(f"{value!r} is not a device; expected auto, cpu, cuda, cuda:N or mps")
+        return name
 
     @field_validator("vectorize", mode="before")
     @classmethod
@@ -750,12 +765,20 @@ class BackendConfig(Section):
         "hetfl runs.",
     )
 
+    num_gpus_per_worker: float = Field(
+        0.0, ge=0, description="ray: GPUs each task reserves (Ray's num_gpus; fractional shares a GPU, e.g. 0.25: four "
+        "tasks a GPU); give training.device auto or cuda so that the workers train on it.",
+    )
+
     @model_validator(mode="after")
     def _usable(self) -> "BackendConfig":
         if self.name == "ray" and not _installed("ray"):
             raise ValueError("backend.name: ray is not installed; pip install hetfl[ray]")
         if self.address is not None and self.num_workers is not None:
             raise ValueError("backend.num_workers: only for a local Ray; a cluster at backend.address has its own workers")
+        if self.num_gpus_per_worker and self.name != "ray":
+            raise ValueError("backend.num_gpus_per_worker: only for backend.name: ray; in process, training.device "
+                             "says where training runs")
         return self
 
 

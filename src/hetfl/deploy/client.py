@@ -43,6 +43,7 @@ from hetfl.errors import DataError, HetflError
 from hetfl.strategies import build_strategy
 from hetfl.strategies.base import ClientData, Task, client_report
 from hetfl.training import LocalTrainer
+from hetfl.training.device import client_half, resolve_device
 
 log = logging.getLogger("hetfl.client")
 
@@ -84,6 +85,7 @@ class ClientOptions:
     attack: tuple[str, float] | None = None  # ("scaled-random", scale): a test of robust aggregation
     faults: list[str] = field(default_factory=list)  # test-only: ONCE_FAULTS and VALUE_FAULTS
     tls_files: tuple[str | None, str | None] = (None, None)  # --tls-cert, --tls-key paths (to diagnose a refusal)
+    device: str | None = None  # --device: where this client trains, instead of the server's training.device
 
 
 def load_data(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,8 +284,11 @@ class Client:
             raise DataError(f"--data {self.o.data}: samples of shape {tuple(self.x.shape[1:])}; the server's model takes {shape}")
         if int(self.y.max()) >= int(self.setup["n_classes"]) or int(self.y.min()) < 0:
             raise DataError(f"--data {self.o.data}: labels outside 0..{self.setup['n_classes'] - 1}")
+        if self.o.device is not None:
+            self.cfg.training.device = self.o.device  # this machine's device, not the server's
         self.strategy = build_strategy(self.cfg.strategy, self.cfg.training, self.cfg.model)
         self.trainer = build_trainer(self.cfg, self.setup)
+        self.x, self.y = self.x.to(self.trainer.device), self.y.to(self.trainer.device)  # once, for every task
         if self.o.threads:
             torch.set_num_threads(self.o.threads)
         # the first optimiser step imports much of torch (seconds): pay it now, not inside the first task,
@@ -354,7 +359,7 @@ class Client:
         if self._heartbeat_only():
             return
         started = time.monotonic()
-        result = self.strategy.client_train(self.trainer, task, data, self.state, int(header.seed))
+        result = client_half(self.strategy, self.trainer, task, data, self.state, int(header.seed))
         train_s = time.monotonic() - started
         if not beat.wanted.is_set():
             log.info("client %d: task %d no longer wanted by the server; result dropped", self.client_id, task.task_id)
@@ -558,6 +563,7 @@ def client_command(
     *, server: str, token: str | None, token_file: str | None, data: str, tls_ca: str | None = None,
     tls_cert: str | None = None, tls_key: str | None = None, give_up_after_s: float = 600.0,
     threads: int | None = None, attack: str | None = None, faults: list[str] | None = None, quiet: bool = False,
+    device: str | None = None,
 ) -> int:
     """``hetfl client``: join ``server`` and train until the run is over."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s",
@@ -576,6 +582,8 @@ def client_command(
             raise HetflError(f"--token-file {path}: expected the token alone on one line")
     if ":" not in server or not server.rsplit(":", 1)[1].isdigit() or not 0 < int(server.rsplit(":", 1)[1]) <= 65535:
         raise HetflError(f"--server {server}: expected HOST:PORT with a port in 1..65535, e.g. 192.168.1.10:50051")
+    if device is not None:
+        device = str(resolve_device(device, key="--device"))  # a device this machine lacks: one line, before joining
     if (tls_cert is None) != (tls_key is None):
         raise HetflError("--tls-cert and --tls-key go together (this client's certificate and private key, for mutual TLS)")
     if tls_cert is not None and tls_ca is None:
@@ -583,7 +591,7 @@ def client_command(
     options = ClientOptions(
         server=server, token=token, data=data, tls_ca=read_pem(tls_ca, "--tls-ca"), tls_cert=read_pem(tls_cert, "--tls-cert"),
         tls_key=read_pem(tls_key, "--tls-key"), give_up_after_s=give_up_after_s, threads=threads,
-        attack=parse_attack(attack), faults=list(faults or []), tls_files=(tls_cert, tls_key),
+        attack=parse_attack(attack), faults=list(faults or []), tls_files=(tls_cert, tls_key), device=device,
     )
     check_client_tls(tls_ca, tls_cert, tls_key)  # a file that is no certificate, a key not the certificate's: one line
     for fault in options.faults:

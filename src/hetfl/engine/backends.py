@@ -39,6 +39,7 @@ import torch
 from hetfl.errors import ConfigError, DivergedError, HetflError
 from hetfl.strategies.base import ClientData, ClientResult, Strategy, Task
 from hetfl.training import LocalTrainer
+from hetfl.training.device import CPU, client_half
 from hetfl.training.vectorized import train_many
 
 if TYPE_CHECKING:
@@ -104,7 +105,7 @@ class InProcess(Backend):
         trainer = sim.models.trainer(task.client_id)
         result = self._train_batched(task, data, trainer)
         if result is None:
-            result = sim.strategy.client_train(trainer, task, data, state, sim.task_seed(task.task_id))
+            result = client_half(sim.strategy, trainer, task, data, state, sim.task_seed(task.task_id))
         return result
 
     def forget(self, task: Task) -> None:
@@ -205,16 +206,19 @@ def train_batch(trainer: LocalTrainer, tasks: list[Task], options: list[dict[str
     """``tasks`` (of ``trainer``'s architecture, plain local training with ``options`` each, the same non-tensor
     ones) trained as one :func:`~hetfl.training.vectorized.train_many` call; None if one of them diverged (then
     train each on its own, so that the error comes at the arrival of the task that diverges)."""
+    device = trainer.device  # the tasks' parameters and options go to it; the results come back to the CPU
     kwargs = {
-        name: torch.stack([o[name].expand(trainer.numel) for o in options]) if isinstance(value, torch.Tensor) else value
+        name: torch.stack([o[name].expand(trainer.numel) for o in options]).to(device)
+        if isinstance(value, torch.Tensor) else value
         for name, value in options[0].items()
     }
     try:
-        results = train_many(trainer, torch.stack([t.params for t in tasks]), [(d.x, d.y) for d in datasets],
+        results = train_many(trainer, torch.stack([t.params for t in tasks]).to(device), [(d.x, d.y) for d in datasets],
                              [t.steps for t in tasks], seeds, **kwargs)
     except DivergedError:
         return None
-    return [ClientResult(r.params, r.steps, r.loss) for r in results]
+    rows = torch.stack([r.params for r in results]).to(CPU) if device.type != "cpu" else [r.params for r in results]
+    return [ClientResult(row, r.steps, r.loss) for r, row in zip(results, rows)]
 
 
 def _options_key(options: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -325,7 +329,8 @@ class ClientSide:
         models = np.array([index[id(t)] for t in sim.models.trainers], dtype=np.int64)
         from ray import cloudpickle  # a strategy class defined in a script (__main__) travels by value
 
-        return cls(cloudpickle.dumps(sim.strategy), specs, models[sim.models.of_client], sim.pool, threads)
+        pool = sim.pool.to(CPU) if hasattr(sim.pool, "to") else sim.pool  # each worker moves it to its own device
+        return cls(cloudpickle.dumps(sim.strategy), specs, models[sim.models.of_client], pool, threads)
 
     def unpack(self) -> "_Worker":
         trainers = []
@@ -335,22 +340,24 @@ class ClientSide:
             trainers.append(trainer)
         for trainer, spec in zip(trainers, self.trainers):
             trainer.reference = trainers[spec.reference]
-        return _Worker(pickle.loads(self.strategy), trainers, self.of_client, self.pool, self.threads)
+        pool = self.pool.to(trainers[0].device) if hasattr(self.pool, "to") else self.pool  # once per worker and run
+        return _Worker(pickle.loads(self.strategy), trainers, self.of_client, pool, self.threads)
 
 
 def _portable(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` whose parameters and buffers own their memory (a trainer's are views into one flat
-    buffer, which pickling would copy once per tensor) and whose parameters carry no gradient."""
+    """A copy of ``model`` on the CPU whose parameters and buffers own their memory (a trainer's are views into one
+    flat buffer, which pickling would copy once per tensor) and whose parameters carry no gradient. A worker's
+    trainer moves it to the worker's own device (``training.device``, resolved there)."""
     model = copy.deepcopy(model)
     for p in model.parameters():
-        p.data = p.data.clone()
+        p.data = p.data.to(CPU, copy=True)
         p.grad = None
     owned: dict[int, torch.Tensor] = {}  # a buffer two modules share stays shared
     for module in model.modules():
         for name, buffer in module._buffers.items():
             if buffer is not None:
                 if id(buffer) not in owned:
-                    owned[id(buffer)] = buffer.clone()
+                    owned[id(buffer)] = buffer.to(CPU, copy=True)
                 module._buffers[name] = owned[id(buffer)]
     return model
 
@@ -367,7 +374,7 @@ class _Worker:
         torch.set_num_threads(self.threads)
         trainer = self.trainers[self.of_client[task.client_id]]
         data = self.pool.data(task.client_id, task.dispatched_at)
-        return self.strategy.client_train(trainer, task, data, state, seed), state
+        return client_half(self.strategy, trainer, task, data, state, seed), state
 
     def train_batch(self, tasks: list[Task], seeds: list[int]) -> list[ClientResult] | None:
         """``tasks`` (one architecture, plain local training: the driver grouped them) as one batch
@@ -477,6 +484,10 @@ class RayBackend(Backend):
     vectorize, min_tasks, max_params
         ``training.vectorize``, ``vectorize_min_tasks``, ``vectorize_max_params``: when dispatched tasks are
         trained as one batch on a worker (:class:`Batching`).
+    num_gpus : float
+        GPUs each Ray task reserves (``backend.num_gpus_per_worker``; fractional: tasks share a GPU). Ray sets the
+        task's visible GPUs; its trainer resolves ``training.device`` there (``cuda``: the first visible one) and
+        keeps the run's data on it, moved once per worker.
     roots : list of str, optional
         Folders the config's user code was imported from (:func:`code_roots`): put on a local Ray's workers'
         ``PYTHONPATH`` (:func:`start_ray`).
@@ -486,10 +497,11 @@ class RayBackend(Backend):
 
     def __init__(self, *, address: str | None = None, num_workers: int | None = None,
                  runtime_env: dict[str, Any] | None = None, threads: int = 1, roots: list[str] | None = None,
-                 vectorize: str = "off", min_tasks: int = 1, max_params: int = 0) -> None:
+                 vectorize: str = "off", min_tasks: int = 1, max_params: int = 0, num_gpus: float = 0.0) -> None:
         super().__init__()
         self.batching = Batching(vectorize, min_tasks, max_params)
         self.ray = import_ray()
+        self.num_gpus = num_gpus
         self.address, self.num_workers, self.runtime_env, self.threads = address, num_workers, runtime_env or {}, threads
         self.roots = list(roots or [])
         self._started_ray = False
@@ -623,8 +635,10 @@ class RayBackend(Backend):
     # ------------------------------------------------------------------ submission
     def _connect(self) -> None:
         self._started_ray = start_ray(self.address, self.num_workers, self.threads, self.runtime_env, self.roots)
-        self._remote = self.ray.remote(num_cpus=self.threads, max_retries=RAY_RETRIES)(_train_remote)
-        self._batch_remote = self.ray.remote(num_cpus=self.threads, max_retries=RAY_RETRIES)(_train_batch_remote)
+        self._remote = self.ray.remote(num_cpus=self.threads, num_gpus=self.num_gpus, max_retries=RAY_RETRIES)(
+            _train_remote)
+        self._batch_remote = self.ray.remote(num_cpus=self.threads, num_gpus=self.num_gpus, max_retries=RAY_RETRIES)(
+            _train_batch_remote)
         self._slots = max(1, int(self.ray.cluster_resources().get("CPU", 1) // self.threads))
         self._box = [self.ray.put(self._client_side)]
 
@@ -727,5 +741,6 @@ def build_backend(cfg: "BackendConfig", *, threads: int, training: Any, roots: l
     if cfg.name == "ray":
         return RayBackend(address=cfg.address, num_workers=cfg.num_workers, runtime_env=cfg.runtime_env,
                           threads=threads, roots=roots, vectorize=training.vectorize,
-                          min_tasks=training.vectorize_min_tasks, max_params=training.vectorize_max_params)
+                          min_tasks=training.vectorize_min_tasks, max_params=training.vectorize_max_params,
+                          num_gpus=cfg.num_gpus_per_worker)
     return InProcess(training.vectorize, min_tasks=training.vectorize_min_tasks, max_params=training.vectorize_max_params)

@@ -177,7 +177,7 @@ def build_federation(cfg: ExperimentConfig) -> Federation:
         return Federation(cfg, data, profiles, trainer, evaluator, pool, flops, models)
     ds = data.dataset
     x, y = torch.from_numpy(ds.x), torch.from_numpy(ds.y)
-    pool = ClientPool(x, y, data.train, ds.n_classes, data.drift)  # one concatenated index array and offsets
+    pool = ClientPool(x, y, data.train, ds.n_classes, data.drift).to(trainer.device)  # one index array, offsets; data once
     evaluator = Evaluator.from_splits(trainer, x, y, data.test, data.drift)
     _check_batchable(cfg, models, pool)
     return Federation(cfg, data, profiles, trainer, evaluator, pool, flops, models)
@@ -477,6 +477,7 @@ class Run:
             "flops_per_task": c.trained_flops / c.arrived if c.arrived else None,
             "architectures": [t.label for t in self.fed.models.trainers],
             "architecture": self.fed.models.of_client.tolist(),
+            "device": str(self.fed.trainer.device),
             "staleness_histogram": {str(k): v for k, v in sorted(c.staleness.items())},
             "staleness_mean": fairness["staleness_mean"],
             "staleness_max": fairness["staleness_max"],

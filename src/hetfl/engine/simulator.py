@@ -30,6 +30,7 @@ Simulated time (what a deployment would take) is ``now``; wall time is measured 
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from hetfl.engine.store import ClientStates, ParamStore, memory_budget
 from hetfl.results.fairness import fastest, idle_fractions
 from hetfl.strategies.base import ClientData, Strategy, Task, Update, client_report
 from hetfl.training import LocalTrainer
+from hetfl.training.device import personal_half
 
 
 class ClientPool:
@@ -106,6 +108,15 @@ class ClientPool:
         if self.drift is not None:
             y = self.drift.labels(client_id, y, t)
         return ClientData(client_id, self.x[idx], y)
+
+    def to(self, device: torch.device) -> "ClientPool":
+        """This pool with every sample on ``device`` (``training.device``), moved once for all clients: each task then
+        indexes its client's rows there. Itself if they are there already; the indices stay on the CPU."""
+        if self.x.device == device and self.y.device == device:
+            return self
+        pool = copy.copy(self)
+        pool.x, pool.y = self.x.to(device), self.y.to(device)
+        return pool
 
     def n_samples(self, client_id: int) -> int:
         return int(self.offsets[client_id + 1] - self.offsets[client_id])
@@ -427,8 +438,8 @@ class Simulator(HoldsEngineCore):
         st = self.state
         seed = int(np.random.SeedSequence([self.seed, 5, client_id, st.version]).generate_state(1)[0])
         trainer = self.models.trainer(client_id)
-        params = st.strategy.personal_params(
-            trainer, st.params, self.pool.data(client_id, self.now), st.client_state.get(client_id, {}), seed
+        params = personal_half(
+            st.strategy, trainer, st.params, self.pool.data(client_id, self.now), st.client_state.get(client_id, {}), seed
         )
         return None if params is None else (trainer, params)
 

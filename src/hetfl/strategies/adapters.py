@@ -211,7 +211,7 @@ class AdapterFL(OwnModels):
         trainer.load(model)  # the frozen model in eval mode: its representation, as it will be used
         W, b = trainer.head.weight.detach(), None if trainer.head.bias is None else trainer.head.bias.detach()
         opt = trainer.optimizer(self.adapter_lr, [A, B])
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=trainer.device)
         for batch in trainer.batches(data.n_samples, steps, seed):
             with torch.no_grad():  # the body is frozen and lies before the adapter: no graph through it
                 h, _ = trainer.features(data.x[batch])

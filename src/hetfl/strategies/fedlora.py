@@ -356,7 +356,7 @@ class FedLoRA(RoundStrategy):
             for p in frozen:
                 p.requires_grad_(False)
             opt = trainer.optimizer(None, [t for pair in factors for t in pair])
-            loss_sum = torch.zeros(())
+            loss_sum = torch.zeros((), device=trainer.device)
             for batch in trainer.batches(data.n_samples, steps, seed):
                 loss = task_loss(trainer.model(data.x[batch]), data.y[batch])
                 opt.zero_grad()

@@ -123,7 +123,7 @@ class FML(RoundStrategy):
         private.load(OwnModels.own_model(trainer, state))
         meme.load(task.params)
         opt_private, opt_meme = private.optimizer(), meme.optimizer()
-        private_sum, meme_sum = torch.zeros(()), torch.zeros(())
+        private_sum, meme_sum = torch.zeros((), device=trainer.device), torch.zeros((), device=trainer.device)
         what = "mutual learning of the private model and the meme"
         with private.training(seed, what), meme.training(seed, what):
             for batch in private.batches(data.n_samples, task.steps, seed):

@@ -3,6 +3,9 @@
 Labels are classes ``(N,)``, or next-token targets ``(N, L)`` for language modelling: then every token is
 one prediction, ``loss`` is the mean cross-entropy per token and ``accuracy`` is next-token accuracy
 (every test sample has ``L`` tokens, so per-client accuracies are means over the client's tokens).
+
+The test set is moved to the trainer's device once (``training.device``), where every evaluation computes; only
+the metrics come back.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ class Evaluator:
     n_clients: int
     drift: LabelDrift | None = None  # from drift.at_s on, drifting clients' test labels are the new ones
 
+    def __post_init__(self) -> None:
+        self.x, self.y = self.x.to(self.trainer.device), self.y.to(self.trainer.device)  # once: every evaluation's
+
     @classmethod
     def from_splits(
         cls, trainer: LocalTrainer, x: torch.Tensor, y: torch.Tensor, test: list[np.ndarray], drift: LabelDrift | None = None
@@ -50,8 +56,8 @@ class Evaluator:
         """The test labels at simulated time ``t``: a drifting client's rows relabelled once it has drifted."""
         if self.drift is None or t < self.drift.at_s:
             return self.y
-        moved = torch.from_numpy(self.drift.drifting[self.owner])
-        return torch.where(moved, torch.from_numpy(self.drift.mapping)[self.y], self.y)
+        moved = torch.from_numpy(self.drift.drifting[self.owner]).to(self.y.device)
+        return torch.where(moved, torch.from_numpy(self.drift.mapping).to(self.y.device)[self.y], self.y)
 
     def personal(
         self,
@@ -104,7 +110,7 @@ class Evaluator:
         y = self.labels(t)
         logits = self.trainer.predict(params, self.x)
         loss = float(task_loss(logits, y))
-        correct = hits(logits, y).numpy()
+        correct = hits(logits, y).cpu().numpy()
         client_hits = np.bincount(self.owner, weights=correct, minlength=self.n_clients)
         sizes = np.bincount(self.owner, minlength=self.n_clients)
         per_client = client_hits[sizes > 0] / sizes[sizes > 0]

@@ -27,6 +27,11 @@ result for the same task, and the caller's stream is left as it was. An exceptio
 or is evaluated is a one-line :class:`~hetfl.errors.HetflError` naming the model and what failed (BatchNorm given a
 batch of one sample, say); ``HETFL_DEBUG=1`` lets the exception itself through.
 
+Device: the model, ``flat`` and ``grad`` live on ``trainer.device`` (``training.device``,
+:mod:`hetfl.training.device`), and what :meth:`LocalTrainer.train` and :meth:`LocalTrainer.predict` return stays
+there; ``trainer.initial`` is on the CPU, with the server's models. The batch order is drawn on the CPU whatever the
+device, so the same seed gives the same batches everywhere.
+
 Batched training (:mod:`hetfl.training.vectorized`) holds buffers constant; :meth:`LocalTrainer.batching_problem`
 says, once per trainer, whether a model can be trained that way.
 """
@@ -44,6 +49,7 @@ from torch.nn import functional as F
 
 from hetfl.config import TrainingConfig
 from hetfl.errors import ConfigError, DivergedError, HetflError
+from hetfl.training.device import CPU, resolve_device
 
 HEAD_PROTOCOL = (
     "give the model a `head` attribute: an nn.Linear classifier whose parameters are the last of "
@@ -89,8 +95,10 @@ class _BufferSlot:
             module._buffers[attr] = self.view
 
 
-def flatten_state(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int, list[_BufferSlot]]:
-    """Re-home the federated buffers and every parameter (and its gradient) as views into two flat vectors.
+def flatten_state(model: nn.Module, device: torch.device | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, int, list[_BufferSlot]]:
+    """Re-home the federated buffers and every parameter (and its gradient) as views into two flat vectors, on
+    ``device`` (default: the CPU; the model should be there already, ``model.to(device)``).
 
     Returns ``(flat, grad, n_buffers, slots)``: the buffers are ``flat[:n_buffers]`` (their gradient entries are
     zero), the parameters ``flat[n_buffers:]`` in ``model.parameters()`` order.
@@ -99,8 +107,8 @@ def flatten_state(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int, li
     params = list(model.parameters())
     n_buffers = sum(b.numel() for _, b in buffers)
     n = n_buffers + sum(p.numel() for p in params)
-    flat = torch.empty(n, dtype=torch.float32)
-    grad = torch.zeros(n, dtype=torch.float32)
+    flat = torch.empty(n, dtype=torch.float32, device=device)
+    grad = torch.zeros(n, dtype=torch.float32, device=device)
     owners: dict[int, list[tuple[nn.Module, str]]] = {}
     for module in model.modules():
         for attr, buffer in module._buffers.items():
@@ -215,13 +223,16 @@ class LocalTrainer:
 
     Attributes
     ----------
+    device : torch.device
+        Where the model computes (``cfg.device`` resolved, :func:`hetfl.training.device.resolve_device`): the model,
+        :attr:`flat` and :attr:`grad` live there, and so do what :meth:`train` and :meth:`predict` return.
     flat, grad : torch.Tensor
         The model's state (buffers, then parameters) and the parameters' gradients, as flat vectors.
     n_buffers : int
         Entries of ``flat`` that are buffers (the first ones); :attr:`buffer_slice`.
     initial : torch.Tensor
         The state the model was built with: where a client of this architecture starts when
-        it keeps a model of its own (model-heterogeneous FL).
+        it keeps a model of its own (model-heterogeneous FL). On the CPU, as the server's models are.
     head : nn.Linear or None
         The classifier head by the head protocol (``model.head``; :mod:`hetfl.models.zoo`); its input is the
         model's representation (:meth:`features`). None for a model without one.
@@ -242,8 +253,10 @@ class LocalTrainer:
         self.cfg = cfg
         self.label = label or type(model).__name__.lower()
         self.key = key
-        self.flat, self.grad, self.n_buffers, self._slots = flatten_state(model)
-        self.initial = self.flat.clone()
+        self.device = resolve_device(getattr(cfg, "device", "cpu"))
+        model.to(self.device)
+        self.flat, self.grad, self.n_buffers, self._slots = flatten_state(model, self.device)
+        self.initial = self.flat.to(CPU, copy=True)
         self.head = classifier_head(model)
         self._head_problem = self._find_head_problem()
         self.reference: LocalTrainer = self
@@ -404,14 +417,21 @@ class LocalTrainer:
         vectors are as long as ``flat``; their buffer entries are not used (buffers move only as the model's
         training-mode forward moves them: BatchNorm's running statistics).
         Batches are drawn from a generator seeded by ``seed`` (:meth:`batches`), and so is torch's global random
-        stream (dropout), so a task's result does not depend on what else ran before it.
+        stream (dropout), so a task's result does not depend on what else ran before it. Training runs on
+        :attr:`device` (tensors given elsewhere are moved there; the engine gives them there) and the result's
+        parameters are there too.
         """
+        device = self.device
+        if device.type != "cpu":
+            params, x, y = params.to(device), x.to(device), y.to(device)
+            correction = None if correction is None else correction.to(device)
+            grad_mask = None if grad_mask is None else grad_mask.to(device)
         self.load(params)
         nb = self.n_buffers
         grad, flat = self.grad[nb:], self.flat[nb:]
         anchor = params[nb:] if prox_mu else None
         opt = self.optimizer(lr)
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=device)
         step = [0, 0]  # the step and its batch size, for a message
 
         def where() -> str:
@@ -471,10 +491,11 @@ class LocalTrainer:
 
     @torch.no_grad()
     def predict(self, params: torch.Tensor, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
-        """Logits of the model with ``params`` on ``x`` (evaluated in large batches, in ``eval`` mode)."""
+        """Logits of the model with ``params`` on ``x`` (evaluated in large batches, in ``eval`` mode), on :attr:`device`
+        (``x`` elsewhere is moved there a batch at a time)."""
         self.load(params)
         try:
-            return torch.cat([self.model(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+            return torch.cat([self.model(x[i : i + batch_size].to(self.device)) for i in range(0, x.shape[0], batch_size)])
         except HetflError:
             raise
         except Exception as err:
@@ -500,24 +521,25 @@ class LocalTrainer:
         from hetfl.training.vectorized import batched_grad
 
         pick = torch.arange(2) % max(int(x.shape[0]), 1)
-        xb, yb = x[pick], y[pick]
+        xb, yb = x[pick].to(self.device), y[pick].to(self.device)
         saved = self.flat.clone()
+        initial = self.initial.to(self.device)
         try:
             if self.n_buffers:
-                self.load(self.initial)
+                self.load(initial)
                 try:
                     with torch.no_grad(), self.training(0):
                         self.model(xb)
                 except HetflError as err:
                     return f"its training-mode forward failed ({err})"
                 moved = [slot.name for slot in self._slots
-                         if not torch.equal(slot.view.reshape(-1), self.initial[slot.offset : slot.offset + slot.view.numel()])]
+                         if not torch.equal(slot.view.reshape(-1), initial[slot.offset : slot.offset + slot.view.numel()])]
                 if moved:
                     names = ", ".join(moved[:3]) + (", ..." if len(moved) > 3 else "")
                     return f"its training-mode forward changes its buffers ({names}), which batched training holds fixed"
-            rows = torch.stack([self.initial, self.initial])
+            rows = torch.stack([initial, initial])
             rows[1, self.n_buffers:] += 1e-3 * torch.randn(self.numel - self.n_buffers,
-                                                           generator=torch.Generator().manual_seed(0))
+                                                           generator=torch.Generator().manual_seed(0)).to(self.device)
             nb = self.n_buffers
             try:
                 self.set_mode(True)

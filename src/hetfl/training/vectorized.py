@@ -26,6 +26,11 @@ Results equal the sequential ones up to floating-point summation order (batched 
 masked sum instead of a mean): differences of order 1e-7 after a few steps, often none at all; the
 tests hold them to ``allclose(atol=1e-5, rtol=1e-4)`` (see ``tests/test_vectorized.py``).
 
+Everything runs on ``trainer.device``: the starting rows, the clients' data and the per-client terms are moved
+there (a no-op for what the engine already keeps there: the clients' data), the batch indices are drawn on the
+CPU (the same seeded sequences as sequential training) and moved once per call, and the results' parameters stay
+on the device.
+
 The clients' data are concatenated once per call (not padded to ``(K, N_max)``, which with skewed
 client sizes would multiply memory by ``N_max / mean(n_k)``), and every step gathers its ``(k_t, B)``
 batch from it with one index.
@@ -88,7 +93,8 @@ def train_many(
     Returns
     -------
     list of LocalResult
-        One per client, in the order given: parameters, steps, mean training loss over the steps.
+        One per client, in the order given: parameters (on ``trainer.device``), steps, mean training loss over the
+        steps.
 
     Raises
     ------
@@ -111,6 +117,7 @@ def train_many(
         return []
     cfg = trainer.cfg
     lr = cfg.lr if lr is None else lr
+    device = trainer.device
 
     # Rows sorted by steps, most first: the clients training at step t are rows [:active[t]].
     order = sorted(range(k_clients), key=lambda k: -steps[k])
@@ -120,8 +127,8 @@ def train_many(
     active = [sum(1 for s in n_steps if s > t) for t in range(total)]
 
     # Data: concatenated once; idx[t, j, b] is the b-th sample of row j's batch at step t.
-    x_all = torch.cat([datasets[k][0] for k in order])
-    y_all = torch.cat([datasets[k][1] for k in order])
+    x_all = torch.cat([datasets[k][0].to(device) for k in order])
+    y_all = torch.cat([datasets[k][1].to(device) for k in order])
     batch = [min(cfg.batch_size, sizes[k]) for k in order]
     width = max(batch)
     idx = torch.zeros(total, k_clients, width, dtype=torch.long)
@@ -131,7 +138,10 @@ def train_many(
             idx[: n_steps[j], j, : batch[j]] = torch.stack(list(trainer.batches(sizes[k], steps[k], seeds[k]))) + offset
         offset += sizes[k]
     padded = any(b < width for b in batch)
-    mask = (torch.arange(width) < torch.tensor(batch)[:, None]).to(torch.float32)
+    mask = (torch.arange(width) < torch.tensor(batch)[:, None]).to(device, torch.float32)
+    idx, rank, starts = idx.to(device), rank.to(device), starts.to(device)
+    correction = None if correction is None else correction.to(device)
+    grad_mask = None if grad_mask is None else grad_mask.to(device)
 
     nb = trainer.n_buffers  # the buffers: held constant, passed to the model with each row's parameters
     buffers = starts[rank, :nb]
@@ -140,9 +150,9 @@ def train_many(
     corr = _rows(correction, rank, k_clients, n_params, "correction")
     gmask = _rows(grad_mask, rank, k_clients, n_params, "grad_mask")
     corr, gmask = (None if r is None else r[:, nb:] for r in (corr, gmask))
-    opt = _Optimizer(cfg.optimizer, lr, cfg.momentum, cfg.weight_decay, params.shape)
+    opt = _Optimizer(cfg.optimizer, lr, cfg.momentum, cfg.weight_decay, params.shape, device)
     grad_fn = batched_grad(trainer, masked=padded)
-    loss_sum = torch.zeros(k_clients)
+    loss_sum = torch.zeros(k_clients, device=device)
     with trainer.training(what="batched training"):
         for t in range(total):
             a = active[t]
@@ -211,12 +221,13 @@ def batched_grad(trainer: LocalTrainer, *, masked: bool) -> GradFn:
 class _Optimizer:
     """``torch.optim.SGD`` or ``torch.optim.Adam`` (other arguments at their defaults) on ``(K, P)`` rows."""
 
-    def __init__(self, kind: str, lr: float, momentum: float, weight_decay: float, shape: torch.Size) -> None:
+    def __init__(self, kind: str, lr: float, momentum: float, weight_decay: float, shape: torch.Size,
+                 device: torch.device | None = None) -> None:
         self.kind, self.lr, self.momentum, self.weight_decay = kind, lr, momentum, weight_decay
         if kind == "adam":
-            self.exp_avg, self.exp_avg_sq = torch.zeros(shape), torch.zeros(shape)
+            self.exp_avg, self.exp_avg_sq = torch.zeros(shape, device=device), torch.zeros(shape, device=device)
         elif kind == "sgd":
-            self.buf = torch.zeros(shape) if momentum else None
+            self.buf = torch.zeros(shape, device=device) if momentum else None
         else:
             raise NotImplementedError(f"train_many: optimizer {kind!r}; only sgd and adam are vectorised")
 
