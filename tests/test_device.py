@@ -187,11 +187,14 @@ def test_ray_tasks_reserve_the_configured_gpu_share(monkeypatch):
         def put(self, value):
             return value
 
+        def cluster_resources(self):
+            return {"CPU": 4.0, "GPU": 1.0}
+
     backend = backends.RayBackend(threads=2, num_gpus=0.25)
     backend.ray, backend._client_side = FakeRay(), None
     monkeypatch.setattr(backends, "start_ray", lambda *a, **k: False)
     backend._connect()
-    assert asked == {"num_cpus": 2, "num_gpus": 0.25}
+    assert asked == {"num_cpus": 2, "num_gpus": 0.25, "max_retries": backends.RAY_RETRIES}  # single tasks and batches
     cfg = validate({**TINY, "backend": {"name": "ray", "num_gpus_per_worker": 0.5}})
     built = backends.build_backend(cfg.backend, threads=1, training=cfg.training)
     assert built.num_gpus == 0.5
