@@ -20,6 +20,8 @@ from hetfl.engine import run as engine_run
 from hetfl.engine.run import run_experiment
 from hetfl.errors import ConfigError
 from hetfl.results.tracking import CSVTracker, RunInfo, Tracker, Trackers, build_trackers, mlflow_uri, scalars
+from test_deploy_support import deployment, env  # noqa: F401 - fixtures
+from test_deploy_support import write_config as write_deploy_config
 
 RECORDER = '''
 import json
@@ -168,6 +170,39 @@ def test_compare_gives_each_algorithm_its_tracker_run(tmp_path, mlflow_db):
     assert by_name["fedprox"].data.tags["hetfl.variant"].startswith("fedprox")
     with open(tmp_path / "all.csv", newline="") as f:
         assert [r["run"] for r in csv.DictReader(f)] == ["fedavg"] * 3 + ["fedprox"] * 3
+
+
+def test_resume_continues_the_mlflow_run_and_tells_trackers(tmp_path, mlflow_db):
+    (tmp_path / "mytrackers.py").write_text(RECORDER)
+    config = write_config(tmp_path, name="resumed", rounds=2, tracking={
+        "mlflow": str(mlflow_db), "callbacks": [{"name": "mytrackers:Recorder", "params": {"path": str(tmp_path / "c.jsonl")}}]})
+    out = tmp_path / "run"
+    assert main(["run", str(config), "--out", str(out), "--quiet"]) == 0
+    assert main(["run", "--resume", str(out), "--set", "rounds=4", "--quiet"]) == 0
+    records = metrics_of(out)
+    client, runs = mlflow_runs(mlflow_db, "resumed")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.tags["hetfl.resumed_from"] == "2"
+    history = client.get_metric_history(runs[0].info.run_id, "accuracy")
+    assert [(m.step, m.value) for m in history] == [(r["round"], r["accuracy"]) for r in records]
+    seen = calls(tmp_path / "c.jsonl")
+    assert [c["resumed_from"] for c in seen if c["hook"] == "on_start"] == [None, 2]
+    assert [c["record"] for c in seen if c["hook"] == "on_metrics"] == records
+
+
+def test_hetfl_server_tells_the_same_trackers(env, deployment, tmp_path):  # noqa: F811 - fixtures
+    (tmp_path / "mytrackers.py").write_text(RECORDER)
+    config = write_deploy_config(tmp_path, rounds=2, tracking={
+        "csv": "m.csv", "callbacks": [{"name": "mytrackers:Recorder", "params": {"path": str(tmp_path / "c.jsonl")}}]})
+    deployment.start_server(config)
+    deployment.start_clients()  # the clients are not sent the tracking section (nor the tracker's code to import)
+    assert deployment.wait_server() == 0, deployment.server_log()
+    records = deployment.metrics()
+    seen = calls(tmp_path / "c.jsonl")
+    assert seen[0]["hook"] == "on_start" and seen[0]["tags"]["engine"] == "deploy"
+    assert [c["record"] for c in seen[1:-1]] == records and len(records) == 3
+    assert seen[-1]["summary"] == deployment.summary() and seen[-1]["summary"]["status"] == "completed"
+    with open(tmp_path / "m.csv", newline="") as f:
+        assert [float(r["accuracy"]) for r in csv.DictReader(f)] == [r["accuracy"] for r in records]
 
 
 def test_a_raising_tracker_is_disabled_and_the_run_goes_on(tmp_path, caplog):
