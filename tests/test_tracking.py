@@ -160,12 +160,15 @@ def test_compare_gives_each_algorithm_its_tracker_run(tmp_path, mlflow_db):
     assert main(["compare", str(config), "--algorithms", "fedavg,fedprox", "--out", str(out), "--quiet"]) == 0
     client, runs = mlflow_runs(mlflow_db, "compared")
     by_name = {r.info.run_name: r for r in runs}
-    assert set(by_name) == {"fedavg", "fedprox"}
+    assert set(by_name) == {"cmp", "fedavg", "fedprox"}  # the comparison's parent run and one child per algorithm
+    parent = by_name.pop("cmp")
+    assert parent.data.tags["hetfl.comparison_of"] == str(out.resolve()) and parent.info.status == "FINISHED"
     for name, run in by_name.items():
         assert run.data.tags["hetfl.algorithm"] == name and run.data.tags["hetfl.run_dir"] == str((out / name).resolve())
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         history = client.get_metric_history(run.info.run_id, "accuracy")
         assert [m.value for m in history] == [r["accuracy"] for r in metrics_of(out / name)]
-        assert [v for _, v in tensorboard_scalars(tmp_path / "tb" / name)["accuracy"]] == pytest.approx(
+        assert [v for _, v in tensorboard_scalars(tmp_path / "tb" / "cmp" / name)["accuracy"]] == pytest.approx(
             [r["accuracy"] for r in metrics_of(out / name)], rel=1e-6)
     assert by_name["fedprox"].data.tags["hetfl.variant"].startswith("fedprox")
     with open(tmp_path / "all.csv", newline="") as f:

@@ -279,14 +279,16 @@ class Run:
 
     def __init__(
         self, cfg: ExperimentConfig, out: Path, fed: Federation, strategy: Strategy, *, resume: bool,
-        engine: Engine | None = None, trackers: list[Any] = (),
+        engine: Engine | None = None, trackers: list[Any] = (), group: str | Path | None = None,
     ) -> None:
         """``engine``: the server the strategy runs on, the simulator by default; the deployment server
         (:mod:`hetfl.deploy.engine`) passes itself and gets this run's evaluation, logging and checkpoints.
         ``trackers``: tracker objects (:mod:`hetfl.results.tracking`) besides those ``cfg.tracking`` names; every
-        evaluation goes to them as it is written, and the summary when the run ends (whatever its status)."""
+        evaluation goes to them as it is written, and the summary when the run ends (whatever its status);
+        ``group``: the comparison folder this run is one of (``hetfl compare``), which they are told."""
         self.cfg, self.out, self.fed = cfg, out, fed
         self.trackers = Trackers(build_trackers(cfg, out, list(trackers)))
+        self.group = Path(group).resolve() if group is not None else None
         self.tracker = Tracker(cfg.evaluation.target_accuracy)
         self.wall_before = 0.0  # wall seconds spent by earlier processes (resume)
         self.sim: Engine  # the simulator, or the deployment server; :meth:`execute` drives the simulator only
@@ -315,9 +317,9 @@ class Run:
         config = cfg.model_dump(mode="json")
         variant = variant_label(config["strategy"])
         tags = {"algorithm": algorithm, "seed": str(cfg.seed), "variant": variant or algorithm, "dataset": cfg.data.dataset,
-                "engine": engine, "run_dir": str(self.out.resolve())}
+                "engine": engine, "run_dir": str(self.out.resolve()), **({"comparison": str(self.group)} if self.group else {})}
         return RunInfo(self.out.resolve().name, self.out, cfg.name, algorithm, variant, cfg.seed, _flatten(config), tags,
-                       resumed_from)
+                       resumed_from, self.group.name if self.group else None)
 
     # ------------------------------------------------------------------ measurements
     def wall_time(self) -> float:
@@ -550,6 +552,7 @@ def run_experiment(
     describe: bool = True,
     overwrite: bool = True,
     trackers: list[Any] = (),
+    group: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg`` into the directory ``out``: created, or empty, or an earlier run, which is replaced only if
     ``overwrite`` (``hetfl run --overwrite``; from Python the default). Anything else is refused before anything
@@ -558,7 +561,7 @@ def run_experiment(
 
     With a ``console`` and ``show_progress``, a progress bar, and first (if ``describe``) one line
     saying what is simulated. ``trackers``: tracker objects besides those of ``cfg.tracking``
-    (:mod:`hetfl.results.tracking`).
+    (:mod:`hetfl.results.tracking`); ``group``: the comparison folder the run is one of, for them.
     """
     out = Path(out)
     check_run_out(out, overwrite=overwrite)
@@ -570,7 +573,7 @@ def run_experiment(
         (out / "config.yaml").write_text(dump_config(cfg))
         if describe and show_progress and console is not None:
             console.print(fed.describe(strategy), highlight=False)
-        return Run(cfg, out, fed, strategy, resume=False, trackers=trackers).execute(show_progress, console)
+        return Run(cfg, out, fed, strategy, resume=False, trackers=trackers, group=group).execute(show_progress, console)
 
 
 def resume_experiment(

@@ -70,6 +70,8 @@ class RunInfo:
         ``algorithm``, ``seed``, ``variant``, ``dataset``, ``engine`` (inprocess, ray or deploy), ``run_dir``.
     resumed_from : int or None
         The checkpoint's round when the run resumes; None for a fresh run.
+    group : str or None
+        In ``hetfl compare``: the comparison folder's name (its path is ``tags["comparison"]``); None for one run.
     """
 
     name: str
@@ -81,6 +83,7 @@ class RunInfo:
     params: dict[str, Any] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     resumed_from: int | None = None
+    group: str | None = None
 
 
 class Tracker:
@@ -228,7 +231,7 @@ def _round(row: dict[str, str]) -> float:
 # --------------------------------------------------------------------------- TensorBoard
 class TensorBoardTracker(Tracker):
     """TensorBoard event files (``torch.utils.tensorboard``; ``pip install hetfl[tensorboard]``) in
-    ``log_dir/<run folder name>``: every number of a record as a scalar at step ``round``, the run's tags and
+    ``log_dir/<run folder name>`` (``log_dir/<comparison folder name>/<run folder name>`` in ``hetfl compare``): every number of a record as a scalar at step ``round``, the run's tags and
     config as text at the start, and the summary's numbers as ``summary/<key>`` at the last round."""
 
     def __init__(self, log_dir: str | Path) -> None:
@@ -240,7 +243,7 @@ class TensorBoardTracker(Tracker):
         self.step = 0
 
     def on_start(self, run: RunInfo) -> None:
-        self.writer = self._writer_class(log_dir=str(self.log_dir / run.name))
+        self.writer = self._writer_class(log_dir=str(self.log_dir / (run.group or "") / run.name))
         rows = [f"| {k} | {v} |" for k, v in {**run.tags, **run.params}.items()]
         self.writer.add_text("run", "\n".join(["| key | value |", "|---|---|", *rows]), global_step=run.resumed_from or 0)
 
@@ -286,7 +289,8 @@ class MLflowTracker(Tracker):
     run folder: the flattened config as params, the tags (``hetfl.algorithm``, ``hetfl.seed``, ...), every number of
     a record as a metric at step ``round``, and at the end the summary's numbers as ``summary.<key>`` metrics and
     its status (FINISHED, KILLED when interrupted, FAILED). A resumed run continues its MLflow run (found by its
-    ``hetfl.run_dir`` tag)."""
+    ``hetfl.run_dir`` tag). In ``hetfl compare`` each run is a child of one parent run named after the comparison
+    folder (found again by its ``hetfl.comparison_of`` tag), whose status is that of its latest child."""
 
     def __init__(self, uri: str | Path = "mlruns", experiment: str | None = None) -> None:
         from mlflow.tracking import MlflowClient  # needs mlflow-skinny
@@ -297,6 +301,7 @@ class MLflowTracker(Tracker):
             logging.getLogger(name).setLevel(max(logging.getLogger(name).getEffectiveLevel(), logging.WARNING))
         self.client = MlflowClient(tracking_uri=self.uri)
         self.run_id: str | None = None
+        self.parent_id: str | None = None
         self.step = 0
 
     def _experiment_id(self, name: str) -> str:
@@ -308,6 +313,9 @@ class MLflowTracker(Tracker):
 
         experiment_id = self._experiment_id(self.experiment or run.experiment)
         tags = {f"hetfl.{k}": str(v) for k, v in run.tags.items()}
+        if run.group is not None:
+            self.parent_id = self._parent(experiment_id, run.group, run.tags["comparison"])
+            tags["mlflow.parentRunId"] = self.parent_id
         if run.resumed_from is not None:
             earlier = self.client.search_runs(
                 [experiment_id], filter_string=f"tags.`hetfl.run_dir` = '{run.tags.get('run_dir', '')}'",
@@ -322,6 +330,15 @@ class MLflowTracker(Tracker):
         params = [Param(_mlflow_key(k), str(v)[:6000]) for k, v in run.params.items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
             self.client.log_batch(self.run_id, params=params[i:i + 100])
+
+    def _parent(self, experiment_id: str, name: str, where: str) -> str:
+        """The comparison's parent run, made the first time (RUNNING again when a later run of it starts)."""
+        found = self.client.search_runs([experiment_id], filter_string=f"tags.`hetfl.comparison_of` = '{where}'",
+                                        max_results=1)
+        if found:
+            self.client.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id
+        return self.client.create_run(experiment_id, run_name=name, tags={"hetfl.comparison_of": where}).info.run_id
 
     def on_metrics(self, record: dict[str, Any]) -> None:
         from mlflow.entities import Metric
@@ -347,6 +364,8 @@ class MLflowTracker(Tracker):
         if summary.get("error"):
             self.client.set_tag(self.run_id, "hetfl.error", str(summary["error"])[:5000])
         self.client.set_terminated(self.run_id, MLFLOW_STATUS.get(status, "FAILED"))
+        if self.parent_id is not None:
+            self.client.set_terminated(self.parent_id, MLFLOW_STATUS.get(status, "FAILED"))
 
 
 def _mlflow_key(key: str) -> str:
