@@ -328,3 +328,24 @@ def test_importing_hetfl_imports_no_tracker_package():
             "print([m for m in sys.modules if m.split('.')[0] in ('mlflow', 'tensorboard')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_extending_pages_tracker_is_the_examples_and_runs(tmp_path, monkeypatch):
+    import re
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "extending.md").read_text()
+    block = next(b for b in re.findall(r"^```python\n(.*?)^```", doc, flags=re.S | re.M) if b.startswith("# mylab/tracking.py"))
+    example = (root / "examples" / "custom" / "mylab" / "tracking.py").read_text()
+    assert block.split("\n", 1)[1].strip() in example
+    shutil.copytree(root / "examples" / "custom" / "mylab", tmp_path / "mylab", ignore=shutil.ignore_patterns("__pycache__"))
+    config = write_config(tmp_path, tracking={"callbacks": [{"name": "mylab.tracking:JsonlMirror",
+                                                             "params": {"path": str(tmp_path / "acc.jsonl")}}]})
+    try:
+        assert main(["run", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    finally:
+        for name in [m for m in sys.modules if m == "mylab" or m.startswith("mylab.")]:
+            del sys.modules[name]
+    mirrored = [json.loads(line) for line in (tmp_path / "acc.jsonl").read_text().splitlines()]
+    assert mirrored == [{"run": "run", "round": r["round"], "accuracy": r["accuracy"]} for r in metrics_of(tmp_path / "run")]
