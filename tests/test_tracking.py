@@ -349,3 +349,22 @@ def test_the_extending_pages_tracker_is_the_examples_and_runs(tmp_path, monkeypa
             del sys.modules[name]
     mirrored = [json.loads(line) for line in (tmp_path / "acc.jsonl").read_text().splitlines()]
     assert mirrored == [{"run": "run", "round": r["round"], "accuracy": r["accuracy"]} for r in metrics_of(tmp_path / "run")]
+
+
+@pytest.mark.serial  # starts a Ray cluster
+def test_the_ray_backend_tells_the_same_trackers(tmp_path):
+    ray = pytest.importorskip("ray", reason="the Ray backend needs ray (pip install hetfl[ray])")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        memory = Memory()
+        cfg = validate({**TINY, "backend": {"name": "ray"}, "tracking": {"csv": str(tmp_path / "m.csv")}})
+        summary = run_experiment(cfg, tmp_path / "run", show_progress=False, trackers=[memory])
+    finally:
+        if started:
+            ray.shutdown()
+    assert memory.started[0].tags["engine"] == "ray" and memory.records == metrics_of(tmp_path / "run")
+    assert memory.ended == [json.loads((tmp_path / "run" / "summary.json").read_text())] and summary["status"] == "completed"
+    with open(tmp_path / "m.csv", newline="") as f:
+        assert [float(r["accuracy"]) for r in csv.DictReader(f)] == [r["accuracy"] for r in memory.records]

@@ -1,4 +1,4 @@
-"""Experiment trackers: what a run measures, handed as it is written to TensorBoard, MLflow, a CSV file or your own code.
+"""Experiment trackers: what a run measures, as it is written, to TensorBoard, MLflow, a CSV file or your own code.
 
 A tracker is any object with some of three methods (all optional; :class:`Tracker` is a base class that has them
 all, doing nothing):
@@ -43,7 +43,6 @@ from hetfl.results.metrics import _plain
 
 log = logging.getLogger("hetfl.tracking")
 
-HOOKS = ("on_start", "on_metrics", "on_end")
 
 
 @dataclass(frozen=True)
@@ -231,8 +230,9 @@ def _round(row: dict[str, str]) -> float:
 # --------------------------------------------------------------------------- TensorBoard
 class TensorBoardTracker(Tracker):
     """TensorBoard event files (``torch.utils.tensorboard``; ``pip install hetfl[tensorboard]``) in
-    ``log_dir/<run folder name>`` (``log_dir/<comparison folder name>/<run folder name>`` in ``hetfl compare``): every number of a record as a scalar at step ``round``, the run's tags and
-    config as text at the start, and the summary's numbers as ``summary/<key>`` at the last round."""
+    ``log_dir/<run folder name>`` (in ``hetfl compare``, ``log_dir/<comparison folder name>/<run folder name>``):
+    every number of a record as a scalar at step ``round``, the run's tags and config as text at the start, and the
+    summary's numbers as ``summary/<key>`` at the last round."""
 
     def __init__(self, log_dir: str | Path) -> None:
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
