@@ -290,9 +290,13 @@ class MLflowTracker(Tracker):
     a record as a metric at step ``round``, and at the end the summary's numbers as ``summary.<key>`` metrics and
     its status (FINISHED, KILLED when interrupted, FAILED). A resumed run continues its MLflow run (found by its
     ``hetfl.run_dir`` tag). In ``hetfl compare`` each run is a child of one parent run named after the comparison
-    folder (found again by its ``hetfl.comparison_of`` tag), whose status is that of its latest child."""
+    folder (found again by its ``hetfl.comparison_of`` tag), whose status is that of its latest child.
 
-    def __init__(self, uri: str | Path = "mlruns", experiment: str | None = None) -> None:
+    Records are sent in batches, at most ``flush_s`` seconds apart (and at the end): each send to a SQLite store
+    commits several times, tens of milliseconds (``benchmarks/tracking.py``); ``flush_s: 0`` sends each record at
+    once."""
+
+    def __init__(self, uri: str | Path = "mlruns", experiment: str | None = None, flush_s: float = 5.0) -> None:
         from mlflow.tracking import MlflowClient  # needs mlflow-skinny
 
         self.uri = mlflow_uri(uri)
@@ -303,6 +307,7 @@ class MLflowTracker(Tracker):
         self.run_id: str | None = None
         self.parent_id: str | None = None
         self.step = 0
+        self.flush_s, self.pending, self.sent_at = flush_s, [], time.monotonic()
 
     def _experiment_id(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
@@ -345,7 +350,13 @@ class MLflowTracker(Tracker):
 
         self.step = int(record.get("round", self.step))
         now = int(time.time() * 1000)
-        metrics = [Metric(_mlflow_key(k), v, now, self.step) for k, v in scalars(record).items() if k != "round"]
+        self.pending += [Metric(_mlflow_key(k), v, now, self.step) for k, v in scalars(record).items() if k != "round"]
+        if time.monotonic() - self.sent_at >= self.flush_s:
+            self._send([])
+
+    def _send(self, metrics: list) -> None:
+        """The pending metrics and ``metrics``, in batches of MLflow's limit (1000 a call)."""
+        metrics, self.pending, self.sent_at = self.pending + metrics, [], time.monotonic()
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 
@@ -356,9 +367,7 @@ class MLflowTracker(Tracker):
             return
         step, now = int(summary.get("rounds") or self.step), int(time.time() * 1000)
         numbers = scalars({k: v for k, v in summary.items() if not isinstance(v, dict)})
-        metrics = [Metric(_mlflow_key(f"summary.{k}"), v, now, step) for k, v in numbers.items() if math.isfinite(v)]
-        if metrics:
-            self.client.log_batch(self.run_id, metrics=metrics[:1000])
+        self._send([Metric(_mlflow_key(f"summary.{k}"), v, now, step) for k, v in numbers.items() if math.isfinite(v)])
         status = str(summary.get("status"))
         self.client.set_tag(self.run_id, "hetfl.status", status)
         if summary.get("error"):
