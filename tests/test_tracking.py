@@ -269,6 +269,39 @@ def test_trackers_call_hooks_a_tracker_has_and_end_once():
     assert only.ends == 1
 
 
+def test_a_tracker_failing_at_start_hears_no_more(caplog):
+    class FailsAtStart(Memory):
+        def on_start(self, run):
+            raise OSError("no such folder")
+
+    failing, fine = FailsAtStart(), Memory()
+    trackers = Trackers([("failing", failing), ("fine", fine)])
+    with caplog.at_level(logging.WARNING, logger="hetfl.tracking"):
+        trackers.start(RunInfo("r", Path("r"), "e", "fedavg", None, 0))
+        trackers.metrics({"round": 0, "accuracy": 0.5})
+        trackers.end({"status": "completed"})
+    assert failing.records == [] and failing.ended == []
+    assert fine.records == [{"round": 0, "accuracy": 0.5}] and fine.ended == [{"status": "completed"}]
+    assert len(caplog.records) == 1 and "tracker failing raised in on_start (OSError: no such folder)" in caplog.text
+
+
+@pytest.mark.parametrize("flush_s, sent_before_end", [(0, 2), (1e9, 0)])
+def test_the_mlflow_writer_sends_each_record_or_batches(mlflow_db, tmp_path, flush_s, sent_before_end):
+    from hetfl.results.tracking import MLflowTracker
+
+    tracker = MLflowTracker(mlflow_db, experiment="flush", flush_s=flush_s)
+    tracker.on_start(RunInfo(f"f{flush_s}", tmp_path, "e", "fedavg", None, 0, {"rounds": 2}, {"run_dir": str(tmp_path)}))
+    tracker.on_metrics({"round": 0, "accuracy": 0.25, "loss": None})
+    tracker.on_metrics({"round": 1, "accuracy": 0.5, "loss": 1.5})
+    history = lambda: [(m.step, m.value) for m in tracker.client.get_metric_history(tracker.run_id, "accuracy")]  # noqa: E731
+    assert len(history()) == sent_before_end
+    tracker.on_end({"status": "interrupted", "rounds": 1, "final_accuracy": 0.5})
+    assert history() == [(0, 0.25), (1, 0.5)]
+    assert [(m.step, m.value) for m in tracker.client.get_metric_history(tracker.run_id, "loss")] == [(1, 1.5)]
+    run = tracker.client.get_run(tracker.run_id)
+    assert run.info.status == "KILLED" and run.data.metrics["summary.final_accuracy"] == 0.5
+
+
 def test_csv_widens_its_header_and_a_run_replaces_its_own_rows(tmp_path):
     path = tmp_path / "m.csv"
 
