@@ -287,8 +287,6 @@ class Run:
         evaluation goes to them as it is written, and the summary when the run ends (whatever its status);
         ``group``: the comparison folder this run is one of (``hetfl compare``), which they are told."""
         self.cfg, self.out, self.fed = cfg, out, fed
-        self.trackers = Trackers(build_trackers(cfg, out, list(trackers)))
-        self.group = Path(group).resolve() if group is not None else None
         self.tracker = Tracker(cfg.evaluation.target_accuracy)
         self.wall_before = 0.0  # wall seconds spent by earlier processes (resume)
         self.sim: Engine  # the simulator, or the deployment server; :meth:`execute` drives the simulator only
@@ -297,6 +295,8 @@ class Run:
         else:
             self.sim = engine
             engine.on_commit = self._on_commit
+        self.trackers = Trackers(build_trackers(cfg, out, list(trackers)))
+        self.group = Path(group).resolve() if group is not None else None
         resumed_round = self._load_checkpoint() if resume else None
         self.log = MetricsLog(out / "metrics.jsonl", resume_from_round=resumed_round)
         self.started = time.perf_counter()
