@@ -285,7 +285,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             try:
                 summary = run_experiment(cfg, folder, show_progress=not args.quiet, console=console,
                                          describe=name == next(iter(algorithms)),  # one federation per seed: said once
-                                         overwrite=args.overwrite)  # fmt: skip
+                                         overwrite=args.overwrite, group=out)  # fmt: skip
             except KeyboardInterrupt:  # while the next federation was being built: keep what the others measured
                 interrupted = True
                 break

@@ -922,6 +922,63 @@ class FlowerConfig(Section):
     )
 
 
+class CallbackConfig(Section):
+    """A tracker of one's own (hetfl.results.tracking): an import path and the parameters it is built with."""
+
+    name: str = Field(description="A tracker class or factory, package.module:Class (or a built-in: csv, tensorboard, mlflow).")
+    params: dict[str, Any] = Field(default_factory=dict, description="Its keyword arguments.")
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _known_tracker(cls, value: Any) -> str:
+        return registry.check_name("tracker", value)
+
+
+TRACKER_EXTRAS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow")}  # key: (module, extra)
+
+
+class TrackingConfig(Section):
+    """Experiment trackers (hetfl.results.tracking, docs/metrics.md): every evaluation also goes to these as it is
+    written to metrics.jsonl, and each run's summary at its end."""
+
+    tensorboard: str | None = Field(
+        None, description="A folder for TensorBoard event files, one subfolder per run (named as the run's folder); "
+        "pip install hetfl[tensorboard].",
+    )
+    mlflow: str | None = Field(
+        None, description="An MLflow tracking URI (http://..., sqlite:///...) or a path: a .db file or a folder holding "
+        "mlflow.db (a local SQLite store); one MLflow run per hetfl run, in the experiment of the config's name; pip "
+        "install hetfl[mlflow].",
+    )
+    csv: str | None = Field(None, description="A CSV file: one row per evaluation, a first column run naming the run's folder.")
+    callbacks: list[CallbackConfig] = Field(
+        default_factory=list, description="Trackers of your own: import paths (package.module:Class) or {name, params}; "
+        "called with on_start, on_metrics, on_end (docs/extending.md).",
+    )
+
+    @field_validator("callbacks", mode="before")
+    @classmethod
+    def _callback_names(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [item if isinstance(item, (dict, CallbackConfig)) else {"name": item} for item in value]
+        return value
+
+    @model_validator(mode="after")
+    def _installed_packages(self) -> "TrackingConfig":
+        for key, (module, extra) in TRACKER_EXTRAS.items():
+            if getattr(self, key) is not None and not _installed(module):
+                raise ValueError(f"tracking.{key}: the {module} package is not installed; pip install hetfl[{extra}]")
+        return self
+
+    def entries(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """Every tracker as (config key, name, parameters): the three writers' keys first, then ``callbacks``."""
+        writers = [("tracking.csv", "csv", {"path": self.csv}),
+                   ("tracking.tensorboard", "tensorboard", {"log_dir": self.tensorboard}),
+                   ("tracking.mlflow", "mlflow", {"uri": self.mlflow})]
+        found = [(key, name, params) for key, name, params in writers if next(iter(params.values())) is not None]
+        return found + [(f"tracking.callbacks.{i}.name", c.name, c.params) for i, c in enumerate(self.callbacks)]
+
+
 class CodeRecord(Section):
     """Where a piece of user code came from (hetfl.registry.Resolved.record)."""
 
@@ -961,6 +1018,7 @@ def code_keys(cfg: "ExperimentConfig") -> list[tuple[str, str, str]]:
     keys += [("strategy.selection.name", "selection", cfg.strategy.selection.name)]
     if cfg.client is not None:
         keys.append(("client", "client", cfg.client))
+    keys += [(f"tracking.callbacks.{i}.name", "tracker", c.name) for i, c in enumerate(cfg.tracking.callbacks)]
     return keys
 
 
@@ -996,6 +1054,9 @@ class ExperimentConfig(Section):
     )
     flower: FlowerConfig = Field(
         default_factory=FlowerConfig, description="With client: the Flower client's Context and configs (hetfl.flower)."
+    )
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig, description="Experiment trackers: TensorBoard, MLflow, CSV, your own callbacks."
     )
     code: dict[str, CodeRecord] = Field(
         default_factory=dict,
@@ -1165,7 +1226,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     return validate(apply_overrides(raw, overrides or []), source=str(path), base_dir=path.parent.resolve())
 
 
-PATH_KEYS = (("data", "path"), ("data", "partition", "embeddings"), ("devices", "trace"), ("deploy", "tokens"))
+PATH_KEYS = (("data", "path"), ("data", "partition", "embeddings"), ("devices", "trace"), ("deploy", "tokens"),
+             ("tracking", "tensorboard"), ("tracking", "csv"), ("tracking", "mlflow"))
+
+
+def is_uri(text: str) -> bool:
+    """Whether ``text`` is a URI (``http://...``, ``sqlite:///...``, ``file:...``, ``databricks``), not a path."""
+    return "://" in text or text.startswith(("file:", "databricks"))
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
@@ -1174,7 +1241,8 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
         node: Any = raw
         for section in sections:
             node = node.get(section) if isinstance(node, dict) else None
-        if isinstance(node, dict) and isinstance(node.get(key), str) and not Path(node[key]).is_absolute():
+        if isinstance(node, dict) and isinstance(node.get(key), str) and not Path(node[key]).is_absolute() \
+                and not is_uri(node[key]):
             node[key] = str((base / node[key]).resolve())
 
 

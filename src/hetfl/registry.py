@@ -12,6 +12,7 @@ key                         kind         what the name must give
 ``strategy.name``           ``strategy``   a :class:`~hetfl.strategies.base.Strategy` subclass
 ``strategy.selection.name`` ``selection``  a :class:`~hetfl.strategies.selection.Selection` subclass
 ``client``                  ``client``     a Flower ``client_fn`` (:mod:`hetfl.flower`)
+``tracking.callbacks[i]``   ``tracker``    a tracker class or factory (:mod:`hetfl.results.tracking`)
 ==========================  ===========  ================================================================
 
 A name is one of:
@@ -19,7 +20,7 @@ A name is one of:
 - a **built-in** name (``fedavg``, ``mlp``, ``dirichlet``): hetfl's own code, listed below as import paths and
   imported by the same function as a user's, so the door users come through is the one hetfl's own code uses;
 - a name an installed package adds through an **entry point** of the kind's group (``hetfl.strategies``,
-  ``hetfl.models``, ``hetfl.datasets``, ``hetfl.partitions``, ``hetfl.selections``); a built-in name wins
+  ``hetfl.models``, ``hetfl.datasets``, ``hetfl.partitions``, ``hetfl.selections``, ``hetfl.trackers``); a built-in name wins
   over an entry point of the same name;
 - an **import path** ``package.module:attribute`` (the attribute may be dotted, ``module:Class.factory``). The
   module is imported from the directory of the config file, the current working directory, the directory it
@@ -133,6 +134,11 @@ KINDS: dict[str, Kind] = {
             "embedding": "hetfl.data.partition:embedding",
         }),
         Kind("client", "hetfl.clients", "a Flower client_fn (context -> Client or NumPyClient)", "client", {}),
+        Kind("tracker", "hetfl.trackers", "a tracker class or factory (hetfl.results.tracking)", "tracker", {
+            "csv": "hetfl.results.tracking:CSVTracker",
+            "tensorboard": "hetfl.results.tracking:TensorBoardTracker",
+            "mlflow": "hetfl.results.tracking:MLflowTracker",
+        }),
     )
 }
 

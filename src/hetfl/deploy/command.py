@@ -106,6 +106,9 @@ def _serve(
         server.shutdown()
         run.finish("diverged")  # summary.json says so, as the simulator's does; the CLI prints the error
         raise
+    except Exception as err:  # the trackers are told (on_end, status failed); the CLI prints the error
+        run.failed(err)
+        raise
     finally:
         server.finished.set()
     if run.tracker.last.get("round") != server.version:

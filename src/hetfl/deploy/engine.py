@@ -180,8 +180,10 @@ class DeployServer(HoldsEngineCore):
             "chunk_bytes": self.deploy.chunk_bytes,
         }
         self._setup = setup
-        # what the file and --set gave (defaults are the client's own): a short message, and no default-only keys
-        self._config_yaml = yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True), sort_keys=False)
+        # what the file and --set gave (defaults are the client's own): a short message, and no default-only keys;
+        # not the server's trackers (hetfl.results.tracking), which clients neither run nor need installed
+        trackers = {"tracking": True, "code": {key: True for key in cfg.code if key.startswith("tracking.")}}
+        self._config_yaml = yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True, exclude=trackers), sort_keys=False)
         self.secagg = None
         if self.deploy.secure_aggregation:
             from hetfl.deploy.secure import SecureRounds

@@ -36,6 +36,8 @@ from hetfl.models.assign import assign_architectures
 from hetfl.models.cost import training_flops
 from hetfl.results import MetricsLog, format_duration, record_run, write_summary
 from hetfl.results.outdir import CHECKPOINT_NAME, check_run_out, clear_run, lock_out
+from hetfl.results.tracking import RunInfo, Trackers, build_trackers
+from hetfl.results.variant import variant_label
 from hetfl.strategies import Strategy, build_strategy
 from hetfl.training import LocalTrainer
 from hetfl.training.evaluate import Evaluator
@@ -293,10 +295,13 @@ class Run:
 
     def __init__(
         self, cfg: ExperimentConfig, out: Path, fed: Federation, strategy: Strategy, *, resume: bool,
-        engine: Engine | None = None,
+        engine: Engine | None = None, trackers: list[Any] = (), group: str | Path | None = None,
     ) -> None:
         """``engine``: the server the strategy runs on, the simulator by default; the deployment server
-        (:mod:`hetfl.deploy.engine`) passes itself and gets this run's evaluation, logging and checkpoints."""
+        (:mod:`hetfl.deploy.engine`) passes itself and gets this run's evaluation, logging and checkpoints.
+        ``trackers``: tracker objects (:mod:`hetfl.results.tracking`) besides those ``cfg.tracking`` names; every
+        evaluation goes to them as it is written, and the summary when the run ends (whatever its status);
+        ``group``: the comparison folder this run is one of (``hetfl compare``), which they are told."""
         self.cfg, self.out, self.fed = cfg, out, fed
         self.tracker = Tracker(cfg.evaluation.target_accuracy, target_perplexity=cfg.evaluation.target_perplexity)
         self.wall_before = 0.0  # wall seconds spent by earlier processes (resume)
@@ -306,14 +311,31 @@ class Run:
         else:
             self.sim = engine
             engine.on_commit = self._on_commit
+        self.trackers = Trackers(build_trackers(cfg, out, list(trackers)))
+        self.group = Path(group).resolve() if group is not None else None
         resumed_round = self._load_checkpoint() if resume else None
         self.log = MetricsLog(out / "metrics.jsonl", resume_from_round=resumed_round)
         self.started = time.perf_counter()
         self.started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         self.progress: Progress | None = None
         self.bar: Any = None
+        self.trackers.start(self._run_info(resumed_round, "deploy" if engine is not None else cfg.backend.name))
         if resumed_round is None:
-            self.evaluate()  # round 0: the initial model
+            try:
+                self.evaluate()  # round 0: the initial model
+            except Exception as err:
+                self.failed(err)
+                raise
+
+    def _run_info(self, resumed_from: int | None, engine: str) -> RunInfo:
+        """What the trackers are told at the start (:class:`hetfl.results.tracking.RunInfo`)."""
+        cfg, algorithm = self.cfg, self.sim.strategy.name
+        config = cfg.model_dump(mode="json")
+        variant = variant_label(config["strategy"])
+        tags = {"algorithm": algorithm, "seed": str(cfg.seed), "variant": variant or algorithm, "dataset": cfg.data.dataset,
+                "engine": engine, "run_dir": str(self.out.resolve()), **({"comparison": str(self.group)} if self.group else {})}
+        return RunInfo(self.out.resolve().name, self.out, cfg.name, algorithm, variant, cfg.seed, _flatten(config), tags,
+                       resumed_from, self.group.name if self.group else None)
 
     # ------------------------------------------------------------------ measurements
     def wall_time(self) -> float:
@@ -358,6 +380,7 @@ class Run:
                 )
             record[key] = value
         self.log.append(record)
+        self.trackers.metrics(record)
         self.tracker.observe(record)
         return record
 
@@ -432,6 +455,9 @@ class Run:
         except DivergedError:
             self.finish("diverged")
             raise
+        except Exception as err:
+            self.failed(err)
+            raise
         finally:
             sim.close()  # the backend's workers (a local Ray it started) are released, whatever happened
         if status == "completed":
@@ -498,7 +524,17 @@ class Run:
         }
         write_summary(self.out / "summary.json", summary)
         record_run(self.out, summary)
+        self.trackers.end(summary)
         return summary
+
+    def failed(self, err: BaseException) -> None:
+        """The run stopped on an exception: the trackers' ``on_end`` gets status ``failed`` and the error (no
+        summary.json is written)."""
+        self.log.close()
+        self.trackers.end({
+            "name": self.cfg.name, "algorithm": self.sim.strategy.name, "status": "failed", "error": short_error(err),
+            "seed": self.cfg.seed, "rounds": self.sim.version, "sim_time_s": self.sim.now, "wall_time_s": self.wall_time(),
+        })
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -533,6 +569,8 @@ def run_experiment(
     console: Console | None = None,
     describe: bool = True,
     overwrite: bool = True,
+    trackers: list[Any] = (),
+    group: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg`` into the directory ``out``: created, or empty, or an earlier run, which is replaced only if
     ``overwrite`` (``hetfl run --overwrite``; from Python the default). Anything else is refused before anything
@@ -540,7 +578,8 @@ def run_experiment(
     folder); replacing a run removes only hetfl's own files there (and its row in the run index).
 
     With a ``console`` and ``show_progress``, a progress bar, and first (if ``describe``) one line
-    saying what is simulated.
+    saying what is simulated. ``trackers``: tracker objects besides those of ``cfg.tracking``
+    (:mod:`hetfl.results.tracking`); ``group``: the comparison folder the run is one of, for them.
     """
     out = Path(out)
     check_run_out(out, overwrite=overwrite)
@@ -552,11 +591,12 @@ def run_experiment(
         (out / "config.yaml").write_text(dump_config(cfg))
         if describe and show_progress and console is not None:
             console.print(fed.describe(strategy), highlight=False)
-        return Run(cfg, out, fed, strategy, resume=False).execute(show_progress, console)
+        return Run(cfg, out, fed, strategy, resume=False, trackers=trackers, group=group).execute(show_progress, console)
 
 
 def resume_experiment(
-    out: str | Path, overrides: list[str] | None = None, *, show_progress: bool = True, console: Console | None = None
+    out: str | Path, overrides: list[str] | None = None, *, show_progress: bool = True, console: Console | None = None,
+    trackers: list[Any] = (),
 ) -> dict[str, Any]:
     """Continue the run in ``out`` from its last checkpoint, with the config it was started with.
 
@@ -573,12 +613,13 @@ def resume_experiment(
         cfg = load_config(out / "config.yaml", overrides)
         check_resumable_change(before, cfg)
         fed = build_federation(cfg)
-        run = Run(cfg, out, fed, fed.strategy(), resume=True)  # validated before anything in ``out`` changes
+        run = Run(cfg, out, fed, fed.strategy(), resume=True, trackers=trackers)  # validated before anything in ``out`` changes
         (out / "config.yaml").write_text(dump_config(cfg))
         return run.execute(show_progress, console)
 
 
-RESUMABLE = ("rounds", "max_sim_time_s", "checkpoint_every", "threads", "evaluation.", "backend.", "training.state_memory_mb")
+RESUMABLE = ("rounds", "max_sim_time_s", "checkpoint_every", "threads", "evaluation.", "backend.", "training.state_memory_mb",
+             "tracking.", "code.tracking.")
 
 
 def check_resumable_change(before: ExperimentConfig, after: ExperimentConfig) -> None:
@@ -588,7 +629,7 @@ def check_resumable_change(before: ExperimentConfig, after: ExperimentConfig) ->
         if old.get(key) != new.get(key) and not key.startswith(RESUMABLE):
             raise HetflError(
                 f"--set {key}: cannot change when resuming (the checkpoint was made with {old.get(key)!r}); "
-                "only rounds, max_sim_time_s, checkpoint_every, threads, evaluation.*, backend.* and "
+                "only rounds, max_sim_time_s, checkpoint_every, threads, evaluation.*, backend.*, tracking.* and "
                 "training.state_memory_mb can; start a new run instead"
             )
 
