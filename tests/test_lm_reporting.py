@@ -12,7 +12,7 @@ from rich.console import Console
 
 from hetfl.cli import _announce, comparison_table, main
 from hetfl.config import validate
-from hetfl.engine.run import Tracker, build_federation
+from hetfl.engine.run import Scoreboard, build_federation
 from hetfl.results import MetricsLog, render_report, write_summary
 
 
@@ -129,19 +129,19 @@ def record(r: int, perplexity: float, accuracy: float = 0.3) -> dict:
 
 
 def test_a_language_models_target_is_095_of_its_first_perplexity_unless_set():
-    tracker = Tracker(0.9)
+    board = Scoreboard(0.9)
     for r, ppl in enumerate([10.0, 9.6, 9.4, 9.8]):  # target 9.5: first reached at round 2 (20 s)
-        tracker.observe(record(r, ppl))
-    assert tracker.target_perplexity == pytest.approx(9.5)
-    assert (tracker.time_to_target_s, tracker.rounds_to_target) == (20.0, 2)
-    tracker = Tracker(0.9, target_perplexity=9.6)  # set: reached at 9.6 exactly (round 1)
+        board.observe(record(r, ppl))
+    assert board.target_perplexity == pytest.approx(9.5)
+    assert (board.time_to_target_s, board.rounds_to_target) == (20.0, 2)
+    board = Scoreboard(0.9, target_perplexity=9.6)  # set: reached at 9.6 exactly (round 1)
     for r, ppl in enumerate([10.0, 9.6, 9.4]):
-        tracker.observe(record(r, ppl, accuracy=0.95))  # next-token accuracy above 0.9 is not the target
-    assert (tracker.target_perplexity, tracker.time_to_target_s) == (9.6, 10.0)
-    tracker = Tracker(0.5)  # a classifier: the accuracy target
+        board.observe(record(r, ppl, accuracy=0.95))  # next-token accuracy above 0.9 is not the target
+    assert (board.target_perplexity, board.time_to_target_s) == (9.6, 10.0)
+    board = Scoreboard(0.5)  # a classifier: the accuracy target
     for r, accuracy in enumerate([0.1, 0.4, 0.5]):
-        tracker.observe({"round": r, "sim_time_s": 10.0 * r, "accuracy": accuracy})
-    assert (tracker.target_perplexity, tracker.time_to_target_s) == (None, 20.0)
+        board.observe({"round": r, "sim_time_s": 10.0 * r, "accuracy": accuracy})
+    assert (board.target_perplexity, board.time_to_target_s) == (None, 20.0)
 
 
 def test_stop_at_target_stops_a_language_model_at_its_perplexity_target(tmp_path):

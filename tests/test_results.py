@@ -306,7 +306,7 @@ def test_a_checkpoint_of_another_hetfl_version_is_one_line(tmp_path, monkeypatch
     old = types.ModuleType("hetfl.deploy.server")  # where deployment state lived before engine/core.py
     old.DeployState = type("DeployState", (), {"__module__": "hetfl.deploy.server"})
     monkeypatch.setitem(sys.modules, "hetfl.deploy.server", old)
-    torch.save({"state": old.DeployState(), "tracker": None, "wall_time_s": 0.0}, tmp_path / "checkpoint.pt")
+    torch.save({"state": old.DeployState(), "scores": None, "wall_time_s": 0.0}, tmp_path / "checkpoint.pt")
     monkeypatch.delitem(sys.modules, "hetfl.deploy.server")
     with pytest.raises(HetflError) as err:
         read_checkpoint(tmp_path / "checkpoint.pt")

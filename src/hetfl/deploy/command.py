@@ -111,7 +111,7 @@ def _serve(
         raise
     finally:
         server.finished.set()
-    if run.tracker.last.get("round") != server.version:
+    if run.scores.last.get("round") != server.version:
         run.evaluate()
     server.save()
     server.shutdown()

@@ -263,7 +263,7 @@ LM_TARGET_FRACTION = 0.95
 
 
 @dataclass
-class Tracker:
+class Scoreboard:
     """What the summary needs from the evaluations seen so far. The target is an accuracy, or for a language
     model (its records have ``perplexity``) a perplexity to get down to: ``target_perplexity``, set from the
     first evaluation (``LM_TARGET_FRACTION`` x its perplexity) when the config leaves it unset."""
@@ -303,7 +303,7 @@ class Run:
         evaluation goes to them as it is written, and the summary when the run ends (whatever its status);
         ``group``: the comparison folder this run is one of (``hetfl compare``), which they are told."""
         self.cfg, self.out, self.fed = cfg, out, fed
-        self.tracker = Tracker(cfg.evaluation.target_accuracy, target_perplexity=cfg.evaluation.target_perplexity)
+        self.scores = Scoreboard(cfg.evaluation.target_accuracy, target_perplexity=cfg.evaluation.target_perplexity)
         self.wall_before = 0.0  # wall seconds spent by earlier processes (resume)
         self.sim: Engine  # the simulator, or the deployment server; :meth:`execute` drives the simulator only
         if engine is None:
@@ -381,7 +381,7 @@ class Run:
             record[key] = value
         self.log.append(record)
         self.trackers.metrics(record)
-        self.tracker.observe(record)
+        self.scores.observe(record)
         return record
 
     def _on_commit(self, sim: Engine) -> None:
@@ -389,7 +389,7 @@ class Run:
         last_round = sim.version >= cfg.rounds
         if sim.version % cfg.evaluation.every == 0 or last_round:
             self.evaluate()
-            if cfg.evaluation.stop_at_target and self.tracker.time_to_target_s is not None:
+            if cfg.evaluation.stop_at_target and self.scores.time_to_target_s is not None:
                 sim.stop("target reached")
         if last_round:
             sim.stop("rounds")
@@ -399,13 +399,13 @@ class Run:
     def _update_bar(self) -> None:
         sim, cfg = self.sim, self.cfg
         completed, where = progress(sim.version, cfg.rounds, sim.now, cfg.max_sim_time_s)
-        acc = self.tracker.last.get("accuracy", float("nan"))
+        acc = self.scores.last.get("accuracy", float("nan"))
         self.progress.update(self.bar, completed=completed, where=where, acc=f"{acc:.3f}")  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
         tmp = self.out / (CHECKPOINT + ".tmp")
-        torch.save({"state": self.sim.state, "wall_time_s": self.wall_time(), "tracker": self.tracker}, tmp)
+        torch.save({"state": self.sim.state, "wall_time_s": self.wall_time(), "scores": self.scores}, tmp)
         os.replace(tmp, self.out / CHECKPOINT)
 
     def _load_checkpoint(self) -> int:
@@ -422,7 +422,7 @@ class Run:
         if store is not None:  # the budget may differ from the checkpoint's (--set on resume): it changes no result
             store.set_budget(memory_budget(memory_mb))
         self.wall_before = saved["wall_time_s"]
-        self.tracker = saved["tracker"]
+        self.scores = saved["scores"]
         return self.sim.version
 
     # ------------------------------------------------------------------ the loop
@@ -463,14 +463,14 @@ class Run:
         if status == "completed":
             if sim.stop_reason == "stalled":
                 status = "stalled"
-            if self.tracker.last.get("round") != sim.version or sim.stop_reason == "time limit":
+            if self.scores.last.get("round") != sim.version or sim.stop_reason == "time limit":
                 self.evaluate()
             self.save_checkpoint()
         return self.finish(status)
 
     def finish(self, status: str) -> dict[str, Any]:
         self.log.close()
-        last, c = self.tracker.last, self.sim.counters
+        last, c = self.scores.last, self.sim.counters
         fairness = self.sim.fairness(window=False)
         summary = {
             "name": self.cfg.name,
@@ -481,7 +481,7 @@ class Run:
             "dataset": self.cfg.data.dataset,
             "n_clients": self.cfg.data.n_clients,
             "final_accuracy": last.get("accuracy"),
-            "best_accuracy": self.tracker.best_accuracy,
+            "best_accuracy": self.scores.best_accuracy,
             "final_loss": last.get("loss"),
             "final_perplexity": last.get("perplexity"),
             "client_acc_mean": last.get("client_acc_mean"),
@@ -514,10 +514,10 @@ class Run:
             "participated_frac": fairness["participated_frac"],
             "idle_fast_frac": fairness["idle_fast_frac"],
             "idle_frac": fairness["idle_frac"],
-            "target_accuracy": self.tracker.target,
-            "target_perplexity": self.tracker.target_perplexity,
-            "time_to_target_s": self.tracker.time_to_target_s,
-            "rounds_to_target": self.tracker.rounds_to_target,
+            "target_accuracy": self.scores.target,
+            "target_perplexity": self.scores.target_perplexity,
+            "time_to_target_s": self.scores.time_to_target_s,
+            "rounds_to_target": self.scores.rounds_to_target,
             "started_at": self.started_at,
             "strategy_summary": self.sim.strategy.summary(self.sim),
             "code": {key: record.model_dump(mode="json") for key, record in self.cfg.code.items()},
@@ -556,7 +556,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         why = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         raise HetflError(f"{path}: not a readable checkpoint, truncated or not one ({why}); start anew "
                          "(hetfl server --fresh, or hetfl run --overwrite)") from None
-    if not isinstance(saved, dict) or not {"state", "tracker", "wall_time_s"} <= set(saved) or not hasattr(saved["state"], "counters"):
+    if not isinstance(saved, dict) or not {"state", "scores", "wall_time_s"} <= set(saved) or not hasattr(saved["state"], "counters"):
         raise HetflError(f"{path}: not a hetfl checkpoint; start anew (hetfl server --fresh, or hetfl run --overwrite)")
     return saved
 

@@ -183,7 +183,7 @@ class _Run:
     @property
     def perplexity_target(self) -> float | None:
         """A language model's target: the summary's, else the config's, else ``LM_TARGET_FRACTION`` x the
-        perplexity of its first evaluation, as the run itself sets it (:class:`hetfl.engine.run.Tracker`)."""
+        perplexity of its first evaluation, as the run itself sets it (:class:`hetfl.engine.run.Scoreboard`)."""
         if not self.is_language_model:
             return None
         from hetfl.engine.run import LM_TARGET_FRACTION
