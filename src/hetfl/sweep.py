@@ -14,7 +14,7 @@ What a sweep writes, for ``--out SWEEPDIR``::
 
 The choice, exactly (:func:`choose`): the setting with the highest mean score over the seeds (the lowest for
 ``time_to_target``); a setting with a seed that has no score (diverged; for ``time_to_target``, never reached the
-target) ranks below every setting scored on all seeds; among equal means the smaller standard deviation wins,
+target) ranks below every setting scored on all seeds; among equal means (to 9 decimal places) the smaller standard deviation wins,
 then the setting that comes first in the grid's order (the product of the ``--grid`` values in the order given,
 the last key varying fastest).
 """
@@ -37,6 +37,9 @@ from hetfl.results.seeds import format_spread, mean_std_ci
 OBJECTIVES = ("final_accuracy", "best_accuracy", "time_to_target")
 DEFAULT_VALIDATION_FRACTION = 0.2
 """The validation share of each client's training samples when the config sets none."""
+TIE_DECIMALS = 9
+"""Means (and standard deviations) equal to this many decimal places are equal: 0.8500000000000001, the mean of
+0.8 and 0.9 in floating point, ties with 0.85."""
 FIXED_KEYS = ("seed", "seeds", "strategy.name", "evaluation.split", "data.validation_fraction")
 """Keys the sweep sets itself: not grid keys (--seeds, --algorithm, --validation-fraction say them)."""
 _UNHASHED = ("seed", "seeds", "code", "backend", "threads", "checkpoint_every", "data.validation_fraction",
@@ -133,7 +136,7 @@ def choose(trials: Sequence[dict[str, Any]], objective: str) -> int:
         s = trials[i]["score"]
         if not s["complete"] or s["mean"] is None:
             return (1, 0.0, 0.0, i)
-        return (0, -sign * s["mean"], s["std"] or 0.0, i)
+        return (0, round(-sign * s["mean"], TIE_DECIMALS), round(s["std"] or 0.0, TIE_DECIMALS), i)
 
     return min(range(len(trials)), key=rank)
 
