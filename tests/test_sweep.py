@@ -11,17 +11,7 @@ import pytest
 
 from hetfl.errors import HetflError
 from hetfl.sweep import choose, config_hash, parse_grid, settings, spread
-
-SMALL = {"data__n_clients": 3, "rounds": 2, "strategy__clients_per_round": 3, "training__lr": 0.2}
-
-
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    from hetfl.cli import main
-
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+from test_seeds import SMALL, cli  # a 3-client federation of 2 rounds; main() with its exit code, stdout, stderr
 
 
 # ---------------------------------------------------------------------------- the grid

@@ -163,10 +163,9 @@ def run_all(runs: list[tuple[ExperimentConfig, str]], jobs: int = 1, ray: str | 
     ``done(i, summary)`` is called as each finishes."""
     results: list[dict[str, Any] | None] = [None] * len(runs)
     if ray is not None:
-        import ray as ray_module
+        from hetfl.engine.backends import code_roots, import_ray, start_ray
 
-        from hetfl.engine.backends import code_roots, start_ray
-
+        ray_module = import_ray()  # a one-line error naming the extra when Ray is not installed
         cfg = runs[0][0]
         roots = list(dict.fromkeys(root for c, _ in runs for root in code_roots(c.code)))
         start_ray(None if ray == "local" else ray, jobs if jobs > 1 else None, cfg.threads, cfg.backend.runtime_env,
