@@ -165,7 +165,10 @@ def run_all(runs: list[tuple[ExperimentConfig, str]], jobs: int = 1, ray: str | 
     if ray is not None:
         from hetfl.engine.backends import code_roots, import_ray, start_ray
 
-        ray_module = import_ray()  # a one-line error naming the extra when Ray is not installed
+        try:
+            ray_module = import_ray()
+        except ConfigError:
+            raise HetflError("--ray: Ray is not installed; pip install hetfl[ray]") from None
         cfg = runs[0][0]
         roots = list(dict.fromkeys(root for c, _ in runs for root in code_roots(c.code)))
         start_ray(None if ray == "local" else ray, jobs if jobs > 1 else None, cfg.threads, cfg.backend.runtime_env,
