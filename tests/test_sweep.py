@@ -266,3 +266,23 @@ def test_ray_tasks_give_the_same_results_as_one_process(tmp_path):
     one = run_all(_tiny_runs(tmp_path / "one", 2), jobs=1)
     on_ray = run_all(_tiny_runs(tmp_path / "ray", 2), jobs=2, ray="local")
     assert [s["final_accuracy"] for s in one] == [s["final_accuracy"] for s in on_ray]
+
+
+@pytest.mark.parametrize("grid", [{"training.lr": [0.01, 0.1, 0.5]},
+                                  {"training.lr": [0.01, 0.1], "a.b": [1, 2], "c.d": ["x", "y"]}])
+def test_the_figure_for_one_key_and_for_more_than_two(tmp_path, grid):
+    from hetfl.results.heatmap import _plane, draw_sweep
+    from hetfl.sweep import record
+
+    trials = [(s, [{"status": "completed", "final_accuracy": 0.1 * (i + 1) + 0.01 * k} for k in range(2)])
+              for i, s in enumerate(settings(grid))]
+    trials[0][1][0]["status"] = "diverged"  # a blank point
+    sweep = record("fedavg", "c.yaml", "0" * 16, "final_accuracy", grid, [0, 1], 0.2, trials)
+    assert sweep["best"]["index"] == len(trials) - 1 and sweep["trials"][0]["score"]["complete"] is False
+    keys, plane, note = _plane(sweep)
+    if len(grid) == 1:
+        assert keys == ["training.lr"] and len(plane) == 3 and note == ""
+    else:  # the plane through the chosen setting: c.d fixed at its chosen value
+        assert keys == ["training.lr", "a.b"] and len(plane) == 4 and all(t["setting"]["c.d"] == "y" for t in plane)
+        assert note == " at c.d=y (the chosen values)"
+    assert draw_sweep(sweep, tmp_path / "sweep.png").stat().st_size > 0
