@@ -392,9 +392,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not 0 < fraction < 1:
         raise HetflError(f"--validation-fraction {fraction}: a share of each client's training samples, in (0, 1)")
     seeds = seeds or base.seeds or [base.seed]
-    sweep = run_sweep(base, algorithm, grid, seeds, Path(args.out), objective=args.objective, validation_fraction=fraction,
-                      source=args.config, base_dir=Path(args.config).parent.resolve(), jobs=args.jobs, ray=args.ray,
-                      overwrite=args.overwrite, progress=None if args.quiet else lambda line: console.print(escape(line)))
+    progress = None if args.quiet else lambda line: console.print(escape(line))
+    sweep = run_sweep(base, algorithm, grid, seeds, Path(args.out), objective=args.objective,
+                      validation_fraction=fraction, source=args.config, base_dir=Path(args.config).parent.resolve(),
+                      jobs=args.jobs, ray=args.ray, overwrite=args.overwrite, progress=progress)
     console.print(sweep_table(sweep))
     console.print(f"chosen: {escape(', '.join(f'{k}={v}' for k, v in sweep['best']['setting'].items()))}; "
                   f"results: {escape(str(Path(args.out) / sweep['algorithm']))}", highlight=False)
@@ -719,8 +720,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated, e.g. fedavg,fedprox,scaffold; an import path mymodule:MyStrategy runs your own "
                    "(with --tuned: a subset of the swept ones)")
     p.add_argument("--tuned", metavar="SWEEPDIR", help="run each algorithm swept into SWEEPDIR (hetfl sweep) at its chosen "
-                   "setting, scored on the test split; the table and comparison.json record each setting and trial "
-                   "budget, and a warning says when budgets differ. Refused when SWEEPDIR was swept on another config "
+                   "setting, trained on all its training samples (the config's data.validation_fraction) and scored on "
+                   "the test split; the table and comparison.json record each setting and trial budget, and a warning says when budgets differ. Refused when SWEEPDIR was swept on another config "
                    "(its hash, less the grid keys)")
     p.add_argument("--any-config", action="store_true", help="with --tuned: apply the settings even though SWEEPDIR "
                    "was swept on another config")
