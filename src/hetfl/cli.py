@@ -4,6 +4,8 @@
     hetfl run --resume DIR [--set rounds=100]                  continue from the last checkpoint
     hetfl compare CONFIG.yaml --algorithms a,b,c --out DIR     same seed, data and devices; one table
                   [--seeds 0,1,2]                              each algorithm on each seed: mean ± std, 95% CI
+    hetfl sweep CONFIG.yaml --algorithm A --grid KEY=v1,v2 --out SWEEPDIR   tune A on a validation split
+    hetfl compare CONFIG.yaml --tuned SWEEPDIR --seeds 10,11,12 --out DIR   the swept algorithms at their chosen settings
     hetfl report DIR                                           PNG plots and one HTML page
                  [--format png,pdf,svg] [--log-x] [--log-y] [--smooth N]
     hetfl partition CONFIG.yaml                                per-client data statistics
@@ -37,7 +39,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from hetfl.config import load_config, validate
+from hetfl.config import apply_overrides, load_config, validate
 from hetfl.errors import DivergedError, HetflError
 from hetfl.results import format_duration, format_mb
 
@@ -253,10 +255,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from hetfl.results.seeds import against_best, aggregate
     from hetfl.strategies import build_strategy
 
-    algorithms = _algorithms(args.algorithms)
+    from hetfl.sweep import algorithm_raw
+
+    if args.algorithms is None and args.tuned is None:
+        raise HetflError("hetfl compare: give --algorithms a,b,c, or --tuned SWEEPDIR (its swept algorithms)")
+    algorithms = _algorithms(args.algorithms) if args.algorithms is not None else None
     seeds = _seeds(args.seeds) if args.seeds is not None else None  # a mistake here is said before the config's
     out = Path(args.out)
     base = load_config(args.config, args.set)
+    tuned = _tuned(args, base, algorithms, seeds) if args.tuned is not None else {}
+    if algorithms is None:
+        algorithms = _algorithms(",".join(tuned))
     seeds = seeds or base.seeds or [base.seed]
     seeded = len(seeds) > 1  # several seeds: a run folder per (algorithm, seed), and means over the seeds
     folders = {(name, seed): f"{folder}-seed{seed}" if seeded else folder
@@ -265,10 +274,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     config_dir = Path(args.config).parent.resolve()  # where an algorithm named by import path is looked for first
     configs = {}
     for name in algorithms:  # every algorithm's parameters and optimiser are checked before the first run starts
-        raw = base.model_dump()
-        raw.pop("code", None)  # recorded again for this algorithm's code
-        raw["strategy"].update(name=name, params=base.strategy.params_for(name), per_algorithm={})
-        raw.update(seeds=None)  # each run is of one seed
+        raw = algorithm_raw(base, name)  # each run is of one seed; the code recorded again for this algorithm's
+        if name in tuned:  # its chosen setting, scored on the test split
+            raw = apply_overrides(raw, [*tuned[name]["overrides"], "evaluation.split=test"])
         for seed in seeds:
             cfg = validate({**raw, "seed": seed}, source=f"{args.config} ({name})", base_dir=config_dir)
             if seed == seeds[0]:
@@ -312,6 +320,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         else:
             compared = list(runs.values())
             console.print(comparison_table(compared, escape(f"{title}, seed {seeds[0]}")))
+        for entry, name in zip(compared, [n for n in algorithms if any(k[0] == n for k in runs)]):
+            if name in tuned:
+                entry["tuned"] = {k: v for k, v in tuned[name].items() if k != "overrides"}
+                console.print(f"tuned {escape(name)}: {escape(tuned[name]['line'])}", highlight=False)
         if compared:
             (out / "comparison.json").write_text(json.dumps(compared, indent=2))
             console.print(f"Report: {escape(str(render_report(out)))}")
@@ -321,6 +333,73 @@ def cmd_compare(args: argparse.Namespace) -> int:
         _error("; ".join(diverged))
         return EXIT_DIVERGED
     return EXIT_INTERRUPTED if interrupted else 0
+
+
+def _tuned(args: argparse.Namespace, base: Any, algorithms: dict[str, str] | None, seeds: list[int] | None
+           ) -> dict[str, dict[str, Any]]:
+    """``hetfl compare --tuned SWEEPDIR``: each algorithm's chosen setting (as overrides) and trial budget, refused
+    in one line when it was tuned on another config (unless --any-config); a warning when budgets differ, or the
+    seeds are the tuning's."""
+    from hetfl.results.seeds import format_spread
+    from hetfl.sweep import config_hash, overrides, read_sweeps
+
+    sweeps = read_sweeps(Path(args.tuned), list(algorithms) if algorithms is not None else None)
+    tuned = {}
+    for name, sweep in sweeps.items():
+        digest = config_hash(base, name, list(sweep.get("grid", {})))
+        if digest != sweep.get("config_hash") and not args.any_config:
+            raise HetflError(f"--tuned {args.tuned}: {name} was swept on another config ({sweep.get('config')}, "
+                             f"hash {sweep.get('config_hash')}; this one {digest}); compare on that config, or add "
+                             "--any-config to apply its setting anyway")
+        setting, budget = sweep["best"]["setting"], sweep.get("budget", {})
+        score = format_spread(sweep["best"].get("score"), lambda v: f"{v:.4f}")
+        line = (", ".join(f"{k}={v}" for k, v in setting.items()) + f" (best of {budget.get('settings')} settings x "
+                f"{len(sweep.get('seeds', []))} seeds = {budget.get('runs')} runs; validation {sweep.get('objective')} "
+                f"{score})")
+        tuned[name] = {"setting": setting, "budget": budget, "objective": sweep.get("objective"),
+                       "validation_score": sweep["best"].get("score"), "tuning_seeds": sweep.get("seeds"),
+                       "sweep": str(Path(args.tuned) / name), "overrides": overrides(setting), "line": line}
+    budgets = {name: t["budget"].get("runs") for name, t in tuned.items()}
+    if len(set(budgets.values())) > 1:
+        _warn("tuning budgets differ (" + ", ".join(f"{n} {b} runs" for n, b in budgets.items()) + "): the ranking "
+              "favours the algorithms tuned more")
+    used = set(seeds or base.seeds or [base.seed])
+    reused = sorted(used & {s for t in tuned.values() for s in t["tuning_seeds"] or []})
+    if reused:
+        _warn(f"seeds {','.join(map(str, reused))} were also tuning seeds; fresh seeds (e.g. --seeds 10,11,12) make "
+              "the test scores independent of the tuning")
+    return tuned
+
+
+def _warn(message: str) -> None:
+    err_console.print(Text.assemble(("warning:", "yellow"), " ", _one_line(message)), highlight=False, soft_wrap=True)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from hetfl.sweep import DEFAULT_VALIDATION_FRACTION, OBJECTIVES, parse_grid, run_sweep, sweep_table
+
+    grid = parse_grid(args.grid)
+    if "," in args.algorithm:
+        raise HetflError("--algorithm: one algorithm a sweep; sweep the others into the same --out, one call each")
+    algorithm = next(iter(_algorithms(args.algorithm)))
+    seeds = _seeds(args.seeds) if args.seeds is not None else None
+    if args.objective not in OBJECTIVES:
+        raise HetflError(f"--objective {args.objective!r}: one of {', '.join(OBJECTIVES)}")
+    if args.jobs < 1:
+        raise HetflError("--jobs: at least 1")
+    base = load_config(args.config, args.set)
+    fraction = args.validation_fraction or base.data.validation_fraction or DEFAULT_VALIDATION_FRACTION
+    if not 0 < fraction < 1:
+        raise HetflError(f"--validation-fraction {fraction}: a share of each client's training samples, in (0, 1)")
+    seeds = seeds or base.seeds or [base.seed]
+    progress = None if args.quiet else lambda line: console.print(escape(line))
+    sweep = run_sweep(base, algorithm, grid, seeds, Path(args.out), objective=args.objective,
+                      validation_fraction=fraction, source=args.config, base_dir=Path(args.config).parent.resolve(),
+                      jobs=args.jobs, ray=args.ray, overwrite=args.overwrite, progress=progress)
+    console.print(sweep_table(sweep))
+    console.print(f"chosen: {escape(', '.join(f'{k}={v}' for k, v in sweep['best']['setting'].items()))}; "
+                  f"results: {escape(str(Path(args.out) / sweep['algorithm']))}", highlight=False)
+    return 0
 
 
 def _report_options(args: argparse.Namespace):
@@ -639,8 +718,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="run several algorithms on the same seed, data and devices")
     p.add_argument("config")
-    p.add_argument("--algorithms", required=True,
-                   help="comma-separated, e.g. fedavg,fedprox,scaffold; an import path mymodule:MyStrategy runs your own")
+    p.add_argument("--algorithms",
+                   help="comma-separated, e.g. fedavg,fedprox,scaffold; an import path mymodule:MyStrategy runs your own "
+                   "(with --tuned: a subset of the swept ones)")
+    p.add_argument("--tuned", metavar="SWEEPDIR", help="run each algorithm swept into SWEEPDIR (hetfl sweep) at its chosen "
+                   "setting, trained on all its training samples (the config's data.validation_fraction) and scored on "
+                   "the test split; the table and comparison.json record each setting and trial budget, and a warning says when budgets differ. Refused when SWEEPDIR was swept on another config "
+                   "(its hash, less the grid keys)")
+    p.add_argument("--any-config", action="store_true", help="with --tuned: apply the settings even though SWEEPDIR "
+                   "was swept on another config")
     p.add_argument("--out", required=True, help="comparison directory: one run folder per algorithm, comparison.json, "
                    "the report")
     p.add_argument("--seeds", metavar="0,1,2", help="run every algorithm once per seed (comma-separated, distinct "
@@ -651,6 +737,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     with_overrides(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("sweep", help="tune one algorithm over a grid of settings, scored on a validation split",
+                       description="Run ALGORITHM at every setting of the --grid product, once per seed, trained without "
+                       "and scored on each client's validation split (data.validation_fraction of its training samples; "
+                       "the test split is never read), into OUT/ALGORITHM: sweep.json (every setting, per-seed scores, "
+                       "mean ± std, the chosen one, the budget), sweep.png (a heatmap for two keys, error bars for one, "
+                       "the chosen plane for more) and a run folder per trial run. Chosen: the highest mean (lowest for "
+                       "time_to_target); a setting missing a seed's score ranks last; ties: smaller std, then earlier in "
+                       "the grid. Sweep each algorithm into the same OUT with the same budget, then hetfl compare --tuned OUT.")
+    p.add_argument("config")
+    p.add_argument("--algorithm", required=True, help="the algorithm to tune (a name, or an import path)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=v1,v2",
+                   help="a config key and its values (read as --set reads them), e.g. training.lr=0.01,0.05 or "
+                   "strategy.params.buffer_size=5,10; repeatable: the product of all is swept")
+    p.add_argument("--seeds", metavar="0,1,2", help="seeds of every setting (default: the config's seeds, else its seed)")
+    p.add_argument("--out", required=True, help="sweep folder: OUT/ALGORITHM/ per algorithm swept")
+    p.add_argument("--objective", default="final_accuracy", metavar="|".join(("final_accuracy", "best_accuracy",
+                   "time_to_target")), help="the validation score to choose by (default final_accuracy)")
+    p.add_argument("--validation-fraction", type=float, metavar="F", help="share of each client's training samples "
+                   "held out for validation (default: data.validation_fraction, else 0.2)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="runs at once in N worker processes (default 1); "
+                   "the results are the same as one at a time")
+    p.add_argument("--ray", metavar="ADDRESS", help="run the trials as Ray tasks: local (a Ray started here, --jobs at "
+                   "once) or a cluster's address (pip install hetfl[ray])")
+    p.add_argument("--overwrite", action="store_true", help="replace this algorithm's earlier sweep in OUT")
+    p.add_argument("--quiet", action="store_true", help="no line per finished run")
+    with_overrides(p)
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="render plots and an HTML page for a run or comparison directory")
     p.add_argument("dir")

@@ -231,6 +231,11 @@ class DataConfig(Section):
     feature_skew: FeatureSkewConfig = FeatureSkewConfig()
     drift: DriftConfig = DriftConfig()
     test_fraction: float = Field(0.2, gt=0, lt=1, description="Share of each client's samples kept for its test split.")
+    validation_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Share of each client's training samples held out as its validation split (not "
+        "trained on; evaluation.split: validation scores on it, as hetfl sweep does); 0: none, every training sample "
+        "trains.",
+    )
     normalize: bool = Field(True, description="Scale features to zero mean, unit variance (statistics of the training splits).")
     text: TextConfig = TextConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
@@ -270,6 +275,9 @@ class DataConfig(Section):
                 )
             if self.drift.kind != "none":
                 raise ValueError("data.drift.kind: the text dataset has next-token targets, not classes to swap; set none")
+        if self.dataset == "synthetic" and self.validation_fraction:
+            raise ValueError("data.validation_fraction: the synthetic dataset generates its evaluation clients apart; "
+                             "set 0 (hetfl sweep needs a dataset that is dealt out)")
         if self.dataset == "synthetic":
             changed = [k for k, v in PartitionConfig().model_dump().items() if getattr(self.partition, k) != v]
             if changed:  # (compared with the defaults: a resolved config.yaml lists every key)
@@ -728,6 +736,10 @@ class EvaluationConfig(Section):
         "default 0.95 x the perplexity of the first evaluation (the model the federation starts from).",
     )
     stop_at_target: bool = Field(False, description="End the run once the target (accuracy, or perplexity) is reached.")
+    split: Literal["test", "validation"] = Field(
+        "test", description="What the global model and per-client metrics are scored on: each client's test split, or "
+        "its validation split (data.validation_fraction > 0; hetfl sweep's trials, so tuning never reads the test split).",
+    )
 
 
 def _installed(module: str) -> bool:
@@ -1099,6 +1111,15 @@ class ExperimentConfig(Section):
         for refused, message in refusals:
             if refused:
                 raise ValueError(message)
+        return self
+
+    @model_validator(mode="after")
+    def _validation_split(self) -> "ExperimentConfig":
+        if self.evaluation.split == "validation" and not self.data.validation_fraction:
+            raise ValueError("evaluation.split: validation needs a validation split; set data.validation_fraction, "
+                             "e.g. 0.2")
+        if self.data.validation_fraction and self.client is not None:
+            raise ValueError("data.validation_fraction: a Flower client's data is its own; set 0")
         return self
 
     @model_validator(mode="after")

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -802,6 +802,9 @@ class FederatedData:
     drift : LabelDrift or None
         The concept drift (``data.drift``): which clients relabel their samples, how and when;
         None without drift. Labels in ``dataset.y`` are the original ones.
+    validation : list of numpy.ndarray
+        Each client's validation sample indices (``data.validation_fraction`` of its training samples, taken out of
+        ``train``); empty lists without a validation split.
     """
 
     dataset: Dataset
@@ -810,6 +813,11 @@ class FederatedData:
     clusters: np.ndarray | None = None
     feature_levels: np.ndarray | None = None
     drift: LabelDrift | None = None
+    validation: list[np.ndarray] = field(default_factory=list)
+
+    def evaluation_split(self, split: str) -> list[np.ndarray]:
+        """Each client's samples the run scores on: ``test`` or ``validation`` (``evaluation.split``)."""
+        return self.validation if split == "validation" else self.test
 
     @property
     def n_clients(self) -> int:
@@ -905,16 +913,20 @@ def federate(cfg: DataConfig, seed: int) -> FederatedData:
 
     Notes
     -----
-    Randomness comes from four generators spawned from ``seed``: partition, split, feature skew,
-    drift; adding feature skew or drift leaves the partition and the splits as they were.
+    Randomness comes from five generators spawned from ``seed``: partition, split, feature skew,
+    drift, validation; adding feature skew, drift or a validation split leaves the partition and the
+    test splits as they were. With ``cfg.validation_fraction``, each client's training samples are split
+    again by :func:`split_train_test` (``round(validation_fraction * n)`` of its ``n``, at least 1 and at
+    most ``n - 1`` when ``n >= 2``, stratified by label) into the samples it trains on and its validation
+    split; normalisation statistics are those of the samples trained on.
     """
     ds = load_dataset(cfg, seed)
     if cfg.n_clients > ds.n_train:
         source = ds.name if cfg.path is None else f"{ds.name} at {cfg.path}"
         samples = f"{ds.n_train} training samples" if ds.n_test else f"{len(ds)} samples"
         raise DataError(f"data.n_clients={cfg.n_clients} exceeds the {samples} of {source}")
-    partition_rng, split_rng, skew_rng, drift_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4)
+    partition_rng, split_rng, skew_rng, drift_rng, validation_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)  # the first four as spawn(4) gives
     )
     skew = cfg.feature_skew
     check_feature_skew(skew, ds)
@@ -925,8 +937,12 @@ def federate(cfg: DataConfig, seed: int) -> FederatedData:
         train, test = parts, deal_test(parts, labels, np.arange(ds.n_train, len(ds)), split_rng, natural_groups)
     else:
         train, test = split_train_test(parts, labels, cfg.test_fraction, split_rng)
+    validation: list[np.ndarray] = []
+    if cfg.validation_fraction:
+        train, validation = split_train_test(train, labels, cfg.validation_fraction, validation_rng)
     levels = None if skew.kind == "none" else feature_levels(cfg.n_clients, skew.strength, skew_rng, skew.groups)
-    rows = [np.concatenate([tr, te]) for tr, te in zip(train, test)] if levels is not None else []
+    held = [np.concatenate([te, va]) for te, va in zip(test, validation)] if validation else test
+    rows = [np.concatenate([tr, te]) for tr, te in zip(train, held)] if levels is not None else []
     if skew.kind == "rotation":
         rotate_clients(ds.x, rows, levels)
     if cfg.normalize and ds.vocab_size is None and ds.x.dtype.kind == "f":
@@ -936,4 +952,4 @@ def federate(cfg: DataConfig, seed: int) -> FederatedData:
     if skew.kind == "affine":
         shift_and_scale(ds.x, rows, levels, feature_std(ds.x, np.concatenate(train)))
     drift = LabelDrift.from_config(cfg.drift, cfg.n_clients, ds.n_classes, drift_rng)
-    return FederatedData(ds, train, test, clusters=clusters, feature_levels=levels, drift=drift)
+    return FederatedData(ds, train, test, clusters=clusters, feature_levels=levels, drift=drift, validation=validation)

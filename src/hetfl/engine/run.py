@@ -88,6 +88,9 @@ class Federation:
             return data.describe(self, strategy or self.strategy())
         n_train = int(data.train_sizes.sum())
         n_test = int(data.test_sizes.sum())
+        validation = getattr(data, "validation", None)
+        held = f" / {sum(len(v) for v in validation)} validation" if validation else ""
+        scored = f", scored on {cfg.evaluation.split}" if validation else ""
         speeds = np.asarray(self.profiles.speed)  # a DeviceTable's column
         spread = float(speeds.max() / speeds.min())
         if cfg.model.zoo:
@@ -103,8 +106,9 @@ class Federation:
                 f"{self.flops_per_step / 1e6:.2f} MFLOP a step"
             )
         return (
-            f"{cfg.data.dataset}: {data.n_clients} clients ({n_train} train / {n_test} test samples, "
-            f"{'generated per client' if cfg.data.dataset == 'synthetic' else f'{cfg.data.partition.kind} partition'}); "
+            f"{cfg.data.dataset}: {data.n_clients} clients ({n_train} train / {n_test} test{held} samples, "
+            f"{'generated per client' if cfg.data.dataset == 'synthetic' else f'{cfg.data.partition.kind} partition'}"
+            f"{scored}); "
             f"{model}; device speeds span {spread:.1f}x"
         )
 
@@ -180,7 +184,7 @@ def build_federation(cfg: ExperimentConfig) -> Federation:
     ds = data.dataset
     x, y = torch.from_numpy(ds.x), torch.from_numpy(ds.y)
     pool = ClientPool(x, y, data.train, ds.n_classes, data.drift).to(trainer.device)  # one index array, offsets; data once
-    evaluator = Evaluator.from_splits(trainer, x, y, data.test, data.drift)
+    evaluator = Evaluator.from_splits(trainer, x, y, data.evaluation_split(cfg.evaluation.split), data.drift)
     _check_batchable(cfg, models, pool)
     return Federation(cfg, data, profiles, trainer, evaluator, pool, flops, models)
 

@@ -49,6 +49,8 @@ CHECKPOINT_NAME = "checkpoint.pt"
 LOCK_NAME = ".hetfl.lock"
 """The lock file of a folder a hetfl process writes into (:func:`lock_out`)."""
 COMPARISON_NAME = "comparison.json"
+SWEEP_NAME = "sweep.json"
+"""An algorithm's sweep record (:mod:`hetfl.sweep`), beside its trials' runs."""
 RUN_FILES = (
     CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, CHECKPOINT_NAME, CHECKPOINT_NAME + ".tmp",
     "devices.json", "server.log",  # hetfl server's
@@ -70,7 +72,8 @@ class OutDir:
         The folder, as given.
     kind : str
         ``new`` (does not exist), ``empty``, ``run`` (a hetfl run), ``comparison`` (what ``hetfl compare`` wrote:
-        ``comparison.json`` beside its runs), ``runs`` (a folder of runs or a run index: a results root, or a
+        ``comparison.json`` beside its runs), ``sweep`` (an algorithm's ``hetfl sweep``: ``sweep.json`` beside its
+        runs), ``runs`` (a folder of runs or a run index: a results root, or a
         comparison that ended before its ``comparison.json``) or ``other`` (anything else: not hetfl's).
     detail : str
         For messages: the run's status, algorithm and rounds; the runs in it; a few of the other files.
@@ -112,6 +115,8 @@ def inspect(path: str | Path) -> OutDir:
     detail = f"runs {', '.join(runs)}" if runs else "a run index"
     if COMPARISON_NAME in entries:
         return OutDir(path, "comparison", detail, runs=runs)
+    if SWEEP_NAME in entries:
+        return OutDir(path, "sweep", detail, runs=runs)
     if runs or INDEX_NAME in entries:
         return OutDir(path, "runs", detail, runs=runs)
     shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
@@ -171,9 +176,9 @@ def check_run_out(path: str | Path, *, overwrite: bool) -> OutDir:
     """Refuse ``path`` as a run's folder unless it is new, empty, or (``overwrite``) an earlier run; change nothing."""
     path = Path(path)
     out = _writable(path)
-    if out.kind in ("comparison", "runs"):
+    if out.kind in ("comparison", "runs", "sweep"):
         raise HetflError(
-            f"--out {path}: holds {'a comparison' if out.kind == 'comparison' else 'other runs'} ({out.detail}), not "
+            f"--out {path}: holds {'other runs' if out.kind == 'runs' else 'a ' + out.kind} ({out.detail}), not "
             f"one run; give a folder of its own, e.g. --out {path / 'NAME'}"
         )
     if out.kind == "run" and not overwrite:
@@ -189,8 +194,9 @@ def check_comparison_out(path: str | Path, folders: list[str], *, overwrite: boo
     earlier comparison's runs that this one does not replace (whose files are to go, :func:`clear_run`)."""
     path = Path(path)
     out = _writable(path)
-    if out.kind == "run":
-        raise HetflError(f"--out {path}: holds one run ({out.detail}), not a comparison; give another folder")
+    if out.kind in ("run", "sweep"):
+        raise HetflError(f"--out {path}: holds {'one run' if out.kind == 'run' else 'a sweep'} ({out.detail}), not a "
+                         "comparison; give another folder")
     if out.kind == "comparison" and not overwrite:
         raise HetflError(
             f"--out {path}: holds an earlier comparison ({out.detail}); add --overwrite to replace it, or give another "
@@ -208,7 +214,7 @@ def check_comparison_out(path: str | Path, folders: list[str], *, overwrite: boo
                 f"--out {path}: its folder {folder} holds files that are not a hetfl run ({member.detail}); move them, "
                 "or give another folder"
             )
-        if member.kind in ("comparison", "runs"):
+        if member.kind in ("comparison", "runs", "sweep"):
             raise HetflError(f"--out {path}: its folder {folder} holds other runs ({member.detail}); give another folder")
     if out.kind != "comparison":
         return []
@@ -235,12 +241,35 @@ def _compared(folder: Path) -> list[str]:
     return names
 
 
+def check_sweep_out(root: str | Path, folder: str, trials: list[str], *, overwrite: bool) -> list[Path]:
+    """Refuse ``root/folder`` as an algorithm's sweep (``hetfl sweep --out ROOT``) unless it is new or empty, or
+    (``overwrite``) that algorithm's earlier sweep; ``root`` holds only sweeps (``*/sweep.json``, or the runs of one
+    that did not finish). Changes nothing; returns the earlier sweep's run folders not among ``trials`` (whose files
+    are to go, :func:`clear_run`)."""
+    root, path = Path(root), Path(root) / folder
+    _refuse_special(root)
+    if root.exists():
+        if not root.is_dir():
+            raise HetflError(f"--out {root}: exists and is not a folder")
+        for entry in sorted(root.iterdir()):
+            if entry.name != LOCK_NAME and not (entry.is_dir() and inspect(entry).kind in ("sweep", "runs", "empty")):
+                raise HetflError(f"--out {root}: holds {entry.name}, which is not an algorithm's sweep; give a folder "
+                                 "of sweeps, or a new one")
+    out = _writable(path)
+    if out.kind in ("sweep", "runs") and not overwrite:
+        raise HetflError(f"--out {root}: holds an earlier sweep of {folder} ({out.detail}); add --overwrite to replace "
+                         "it, or give another folder")
+    if out.kind not in ("new", "empty", "sweep", "runs"):
+        raise HetflError(f"--out {root}: its folder {folder} holds {out.detail}, not a sweep; give another folder")
+    return [path / name for name in out.runs if name not in trials]
+
+
 def check_server_out(path: str | Path, *, fresh: bool) -> bool:
     """Refuse ``path`` as a deployment's folder unless it is new, empty or a run; True if the run there is to be
     resumed (it has a checkpoint, and not ``fresh``). Changes nothing."""
     path = Path(path)
     out = _writable(path)
-    if out.kind in ("comparison", "runs"):
+    if out.kind in ("comparison", "runs", "sweep"):
         raise HetflError(f"--out {path}: holds other runs ({out.detail}), not one run; give a folder of its own")
     return out.checkpoint and not fresh
 
