@@ -206,7 +206,7 @@ EXPECTED = {
 }
 """What each dataset expects at ``data.path``, for error messages."""
 
-_SOURCES = {"digits": "sklearn digits", "text": "text"}
+_SOURCES = {"digits": "sklearn digits", "text": "text", "mnist1d": "mnist1d"}
 """How a built-in dataset without a path is named in messages about its data."""
 
 
