@@ -1,10 +1,12 @@
 """The built-in models, and :func:`build_model`, which builds any model a config names, built-in or a user's.
 
 Every model a config names goes through one door, :func:`hetfl.registry.resolve` (``model.name``,
-``model.zoo.<i>.name``): the built-in names are import paths like a user's, ``logreg``, ``mlp`` and ``cnn``
-the factories of this module and ``tinylm`` :func:`hetfl.models.transformer.tinylm`. A factory (or an
+``model.zoo.<i>.name``): the built-in names are import paths like a user's, ``logreg``, ``mlp``, ``cnn``,
+``cnn1d`` (1-d signals, MNIST-1D) and ``resnet`` (CIFAR-style, with BatchNorm) the factories of this module and
+``tinylm`` :func:`hetfl.models.transformer.tinylm`. A factory (or an
 ``nn.Module`` class) is called with its own keyword parameters (for built-ins the config's size keys:
-``hidden``, ``channels``, ``d_model``, ...; for a user's model ``model.params``) and, where its signature
+``hidden``, ``channels``, ``blocks``, ``d_model``, ...; unset ``channels``: the factory's own default; for a
+user's model ``model.params``) and, where its signature
 asks for them, what hetfl knows of the data: ``input_shape``, ``n_classes``, ``vocab_size`` (token inputs)
 and ``feature_dim`` (``model.feature_dim``).
 
@@ -30,7 +32,7 @@ Every built-in classifier is a *body* followed by a linear classifier *head* (it
 Given ``feature_dim``, every architecture hands its head a representation of that width, so models
 of different families can share a head, class prototypes or an adapter on the representation
 (model-heterogeneous FL): the MLP appends a hidden layer of that width unless its last one has it,
-the CNN projects its flattened feature map with Linear + ReLU, and logistic regression becomes a
+the CNNs project their flattened feature map (ResNet: its pooled one) with Linear + ReLU, and logistic regression becomes a
 linear model with a rank-``feature_dim`` bottleneck (Linear, no activation, then the head).
 """
 
