@@ -129,3 +129,21 @@ def test_a_missing_package_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "mnist1d.data", None)  # import fails
     with pytest.raises(DataError, match=r"^data.dataset: mnist1d needs the mnist1d package; pip install mnist1d$"):
         load_dataset(data_config(**SMALL))
+
+
+def test_a_run_on_mnist1d_with_cnn1d_end_to_end(offline, tmp_path, capsys):
+    import json
+
+    from conftest import write_config
+    from hetfl.cli import main
+
+    config = write_config(
+        tmp_path, rounds=2, data={"dataset": "mnist1d", "params": SMALL, "n_clients": 4,
+                                  "partition": {"kind": "dirichlet", "alpha": 0.5}},
+        model={"name": "cnn1d", "channels": [4, 4]}, training={"lr": 0.05, "batch_size": 8, "local_steps": 2,
+                                                                "vectorize": "on"},
+        strategy={"name": "fedavg", "clients_per_round": 4})
+    assert main(["run", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["architectures"] == ["cnn1d[4,4]"] and summary["rounds"] == 2
+    assert 0.0 <= summary["final_accuracy"] <= 1.0
