@@ -435,7 +435,7 @@ class ArchitectureConfig(Section):
     name: str = Field(
         "mlp",
         description="Model architecture: logreg, mlp, cnn, cnn1d (a 1-d CNN of signals, e.g. mnist1d), resnet (a "
-        "CIFAR ResNet with BatchNorm; practical with a GPU), tinylm (a tiny decoder-only transformer, for data.dataset "
+        "CIFAR ResNet with BatchNorm; minutes an epoch of CIFAR-10 on a CPU), tinylm (a tiny decoder-only transformer, for data.dataset "
         "text); or a torch.nn.Module of your own, package.module:Class (or a function returning a module), called with "
         "model.params and, where its signature asks, input_shape, n_classes, vocab_size, feature_dim "
         "(docs/extending.md).",
