@@ -124,6 +124,7 @@ def test_resnet_trains_one_step_its_batchnorm_statistics_travel_and_fedbn_takes_
     assert moved[: trainer.n_buffers].sum() > 0 and moved[trainer.n_buffers:].sum() > 0  # statistics and weights
     assert torch.isfinite(result.params).all()
     assert norm_entries(trainer).numel() == 4 * sum(m.num_features for m in bn)  # mean, var, weight, bias
+    assert trainer.head_slice == slice(trainer.numel - 8 * 10 - 10, trainer.numel)  # FedPer/FedRep split here
     FedBN().check_model("resnet")
     FedBN().check_models([trainer])
     with pytest.raises(ConfigError, match=r"^model.name: fedbn keeps the BatchNorm layers on each client, and the "
