@@ -95,9 +95,11 @@ def test_the_cache_is_read_back_and_a_damaged_file_regenerated(offline, cache, m
         m.setattr(m1d, "generate", lambda settings: pytest.fail("generated again despite the cache"))
         again = load_dataset(data_config(**SMALL))
     assert np.array_equal(first.x, again.x)
-    path.write_bytes(b"not an npz")
-    assert np.array_equal(load_dataset(data_config(**SMALL)).x, first.x)
-    assert np.load(path)["x"].shape == (160, 40)  # replaced by a good file
+    good = path.read_bytes()
+    for damaged in (b"not an npz", good[: len(good) // 2]):  # not a zip; a truncated one
+        path.write_bytes(damaged)
+        assert np.array_equal(load_dataset(data_config(**SMALL)).x, first.x)
+        assert np.load(path)["x"].shape == (160, 40)  # replaced by a good file
     other = m1d.cache_path(m1d.check_params({**SMALL, "iid_noise_scale": 0.05}))
     assert other != path  # every setting is in the key
 

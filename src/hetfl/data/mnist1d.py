@@ -32,6 +32,7 @@ import importlib.metadata
 import json
 import os
 import random
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -134,7 +135,7 @@ def samples(settings: Mnist1dParams, folder: Path | None = None) -> dict[str, np
         try:
             with np.load(path, allow_pickle=False) as saved:
                 return {k: saved[k] for k in ("x", "y", "x_test", "y_test")}
-        except (OSError, ValueError, KeyError):  # a damaged cache file: generate again and replace it
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # damaged: generate again, replace it
             pass
     arrays = generate(settings)
     try:
