@@ -20,7 +20,7 @@ generator's, not the run's, so runs of different seeds share one dataset, as the
 (:func:`hetfl.data.partition.deal_test`). ``x`` is float32 ``(N, 1, final_seq_length)``, one channel as for
 MNIST's images: ``cnn1d`` reads it as one channel, ``mlp`` and ``logreg`` flatten it.
 
-Generation is a Python loop over samples (about 0.65 CPU-ms each: 26 s for 40,000; docs/benchmarks.md, "MNIST-1D"), so
+Generation is a Python loop over samples (about 0.55 CPU-ms each: 21.5 s for 40,000; docs/benchmarks.md), so
 the arrays are cached: ``<cache>/mnist1d-<key>.npz``, ``key`` a hash of the settings and the package's version,
 ``<cache>`` ``$HETFL_CACHE``, else ``~/.cache/hetfl`` (:func:`hetfl.cache.default_cache_dir`).
 """
