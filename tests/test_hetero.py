@@ -97,7 +97,7 @@ def test_tier_cycle_and_explicit_assignment():
     ({"zoo": [{"name": "logreg"}], "assign": "tier"}, "model.tiers: assign 'tier' needs"),
     ({"zoo": [{"name": "logreg"}], "assign": "explicit"}, "model.assignment: assign 'explicit' needs"),
     ({"zoo": [{"name": "logreg"}], "assign": "explicit", "assignment": [0, 1]}, "model.assignment: zoo index 1 is out of range"),
-    ({"zoo": [{"name": "resnet"}]}, "model.zoo.0.name"),
+    ({"zoo": [{"name": "vgg"}]}, "model.zoo.0.name"),  # not a built-in (resnet now is)
 ])
 def test_bad_zoo_configs_are_one_line_errors(model, message):
     with pytest.raises(ConfigError, match=message):

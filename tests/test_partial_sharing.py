@@ -45,6 +45,7 @@ def adding_trainer():
     ("logreg", (64,), 64 * 10 + 10),
     ("mlp", (64,), 16 * 10 + 10),
     ("cnn", (64,), 8 * 2 * 2 * 10 + 10),  # 8x8 -> pool -> 4x4 -> pool -> 2x2, 8 channels
+    ("cnn1d", (1, 40), 8 * 10 * 10 + 10),  # 40 -> 20 -> 10 points, 8 channels
 ])
 def test_head_slice_is_the_last_linear_layer(name, shape, head_numel):
     torch.manual_seed(0)

@@ -25,6 +25,7 @@ from hetfl.cli import main
 from hetfl.config import DataConfig, load_config
 from hetfl.data import as_dataset, check_parts, deal_test, federate, load_dataset
 from hetfl.data import datasets as hetfl_datasets
+from hetfl.data import mnist1d as hetfl_mnist1d
 from hetfl.data.datasets import Dataset
 from hetfl.data.partition import _apportion
 from hetfl.deploy.client import load_data
@@ -329,13 +330,15 @@ BUILT_IN_PARAMETERS = {"path", "config", "seed", "n_clients"}
 
 def test_every_built_in_dataset_is_a_loader_the_registry_resolves():
     builtins = registry.KINDS["dataset"].builtins
-    assert set(builtins) == {"digits", "text", "synthetic", "mnist", "fashion_mnist", "cifar10", "leaf", "csv", "npz", "hf"}
+    assert set(builtins) == {"digits", "text", "synthetic", "mnist1d", "mnist", "fashion_mnist", "cifar10", "leaf", "csv",
+                             "npz", "hf"}
     for name, path in builtins.items():
         resolved = registry.resolve("dataset", name, key="data.dataset")
         assert resolved.builtin and resolved.path == path
         if name == "synthetic":  # generated per client; the engine builds it
             continue
-        assert resolved.obj is getattr(hetfl_datasets, path.split(":")[1])
+        module = hetfl_mnist1d if name == "mnist1d" else hetfl_datasets  # MNIST-1D's generator has its own module
+        assert resolved.obj is getattr(module, path.split(":")[1])
         assert set(inspect.signature(resolved.obj).parameters) <= BUILT_IN_PARAMETERS, name
 
 

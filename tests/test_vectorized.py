@@ -86,7 +86,7 @@ OPTIMISERS = {
 }
 
 
-@pytest.mark.parametrize("model", ["logreg", "mlp", "cnn"])
+@pytest.mark.parametrize("model", ["logreg", "mlp", "cnn", "cnn1d"])
 @pytest.mark.parametrize("optimiser", list(OPTIMISERS))
 def test_matches_training_the_clients_one_by_one(model, optimiser):
     t = make_trainer(model, **OPTIMISERS[optimiser])
@@ -116,7 +116,7 @@ def test_correction_and_grad_mask_match():
     assert_same(vectorised, one_by_one)
 
 
-@pytest.mark.parametrize("model", ["logreg", "mlp", "cnn"])
+@pytest.mark.parametrize("model", ["logreg", "mlp", "cnn", "cnn1d"])
 def test_one_client_agrees_to_1e_6(model):
     t = make_trainer(model, momentum=0.9, weight_decay=1e-3)
     data, starts = clients(t, sizes=[13])

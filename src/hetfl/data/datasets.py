@@ -19,7 +19,8 @@ a client trains, so it is never loaded as a whole.
 
 Built-in datasets
 -----------------
-Each pools its official train and test files; the partitioner makes the per-client splits.
+Each pools its official train and test files; the partitioner makes the per-client splits (``mnist1d`` keeps its
+official test split instead).
 
 =================  =====================================================================
 ``digits``         scikit-learn's bundled 8x8 digits; ``x`` is ``(N, 64)``, raw 0..16.
@@ -30,6 +31,11 @@ Each pools its official train and test files; the partitioner makes the per-clie
                    ``x`` is a window's first ``context`` bytes, ``y`` its last ``context``
                    (the next-token targets), both int64 ``(N, context)``; ``groups`` is the
                    client, so ``partition.kind: natural`` deals each client its own text.
+``mnist1d``        built in: MNIST-1D (Greydanus 2020), generated on this machine by the
+                   ``mnist1d`` package and cached (:mod:`hetfl.data.mnist1d`; its settings in
+                   ``data.params``: ``num_samples``, ``train_split``, ``seed``, ...); ``x`` is
+                   ``(N, 1, 40)``. Its official test split is kept (``data.test_fraction``
+                   does not apply). Nothing is downloaded.
 ``mnist``          a folder with the IDX files ``train-images-idx3-ubyte``,
 ``fashion_mnist``  ``train-labels-idx1-ubyte`` and optionally ``t10k-images-idx3-ubyte``,
                    ``t10k-labels-idx1-ubyte``, each plain or ``.gz``; ``x`` is
@@ -195,6 +201,7 @@ class Dataset:
 # --------------------------------------------------------------------------- entry point
 EXPECTED = {
     "digits": "nothing (it ships with scikit-learn)",
+    "mnist1d": "nothing (the mnist1d package generates it)",
     "text": "nothing (it reads text that ships with Python)",
     "mnist": "a folder with train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz]",
     "fashion_mnist": "a folder with train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz]",
@@ -206,7 +213,7 @@ EXPECTED = {
 }
 """What each dataset expects at ``data.path``, for error messages."""
 
-_SOURCES = {"digits": "sklearn digits", "text": "text"}
+_SOURCES = {"digits": "sklearn digits", "text": "text", "mnist1d": "mnist1d"}
 """How a built-in dataset without a path is named in messages about its data."""
 
 

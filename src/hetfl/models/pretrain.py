@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hetfl.cache import default_cache_dir
 from hetfl.config import DataConfig, PretrainConfig
 from hetfl.data.text import client_corpora, encode, style_text
 from hetfl.errors import DataError
@@ -61,7 +62,7 @@ class Pretrained:
 
 def cache_dir(cfg: PretrainConfig) -> Path:
     """``cfg.cache_dir``, else ``$HETFL_CACHE``, else ``~/.cache/hetfl``."""
-    return Path(cfg.cache_dir or os.environ.get("HETFL_CACHE") or Path.home() / ".cache" / "hetfl").expanduser()
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
 
 
 def cache_key(model: TinyLM, cfg: PretrainConfig, data: DataConfig, seed: int) -> str:

@@ -106,10 +106,10 @@ class FedBN(RoundStrategy):
         self.trained: set[int] = set()  # clients the server has an update from: they hold their own entries
 
     def check_model(self, model_name: str) -> None:
-        if model_name in ("logreg", "mlp", "cnn", "tinylm"):
+        if model_name in ("logreg", "mlp", "cnn", "cnn1d", "tinylm"):
             raise ConfigError(
                 f"model.name: fedbn keeps the BatchNorm layers on each client, and the built-in {model_name} has none; "
-                "use a model of your own with nn.BatchNorm1d/2d/3d layers (model.name: package.module:Class)"
+                "use resnet or a model of your own with nn.BatchNorm1d/2d/3d layers (model.name: package.module:Class)"
             )
 
     def check_models(self, trainers) -> None:
