@@ -328,8 +328,8 @@ def resnet(
     ``model.name: resnet``; image inputs only. Its BatchNorm makes it train one task at a time (``training.vectorize``
     falls back). On 3x32x32 inputs ResNet-8 (``blocks: 1``) has 78k parameters and 25 MFLOP a sample forward,
     ResNet-20 (``blocks: 3``) 272k and 82 MFLOP; a step of 32 CIFAR images of ResNet-8 took about 0.12 CPU-seconds
-    on one thread (a busy 2-core machine), so an epoch of CIFAR-10 is minutes per client. hetfl trains on the CPU
-    (there is no device setting yet): CIFAR-10 with this model is practical only once training runs on a GPU."""
+    on one thread (a busy 2-core machine), so an epoch of CIFAR-10 is minutes per client: CIFAR-10 with this model is
+    practical with ``training.device: cuda`` (or ``auto``) on a machine with a GPU."""
     if vocab_size is not None:
         raise ConfigError("model.name: resnet does not take token (text) inputs; use logreg or mlp")
     if not channels:
