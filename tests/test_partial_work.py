@@ -20,6 +20,7 @@ from hetfl.devices import TaskTiming, steps_in_time, task_timing
 from hetfl.engine import Simulator
 from hetfl.engine.simulator import task_seed
 from hetfl.errors import ConfigError
+from hetfl.results.variant import variant_label
 from hetfl.strategies import FedAvg, FedProx, build_strategy
 
 TEN_STEPS = TrainingConfig(local_steps=10, batch_size=4, lr=0.1, vectorize="off")
@@ -201,6 +202,9 @@ def test_partial_work_needs_a_round_strategy_with_a_deadline():
     assert build_strategy(StrategyConfig(name="fedprox", partial_work=True, deadline_s=5.0)).partial_work
     assert not build_strategy(StrategyConfig(name="fedprox", deadline_s=5.0)).partial_work
     assert validate({"strategy": {"partial_work": True, "deadline_s": 2.0}}).strategy.partial_work
+    strategy = {"name": "fedprox", "params": {"mu": 1.0}, "deadline_s": 2.0}
+    assert variant_label({**strategy, "partial_work": True}) == "fedprox(mu=1)+partial"  # how reports tell the runs apart
+    assert variant_label({**strategy, "partial_work": False}) == "fedprox(mu=1)"
 
 
 def test_the_cli_says_so_in_one_line(tmp_path, capsys):
