@@ -1,7 +1,7 @@
 """FedProx's stragglers experiment (Li et al., arXiv:1812.06127, Figure 1) on Synthetic(1,1): partial work against dropping.
 
     .venv/bin/python benchmarks/fedprox_stragglers.py [--config benchmarks/fedprox_stragglers.yaml] [--seeds 0,1,2]
-        [--stragglers 0,0.5,0.9] [--rounds N] [--out results/fedprox_stragglers]
+        [--stragglers 0,0.5,0.9] [--variants "fedavg (drop),fedprox mu=0,fedprox mu=1"] [--rounds N] [--out results/fedprox_stragglers]
         [--figure docs/figures/fedprox_stragglers.png] [--set key=value ...]
 
 The federation (``benchmarks/fedprox_stragglers.yaml``): Synthetic(1,1), 30 clients, 10 a round, logreg, 20 local
@@ -20,7 +20,7 @@ partial updates and dropped updates per round, and the mean share of its steps a
 (accuracy and loss against rounds, the mean and a band of one standard deviation) goes to ``--figure``.
 
 Every run's folder stays under ``--out``; a run whose ``summary.json`` is there is not run again, so several
-invocations (one per ``--stragglers`` value, say) fill the folder and a last one tabulates them all. This is a
+invocations (one per ``--stragglers`` value or ``--variants`` subset, say, in parallel) fill the folder and a last one tabulates them all. This is a
 benchmark, not a test: nothing asserts a number. The last line is one JSON object.
 """
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -50,6 +51,7 @@ VARIANTS = {
 def run_once(config: str, out: Path, overrides: list[str]) -> tuple[dict, list[dict]]:
     """The run's summary and metrics lines, from its folder if it has finished before, else run now."""
     if not (out / "summary.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)  # an unfinished run of an interrupted invocation: run it again
         run_experiment(load_config(config, overrides), out, show_progress=False)
     summary = json.loads((out / "summary.json").read_text())
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -112,6 +114,7 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "benchmarks" / "fedprox_stragglers.yaml"))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--stragglers", default="0,0.5,0.9")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="a comma-separated subset of: " + ", ".join(VARIANTS))
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--out", default=str(ROOT / "results" / "fedprox_stragglers"))
     parser.add_argument("--figure", default=str(ROOT / "docs" / "figures" / "fedprox_stragglers.png"))
@@ -124,7 +127,8 @@ def main() -> None:
     for share in shares:
         setting = f"{share:.0%}"
         tiers = [f"devices.compute.tier_weights.fast={1 - share:g}", f"devices.compute.tier_weights.slow={share:g}"]
-        for variant, variant_overrides in VARIANTS.items():
+        for variant in args.variants.split(","):
+            variant_overrides = VARIANTS[variant]
             for seed in seeds:
                 overrides = [*args.set, *tiers, *variant_overrides, f"seed={seed}"]
                 if args.rounds:
