@@ -223,12 +223,14 @@ def test_the_cli_says_so_in_one_line(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and "strategy.partial_work: simulated only" in err
 
 
-def test_a_run_reports_its_partial_updates(tmp_path, capsys):
+def test_a_run_reports_its_partial_updates_and_resumes_as_it_runs(tmp_path, capsys):
     import json
+
+    from test_runs_end_to_end import assert_same_run
 
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({
-        "rounds": 2, "seed": 0,
+        "rounds": 2, "seed": 0, "checkpoint_every": 1,
         "data": {"dataset": "digits", "n_clients": 4},
         "devices": {"compute": {"distribution": "tiers", "median_flops": 1e7, "tiers": {"fast": 100.0, "slow": 1.0},
                                 "tier_weights": {"fast": 1, "slow": 1}},
@@ -244,3 +246,7 @@ def test_a_run_reports_its_partial_updates(tmp_path, capsys):
     assert summary["partial_updates"] > 0 and 0 < summary["partial_work_mean"] < 1
     assert lines[-1]["partial_updates"] == summary["partial_updates"] and lines[0]["partial_updates"] == 0
     assert summary["dropped"] == 0
+    # a checkpoint holds the next round's tasks in flight, cut: a resumed run trains them as the straight one does
+    assert main(["run", str(config), "--out", str(tmp_path / "straight"), "--quiet", "--set", "rounds=4"]) == 0
+    assert main(["run", "--resume", str(tmp_path / "o"), "--quiet", "--set", "rounds=4"]) == 0
+    assert_same_run(tmp_path / "straight", tmp_path / "o")
