@@ -710,6 +710,10 @@ class StrategyConfig(Section):
     )
     clients_per_round: int = Field(10, ge=1, description="Clients sampled per round (fewer if fewer are online).")
     deadline_s: float | None = Field(None, gt=0, description="Round deadline in simulated seconds; later updates are dropped.")
+    partial_work: bool = Field(
+        False, description="Round-based algorithms with deadline_s, simulated: a client too slow for all its local steps "
+        "trains the steps that arrive by the deadline (FedProx's partial work) instead of being dropped."
+    )
     params: dict[str, Any] = Field(default_factory=dict, description="Parameters of the algorithm `name`.")
     selection: SelectionConfig = Field(
         default_factory=SelectionConfig, description="Which clients a round-based algorithm trains each round."
@@ -737,6 +741,12 @@ class StrategyConfig(Section):
         if isinstance(value, dict):
             return {registry.check_name("strategy", name): params for name, params in value.items()}
         return value
+
+    @model_validator(mode="after")
+    def _partial_work_needs_deadline(self) -> "StrategyConfig":
+        if self.partial_work and self.deadline_s is None:
+            raise ValueError("strategy.partial_work: set strategy.deadline_s, the round deadline partial work must meet")
+        return self
 
     def params_for(self, name: str) -> dict[str, Any]:
         """The parameters algorithm ``name`` runs with: ``per_algorithm[name]``, then ``params`` if it is ``name``."""

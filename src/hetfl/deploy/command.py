@@ -69,6 +69,11 @@ def _serve(
             f"strategy.name: {strategy.name} has no global model for the server to evaluate; "
             "deployment runs algorithms with a global model"
         )
+    if cfg.strategy.partial_work:
+        raise ConfigError(
+            "strategy.partial_work: simulated only; a deployed server does not know a client's speed beforehand, "
+            "so it cannot size the steps that meet the deadline; set it false for hetfl server"
+        )
     if cfg.deploy.secure_aggregation and not strategy.linear_aggregation:
         raise ConfigError(
             f"deploy.secure_aggregation: {strategy.name} does not aggregate by a weighted mean of the updates, "

@@ -1,7 +1,7 @@
 """Device heterogeneity: compute speed, network and availability of each client, and task timing."""
 
 from hetfl.devices.draw import build_profiles
-from hetfl.devices.profiles import DeviceProfile, TaskTiming, describe_profiles, task_timing
+from hetfl.devices.profiles import DeviceProfile, TaskTiming, describe_profiles, steps_in_time, task_timing
 from hetfl.devices.table import DeviceTable
 from hetfl.devices.tiers import NETWORK_TIERS, NetworkTier
 from hetfl.devices.trace import load_trace, save_trace
@@ -16,5 +16,6 @@ __all__ = [
     "describe_profiles",
     "load_trace",
     "save_trace",
+    "steps_in_time",
     "task_timing",
 ]

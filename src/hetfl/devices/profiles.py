@@ -123,6 +123,23 @@ class TaskTiming:
     def total_s(self) -> float:
         return self.download_s + self.compute_s + self.upload_s
 
+    def cut(self, done: int, steps: int) -> "TaskTiming":
+        """The timing of ``done`` of the task's ``steps`` local steps: the same transfers, ``done / steps`` of the
+        compute (each step at the speed, jitter included, this timing gives the whole task)."""
+        return TaskTiming(self.download_s, self.compute_s * done / steps, self.upload_s)
+
+
+def steps_in_time(timing: TaskTiming, steps: int, time_s: float) -> int:
+    """Of a task of ``steps`` local steps timed ``timing``, how many fit in ``time_s`` seconds after its download
+    and before its upload: ``min(steps, floor((time_s - download - upload) / (compute / steps)))``; 0 when not even
+    the transfers fit (partial work, ``strategy.partial_work``)."""
+    spare = time_s - timing.download_s - timing.upload_s
+    if steps <= 0 or spare < 0:
+        return 0
+    if timing.compute_s <= 0:
+        return steps
+    return min(steps, math.floor(spare * steps / timing.compute_s))
+
 
 def task_timing(
     profile: DeviceProfile,

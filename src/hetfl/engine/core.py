@@ -48,6 +48,8 @@ class Counters:
     trained_steps: int = 0  # local steps actually computed
     trained_flops: float = 0.0  # FLOPs of those steps, each at its client's architecture
     wasted_steps: int = 0  # steps trained ahead in a batch for tasks then cancelled (not in trained_steps)
+    partial: int = 0  # arrived tasks cut to their deadline (partial work, Task.steps_asked)
+    partial_work: float = 0.0  # the sum, over those, of steps trained / steps asked
     staleness: dict[int, int] = field(default_factory=dict)  # staleness at commit -> aggregated updates
     staleness_window: dict[int, int] = field(default_factory=dict)  # the same, since the last evaluation
     participation: np.ndarray = field(default_factory=_zeros)  # aggregated updates per client
@@ -177,6 +179,12 @@ class EngineCore:
         task.bytes_up = bytes_up
         task.flops = st.strategy.task_flops(self.server, task)
         return task, bytes_down
+
+    def cut(self, task: Task, steps: int) -> None:
+        """Partial work: ``task`` trains only ``steps`` of its steps, the most that arrive before its deadline;
+        ``task.steps_asked`` keeps what it was asked, and its FLOPs are the strategy's ``task_flops`` of ``steps``."""
+        task.steps_asked, task.steps = task.steps, steps
+        task.flops = self.state.strategy.task_flops(self.server, task)
 
     def task_over(self, task: Task) -> None:
         """``task`` is over now (arrived, failed or cancelled): its seconds count in its client's busy time."""

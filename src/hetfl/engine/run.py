@@ -372,6 +372,7 @@ class Run:
             "updates": c.updates,
             "dropped": c.dropped,
             "train_flops": c.trained_flops,
+            "partial_updates": c.partial,
             **sim.fairness(),  # starts a new staleness window
             **sim.engine_metrics(),
             **personal,
@@ -505,6 +506,8 @@ class Run:
             "trained_steps": c.trained_steps,
             "train_flops": c.trained_flops,
             "flops_per_task": c.trained_flops / c.arrived if c.arrived else None,
+            "partial_updates": c.partial,
+            "partial_work_mean": c.partial_work / c.partial if c.partial else None,
             "architectures": [t.label for t in self.fed.models.trainers],
             "architecture": self.fed.models.of_client.tolist(),
             "device": str(self.fed.trainer.device),

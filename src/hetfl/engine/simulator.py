@@ -3,7 +3,9 @@
 How a task flows:
 
 1. The strategy calls :meth:`Simulator.dispatch`. The simulator prices the task with the client's
-   device profile (download + compute + upload seconds, with jitter), decides whether the client
+   device profile (download + compute + upload seconds, with jitter), cuts it, with partial work
+   (``finish_by``, ``strategy.partial_work``), to the local steps that arrive by then at those very
+   speeds, decides whether the client
    will lose it (dropout, or going offline before the end), and schedules one event: ``arrival``
    at the end, or ``failure`` at the moment it is lost. Nothing is trained yet.
 2. The main loop pops events in simulated-time order (ties: first scheduled, first delivered).
@@ -40,7 +42,7 @@ import numpy as np
 import torch
 
 from hetfl.data.skew import LabelDrift
-from hetfl.devices import DeviceProfile, DeviceTable, task_timing
+from hetfl.devices import DeviceProfile, DeviceTable, TaskTiming, steps_in_time, task_timing
 from hetfl.devices.byzantine import Byzantine
 from hetfl.engine.backends import Backend, InProcess
 from hetfl.engine.clock import Event, EventQueue
@@ -375,6 +377,7 @@ class Simulator(HoldsEngineCore):
         steps: int | None = None,
         payload: dict[str, torch.Tensor] | None = None,
         options: dict[str, Any] | None = None,
+        finish_by: float | None = None,
     ) -> Task:
         st = self.state
         if client_id in st.busy:
@@ -389,6 +392,8 @@ class Simulator(HoldsEngineCore):
             bytes_up=task.bytes_up,
             jitter=self.jitter, rng=st.device_rng,
         )
+        if finish_by is not None:
+            timing = self._partial_work(task, timing, finish_by)
         end = self.now + timing.total_s
         lost_at = math.inf
         if profile.dropout > 0 and st.device_rng.random() < profile.dropout:  # type: ignore[union-attr]
@@ -400,6 +405,19 @@ class Simulator(HoldsEngineCore):
             st.busy[client_id] = st.queue.push(end, "arrival", task)
             self.backend.start(task)  # a task that will be lost is never trained
         return task
+
+    def _partial_work(self, task: Task, timing: TaskTiming, finish_by: float) -> TaskTiming:
+        """``task`` cut to the steps that arrive by ``finish_by`` at the speed ``timing`` drew for it (so the steps
+        and the time come from the same draws), and its timing; unchanged when every step fits, or none does (the
+        deadline drops it as without partial work)."""
+        steps = steps_in_time(timing, task.steps, finish_by - self.now)
+        while steps >= 1 and self.now + timing.cut(steps, task.steps).total_s > finish_by:
+            steps -= 1  # floating-point rounding at the edge: arrive by the deadline, never after
+        if not 1 <= steps < task.steps:
+            return timing
+        timing = timing.cut(steps, task.steps)
+        self.core.cut(task, steps)
+        return timing
 
     def cancel(self, task: Task) -> None:
         event = self.state.busy.get(task.client_id)
@@ -495,6 +513,9 @@ class Simulator(HoldsEngineCore):
         st.counters.trained_flops += task.flops
         st.counters.arrived += 1
         st.counters.bytes_up += task.bytes_up
+        if task.steps_asked:
+            st.counters.partial += 1
+            st.counters.partial_work += task.steps / task.steps_asked
         params = result.params
         if self.byzantine is not None:
             params = self.byzantine.returned(task.client_id, task.task_id, task.params, params)

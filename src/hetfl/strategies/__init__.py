@@ -130,6 +130,11 @@ def build_strategy(
         )
     _robust_options(cls, cfg, accepted, kwargs)
     strategy = _instantiate(cls, kwargs, f"strategy.params: {cfg.name}")
+    if cfg.partial_work:
+        if not isinstance(strategy, RoundStrategy):
+            raise ConfigError(f"strategy.partial_work: {cfg.name} does not run rounds with a deadline (partial work "
+                              "applies to round-based algorithms such as fedavg and fedprox)")
+        strategy.partial_work = True
     if "name" not in vars(cls):  # a user's class without a name of its own is called what the config calls it
         strategy.name = cfg.name
     if training is not None:

@@ -52,6 +52,7 @@ class Task:
     options: dict[str, Any] = field(default_factory=dict)  # scalars for the client half (e.g. prox_mu)
     bytes_up: int = 0  # what the client's upload will carry (Strategy.transfer_bytes, fixed at dispatch)
     flops: float = 0.0  # what the client computes for it (Strategy.task_flops, fixed at dispatch)
+    steps_asked: int | None = None  # partial work: the steps asked for, when the engine cut ``steps`` to a deadline
 
 
 @dataclass
@@ -143,7 +144,8 @@ class Server(Protocol):
         steps: int | None = None,
         payload: dict[str, torch.Tensor] | None = None,
         options: dict[str, Any] | None = None,
-    ) -> Task: ...
+        finish_by: float | None = None,
+    ) -> Task: ...  # finish_by (the simulator's partial work): train only the steps that arrive by then
 
     def cancel(self, task: Task) -> None: ...  # the task's result is no longer wanted (never computed)
 

@@ -52,7 +52,15 @@ class RoundStrategy(Strategy):
         (their clients are told to stop, so their work is never computed). None waits for all.
     selection : Selection, optional
         Which clients a round takes (:mod:`hetfl.strategies.selection`); uniform sampling by default.
+
+    ``partial_work`` (``strategy.partial_work``, set on the built strategy; False by default): with a deadline, each
+    task is dispatched with ``finish_by`` the deadline, so a client too slow for all its local steps trains (and is
+    charged and timed for) the steps that arrive by then, FedProx's gamma-inexact solution (Li et al.,
+    arXiv:1812.06127), instead of being dropped; the update is aggregated as any other. A client that cannot do one
+    step in time is dropped as without it.
     """
+
+    partial_work: bool = False
 
     def __init__(
         self, *, clients_per_round: int = 10, deadline_s: float | None = None, selection: Selection | None = None
@@ -117,12 +125,14 @@ class RoundStrategy(Strategy):
             if math.isfinite(wake):
                 server.set_timer(wake, "retry")
             return  # nobody will ever come back: the engine sees an empty queue and stops
+        deadline = None if self.deadline_s is None else server.now + self.deadline_s
+        finish = {"finish_by": deadline} if self.partial_work and deadline is not None else {}
         for client in self.select(server, available):
-            task = server.dispatch(client, **self.configure(server, client))
+            task = server.dispatch(client, **self.configure(server, client), **finish)
             self._pending[task.task_id] = task
         self._received, self._dropped = [], 0
-        if self.deadline_s is not None:
-            self._deadline = server.set_timer(server.now + self.deadline_s, "deadline")
+        if deadline is not None:
+            self._deadline = server.set_timer(deadline, "deadline")
 
     def on_update(self, server: Server, update: Update) -> None:
         if self._pending.pop(update.task.task_id, None) is None:
