@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -305,7 +306,8 @@ def test_drifting_clients_train_and_are_scored_on_their_new_labels_after_the_dri
     swapped = torch.tensor([1, 0, 2])[y[6:]]
     assert torch.equal(pool.data(1, 5.0).y, swapped)  # from at_s on: label 0 <-> 1
     assert torch.equal(pool.data(0, 9.0).y, y[:6])  # a client that does not drift keeps its labels
-    evaluator = Evaluator.from_splits(None, x, y, [np.arange(6), np.arange(6, 12)], drift)
+    on_cpu = types.SimpleNamespace(device=torch.device("cpu"))  # all the evaluator asks of a trainer until it scores
+    evaluator = Evaluator.from_splits(on_cpu, x, y, [np.arange(6), np.arange(6, 12)], drift)
     assert torch.equal(evaluator.labels(0.0), y)
     assert torch.equal(evaluator.labels(5.0), torch.cat([y[:6], swapped]))
 

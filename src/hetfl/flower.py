@@ -374,6 +374,7 @@ class FlowerTrainer:
     n_buffers = 0
     head = None
     key = KEY
+    device = torch.device("cpu")  # where hetfl's side of a task lives; the Flower client computes where it likes
 
     def __init__(self, clients: FlowerClients, spec: ArraySpec, initial: torch.Tensor, cfg: "TrainingConfig") -> None:
         self.clients, self.spec, self.initial = clients, spec, initial
