@@ -1,7 +1,7 @@
 """FedGH: the server trains one generalised global head on the clients' class prototypes.
 
 Yi et al., "FedGH: Heterogeneous Federated Learning with Generalized Global Header", ACM MM 2023
-(arXiv:2305.13137). Each client keeps its own model (any architecture of the zoo with the common
+(arXiv:2303.13137). Each client keeps its own model (any architecture of the zoo with the common
 representation width ``model.feature_dim``); the server keeps one classifier head H (weight W, C x d,
 and bias b) for all of them.
 
@@ -51,7 +51,7 @@ def train_head(head: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tenso
 
 
 class FedGH(SharedHead):
-    """FedGH: a generalised global head trained by the server on uploaded prototypes (Yi et al., arXiv:2305.13137).
+    """FedGH: a generalised global head trained by the server on uploaded prototypes (Yi et al., arXiv:2303.13137).
 
     Parameters
     ----------
