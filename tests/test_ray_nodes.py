@@ -10,11 +10,19 @@ the other node.
 
 Starting the cluster takes most of the time (about 50 s on a busy 2-core machine); every wait is bounded, and
 every node is killed at the end whatever happens.
+
+The checks run in a Python process of their own (this file run as a script, by the one test below): Ray reads its
+authentication mode once per process, so a driver of this cluster (no token, see ``tests/ray_cluster.py``) and
+the local Rays the other serial tests start (a token when the home folder has one) cannot share a process.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,15 +46,31 @@ CONFIG = {
 }
 
 
-@pytest.fixture(scope="module")
-def cluster():
+def test_two_worker_nodes_equal_the_in_process_run_also_when_one_is_lost():
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    try:
+        child = subprocess.run([sys.executable, __file__], env=env, cwd=Path(__file__).parent.parent,
+                               capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"the checks on a Ray cluster did not finish in 900 s: {(err.stdout or b'')[-3000:]!r}")
+    assert child.returncode == 0, f"{child.stdout[-6000:]}\n{child.stderr[-6000:]}"
+    said = [line for line in child.stdout.splitlines() if line.startswith("ok: ")]  # Ray prints to stdout too
+    assert said == ["ok: equal on two worker nodes", "ok: equal after losing one"]
+
+
+def main() -> None:
+    """The checks, on one cluster (run by the test above in a process of its own)."""
     if ray.is_initialized():
-        pytest.skip("Ray is already initialised in this process")
-    with LocalCluster(workers=2, cpus=1) as c, driver_env(c):
-        ray.init(address=c.address, logging_level=logging.WARNING)
+        raise SystemExit("Ray is already initialised in this process")
+    with LocalCluster(workers=2, cpus=1) as cluster, driver_env(cluster):
+        ray.init(address=cluster.address, logging_level=logging.WARNING)
         try:
-            c.wait_for_nodes(ray)
-            yield c
+            cluster.wait_for_nodes(ray)
+            print(f"cluster up: {cluster.network}, head {cluster.address}", flush=True)
+            check_two_worker_nodes_equal_the_in_process_run(cluster)
+            print("ok: equal on two worker nodes", flush=True)
+            check_losing_a_worker_node_equals_the_in_process_run(cluster)
+            print("ok: equal after losing one", flush=True)
         finally:
             ray.shutdown()
 
@@ -88,7 +112,7 @@ def same_run(a, b) -> None:
                                                                             b.counters.cancelled)
 
 
-def test_a_run_on_two_worker_nodes_equals_the_in_process_run(cluster):
+def check_two_worker_nodes_equal_the_in_process_run(cluster: LocalCluster) -> None:
     local = run({})
     remote = run({"backend": {"name": "ray", "address": cluster.address}})
     same_run(local, remote)
@@ -102,7 +126,7 @@ def test_a_run_on_two_worker_nodes_equals_the_in_process_run(cluster):
     assert torch.allclose(batched.params, local.params, atol=1e-5, rtol=1e-4)
 
 
-def test_a_run_that_loses_a_worker_node_equals_the_in_process_run(cluster):
+def check_losing_a_worker_node_equals_the_in_process_run(cluster: LocalCluster) -> None:
     killed = {}
 
     def kill_node_0(sim):
@@ -122,3 +146,7 @@ def test_a_run_that_loses_a_worker_node_equals_the_in_process_run(cluster):
     survivor = remote.backend.nodes[next(iter(alive))]
     per_round = CONFIG["strategy"]["clients_per_round"]
     assert survivor >= remote.counters.arrived - 3 * per_round, "rounds 4 and 5 trained on the surviving node"
+
+
+if __name__ == "__main__":
+    main()
