@@ -3,7 +3,7 @@ and sequential.
 
     python benchmarks/gpu.py [--models mlp-64 cnn-16-32] [--tasks 100 1000 10000] [--devices cpu cuda]
                              [--threads 1] [--steps 5] [--batch-size 16] [--repeats 3] [--sequential-budget-s 4]
-                             [--json gpu_benchmark.json]
+                             [--json results/gpu_benchmark.json]
 
 For every model, device (``--devices``; default: ``cpu`` and, when this machine has one, ``cuda``; also ``mps``) and
 number of tasks K, a digits federation of 100 clients (IID, 14 training samples each) is built by
@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats, K below 10,000 (default 3)")
     parser.add_argument("--sequential-budget-s", type=float, default=4.0,
                         help="seconds of sequential tasks timed per row before extrapolating to K (default 4)")
-    parser.add_argument("--json", default="gpu_benchmark.json", help="where to write the JSON (default gpu_benchmark.json)")
+    parser.add_argument("--json", default="results/gpu_benchmark.json",
+                        help="where to write the JSON (default results/gpu_benchmark.json; results/ is not committed)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.steps < 1 or min(args.tasks) < 1 or args.threads < 1:
         parser.error("--repeats, --steps, --tasks and --threads must be at least 1")
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats, "sequential_budget_s": args.sequential_budget_s, "threads": args.threads, "seconds": total, "rows": rows,
         "load_average": [load_before, load_after], "machine": info,
     }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out))
     return 0
