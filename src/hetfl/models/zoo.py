@@ -111,27 +111,15 @@ class MLP(nn.Module):
         return self.net(x.flatten(1))
 
 
-class CNN(nn.Module):
-    """Conv(3x3) -> ReLU -> MaxPool(2) blocks, then a linear classifier.
+class _ConvClassifier(nn.Module):
+    """Convolutional ``features`` over inputs reshaped to ``shape``, flattened (``width`` numbers), then an optional
+    ``feature_dim`` projection and a linear classifier: the :attr:`head` of the head and prototype algorithms."""
 
-    Pooling stops once the feature map is 2x2 or smaller, so 8x8 digits and 32x32 CIFAR both work.
-    """
-
-    def __init__(
-        self, image_shape: tuple[int, int, int], channels: list[int], n_classes: int, feature_dim: int | None = None
-    ) -> None:
+    def __init__(self, shape: tuple[int, ...], features: nn.Sequential, width: int, n_classes: int,
+                 feature_dim: int | None) -> None:
         super().__init__()
-        c, h, w = image_shape
-        self.image_shape = image_shape
-        blocks: list[nn.Module] = []
-        for out in channels:
-            blocks += [nn.Conv2d(c, out, kernel_size=3, padding=1), nn.ReLU()]
-            if min(h, w) >= 4:
-                blocks.append(nn.MaxPool2d(2))
-                h, w = h // 2, w // 2
-            c = out
-        self.features = nn.Sequential(*blocks)
-        width = c * h * w
+        self.shape = shape
+        self.features = features
         self.project = nn.Sequential(nn.Linear(width, feature_dim), nn.ReLU()) if feature_dim else nn.Identity()
         self.classifier = nn.Linear(feature_dim or width, n_classes)
 
@@ -140,11 +128,31 @@ class CNN(nn.Module):
         return self.classifier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(x.shape[0], *self.image_shape)
+        x = x.reshape(x.shape[0], *self.shape)
         return self.classifier(self.project(self.features(x).flatten(1)))
 
 
-class CNN1D(nn.Module):
+class CNN(_ConvClassifier):
+    """Conv(3x3) -> ReLU -> MaxPool(2) blocks, then a linear classifier.
+
+    Pooling stops once the feature map is 2x2 or smaller, so 8x8 digits and 32x32 CIFAR both work.
+    """
+
+    def __init__(
+        self, image_shape: tuple[int, int, int], channels: list[int], n_classes: int, feature_dim: int | None = None
+    ) -> None:
+        c, h, w = image_shape
+        blocks: list[nn.Module] = []
+        for out in channels:
+            blocks += [nn.Conv2d(c, out, kernel_size=3, padding=1), nn.ReLU()]
+            if min(h, w) >= 4:
+                blocks.append(nn.MaxPool2d(2))
+                h, w = h // 2, w // 2
+            c = out
+        super().__init__(image_shape, nn.Sequential(*blocks), c * h * w, n_classes, feature_dim)
+
+
+class CNN1D(_ConvClassifier):
     """Conv1d(kernel 5, stride 2) -> ReLU blocks over a signal, then a linear classifier on the flattened features.
 
     Each block halves the length until it is 4 or shorter (later blocks keep it), so MNIST-1D's 40 points become
@@ -155,27 +163,14 @@ class CNN1D(nn.Module):
     def __init__(
         self, signal_shape: tuple[int, int], channels: list[int], n_classes: int, feature_dim: int | None = None
     ) -> None:
-        super().__init__()
         c, length = signal_shape
-        self.signal_shape = signal_shape
         blocks: list[nn.Module] = []
         for out in channels:
             stride = 2 if length > 4 else 1
             blocks += [nn.Conv1d(c, out, kernel_size=5, stride=stride, padding=2), nn.ReLU()]
             length = (length - 1) // stride + 1
             c = out
-        self.features = nn.Sequential(*blocks)
-        width = c * length
-        self.project = nn.Sequential(nn.Linear(width, feature_dim), nn.ReLU()) if feature_dim else nn.Identity()
-        self.classifier = nn.Linear(feature_dim or width, n_classes)
-
-    @property
-    def head(self) -> nn.Linear:
-        return self.classifier
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(x.shape[0], *self.signal_shape)
-        return self.classifier(self.project(self.features(x).flatten(1)))
+        super().__init__(signal_shape, nn.Sequential(*blocks), c * length, n_classes, feature_dim)
 
 
 class BasicBlock(nn.Module):
@@ -207,7 +202,6 @@ class ResNet(nn.Module):
         feature_dim: int | None = None,
     ) -> None:
         super().__init__()
-        self.image_shape = image_shape
         self.stem = nn.Sequential(
             nn.Conv2d(image_shape[0], channels[0], 3, padding=1, bias=False), nn.BatchNorm2d(channels[0]), nn.ReLU()
         )
