@@ -61,6 +61,12 @@ def _spread(values: list, fmt: str) -> str:
     return format(s["mean"], fmt) if s["std"] is None else f"{format(s['mean'], fmt)} ± {format(s['std'], fmt)}"
 
 
+def _time_cell(times: list) -> str:
+    """Mean ± std of the times of the seeds that reached a level, and how many did (k of n)."""
+    hit = [t for t in times if t is not None]
+    return f"{_spread(hit, '.0f')} s ({len(hit)} of {len(times)})" if hit else f"not reached (0 of {len(times)})"
+
+
 def staleness_quantile(histogram: dict[str, int], q: float) -> float:
     """The ``q`` quantile of a run's staleness histogram (``{"staleness": updates}``): the smallest staleness with at
     least a share ``q`` of the updates at or below it."""
@@ -73,12 +79,16 @@ def staleness_quantile(histogram: dict[str, int], q: float) -> float:
     return math.nan
 
 
-def last_record(folder: Path) -> dict:
-    lines = (folder / "metrics.jsonl").read_text().splitlines()
-    return json.loads(lines[-1]) if lines else {}
+def read_records(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def table(folders: list[Path]) -> list[dict]:
+def first_time_at(records: list[dict], level: float) -> float | None:
+    """Simulated time of the first evaluation at or above accuracy ``level`` (None: never)."""
+    return next((r["sim_time_s"] for r in records if (r.get("accuracy") or 0.0) >= level), None)
+
+
+def table(folders: list[Path], levels: list[float]) -> list[dict]:
     entries, where = [], {}
     for folder in folders:
         for e in json.loads((folder / "comparison.json").read_text()):
@@ -92,16 +102,13 @@ def table(folders: list[Path]) -> list[dict]:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for e in entries:
         runs = e["runs"]
-        times = [r.get("time_to_target_s") for r in runs]
-        reached = [t for t in times if t is not None]
         vs = e.get("vs_best")
         p = "best" if vs is None else ("—" if vs.get("ttest_p") is None else f"{vs['ttest_p']:.3g}")
         setting = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in (e.get("tuned", {}).get("setting") or {}).items())
         row = {
             "algorithm": e["algorithm"],
             "setting": setting,
-            "time_to_target": f"{_spread(reached, '.0f')} s ({len(reached)} of {len(times)})" if reached
-            else f"not reached (0 of {len(times)})",
+            "time_to_target": _time_cell([r.get("time_to_target_s") for r in runs]),
             "final_accuracy": _spread([r.get("final_accuracy") for r in runs], ".3f"),
             "staleness_mean": _spread([r.get("staleness_mean") for r in runs], ".1f"),
             "staleness_p90": _spread([staleness_quantile(r["staleness_histogram"], 0.9) for r in runs], ".0f"),
@@ -112,8 +119,11 @@ def table(folders: list[Path]) -> list[dict]:
             "p": p,
         }
         print("| " + " | ".join(str(v) for v in row.values()) + " |")
-        last = [last_record(where[e["algorithm"]] / f) for f in e["folders"]]  # strategy metrics, e.g. FedCompass's
+        records = [read_records(where[e["algorithm"]] / f) for f in e["folders"]]
+        last = [r[-1] for r in records]  # the strategy's own metrics, e.g. FedCompass's group sizes
         row["strategy_metrics"] = {k: _spread([r[k] for r in last], ".2f") for k in last[0] if k.startswith("compass_")}
+        for level in levels:  # time to other accuracies, from the runs' curves
+            row[f"time_to_{level}"] = _time_cell([first_time_at(r, level) for r in records])
         rows.append(row)
     print(json.dumps(rows))
     return rows
@@ -125,13 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("trace", help=f"write {TRACE.relative_to(ROOT)}")
     t = sub.add_parser("table", help="the Markdown table of one or more hetfl compare folders")
     t.add_argument("folders", nargs="+", type=Path)
+    t.add_argument("--levels", default="0.4,0.5,0.6,0.7", help="accuracies to time besides the target (in the JSON)")
     args = parser.parse_args(argv)
     if args.command == "trace":
         times = write_trace()
         print(f"{TRACE.relative_to(ROOT)}: step times {', '.join(f'{t:.3f}' for t in times)}; "
               f"sum of speeds {sum(1 / t for t in times):.1f}")
     else:
-        table(args.folders)
+        table(args.folders, [float(v) for v in args.levels.split(",")])
     return 0
 
 
