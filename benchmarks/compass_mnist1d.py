@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from hetfl.results.seeds import against_best, mean_std_ci  # noqa: E402
+from hetfl.results.seeds import against_best, aggregate, mean_std_ci  # noqa: E402
 
 TRACE = ROOT / "examples" / "traces" / "compass_exponential.csv"
 N_DEVICES = 10
@@ -92,6 +92,8 @@ def table(folders: list[Path], levels: list[float]) -> list[dict]:
     entries, where = [], {}
     for folder in folders:
         for e in json.loads((folder / "comparison.json").read_text()):
+            if "runs" not in e:  # a comparison of one seed lists the runs' summaries, each in a folder of its name
+                e = aggregate(e["algorithm"], [e], [e["algorithm"]])
             e.pop("vs_best", None)
             entries.append(e)
             where[e["algorithm"]] = folder
