@@ -249,6 +249,28 @@ def test_run_writes_the_new_fields_and_the_summary_agrees_with_them(tmp_path):
         assert summary[key] == last[key], key
 
 
+def test_evaluation_every_s_takes_the_first_aggregation_of_each_time_window():
+    from hetfl.config import EvaluationConfig
+
+    ev = EvaluationConfig(every_s=10.0)
+    # by hand: last evaluation at 3 s (window 0); 9.9 s is still window 0, 10.0 s opens window 1, 25 s window 2
+    assert not ev.due(1, 9.9, 3.0) and ev.due(2, 10.0, 3.0) and ev.due(3, 25.0, 12.0) and not ev.due(4, 19.0, 12.0)
+    assert ev.due(1, 0.5, None)  # nothing evaluated yet
+    assert EvaluationConfig(every=3).due(6, 0.1, 0.0) and not EvaluationConfig(every=3).due(7, 99.0, 0.0)
+    with pytest.raises(ValueError, match="every_s replaces evaluation.every"):
+        EvaluationConfig(every=2, every_s=1.0)
+
+
+def test_a_run_with_every_s_evaluates_once_per_window_of_simulated_time(tmp_path):
+    every_s = 0.1  # a round takes about 0.036 simulated seconds here
+    run_experiment(tiny_config(rounds=12, evaluation={"every_s": every_s, "target_accuracy": 0.2}), tmp_path / "run",
+                   show_progress=False)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    windows = [math.floor(r["sim_time_s"] / every_s) for r in records[1:-1]]  # the initial and final ones are extra
+    assert len(records) < 8 and windows == sorted(set(windows))  # far fewer than every round, one per window at most
+    assert records[-1]["round"] == 12
+
+
 # --------------------------------------------------------------------------- reports and the compare table
 def test_report_draws_staleness_and_participation_and_rebuilds_a_killed_runs_summary(tmp_path):
     root = tmp_path / "cmp"

@@ -755,6 +755,12 @@ class StrategyConfig(Section):
 
 class EvaluationConfig(Section):
     every: int = Field(1, ge=1, description="Evaluate the global model every this many aggregations.")
+    every_s: float | None = Field(
+        None, gt=0,
+        description="Instead of `every`: evaluate at the first aggregation of each new window of this many simulated "
+        "seconds, so that algorithms aggregating at different rates are measured at the same time resolution (a time "
+        "to target is then late by at most every_s plus the gap between two aggregations).",
+    )
     target_accuracy: float = Field(
         0.9, gt=0, le=1,
         description="Accuracy whose first crossing gives time_to_target_s (a language model's target is target_perplexity).",
@@ -769,6 +775,19 @@ class EvaluationConfig(Section):
         "test", description="What the global model and per-client metrics are scored on: each client's test split, or "
         "its validation split (data.validation_fraction > 0; hetfl sweep's trials, so tuning never reads the test split).",
     )
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> "EvaluationConfig":
+        if self.every_s is not None and self.every != 1:
+            raise ValueError("evaluation.every_s replaces evaluation.every: set one of them (leave every at 1)")
+        return self
+
+    def due(self, version: int, now: float, last_s: float | None) -> bool:
+        """Whether the aggregation that made model ``version`` at simulated time ``now`` is evaluated, the last
+        evaluation having been at ``last_s`` (None: none yet)."""
+        if self.every_s is None:
+            return version % self.every == 0
+        return last_s is None or math.floor(now / self.every_s) > math.floor(last_s / self.every_s)
 
 
 def _installed(module: str) -> bool:

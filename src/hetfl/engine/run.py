@@ -392,7 +392,7 @@ class Run:
     def _on_commit(self, sim: Engine) -> None:
         cfg = self.cfg
         last_round = sim.version >= cfg.rounds
-        if sim.version % cfg.evaluation.every == 0 or last_round:
+        if cfg.evaluation.due(sim.version, sim.now, self.scores.last.get("sim_time_s")) or last_round:
             self.evaluate()
             if cfg.evaluation.stop_at_target and self.scores.time_to_target_s is not None:
                 sim.stop("target reached")
