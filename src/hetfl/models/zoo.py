@@ -202,6 +202,7 @@ class ResNet(nn.Module):
         feature_dim: int | None = None,
     ) -> None:
         super().__init__()
+        self.image_shape = image_shape
         self.stem = nn.Sequential(
             nn.Conv2d(image_shape[0], channels[0], 3, padding=1, bias=False), nn.BatchNorm2d(channels[0]), nn.ReLU()
         )
