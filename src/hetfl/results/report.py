@@ -478,6 +478,12 @@ def _draw_targets(ax, runs: list[_Run]) -> None:
         ax.axhline(target, color="#555555", linestyle="--", linewidth=1.0, label=f"target {100 * target:g}%", zorder=1)
 
 
+def _star(ax, x: float, y: float, color: str, zorder: int = 4) -> None:
+    """The star that marks where a curve first reaches its target."""
+    ax.plot(x, y, marker="*", markersize=13, color=color, markeredgecolor="black", markeredgewidth=0.6,
+            linestyle="none", zorder=zorder)
+
+
 def _points(run: _Run) -> dict:
     """Dots on the line when a run has few evaluations (a single one would not show otherwise); a run whose curve
     has a twin: its own line style and sparse markers (:func:`_assign_styles`)."""
@@ -549,8 +555,7 @@ def _plot_accuracy_vs_time(runs: list[_Run], out: Path, unit: tuple[str, float],
         target = group.runs[0].target
         crossed = [] if target is None else [i for i, value in enumerate(mean) if value >= target]
         if len(crossed):  # the mean curve's first crossing of the target
-            ax.plot(grid[crossed[0]] / scale, mean[crossed[0]], marker="*", markersize=13, color=group.color,
-                    markeredgecolor="black", markeredgewidth=0.6, linestyle="none", zorder=4)  # fmt: skip
+            _star(ax, grid[crossed[0]] / scale, mean[crossed[0]], group.color)
             marked = True
     for run in runs:
         if run.group is not None:
@@ -561,8 +566,7 @@ def _plot_accuracy_vs_time(runs: list[_Run], out: Path, unit: tuple[str, float],
         shown += accuracy
         reached = run.first_at_target() if run.target is not None else None
         if reached is not None:
-            ax.plot(reached["sim_time_s"] / scale, reached["accuracy"], marker="*", markersize=13, color=run.color,
-                    markeredgecolor="black", markeredgewidth=0.6, linestyle="none", zorder=4)  # fmt: skip
+            _star(ax, reached["sim_time_s"] / scale, reached["accuracy"], run.color)
             marked = True
     _draw_targets(ax, runs)
     shown += _targets(runs)
@@ -628,8 +632,7 @@ def _plot_perplexity_vs_time(runs: list[_Run], out: Path, unit: tuple[str, float
                 linestyle="none", zorder=4)  # fmt: skip
         reached = run.first_at_target()
         if reached is not None:
-            ax.plot(reached["sim_time_s"] / scale, reached["perplexity"], marker="*", markersize=13, color=run.color,
-                    markeredgecolor="black", markeredgewidth=0.6, linestyle="none", zorder=5)  # fmt: skip
+            _star(ax, reached["sim_time_s"] / scale, reached["perplexity"], run.color, zorder=5)
     for target in sorted({run.perplexity_target for run in runs if run.perplexity_target is not None}):
         ax.axhline(target, color="#555555", linestyle="--", linewidth=1.0, label=f"target {target:.3g}", zorder=1)
     ax.set_yscale("log")
