@@ -101,7 +101,8 @@ def _serve(
         log.info("resumed from %s at aggregation %d (%.1f s into the run)", out_dir / CHECKPOINT, server.version,
                  server.state.elapsed)
         if _last_logged_round(out_dir / "metrics.jsonl") != server.version and (
-                server.version % cfg.evaluation.every == 0 or server.version >= cfg.rounds):
+                cfg.evaluation.due(server.version, server.now, run.scores.last.get("sim_time_s"))
+                or server.version >= cfg.rounds):
             run.evaluate()  # killed between the checkpoint and its metrics line: write it now
     status = "completed"
     try:
