@@ -26,6 +26,17 @@ def test_round_time_is_the_slowest_client_computed_by_hand():
     assert sim.now == pytest.approx(3 * (2 * (60 / 1e5 + 0.01) + 2.0))
 
 
+def test_a_client_with_fewer_samples_than_a_batch_is_charged_for_the_samples_it_has():
+    # batch 4, flops_per_step 1e6 priced for a batch of 4. Client 0 holds 2 samples, so its batches are its 2 samples
+    # (LocalTrainer.batches): 2 steps x 1e6 x 2/4 = 1e6 FLOP, 4 s at 0.25e6 FLOP/s (8 s if charged a full batch).
+    # Client 1 holds 8: 2 steps x 1e6 = 2 s at 1e6 FLOP/s. Transfers 60 B each way at 1e5 B/s. The round: 4.0012 s.
+    profiles = [profile(0, flops=0.25e6), profile(1, flops=1e6)]
+    sim = run_rounds(make_simulator(FedAvg(clients_per_round=2), [2, 8], profiles), 1)
+    assert sim.step_flops(0) == pytest.approx(0.5e6) and sim.step_flops(1) == pytest.approx(1e6)
+    assert sim.now == pytest.approx(2 * 60 / 1e5 + 4.0)
+    assert sim.counters.trained_flops == pytest.approx(1e6 + 2e6)
+
+
 def test_deadline_drops_the_straggler_without_training_it():
     # client 2 needs 20 s; the deadline is 5 s: every round aggregates two updates, drops one
     profiles = [profile(0, flops=1e6), profile(1, flops=1e6), profile(2, flops=1e5)]

@@ -560,7 +560,7 @@ class FlowerModels(ClientModels):
         models.per_client = np.asarray(per_client, dtype=np.float64)
         return models
 
-    def flops(self, client_id: int) -> float:
+    def flops(self, client_id: int, n_samples: int | None = None) -> float:  # measured on the client's own batches
         return float(self.per_client[client_id])
 
 

@@ -228,7 +228,7 @@ class DeployServer(HoldsEngineCore):
         self._stop_reason = self._stop_reason or reason
 
     def step_flops(self, client_id: int) -> float:
-        return self.models.flops(client_id)
+        return self.models.flops(client_id, self.num_samples(client_id))
 
     def num_samples(self, client_id: int) -> int:
         """The client's weight: the sample count it first claimed, bounded by the count registered with its token and by

@@ -169,9 +169,13 @@ class ClientModels:
     def trainer(self, client_id: int) -> LocalTrainer:
         return self.trainers[self.of_client[client_id]]
 
-    def flops(self, client_id: int) -> float:
-        """FLOPs of one local step of ``client_id``'s architecture."""
-        return self.flops_per_step[self.of_client[client_id]]
+    def flops(self, client_id: int, n_samples: int | None = None) -> float:
+        """FLOPs of one local step of ``client_id``'s architecture: ``flops_per_step`` is priced for a full batch of
+        ``training.batch_size``; a client with fewer samples trains on batches of all it has (``LocalTrainer.batches``)
+        and is charged for those."""
+        flops = self.flops_per_step[self.of_client[client_id]]
+        batch = self.trainer(client_id).cfg.batch_size
+        return flops if n_samples is None or n_samples >= batch else flops * max(n_samples, 1) / batch
 
 
 @dataclass
@@ -310,8 +314,8 @@ class Simulator(HoldsEngineCore):
         return list(self.state.busy.values())
 
     def step_flops(self, client_id: int) -> float:
-        """FLOPs of one local step of ``client_id``'s architecture."""
-        return self.models.flops(client_id)
+        """FLOPs of one local step of ``client_id``'s architecture on its batches."""
+        return self.models.flops(client_id, self.num_samples(client_id))
 
     @property
     def shared_bytes(self) -> int:
