@@ -25,8 +25,8 @@ demo: $(STAMP)
 # Two workers, each test file on one (its module fixtures stay together); then, alone, the tests marked serial:
 # rates and shaped links measured against the clock, and Ray clusters.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile -m "not serial"
-	$(PY) -m pytest -m serial
+	$(PY) -m pytest -n 2 --dist loadfile -m "not serial" --durations=15
+	$(PY) -m pytest -m serial --durations=10
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py

@@ -800,6 +800,27 @@ def _installed(module: str) -> bool:
         return False
 
 
+class ServerConfig(Section):
+    """The server's own cost on the simulated clock (hetfl.engine.server_time); unset: a free server."""
+
+    flops: float | None = Field(
+        None, gt=0, description="The server's FLOP/s: aggregation, server-side training and evaluation take this long "
+        "and delay the next dispatch. Unset: server work takes no simulated time."
+    )
+    up_mbps: float | None = Field(
+        None, gt=0, description="The server's uplink (what clients download), Mbit/s, shared by `concurrency` downloads. "
+        "Unset: unlimited."
+    )
+    down_mbps: float | None = Field(
+        None, gt=0, description="The server's downlink (what clients upload), Mbit/s, each upload capped at its share. "
+        "Unset: unlimited."
+    )
+    concurrency: int | None = Field(
+        None, ge=1, description="Downloads the server serves at once, each at up_mbps / concurrency; further ones wait "
+        "(first come, first served). Unset: any number, each with the whole link."
+    )
+
+
 class BackendConfig(Section):
     """Where clients' local training runs; the virtual clock and the strategy stay in the hetfl process, so every
     backend gives the same run for the same seed (docs/architecture.md, "Backends")."""
@@ -1105,6 +1126,9 @@ class ExperimentConfig(Section):
     strategy: StrategyConfig = StrategyConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     backend: BackendConfig = BackendConfig()
+    server: ServerConfig = Field(
+        ServerConfig(), description="The simulated server's compute and links (a deployed server's cost is real)."
+    )
     deploy: DeployConfig = DeployConfig()
     client: str | None = Field(
         None,

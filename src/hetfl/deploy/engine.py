@@ -313,6 +313,9 @@ class DeployServer(HoldsEngineCore):
             if self._journal is not None:
                 self._journal.append(("cancel", task))
 
+    def server_work(self, flops: float) -> None:
+        """Nothing to charge: a deployed server's work takes the real time it takes (``server:`` is the simulator's)."""
+
     def set_timer(self, at: float, tag: str) -> Event:
         timer = self.state.timers.push(max(at, self.now), "timer", tag)
         if self._journal is not None:

@@ -211,6 +211,7 @@ class EngineCore:
             )
         st = self.state
         st.counters.count_commit(st.version, updates, dropped)
+        self.server.server_work(st.strategy.server_flops(self.server, updates))  # the aggregation's own cost
         st.params = params
         st.version += 1
         self.checkpoint_due = True
@@ -317,6 +318,8 @@ class Engine(Protocol):
     def stop_reason(self) -> str | None: ...
 
     def stop(self, reason: str) -> None: ...
+
+    def server_work(self, flops: float) -> None: ...  # the server's own work (an evaluation's): timed in the simulator
 
     def fairness(self, *, window: bool = True) -> dict[str, Any]: ...
 

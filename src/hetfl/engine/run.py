@@ -28,12 +28,13 @@ from hetfl.devices import DeviceTable, build_profiles
 from hetfl.devices.byzantine import Byzantine
 from hetfl.engine.backends import build_backend, code_roots
 from hetfl.engine.core import Engine
+from hetfl.engine.server_time import ServerTime
 from hetfl.engine.simulator import ClientModels, ClientPool, Simulator
 from hetfl.engine.store import memory_budget
 from hetfl.errors import ConfigError, DivergedError, HetflError
 from hetfl.models import build_model, flops_per_sample
 from hetfl.models.assign import assign_architectures
-from hetfl.models.cost import training_flops
+from hetfl.models.cost import BACKWARD_FACTOR, training_flops
 from hetfl.results import MetricsLog, format_duration, record_run, write_summary
 from hetfl.results.outdir import CHECKPOINT_NAME, check_run_out, clear_run, lock_out
 from hetfl.results.tracking import RunInfo, Trackers, build_trackers
@@ -112,6 +113,14 @@ class Federation:
             f"{model}; device speeds span {spread:.1f}x"
         )
 
+    def evaluation_flops(self, strategy: Strategy) -> float:
+        """Forward FLOPs of one evaluation, what ``server.flops`` times: the global model on every evaluation
+        sample, and each client's own model on its samples where the strategy scores personal models (the
+        reference architecture's price; a personal model's fine-tuning, where a strategy does one, is not counted)."""
+        forward = self.flops_per_step / (BACKWARD_FACTOR * self.config.training.batch_size)
+        passes = int(strategy.global_model) + int(strategy.personalised or not strategy.global_model)
+        return forward * len(self.evaluator.y) * passes
+
     def strategy(self) -> Strategy:
         cfg = self.config
         strategy = build_strategy(cfg.strategy, cfg.training, cfg.model)
@@ -138,6 +147,7 @@ class Federation:
             max_sim_time_s=cfg.max_sim_time_s,
             models=self.models,
             byzantine=Byzantine(cfg.devices.byzantine, len(self.profiles), cfg.seed) if cfg.devices.byzantine.fraction else None,
+            server_time=ServerTime.from_config(cfg.server),
             backend=build_backend(cfg.backend, threads=cfg.threads, training=cfg.training, roots=code_roots(cfg.code))
             if cfg.client is None else self.trainer.backend(),  # a Flower client trains in its fit (hetfl.flower)
         )
@@ -349,6 +359,7 @@ class Run:
         """Evaluate the global model; append one record (``docs/metrics.md``) to metrics.jsonl."""
         sim, evaluator = self.sim, self.fed.evaluator
         c = sim.counters
+        sim.server_work(self.fed.evaluation_flops(sim.strategy))
         if sim.strategy.global_model:
             scores = evaluator(sim.params, sim.now)
             personal = evaluator.personal(sim.params, sim.personal_model, sim.now) if sim.strategy.personalised else {}

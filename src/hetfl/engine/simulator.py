@@ -47,6 +47,7 @@ from hetfl.devices.byzantine import Byzantine
 from hetfl.engine.backends import Backend, InProcess
 from hetfl.engine.clock import Event, EventQueue
 from hetfl.engine.core import Counters, EngineCore, EngineState, HoldsEngineCore
+from hetfl.engine.server_time import ServerTime
 from hetfl.engine.store import ClientStates, ParamStore, memory_budget
 from hetfl.results.fairness import fastest, idle_fractions
 from hetfl.strategies.base import ClientData, Strategy, Task, Update, client_report
@@ -189,6 +190,7 @@ class SimState(EngineState):
     server_rng: np.random.Generator | None = None
     device_rng: np.random.Generator | None = None
     started: bool = False
+    server_time: ServerTime | None = None  # the server's compute and download slots (None in older checkpoints)
 
 
 class Simulator(HoldsEngineCore):
@@ -228,6 +230,8 @@ class Simulator(HoldsEngineCore):
     byzantine : Byzantine, optional
         Simulated attackers (``devices.byzantine``, :mod:`hetfl.devices.byzantine`): their uploads are corrupted
         before the strategy sees them. Default: none.
+    server_time : ServerTime, optional
+        The server's own cost (``server:``, :mod:`hetfl.engine.server_time`). Default: a free server.
 
     Per-client tensors (client states, and what strategies keep per client through ``client_store``)
     live in a :class:`~hetfl.engine.store.ParamStore` whose memory budget is ``trainer.cfg``'s
@@ -251,6 +255,7 @@ class Simulator(HoldsEngineCore):
         vectorize: str | None = None,
         backend: Backend | None = None,
         byzantine: Byzantine | None = None,
+        server_time: ServerTime | None = None,
     ) -> None:
         if len(profiles) != pool.n_clients:
             raise ValueError(f"{len(profiles)} device profiles for {pool.n_clients} clients")
@@ -269,6 +274,7 @@ class Simulator(HoldsEngineCore):
             server_rng=np.random.default_rng([seed, 1]),
             device_rng=np.random.default_rng([seed, 2]),
             client_state=ClientStates(ParamStore(memory_budget(memory_mb))),
+            server_time=server_time or ServerTime(),
         )
         # the global model, strategy, counters and version, and the bookkeeping on them the deployment server shares
         self.core = EngineCore(self, state, diverged_advice="lower training.lr or the strategy's server_lr")
@@ -396,6 +402,7 @@ class Simulator(HoldsEngineCore):
             bytes_up=task.bytes_up,
             jitter=self.jitter, rng=st.device_rng,
         )
+        timing = self.server_time.timing(self.now, timing, bytes_down, task.bytes_up)
         if finish_by is not None:
             timing = self._partial_work(task, timing, finish_by)
         end = self.now + timing.total_s
@@ -431,6 +438,19 @@ class Simulator(HoldsEngineCore):
             self.backend.forget(task)  # it will never arrive: drop the work it started (wasted work is counted)
             self.state.counters.cancelled += 1
             self.core.task_over(task)
+
+    def server_work(self, flops: float) -> None:
+        """Charge ``flops`` of the server's own work (aggregation, server-side training, evaluation): with
+        ``server.flops`` set, later dispatches wait for it (:mod:`hetfl.engine.server_time`)."""
+        self.server_time.work(self.now, flops)
+
+    @property
+    def server_time(self) -> ServerTime:
+        """When the server's compute and download slots are free (:mod:`hetfl.engine.server_time`)."""
+        st = self.state
+        if st.server_time is None:  # a checkpoint written before hetfl charged the server: a free one
+            st.server_time = ServerTime()
+        return st.server_time
 
     def set_timer(self, at: float, tag: str) -> Event:
         return self.state.queue.push(max(at, self.now), "timer", tag)
@@ -470,9 +490,10 @@ class Simulator(HoldsEngineCore):
         return task_seed(self.seed, task_id)
 
     def engine_metrics(self) -> dict[str, Any]:
-        """What this engine adds to an evaluation record; the simulator adds nothing (the deployment server
-        adds rejected updates and connected clients)."""
-        return {}
+        """What this engine adds to an evaluation record: the server's own work so far (``server:``; the deployment
+        server adds rejected updates and connected clients instead)."""
+        server = self.server_time
+        return {"server_flops": server.work_flops, "server_busy_s": server.busy_s}
 
     def step(self) -> bool:
         """Process one event; False when there is nothing left to do."""

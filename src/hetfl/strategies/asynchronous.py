@@ -57,7 +57,9 @@ class AsyncStrategy(Strategy):
     def on_update(self, server: Server, update: Update) -> None:
         self._in_flight.discard(update.task.task_id)
         if self.recovery is not None:
+            before = self.recovery.flops
             update = self.recovery.recover(server, update)
+            server.server_work(self.recovery.flops - before)  # the inversion is the server's work
         self.receive(server, update)
         self._fill(server)
 

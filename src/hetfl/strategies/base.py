@@ -149,6 +149,8 @@ class Server(Protocol):
 
     def cancel(self, task: Task) -> None: ...  # the task's result is no longer wanted (never computed)
 
+    def server_work(self, flops: float) -> None: ...  # the server's own work, timed where server.flops is set
+
     def set_timer(self, at: float, tag: str) -> Any: ...
 
     def cancel_timer(self, handle: Any) -> None: ...
@@ -279,6 +281,13 @@ class Strategy:
         (``server.step_flops``); FedSpine charges the pruned model and the rank it chose.
         """
         return self.compute_steps(task.steps) * server.step_flops(task.client_id)
+
+    def server_flops(self, server: Server, updates: list[Update]) -> float:
+        """FLOPs the server spends on a commit of ``updates``: what ``server.flops`` (``server:``) times
+        (:mod:`hetfl.engine.server_time`). By default a weighted mean of the updates' parameters, a multiply and an
+        add per parameter and update (a commit of none, a timer's, costs nothing). A strategy that trains on the
+        server (a head, an inversion) adds that work."""
+        return 2.0 * server.params.numel() * len(updates)
 
     def check_devices(self, profiles: list[Any]) -> None:
         """Refuse device profiles the algorithm's parameters do not cover (raise ConfigError), before the run
