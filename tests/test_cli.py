@@ -256,6 +256,15 @@ def test_compare_rejects_bad_algorithms_before_running_any(tmp_path, capsys):
     assert not (tmp_path / "cmp").exists()  # fedavg was not run first
 
 
+def test_compare_refuses_strategy_params_for_an_algorithm_it_does_not_run(tmp_path, capsys):
+    # the config's strategy is fedavg: --set strategy.params.mu would set fedavg's, and fedprox would run without it
+    config = write_config(tmp_path)
+    code, _, err = cli(capsys, "compare", config, "--algorithms", "fedprox", "--out", tmp_path / "cmp",
+                       "--set", "strategy.params.mu=0.5")
+    assert_one_line_error(code, err, "strategy.params.mu", "strategy.per_algorithm.<algorithm>.mu")
+    assert not (tmp_path / "cmp").exists()
+
+
 def test_runs_on_a_missing_root(tmp_path, capsys):
     code, _, err = cli(capsys, "runs", "--root", tmp_path / "nowhere")
     assert_one_line_error(code, err, "nowhere")

@@ -247,6 +247,24 @@ def seeds_table(entries: list[dict[str, Any]], title: str) -> Table:
     return table
 
 
+def _check_params_overrides(overrides: list[str], config_algorithm: str, algorithms: dict[str, str] | None) -> None:
+    """``--set strategy.params.X=...`` sets the parameters of the config's ``strategy.name`` only
+    (``StrategyConfig.params_for``): refuse it in one line when the comparison does not run that algorithm, instead
+    of dropping it silently."""
+    if algorithms is None or config_algorithm in algorithms:
+        return
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key == "strategy.params" or key.startswith("strategy.params."):
+            rest = key[len("strategy.params"):].lstrip(".")
+            names = ", ".join(algorithms)
+            raise HetflError(
+                f"--set {key}: strategy.params are the parameters of strategy.name ({config_algorithm}), which this "
+                f"comparison does not run; set strategy.per_algorithm.<algorithm>{'.' + rest if rest else ''} for "
+                f"{names}, or --set strategy.name=<algorithm>"
+            )
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from hetfl.engine.backends import code_roots, share_ray
     from hetfl.engine.run import check_architectures, run_experiment
@@ -263,6 +281,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     seeds = _seeds(args.seeds) if args.seeds is not None else None  # a mistake here is said before the config's
     out = Path(args.out)
     base = load_config(args.config, args.set)
+    _check_params_overrides(args.set or [], base.strategy.name, algorithms)
     tuned = _tuned(args, base, algorithms, seeds) if args.tuned is not None else {}
     if algorithms is None:
         algorithms = _algorithms(",".join(tuned))
