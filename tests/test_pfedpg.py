@@ -1,6 +1,8 @@
 """pFedPG (arXiv:2308.15367): the prompt generator and its step on tiny cases worked out by hand, the client half, and
 a run on the language-model federation with a soft prompt."""
 
+import json
+
 import pytest
 import torch
 
@@ -138,3 +140,21 @@ def test_tinylm_soft_prompt_is_a_prefix_and_zero_tokens_is_the_plain_model():
     y[:, 1:] = (y[:, 1:] + 1) % 11
     assert torch.allclose(prompted(y)[:, 0], out[:, 0], atol=1e-6)
     assert prompted.sizes() == plain.sizes()  # the pretrained base of a prompted model is the plain one's
+
+
+def test_pfedpg_runs_on_a_prompted_tinylm_moving_only_prompts(tmp_path):
+    # 4 text clients, a d_model-16 TinyLM pretrained briefly, 4 soft-prompt rows: the backbone never moves, a task
+    # moves 4 x 16 float32 = 256 bytes each way, and the clients' own prompts lower the perplexity
+    from test_lm_task import lm_config
+    from hetfl.config import validate
+    from hetfl.engine.run import run_experiment
+
+    raw = lm_config(tmp_path)
+    raw["model"]["prompt_tokens"] = 4
+    raw["strategy"] = {"name": "pfedpg", "clients_per_round": 3}
+    summary = run_experiment(validate(raw), tmp_path / "run", show_progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["perplexity"] < lines[0]["perplexity"]
+    tasks = sum(summary["tasks_per_client"])
+    assert summary["bytes_down"] == tasks * 256 and summary["bytes_up"] == summary["updates"] * 256
+    assert summary["strategy_summary"]["client_trainable_params"] == 64
