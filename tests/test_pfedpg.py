@@ -128,9 +128,10 @@ def test_tinylm_soft_prompt_is_a_prefix_and_zero_tokens_is_the_plain_model():
     plain = TinyLM(vocab_size=11, d_model=8, n_heads=2, d_ff=8, n_layers=1, context=5)
     torch.manual_seed(0)
     prompted = TinyLM(vocab_size=11, d_model=8, n_heads=2, d_ff=8, n_layers=1, context=5, prompt_tokens=3)
-    assert prompted.prompt.shape == (3, 8)
+    assert prompted.prompt.shape == (3, 8)  # blanks at positions 0, 1, 2: token 10 (the last of 11) plus positions
+    assert torch.equal(prompted.prompt, prompted.tok.weight[10] + prompted.pos.weight[:3])
     others = {k: v for k, v in prompted.state_dict().items() if k != "prompt"}
-    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in others.items())  # drawn last: the rest is the same
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in others.items())  # nothing drawn: the rest is the same
     x = torch.randint(0, 11, (2, 5))
     out = prompted(x)
     assert out.shape == (2, 5, 11)  # the prompt's positions are dropped

@@ -144,10 +144,11 @@ def pretrain(model: TinyLM, cfg: PretrainConfig, data: DataConfig, seed: int) ->
 
 def load_base(model: TinyLM, state: dict[str, torch.Tensor]) -> None:
     """Load the pretrained base ``state`` into ``model``; a soft prompt (``model.prompt_tokens``), which the base
-    has not, keeps its own initialisation."""
+    has not, is set from the pretrained embeddings (:meth:`~hetfl.models.transformer.TinyLM.reset_prompt`)."""
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {"prompt"}:
         raise RuntimeError(f"the pretrained base does not fit the model: missing {missing}, unexpected {unexpected}")
+    model.reset_prompt()  # blanks in the pretrained embedding space
 
 
 def load_or_pretrain(model: TinyLM, cfg: PretrainConfig, data: DataConfig, seed: int) -> Pretrained:

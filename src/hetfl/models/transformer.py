@@ -133,8 +133,8 @@ class TinyLM(nn.Module):
     activation : {"gelu", "relu"}, default "gelu"
         FFN non-linearity.
     prompt_tokens : int, default 0
-        Rows of the soft prompt ``prompt`` prepended to every input (module docstring); 0: none. Drawn as the
-        token embeddings are, N(0, 1), after every other parameter (so the others do not change).
+        Rows of the soft prompt ``prompt`` prepended to every input (module docstring); 0: none. Initialised by
+        :meth:`reset_prompt`.
 
     Parameter count (tied head)::
 
@@ -178,8 +178,20 @@ class TinyLM(nn.Module):
         self.pos = nn.Embedding(context, d_model)
         self.blocks = nn.ModuleList(Block(d_model, h, d_head, f, activation) for h, f in zip(heads, widths))
         self.ln_f = nn.LayerNorm(d_model)
-        self.prompt = nn.Parameter(torch.randn(prompt_tokens, d_model)) if prompt_tokens else None
+        self.prompt = nn.Parameter(torch.empty(prompt_tokens, d_model)) if prompt_tokens else None
         self.head = None if tie_weights else nn.Linear(d_model, vocab_size, bias=False)
+        self.reset_prompt()
+
+    def reset_prompt(self) -> None:
+        """Set the soft prompt to what the model reads as ``prompt_tokens`` blanks (byte 32, or the last token id of a
+        smaller vocabulary) at positions 0, 1, ... (cycled past the context): a prompt in the model's own embedding
+        space, as Lester et al. initialise from the vocabulary. Called at construction and after a pretrained base is
+        loaded (:func:`hetfl.models.pretrain.load_base`); nothing is drawn, so the other weights do not change."""
+        if self.prompt is None:
+            return
+        rows = torch.arange(self.prompt.shape[0]) % self.context
+        with torch.no_grad():
+            self.prompt.copy_(self.tok.weight[min(32, self.vocab_size - 1)] + self.pos.weight[rows])
 
     @property
     def n_layers(self) -> int:

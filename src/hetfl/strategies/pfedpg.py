@@ -122,8 +122,9 @@ class PFedPG(RoundStrategy):
     ----------
     key_dim : int, default 16
         Width of the generator's attention keys, queries and values (W_q, W_k, W_v: key_dim x d).
-    generator_lr : float, default 1.0
-        The server's SGD rate on the generator (module docstring).
+    generator_lr : float, default 0.1
+        The server's SGD rate on the generator (module docstring). The step is stable below about 2 / (T + 1): b_o
+        moves with the sum of the T tokens' directions.
     local_head : bool, default True
         Also train the model's classifier head (head protocol), kept by each client; a model without one (TinyLM)
         trains its prompt alone.
@@ -139,7 +140,7 @@ class PFedPG(RoundStrategy):
         self,
         *,
         key_dim: int = 16,
-        generator_lr: float = 1.0,
+        generator_lr: float = 0.1,
         local_head: bool = True,
         clients_per_round: int = 10,
         deadline_s: float | None = None,
