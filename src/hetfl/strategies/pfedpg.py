@@ -150,7 +150,7 @@ class PFedPG(RoundStrategy):
         if key_dim < 1:
             raise ValueError(f"key_dim must be a positive integer (e.g. 16); got {key_dim}")
         if not generator_lr > 0:
-            raise ValueError(f"generator_lr must be positive (e.g. 1.0); got {generator_lr}")
+            raise ValueError(f"generator_lr must be positive (e.g. 0.1); got {generator_lr}")
         self.key_dim, self.generator_lr, self.local_head = key_dim, generator_lr, local_head
         self._descriptors: torch.Tensor | None = None  # (n_clients, d), made at start
 
