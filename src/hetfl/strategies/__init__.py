@@ -212,7 +212,7 @@ __all__ = [
     "FedAsync", "FedBuff", "FedCompass",
     "Ditto", "FedAvgFineTune",
     "FedPer", "FedRep", "FedBN", "LGFedAvg", "LocalOnly", "FedProto", "FedGH",
-    "PFedGate",
+    "PFedGate", "PFedPG",
     "FML", "AdapterFL", "FedLoRA", "FedSpine",
     "IFCA", "FLHC",
     "Selection", "RandomSelection", "Oort", "HeteRoSelect",
