@@ -462,6 +462,10 @@ class ArchitectureConfig(Section):
     n_heads: int = Field(4, ge=1, description="TinyLM: attention heads per layer (must divide d_model).")
     d_ff: int = Field(64, ge=1, description="TinyLM: hidden channels of each feed-forward layer.")
     n_layers: int = Field(2, ge=1, description="TinyLM: transformer blocks (its context is data.text.context).")
+    prompt_tokens: int = Field(
+        0, ge=0, description="TinyLM: rows of a learned soft prompt prepended to every input (the prompt that "
+        "pfedpg personalises); 0: none.",
+    )
 
     @field_validator("name", mode="before")
     @classmethod

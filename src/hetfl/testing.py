@@ -77,8 +77,9 @@ CLAIMS = (LINEAR,)
 """What :func:`check_strategy` checks only of a strategy that claims it (``linear_aggregation = True``)."""
 
 SEEDS = (0, 1, 2)
-MODELS = ("logreg", "mlp", "hetfl.testing:BatchNormMLP")
-"""The checks' models, the first the strategy takes is used: FedPer needs a body (the MLP), FedBN BatchNorm layers."""
+MODELS = ("logreg", "mlp", "hetfl.testing:BatchNormMLP", "hetfl.testing:PromptMLP")
+"""The checks' models, the first the strategy takes is used: FedPer needs a body (the MLP), FedBN BatchNorm layers,
+pFedPG a soft prompt."""
 HARSH_ROUNDS = 12
 LEARN_ROUNDS = 5
 LEARN_FACTOR = 0.8  # the loss after LEARN_ROUNDS aggregations must be below this share of the initial loss
@@ -225,6 +226,20 @@ class BatchNormMLP(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
+
+
+class PromptMLP(torch.nn.Module):
+    """Linear, ReLU, then a linear ``head``, on the input plus ``prompt`` (one learned row, zero at first): the checks'
+    model with a soft prompt (the prompt protocol of :class:`hetfl.models.transformer.TinyLM`), for pFedPG."""
+
+    def __init__(self, input_shape: tuple[int, ...], n_classes: int, hidden: int = 8) -> None:
+        super().__init__()
+        self.prompt = torch.nn.Parameter(torch.zeros(1, math.prod(input_shape)))
+        self.body = torch.nn.Sequential(torch.nn.Linear(math.prod(input_shape), hidden), torch.nn.ReLU())
+        self.head = torch.nn.Linear(hidden, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x.flatten(1) + self.prompt))
 
 
 def _trainer(model: str, training: TrainingConfig, seed: int) -> LocalTrainer:

@@ -142,6 +142,15 @@ def pretrain(model: TinyLM, cfg: PretrainConfig, data: DataConfig, seed: int) ->
     return {k: v.detach().clone() for k, v in net.state_dict().items()}, ppl
 
 
+def load_base(model: TinyLM, state: dict[str, torch.Tensor]) -> None:
+    """Load the pretrained base ``state`` into ``model``; a soft prompt (``model.prompt_tokens``), which the base
+    has not, is set from the pretrained embeddings (:meth:`~hetfl.models.transformer.TinyLM.reset_prompt`)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"prompt"}:
+        raise RuntimeError(f"the pretrained base does not fit the model: missing {missing}, unexpected {unexpected}")
+    model.reset_prompt()  # blanks in the pretrained embedding space
+
+
 def load_or_pretrain(model: TinyLM, cfg: PretrainConfig, data: DataConfig, seed: int) -> Pretrained:
     """Load the pretrained weights for ``model`` into it, pretraining (and caching) them first if none are cached.
 
@@ -152,7 +161,7 @@ def load_or_pretrain(model: TinyLM, cfg: PretrainConfig, data: DataConfig, seed:
     path = cache_dir(cfg) / f"tinylm-{cache_key(model, cfg, data, seed)}.pt"
     if path.is_file():
         saved = torch.load(path, weights_only=True)
-        model.load_state_dict(saved["state"])
+        load_base(model, saved["state"])
         return Pretrained(path, True, float(saved["perplexity"]), tuple(saved["styles"]))
     started = time.perf_counter()
     state, ppl = pretrain(model, cfg, data, seed)
@@ -162,5 +171,5 @@ def load_or_pretrain(model: TinyLM, cfg: PretrainConfig, data: DataConfig, seed:
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save({"state": state, "perplexity": ppl, "styles": list(styles)}, tmp)
     os.replace(tmp, path)
-    model.load_state_dict(state)
+    load_base(model, state)
     return Pretrained(path, False, ppl, styles, seconds)

@@ -18,6 +18,11 @@ carries its own head count and FFN width, so a pruned model is again a ``TinyLM`
 
 The model has no buffers: the causal mask is built on the fly, so the whole state is the parameters,
 like every model of the zoo.
+
+With ``prompt_tokens`` > 0 the model also has a soft prompt (Lester et al., arXiv:2104.08691): ``prompt``, a
+learned ``(prompt_tokens, d_model)`` parameter prepended to the embedded input (without positions: the
+input keeps positions ``0..L-1``); every input token attends to it, and its own outputs are dropped, so the
+logits stay ``(N, L, V)``. This is the *prompt protocol* prompt-tuning algorithms (pFedPG) train.
 """
 
 from __future__ import annotations
@@ -127,6 +132,9 @@ class TinyLM(nn.Module):
         ``nn.Linear(d_model, vocab_size)`` named ``head``.
     activation : {"gelu", "relu"}, default "gelu"
         FFN non-linearity.
+    prompt_tokens : int, default 0
+        Rows of the soft prompt ``prompt`` prepended to every input (module docstring); 0: none. Initialised by
+        :meth:`reset_prompt`.
 
     Parameter count (tied head)::
 
@@ -147,8 +155,11 @@ class TinyLM(nn.Module):
         d_head: int | None = None,
         tie_weights: bool = True,
         activation: str = "gelu",
+        prompt_tokens: int = 0,
     ) -> None:
         super().__init__()
+        if prompt_tokens < 0:
+            raise ValueError(f"prompt_tokens must be 0 or more; got {prompt_tokens}")
         if min(vocab_size, d_model, n_layers, context) < 1:
             raise ValueError("vocab_size, d_model, n_layers and context must be positive")
         if activation not in ACTIVATIONS:
@@ -167,14 +178,28 @@ class TinyLM(nn.Module):
         self.pos = nn.Embedding(context, d_model)
         self.blocks = nn.ModuleList(Block(d_model, h, d_head, f, activation) for h, f in zip(heads, widths))
         self.ln_f = nn.LayerNorm(d_model)
+        self.prompt = nn.Parameter(torch.empty(prompt_tokens, d_model)) if prompt_tokens else None
         self.head = None if tie_weights else nn.Linear(d_model, vocab_size, bias=False)
+        self.reset_prompt()
+
+    def reset_prompt(self) -> None:
+        """Set the soft prompt to what the model reads as ``prompt_tokens`` blanks (byte 32, or the last token id of a
+        smaller vocabulary) at positions 0, 1, ... (cycled past the context): a prompt in the model's own embedding
+        space, as Lester et al. initialise from the vocabulary. Called at construction and after a pretrained base is
+        loaded (:func:`hetfl.models.pretrain.load_base`); nothing is drawn, so the other weights do not change."""
+        if self.prompt is None:
+            return
+        rows = torch.arange(self.prompt.shape[0]) % self.context
+        with torch.no_grad():
+            self.prompt.copy_(self.tok.weight[min(32, self.vocab_size - 1)] + self.pos.weight[rows])
 
     @property
     def n_layers(self) -> int:
         return len(self.blocks)
 
     def sizes(self) -> dict:
-        """Keyword arguments that rebuild this architecture (per-layer head counts and FFN widths)."""
+        """Keyword arguments that rebuild this architecture (per-layer head counts and FFN widths); the soft prompt
+        is not part of it (a pretrained base has none)."""
         return dict(
             vocab_size=self.vocab_size, d_model=self.d_model, context=self.context, d_head=self.d_head,
             n_heads=[b.attn.n_heads for b in self.blocks], d_ff=[b.ff.fc1.out_features for b in self.blocks],
@@ -186,9 +211,13 @@ class TinyLM(nn.Module):
         if L > self.context:
             raise ValueError(f"input length {L} exceeds the model's context ({self.context}); cut the sequence")
         h = self.tok(x) + self.pos(torch.arange(L, device=x.device))
+        if self.prompt is not None:
+            h = torch.cat([self.prompt.expand(x.shape[0], -1, -1), h], dim=1)
         for block in self.blocks:
             h = block(h)
         h = self.ln_f(h)
+        if self.prompt is not None:
+            h = h[:, self.prompt.shape[0] :]
         return h @ self.tok.weight.T if self.head is None else self.head(h)
 
 
@@ -200,15 +229,17 @@ def tinylm(
     n_heads: int = 4,
     d_ff: int = 64,
     n_layers: int = 2,
+    prompt_tokens: int = 0,
 ) -> TinyLM:
     """``model.name: tinylm``: a :class:`TinyLM` over the data's vocabulary whose context is the data's sequence
-    length (``input_shape == (context,)``); token inputs only (``data.dataset: text``)."""
+    length (``input_shape == (context,)``); token inputs only (``data.dataset: text``); ``model.prompt_tokens``
+    rows of soft prompt."""
     from hetfl.errors import ConfigError
 
     if vocab_size is None or len(input_shape) != 1:
         raise ConfigError("model.name: tinylm reads token sequences; use data.dataset text")
     return TinyLM(vocab_size=vocab_size, d_model=d_model, n_heads=n_heads, d_ff=d_ff, n_layers=n_layers,
-                  context=int(input_shape[0]))
+                  context=int(input_shape[0]), prompt_tokens=prompt_tokens)
 
 
 def _rows(tokens: torch.Tensor, context: int) -> torch.Tensor:

@@ -50,7 +50,7 @@ from hetfl import registry
 from hetfl.config import ArchitectureConfig
 from hetfl.errors import ConfigError
 
-SIZE_KEYS = ("hidden", "channels", "blocks", "d_model", "n_heads", "d_ff", "n_layers")
+SIZE_KEYS = ("hidden", "channels", "blocks", "d_model", "n_heads", "d_ff", "n_layers", "prompt_tokens")
 """The config's size keys (:class:`~hetfl.config.ArchitectureConfig`), passed to a built-in factory that takes them."""
 
 

@@ -36,6 +36,7 @@ from hetfl.strategies.fedproto import FedProto
 from hetfl.strategies.hetero import LGFedAvg, LocalOnly
 from hetfl.strategies.partial import FedPer, FedRep
 from hetfl.strategies.pfedgate import PFedGate
+from hetfl.strategies.pfedpg import PFedPG
 from hetfl.strategies.rounds import RoundStrategy
 from hetfl.strategies.scaffold import Scaffold
 from hetfl.strategies.selection import HeteRoSelect, Oort, RandomSelection, Selection
@@ -211,7 +212,7 @@ __all__ = [
     "FedAsync", "FedBuff", "FedCompass",
     "Ditto", "FedAvgFineTune",
     "FedPer", "FedRep", "FedBN", "LGFedAvg", "LocalOnly", "FedProto", "FedGH",
-    "PFedGate",
+    "PFedGate", "PFedPG",
     "FML", "AdapterFL", "FedLoRA", "FedSpine",
     "IFCA", "FLHC",
     "Selection", "RandomSelection", "Oort", "HeteRoSelect",
