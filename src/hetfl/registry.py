@@ -82,6 +82,7 @@ KINDS: dict[str, Kind] = {
             "fedyogi": "hetfl.strategies.fedopt:FedYogi",
             "fedstale": "hetfl.strategies.fedstale:FedStale",
             "fedvarp": "hetfl.strategies.fedstale:FedVARP",
+            "fedamd": "hetfl.strategies.fedamd:FedAMD",
             "fedasync": "hetfl.strategies.fedasync:FedAsync",
             "fedbuff": "hetfl.strategies.fedbuff:FedBuff",
             "fedcompass": "hetfl.strategies.fedcompass:FedCompass",
