@@ -93,6 +93,7 @@ KINDS: dict[str, Kind] = {
             "fedbn": "hetfl.strategies.fedbn:FedBN",
             "lgfedavg": "hetfl.strategies.hetero:LGFedAvg",
             "ifca": "hetfl.strategies.ifca:IFCA",
+            "feddaa": "hetfl.strategies.feddaa:FedDAA",
             "flhc": "hetfl.strategies.clustered:FLHC",
             "local": "hetfl.strategies.hetero:LocalOnly",
             "fedproto": "hetfl.strategies.fedproto:FedProto",

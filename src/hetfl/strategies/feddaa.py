@@ -1,0 +1,202 @@
+"""FedDAA: dynamic client clustering for concept drift adaptation.
+
+Peng and Tang, "FedDAA: Dynamic Client Clustering for Concept Drift Adaptation in Federated Learning",
+arXiv:2506.21054 (2025).
+
+From the paper: a client's data prototype P_k is the per-class mean of a model's outputs on its data, an R x D
+matrix (R classes, D outputs). Three modules:
+
+- number of clusters: K-means over all clients' flattened prototypes for every k in a range, keeping the k of the
+  best silhouette score, and its centres;
+- real drift detection: client k's prototype on its previous data and on its current data are each assigned to the
+  nearest centre; different centres mean real drift (P(y|x) changed), the same centre virtual or label drift
+  (P(x) or P(y) changed, P(y|x) kept);
+- adaptation: a client with real drift discards its old data and trains on its new data only; otherwise it keeps
+  its old data and trains on old and new together (old knowledge stays useful), so it does not forget.
+
+Our choices (the paper's models are FedRC's soft-clustered ensemble; hetfl's clustering is IFCA's):
+
+- Prototypes are the per-class mean logits of the task's global model on the client's training data, a C x C
+  matrix sent with every update (``prototype``, C^2 floats); a class the client lacks is a zero row.
+- Every round the server runs K-means (scikit-learn, ``random_state`` 0, 10 starts) over the latest prototype of
+  every client seen, for k = 2 .. ``max_clusters`` (at most the clients seen minus one), and keeps the k of the best
+  silhouette; if no k reaches ``min_silhouette``, one cluster (hetfl runs start before any drift, where the
+  paper's range, which starts at 2, would split a federation that has one concept).
+- Cluster j's model belongs to centre j. After a re-clustering, new cluster j inherits the model of the old cluster
+  most of its members belonged to (ties: the lower index), so a cluster that splits off at a drift starts from the
+  model it split from; the models are then, as in IFCA, the sample-weighted means of their members' results.
+- A client's cluster is the centre nearest its prototype on its current data (at training and at evaluation); the
+  global model the engine evaluates is the model of the largest cluster (IFCA's rule).
+- A client keeps the labels of its data as of its first task (``state["y_old"]``, its "previous data"); on real
+  drift it replaces them by its current labels. hetfl's drifts keep a client's samples and change labels
+  (``data.drift``), so "old and new data together" is the samples whose label changed taken twice, once with each
+  label; a swap is real drift, so this branch acts only when detection misses one.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from hetfl.strategies.base import ClientData, ClientResult, Server, Task, Update
+from hetfl.strategies.ifca import IFCA
+from hetfl.strategies.rounds import weighted_mean
+from hetfl.strategies.selection import Selection
+from hetfl.training.local import classifier_head
+
+
+def output_prototype(trainer, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The per-class mean of the model's outputs (logits) on (x, y), flattened: a C x C matrix row-major (a zero
+    row for a class without samples)."""
+    logits = trainer.predict(params, x).cpu()
+    n_classes = logits.shape[1]
+    counts = torch.bincount(y.cpu(), minlength=n_classes)[:n_classes].float()
+    sums = torch.zeros(n_classes, n_classes).index_add_(0, y.cpu(), logits)
+    return (sums / counts.clamp(min=1).unsqueeze(1)).reshape(-1)
+
+
+def nearest(centres: torch.Tensor, prototype: torch.Tensor) -> int:
+    """Index of the centre closest to ``prototype`` in Euclidean distance (ties: the lower index)."""
+    return int(torch.argmin(((centres - prototype) ** 2).sum(1)))
+
+
+def choose_clusters(prototypes: np.ndarray, max_clusters: int, min_silhouette: float) -> tuple[np.ndarray, np.ndarray]:
+    """FedDAA's number of clusters: (labels, centres) of the K-means with the best silhouette over k = 2 ..
+    ``max_clusters`` (at most n - 1); one cluster (its mean) if none reaches ``min_silhouette``."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    n = prototypes.shape[0]
+    best: tuple[float, np.ndarray, np.ndarray] | None = None
+    for k in range(2, min(max_clusters, n - 1) + 1):
+        with warnings.catch_warnings():  # identical prototypes: fewer distinct clusters than k, skipped below
+            warnings.simplefilter("ignore")
+            km = KMeans(n_clusters=k, random_state=0, n_init=10).fit(prototypes)
+        if len(set(km.labels_.tolist())) < 2:
+            continue
+        score = float(silhouette_score(prototypes, km.labels_))
+        if score >= min_silhouette and (best is None or score > best[0]):
+            best = (score, km.labels_, km.cluster_centers_)
+    if best is None:
+        return np.zeros(n, dtype=np.int64), prototypes.mean(0, keepdims=True)
+    return best[1].astype(np.int64), best[2]
+
+
+class FedDAA(IFCA):
+    """Clusters by data prototypes, re-clustered every round; real drift discards old data, other drift keeps it.
+
+    Parameters
+    ----------
+    clients_per_round, deadline_s, selection
+        See :class:`~hetfl.strategies.rounds.RoundStrategy`.
+    max_clusters : int, default 4
+        The largest number of clusters tried (the paper tries 2 to 9).
+    min_silhouette : float, default 0.5
+        A clustering of k >= 2 is kept only if its silhouette reaches this; otherwise one cluster.
+    """
+
+    name = "feddaa"
+
+    def __init__(
+        self,
+        *,
+        clients_per_round: int = 10,
+        deadline_s: float | None = None,
+        selection: Selection | None = None,
+        max_clusters: int = 4,
+        min_silhouette: float = 0.5,
+    ) -> None:
+        super().__init__(clients_per_round=clients_per_round, deadline_s=deadline_s, selection=selection, n_clusters=1)
+        if max_clusters < 1:
+            raise ValueError("max_clusters must be at least 1")
+        if not -1 <= min_silhouette <= 1:
+            raise ValueError(f"min_silhouette must be in [-1, 1], got {min_silhouette}")
+        self.max_clusters = max_clusters
+        self.min_silhouette = min_silhouette
+        self.prototypes: dict[int, torch.Tensor] = {}  # client -> its latest prototype
+        self.centres: torch.Tensor | None = None  # (K, C*C), centres[j] belongs to models[j]
+        self.real_drifts = 0  # real drifts the clients detected
+
+    # -- server ----------------------------------------------------------------------------
+    def configure(self, server: Server, client_id: int) -> dict[str, Any]:
+        cfg = super().configure(server, client_id)
+        if self.centres is not None:
+            cfg["payload"]["centres"] = self.centres
+        return cfg
+
+    def expected_payload(self, server: Server, task: Task) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        head = classifier_head(server.trainer.model)
+        return {} if head is None else {"prototype": ((head.out_features**2,), torch.float32)}
+
+    def aggregate(self, server: Server, updates: list[Update]) -> torch.Tensor:
+        assert self.models is not None
+        models = list(self.models)
+        for j in range(self.n_clusters):  # IFCA's step: each cluster model is the mean of its members' results
+            chose = [u for u in updates if int(u.stats["cluster"]) == j]
+            if chose:
+                models[j] = weighted_mean(chose)
+        for u in updates:
+            self.assignment[u.client_id] = int(u.stats["cluster"])
+            self._n[u.client_id] = u.n_samples
+            self.prototypes[u.client_id] = u.payload["prototype"]
+            self.real_drifts += int(u.stats.get("real_drift", 0.0))
+        self.models = models
+        self.recluster()
+        self.global_cluster = self.largest_cluster()
+        return self.models[self.global_cluster]
+
+    def recluster(self) -> None:
+        """The number of clusters and the centres from the latest prototypes; each new cluster inherits the model
+        of the old cluster most of its members were in."""
+        assert self.models is not None
+        clients = sorted(self.prototypes)
+        labels, centres = choose_clusters(torch.stack([self.prototypes[c] for c in clients]).numpy(),
+                                          self.max_clusters, self.min_silhouette)
+        models, assignment = [], {}
+        for j in range(centres.shape[0]):
+            members = [c for c, label in zip(clients, labels) if label == j]
+            votes = np.bincount([self.assignment.get(c, 0) for c in members], minlength=len(self.models))
+            models.append(self.models[int(np.argmax(votes))])
+            assignment.update({c: j for c in members})
+        self.models, self.assignment, self.n_clusters = models, assignment, len(models)
+        self.centres = torch.as_tensor(centres, dtype=torch.float32)
+
+    def metrics(self) -> dict[str, float]:
+        return {**super().metrics(), "clusters": float(self.n_clusters), "real_drifts": float(self.real_drifts)}
+
+    # -- client ----------------------------------------------------------------------------
+    @staticmethod
+    def cluster_of(task: Task, prototype: torch.Tensor) -> int:
+        centres = task.payload.get("centres")
+        return 0 if centres is None else nearest(centres, prototype)
+
+    def client_train(self, trainer, task: Task, data: ClientData, state: dict[str, Any], seed: int) -> ClientResult:
+        models = self.received_models(task)
+        y_old = state.get("y_old")
+        if y_old is None:
+            y_old = state["y_old"] = data.y.clone()
+        current = output_prototype(trainer, task.params, data.x, data.y)
+        previous = output_prototype(trainer, task.params, data.x, y_old)
+        centres = task.payload.get("centres")
+        real_drift = centres is not None and nearest(centres, current) != nearest(centres, previous)
+        x, y = data.x, data.y
+        if real_drift:  # P(y|x) changed: the old data is outdated
+            state["y_old"] = data.y.clone()
+        else:  # virtual or label drift (or none): train on old and new data together
+            changed = y_old.to(y.device) != y
+            if bool(changed.any()):
+                x, y = torch.cat([x, x[changed]]), torch.cat([y, y_old.to(y.device)[changed]])
+        j = self.cluster_of(task, current)
+        result = trainer.train(models[j], x, y, steps=task.steps, seed=seed)
+        return ClientResult(result.params, result.steps, result.loss, payload={"prototype": current},
+                            stats={"cluster": float(j), "real_drift": float(real_drift)})
+
+    def personal_params(self, trainer, params: torch.Tensor, data: ClientData, state: dict[str, Any],
+                        seed: int) -> torch.Tensor | None:
+        """The model of the centre nearest the client's prototype on its current data."""
+        if self.models is None or self.centres is None:
+            return None
+        return self.models[nearest(self.centres, output_prototype(trainer, params, data.x, data.y))]
