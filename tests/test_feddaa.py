@@ -51,7 +51,7 @@ def test_number_of_clusters_by_silhouette_and_one_cluster_without_structure():
 
 def task_with(centres, models=2):
     params = torch.zeros(2)
-    payload = {"centres": centres} if centres is not None else {}
+    payload = {"centres": centres, "reference": params} if centres is not None else {}
     payload.update({f"cluster_{k}": torch.full((2,), float(k)) for k in range(1, models)})
     return Task(task_id=0, client_id=0, version=0, params=params, steps=3, dispatched_at=0.0, payload=payload,
                 options={"global_cluster": 0, "n_clusters": models})
@@ -104,6 +104,13 @@ def test_a_cluster_that_splits_off_inherits_the_model_it_split_from():
     assert torch.allclose(out, torch.full((2,), 1.5))
     assert s.assignment[0] == s.assignment[1] != s.assignment[2] == s.assignment[3]
     assert nearest(s.centres, torch.tensor([9.0, 9.0])) == s.assignment[2]
+    assert torch.equal(s.reference, torch.zeros(2))  # the round's start model, under which its prototypes were taken
+    # a round of fewer than MIN_MEMBERS = 4 updates (here 2, whose prototypes alone would be one cluster) keeps the
+    # clustering: cluster a's model = mean of clients 0 and 1's results [0, 1] = 0.5, cluster b's unchanged
+    a, b = s.assignment[0], s.assignment[2]
+    s.aggregate(server, [prototype_update(0, [0.0, 0.0], a), prototype_update(1, [0.1, 0.0], a)])
+    assert s.n_clusters == 2 and torch.allclose(s.models[a], torch.full((2,), 0.5))
+    assert torch.allclose(s.models[b], torch.full((2,), 1.5))
 
 
 def test_bad_values_are_refused():

@@ -16,21 +16,31 @@ matrix (R classes, D outputs). Three modules:
 
 Our choices (the paper's models are FedRC's soft-clustered ensemble; hetfl's clustering is IFCA's):
 
-- Prototypes are the per-class mean logits of the task's global model on the client's training data, a C x C
-  matrix sent with every update (``prototype``, C^2 floats); a class the client lacks is a zero row.
-- Every round the server runs K-means (scikit-learn, ``random_state`` 0, 10 starts) over the latest prototype of
-  every client seen, for k = 2 .. ``max_clusters`` (at most the clients seen minus one), and keeps the k of the best
-  silhouette; if no k reaches ``min_silhouette``, one cluster (hetfl runs start before any drift, where the
-  paper's range, which starts at 2, would split a federation that has one concept).
+- Prototypes are per-class mean logits on the client's training data, a C x C matrix (a class the client lacks is a
+  zero row). The paper computes every client's prototype at one time with one model. With partial participation the
+  server has only the round's clients, so the clustering uses the prototypes of one round's updates, all computed
+  under that round's global model (``prototype``, C^2 floats, sent with every update): prototypes computed under
+  different models would cluster by model, not by concept. That model, the *reference*, is kept with the centres
+  and sent with every task (one more model downloaded, counted in the bytes), so a client compares its
+  prototypes with the centres under the model the centres were computed with.
+- Every round with at least ``MIN_MEMBERS`` updates the server runs K-means (scikit-learn, ``random_state`` 0, 10
+  starts) over the round's prototypes for k = 2 .. ``max_clusters`` (at most the updates minus one) and keeps the k
+  of the best silhouette; if no k reaches ``min_silhouette``, one cluster (hetfl runs start before any drift, where
+  the paper's range, which starts at 2, would split a federation that has one concept). A smaller round keeps the
+  clustering it found.
 - Cluster j's model belongs to centre j. After a re-clustering, new cluster j inherits the model of the old cluster
-  most of its members belonged to (ties: the lower index), so a cluster that splits off at a drift starts from the
+  most of its members trained in (ties: the lower index), so a cluster that splits off at a drift starts from the
   model it split from; the models are then, as in IFCA, the sample-weighted means of their members' results.
-- A client's cluster is the centre nearest its prototype on its current data (at training and at evaluation); the
-  global model the engine evaluates is the model of the largest cluster (IFCA's rule).
+- A client's cluster is the centre nearest its prototype on its current data under the reference (at training and
+  at evaluation); the global model the engine evaluates is the model of the largest cluster of the last clustering
+  (IFCA's rule, counting that round's clients).
 - A client keeps the labels of its data as of its first task (``state["y_old"]``, its "previous data"); on real
   drift it replaces them by its current labels. hetfl's drifts keep a client's samples and change labels
   (``data.drift``), so "old and new data together" is the samples whose label changed taken twice, once with each
-  label; a swap is real drift, so this branch acts only when detection misses one.
+  label; a swap is real drift, so this branch acts only when detection misses one (the first round after a
+  drift, before the centres have seen the new concept).
+- The prototypes' forward passes (three over the client's data a task) are not charged, as IFCA's cluster losses
+  are not.
 """
 
 from __future__ import annotations
@@ -46,6 +56,9 @@ from hetfl.strategies.ifca import IFCA
 from hetfl.strategies.rounds import weighted_mean
 from hetfl.strategies.selection import Selection
 from hetfl.training.local import classifier_head
+
+MIN_MEMBERS = 4
+"""The fewest updates a round needs to re-cluster (k = 2 needs 3 points; one more for a silhouette worth reading)."""
 
 
 def output_prototype(trainer, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -116,15 +129,15 @@ class FedDAA(IFCA):
             raise ValueError(f"min_silhouette must be in [-1, 1], got {min_silhouette}")
         self.max_clusters = max_clusters
         self.min_silhouette = min_silhouette
-        self.prototypes: dict[int, torch.Tensor] = {}  # client -> its latest prototype
         self.centres: torch.Tensor | None = None  # (K, C*C), centres[j] belongs to models[j]
+        self.reference: torch.Tensor | None = None  # the model the centres' prototypes were computed under
         self.real_drifts = 0  # real drifts the clients detected
 
     # -- server ----------------------------------------------------------------------------
     def configure(self, server: Server, client_id: int) -> dict[str, Any]:
         cfg = super().configure(server, client_id)
         if self.centres is not None:
-            cfg["payload"]["centres"] = self.centres
+            cfg["payload"].update(centres=self.centres, reference=self.reference)
         return cfg
 
     def expected_payload(self, server: Server, task: Task) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -141,47 +154,45 @@ class FedDAA(IFCA):
         for u in updates:
             self.assignment[u.client_id] = int(u.stats["cluster"])
             self._n[u.client_id] = u.n_samples
-            self.prototypes[u.client_id] = u.payload["prototype"]
             self.real_drifts += int(u.stats.get("real_drift", 0.0))
         self.models = models
-        self.recluster()
+        if len(updates) >= MIN_MEMBERS:
+            self.recluster(updates)
         self.global_cluster = self.largest_cluster()
         return self.models[self.global_cluster]
 
-    def recluster(self) -> None:
-        """The number of clusters and the centres from the latest prototypes; each new cluster inherits the model
-        of the old cluster most of its members were in."""
+    def recluster(self, updates: list[Update]) -> None:
+        """The number of clusters and the centres from the round's prototypes (all under the round's global model,
+        which becomes the reference); each new cluster inherits the model of the old cluster most of its members
+        trained in."""
         assert self.models is not None
-        clients = sorted(self.prototypes)
-        labels, centres = choose_clusters(torch.stack([self.prototypes[c] for c in clients]).numpy(),
+        labels, centres = choose_clusters(torch.stack([u.payload["prototype"] for u in updates]).numpy(),
                                           self.max_clusters, self.min_silhouette)
         models, assignment = [], {}
         for j in range(centres.shape[0]):
-            members = [c for c, label in zip(clients, labels) if label == j]
-            votes = np.bincount([self.assignment.get(c, 0) for c in members], minlength=len(self.models))
+            members = [u for u, label in zip(updates, labels) if label == j]
+            votes = np.bincount([int(u.stats["cluster"]) for u in members], minlength=len(self.models))
             models.append(self.models[int(np.argmax(votes))])
-            assignment.update({c: j for c in members})
+            assignment.update({u.client_id: j for u in members})
         self.models, self.assignment, self.n_clusters = models, assignment, len(models)
         self.centres = torch.as_tensor(centres, dtype=torch.float32)
+        self.reference = updates[0].task.params  # a round's tasks all start from the same global model
 
     def metrics(self) -> dict[str, float]:
         return {**super().metrics(), "clusters": float(self.n_clusters), "real_drifts": float(self.real_drifts)}
 
     # -- client ----------------------------------------------------------------------------
-    @staticmethod
-    def cluster_of(task: Task, prototype: torch.Tensor) -> int:
-        centres = task.payload.get("centres")
-        return 0 if centres is None else nearest(centres, prototype)
-
     def client_train(self, trainer, task: Task, data: ClientData, state: dict[str, Any], seed: int) -> ClientResult:
         models = self.received_models(task)
         y_old = state.get("y_old")
         if y_old is None:
             y_old = state["y_old"] = data.y.clone()
-        current = output_prototype(trainer, task.params, data.x, data.y)
-        previous = output_prototype(trainer, task.params, data.x, y_old)
-        centres = task.payload.get("centres")
-        real_drift = centres is not None and nearest(centres, current) != nearest(centres, previous)
+        prototype = output_prototype(trainer, task.params, data.x, data.y)  # for the next clustering
+        centres, j, real_drift = task.payload.get("centres"), 0, False
+        if centres is not None:  # both prototypes under the model the centres were computed with
+            reference = task.payload["reference"]
+            j = nearest(centres, output_prototype(trainer, reference, data.x, data.y))
+            real_drift = j != nearest(centres, output_prototype(trainer, reference, data.x, y_old))
         x, y = data.x, data.y
         if real_drift:  # P(y|x) changed: the old data is outdated
             state["y_old"] = data.y.clone()
@@ -189,14 +200,13 @@ class FedDAA(IFCA):
             changed = y_old.to(y.device) != y
             if bool(changed.any()):
                 x, y = torch.cat([x, x[changed]]), torch.cat([y, y_old.to(y.device)[changed]])
-        j = self.cluster_of(task, current)
         result = trainer.train(models[j], x, y, steps=task.steps, seed=seed)
-        return ClientResult(result.params, result.steps, result.loss, payload={"prototype": current},
+        return ClientResult(result.params, result.steps, result.loss, payload={"prototype": prototype},
                             stats={"cluster": float(j), "real_drift": float(real_drift)})
 
     def personal_params(self, trainer, params: torch.Tensor, data: ClientData, state: dict[str, Any],
                         seed: int) -> torch.Tensor | None:
-        """The model of the centre nearest the client's prototype on its current data."""
+        """The model of the centre nearest the client's prototype on its current data (under the reference)."""
         if self.models is None or self.centres is None:
             return None
-        return self.models[nearest(self.centres, output_prototype(trainer, params, data.x, data.y))]
+        return self.models[nearest(self.centres, output_prototype(trainer, self.reference, data.x, data.y))]
