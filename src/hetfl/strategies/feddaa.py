@@ -53,7 +53,6 @@ import torch
 
 from hetfl.strategies.base import ClientData, ClientResult, Server, Task, Update
 from hetfl.strategies.ifca import IFCA
-from hetfl.strategies.rounds import weighted_mean
 from hetfl.strategies.selection import Selection
 from hetfl.training.local import classifier_head
 
@@ -145,20 +144,12 @@ class FedDAA(IFCA):
         return {} if head is None else {"prototype": ((head.out_features**2,), torch.float32)}
 
     def aggregate(self, server: Server, updates: list[Update]) -> torch.Tensor:
-        assert self.models is not None
-        models = list(self.models)
-        for j in range(self.n_clusters):  # IFCA's step: each cluster model is the mean of its members' results
-            chose = [u for u in updates if int(u.stats["cluster"]) == j]
-            if chose:
-                models[j] = weighted_mean(chose)
-        for u in updates:
-            self.assignment[u.client_id] = int(u.stats["cluster"])
-            self._n[u.client_id] = u.n_samples
-            self.real_drifts += int(u.stats.get("real_drift", 0.0))
-        self.models = models
+        super().aggregate(server, updates)  # IFCA's step: each cluster model is the mean of its members' results
+        self.real_drifts += sum(int(u.stats.get("real_drift", 0.0)) for u in updates)
         if len(updates) >= MIN_MEMBERS:
             self.recluster(updates)
-        self.global_cluster = self.largest_cluster()
+            self.global_cluster = self.largest_cluster()
+        assert self.models is not None
         return self.models[self.global_cluster]
 
     def recluster(self, updates: list[Update]) -> None:
