@@ -8,7 +8,7 @@ import torch
 
 from hetfl.strategies import Task, Update
 from hetfl.strategies.base import ClientData
-from hetfl.strategies.feddaa import FedDAA, choose_clusters, nearest, output_prototype
+from hetfl.strategies.feddaa import FedDAA, choose_clusters, inherit, nearest, output_prototype
 
 
 class Identity:
@@ -111,6 +111,27 @@ def test_a_cluster_that_splits_off_inherits_the_model_it_split_from():
     s.aggregate(server, [prototype_update(0, [0.0, 0.0], a), prototype_update(1, [0.1, 0.0], a)])
     assert s.n_clusters == 2 and torch.allclose(s.models[a], torch.full((2,), 0.5))
     assert torch.allclose(s.models[b], torch.full((2,), 1.5))
+
+
+def test_a_round_that_finds_fewer_clusters_keeps_the_split():
+    s = FedDAA(max_clusters=3, min_silhouette=0.5)
+    s.models = [torch.zeros(2)]
+    server = SimpleNamespace(params=torch.zeros(2))
+    s.aggregate(server, [prototype_update(0, [0.0, 0.0], 0), prototype_update(1, [0.1, 0.0], 0),
+                         prototype_update(2, [10.0, 10.0], 0), prototype_update(3, [10.0, 10.1], 0)])
+    centres, a = s.centres.clone(), s.assignment[0]
+    # four clients of one concept only (all near [0, 0]): one cluster found, fewer than the two there are -> kept;
+    # cluster a's model = mean of the results [4, 5, 6, 7] = 5.5
+    s.aggregate(server, [prototype_update(c, [0.05 * (c - 4), 0.0], a) for c in range(4, 8)])
+    assert s.n_clusters == 2 and torch.equal(s.centres, centres) and torch.allclose(s.models[a], torch.full((2,), 5.5))
+
+
+def test_new_clusters_inherit_old_models_by_votes_each_once():
+    # votes[new, old]: new 0 was trained mostly in old 1 (5), new 1 in old 1 (3) and old 0 (2) -> (0, 1) first with 5
+    # votes, then new 1 takes the best free old model, 0; a third new cluster copies its most-voted model (old 1)
+    assert inherit(np.array([[1, 5], [2, 3]])) == [1, 0]
+    assert inherit(np.array([[1, 5], [2, 3], [0, 4]])) == [1, 0, 1]
+    assert inherit(np.array([[3], [1]])) == [0, 0]  # one old model, two new clusters: both start from it
 
 
 def test_bad_values_are_refused():

@@ -27,10 +27,14 @@ Our choices (the paper's models are FedRC's soft-clustered ensemble; hetfl's clu
   starts) over the round's prototypes for k = 2 .. ``max_clusters`` (at most the updates minus one) and keeps the k
   of the best silhouette; if no k reaches ``min_silhouette``, one cluster (hetfl runs start before any drift, where
   the paper's range, which starts at 2, would split a federation that has one concept). A smaller round keeps the
-  clustering it found.
-- Cluster j's model belongs to centre j. After a re-clustering, new cluster j inherits the model of the old cluster
-  most of its members trained in (ties: the lower index), so a cluster that splits off at a drift starts from the
-  model it split from; the models are then, as in IFCA, the sample-weighted means of their members' results.
+  clustering there is.
+- Cluster j's model belongs to centre j. After a re-clustering, each new cluster inherits an old cluster's model,
+  matched by how many of its members trained each (most first, each old model once, :func:`inherit`); a new cluster
+  left over starts from a copy of its most-voted model, so a cluster that splits off at a drift starts from the
+  model it split from. The models are then, as in IFCA, the sample-weighted means of their members' results.
+- The clusters only split on one round's evidence: a round whose clustering finds fewer clusters than there are
+  (a random sample of ten clients can miss a concept) keeps the clustering, so a split-off model is not merged
+  away. The paper re-determines the number at each time step from every client.
 - A client's cluster is the centre nearest its prototype on its current data under the reference (at training and
   at evaluation); the global model the engine evaluates is the model of the largest cluster of the last clustering
   (IFCA's rule, counting that round's clients).
@@ -97,6 +101,18 @@ def choose_clusters(prototypes: np.ndarray, max_clusters: int, min_silhouette: f
     return best[1].astype(np.int64), best[2]
 
 
+def inherit(votes: np.ndarray) -> list[int]:
+    """Which old model each new cluster starts from, given ``votes[new, old]`` (members of new cluster ``new`` that
+    trained old cluster ``old``'s model): pairs taken by most votes first (ties: lower new, then lower old index), each
+    old model to one new cluster; a new cluster left over (more new clusters than old) copies its most-voted model."""
+    order = sorted(np.ndindex(*votes.shape), key=lambda p: (-votes[p], p))
+    chosen: dict[int, int] = {}
+    for new, old in order:
+        if new not in chosen and old not in chosen.values():
+            chosen[new] = old
+    return [chosen.get(new, int(np.argmax(votes[new]))) for new in range(votes.shape[0])]
+
+
 class FedDAA(IFCA):
     """Clusters by data prototypes, re-clustered every round; real drift discards old data, other drift keeps it.
 
@@ -154,18 +170,18 @@ class FedDAA(IFCA):
 
     def recluster(self, updates: list[Update]) -> None:
         """The number of clusters and the centres from the round's prototypes (all under the round's global model,
-        which becomes the reference); each new cluster inherits the model of the old cluster most of its members
-        trained in."""
+        which becomes the reference), unless they find fewer clusters than there are (see the module docstring)."""
         assert self.models is not None
         labels, centres = choose_clusters(torch.stack([u.payload["prototype"] for u in updates]).numpy(),
                                           self.max_clusters, self.min_silhouette)
-        models, assignment = [], {}
-        for j in range(centres.shape[0]):
-            members = [u for u, label in zip(updates, labels) if label == j]
-            votes = np.bincount([int(u.stats["cluster"]) for u in members], minlength=len(self.models))
-            models.append(self.models[int(np.argmax(votes))])
-            assignment.update({u.client_id: j for u in members})
-        self.models, self.assignment, self.n_clusters = models, assignment, len(models)
+        if self.centres is not None and centres.shape[0] < self.n_clusters:
+            return  # a round that misses a concept does not merge its cluster away
+        votes = np.zeros((centres.shape[0], len(self.models)), dtype=np.int64)
+        for u, label in zip(updates, labels):
+            votes[label, int(u.stats["cluster"])] += 1
+        self.models = [self.models[i] for i in inherit(votes)]
+        self.assignment = {u.client_id: int(label) for u, label in zip(updates, labels)}
+        self.n_clusters = len(self.models)
         self.centres = torch.as_tensor(centres, dtype=torch.float32)
         self.reference = updates[0].task.params  # a round's tasks all start from the same global model
 
