@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_rounds
 from hetfl.strategies import Task, Update
 from hetfl.strategies.base import ClientData
 from hetfl.strategies.feddaa import FedDAA, choose_clusters, inherit, nearest, output_prototype
@@ -139,3 +140,34 @@ def test_bad_values_are_refused():
         FedDAA(max_clusters=0)
     with pytest.raises(ValueError, match="min_silhouette"):
         FedDAA(min_silhouette=2.0)
+
+
+def test_a_simulated_swap_drift_is_detected_and_split_off():
+    # 8 clients of 3-class blobs, all in every round; from t = 12 s clients 0-3 swap classes 0 and 1 (real drift).
+    # Before it one concept (one cluster); after it FedDAA finds two, the drifting clients detect real drift, and
+    # each group's own model fits its own labels better than the other group's model does
+    from conftest import blobs, profile
+
+    from hetfl.config import ModelConfig, TrainingConfig
+    from hetfl.data.skew import LabelDrift
+    from hetfl.engine.simulator import ClientPool, Simulator
+    from hetfl.models import build_model
+    from hetfl.training import LocalTrainer
+
+    x, y = blobs(240, seed=0)
+    indices = [torch.arange(30 * c, 30 * (c + 1)) for c in range(8)]
+    drift = LabelDrift(at_s=12.0, drifting=[0, 1, 2, 3], mapping=[1, 0, 2], n_clients=8)
+    torch.manual_seed(0)
+    trainer = LocalTrainer(build_model(ModelConfig(name="logreg"), (4,), 3), TrainingConfig(local_steps=5, batch_size=8, lr=0.1))
+    s = FedDAA(clients_per_round=8)
+    sim = Simulator(strategy=s, trainer=trainer, pool=ClientPool(x, y, indices, 3, drift),
+                    profiles=[profile(c) for c in range(8)], flops_per_step=1e6, seed=0)
+    seen = []
+    run_rounds(sim, 14, observe=lambda sim: seen.append((sim.now, s.n_clusters)))
+    assert all(k == 1 for t, k in seen if t < 12.0) and s.n_clusters == 2
+    assert s.real_drifts >= 4
+    mine = {c: sim.personal_model(c)[1] for c in (0, 7)}
+    for c, other in ((0, 7), (7, 0)):
+        data = sim.pool.data(c, sim.now)
+        acc = [float((trainer.predict(mine[k], data.x).argmax(1) == data.y).float().mean()) for k in (c, other)]
+        assert acc[0] > acc[1] + 0.2, (c, acc)

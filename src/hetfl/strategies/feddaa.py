@@ -84,11 +84,14 @@ def choose_clusters(prototypes: np.ndarray, max_clusters: int, min_silhouette: f
     ``max_clusters`` (at most n - 1); one cluster (its mean) if none reaches ``min_silhouette``."""
     from sklearn.cluster import KMeans
     from sklearn.metrics import silhouette_score
+    from threadpoolctl import threadpool_limits
 
     n = prototypes.shape[0]
     best: tuple[float, np.ndarray, np.ndarray] | None = None
     for k in range(2, min(max_clusters, n - 1) + 1):
-        with warnings.catch_warnings():  # identical prototypes: fewer distinct clusters than k, skipped below
+        # a few dozen points: one thread (OpenMP's pool costs more than it saves, and much more on a busy machine);
+        # identical prototypes give fewer distinct clusters than k, skipped below
+        with warnings.catch_warnings(), threadpool_limits(limits=1):
             warnings.simplefilter("ignore")
             km = KMeans(n_clusters=k, random_state=0, n_init=10).fit(prototypes)
         if len(set(km.labels_.tolist())) < 2:
