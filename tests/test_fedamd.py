@@ -10,6 +10,7 @@ from hetfl import testing as T
 from hetfl.config import TrainingConfig
 from hetfl.errors import ConfigError
 from hetfl.strategies import Task, Update
+from hetfl.strategies.base import ClientData
 from hetfl.strategies.fedamd import FedAMD, batch_gradient, miner_steps
 
 
@@ -92,3 +93,18 @@ def test_bad_values_and_optimisers_are_refused():
         FedAMD(anchor_batch=0)
     with pytest.raises(ConfigError, match="training.optimizer"):
         FedAMD().check_training("sgd", 0.9)
+
+
+def test_an_anchor_cut_by_partial_work_computes_the_smaller_batch_it_is_charged_for():
+    # 20 samples, batch size 4: asked for 5 batch gradients (the whole set); cut to 2 -> a batch of 8 samples, drawn
+    # with the task's seed: the gradient equals the mean-loss gradient on exactly those 8 rows
+    cfg = TrainingConfig(batch_size=4, lr=0.1, local_steps=1)
+    trainer = T._trainer("logreg", cfg, seed=0)
+    x, y = T._blobs(20, seed=2)
+    task = Task(task_id=0, client_id=0, version=0, params=trainer.initial.clone(), steps=2, dispatched_at=0.0,
+                options={"anchor": 1.0, "batch": 20.0})
+    result = FedAMD().client_train(trainer, task, ClientData(0, x, y), {}, seed=7)
+    rows = torch.randperm(20, generator=torch.Generator().manual_seed(7))[:8]
+    with trainer.training(7):
+        expected, _ = batch_gradient(trainer, trainer.initial.clone(), x[rows], y[rows])
+    assert torch.allclose(result.payload["bullseye"], expected) and torch.equal(result.params, task.params)
