@@ -30,7 +30,8 @@ Our choices:
   the authors' full-batch runs) is the client's whole training set.
 - Miners' changes are averaged uniformly, as in the paper's objective (1/N) sum_i f_i and the authors' code.
 - Cost: an anchor's task has ``steps = ceil(|B_i| / training.batch_size)``, the batch-sized gradients its large
-  batch costs (``strategy.partial_work`` may cut them, and the batch with them); a miner computes two gradients on each of its steps after the first, ``task_flops`` charges
+  batch costs (``strategy.partial_work`` may cut them, and the batch with them); a miner computes two gradients
+  on each of its steps after the first, ``task_flops`` charges
   ``2 (K - 1)`` batch gradients. So anchors' compute time and ``train_flops`` are their real work.
 - Local optimiser: the update above is plain SGD with learning rate ``training.lr``; momentum and Adam are
   refused (as SCAFFOLD does), ``training.weight_decay`` is not applied by the miners.
