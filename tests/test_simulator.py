@@ -140,7 +140,7 @@ def model_for(strategy, first: str = "logreg") -> str:
 
 
 # the common tests' parameters, where an algorithm's defaults do not suit a 5-round federation of 4 clients
-COMMON_PARAMS = {"fedadam": {"server_lr": 0.1}, "fedyogi": {"server_lr": 0.1}}
+COMMON_PARAMS = {"fedadam": {"server_lr": 0.1}, "fedyogi": {"server_lr": 0.1}, "fedamd": {"server_lr": 0.5}}
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
