@@ -59,12 +59,23 @@ def test_the_geometric_shape_is_the_leading_eigenpairs_scaled():
 
 
 def test_generated_embeddings_follow_the_global_shape():
-    # the regulariser's draws z + shape eps, eps ~ N(0, I): their covariance tends to Sigma = diag(0.5, 2.75)
-    strategy = GGEUR(augment=1)
+    # the regulariser's draws z + shape_y eps, eps ~ N(0, I): around each embedding, of covariance Sigma = diag(0.5, 2.75)
+    seen = []
+
+    class Capture(torch.nn.Module):  # a head that records what it is given
+        def forward(self, g):
+            seen.append(g)
+            return torch.zeros(len(g), 1)
+
+    trainer = type("Trainer", (), {"head": Capture()})()
     shape = geometric_shape(torch.tensor([[[0.5, 0.0], [0.0, 2.75]]]), 2)
+    reg = GGEUR(augment=50)._regularizer(trainer, shape, torch.tensor([True]))
     torch.manual_seed(0)
-    z = torch.zeros(20000, 2)
-    draws = z + (shape[torch.zeros(20000, dtype=torch.long)] @ torch.randn(20000, 2, 1)).squeeze(2)
+    z = torch.tensor([[3.0, -1.0]]).repeat(400, 1)
+    reg(z, None, torch.zeros(400, dtype=torch.long))
+    draws = seen[0]  # 50 x 400 draws around (3, -1)
+    assert draws.shape == (20000, 2)
+    assert torch.allclose(draws.mean(0), torch.tensor([3.0, -1.0]), atol=0.05)
     assert torch.allclose(torch.cov(draws.T), torch.diag(torch.tensor([0.5, 2.75])), atol=0.08)
 
 

@@ -53,7 +53,7 @@ from hetfl.strategies.selection import Selection
 def class_covariances(features: torch.Tensor, y: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     """Per class j, (1/n_j) sum over its samples of (z - mu_j)(z - mu_j)^T: (C, d, d); zeros for an absent class."""
     centred = features - means[y]
-    covs = torch.zeros(len(means), features.shape[1], features.shape[1], dtype=features.dtype)
+    covs = torch.zeros(len(means), features.shape[1], features.shape[1], dtype=features.dtype, device=features.device)
     for j in torch.unique(y).tolist():
         rows = centred[y == j]
         covs[j] = rows.T @ rows / len(rows)

@@ -185,7 +185,8 @@ def representations(trainer, params: torch.Tensor, x: torch.Tensor) -> torch.Ten
 def prototypes_of(features: torch.Tensor, y: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class means of ``features`` and the class counts (:func:`class_prototypes` on given representations)."""
     counts = torch.bincount(y, minlength=n_classes).float()
-    sums = torch.zeros(n_classes, features.shape[1], dtype=features.dtype).index_add_(0, y, features)
+    sums = torch.zeros(n_classes, features.shape[1], dtype=features.dtype, device=features.device)
+    sums.index_add_(0, y, features)
     return sums / counts.clamp(min=1).unsqueeze(1), counts
 
 
