@@ -24,7 +24,7 @@ def test_hypernet_step_by_hand():
     # P = 2 body entries, k = 1: b = (1, 1), A = [[1], [0]], e_0 = 1, e_1 = 2; g_0 = (1, 0), g_1 = (0, 2), p = (1/2, 1/2)
     b, a, e = torch.tensor([1.0, 1.0]), torch.tensor([[1.0], [0.0]]), torch.tensor([[1.0], [2.0]])
     g, p = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([0.5, 0.5])
-    nb, na, ne = hypernet_step(b, a, e, [0, 1], g, p, lr=1.0)
+    nb, na, ne = hypernet_step(b, a, e, [0, 1], g, p, lr=1.0, embedding_lr=1.0)
     # b - (1/2 (1,0) + 1/2 (0,2)) = (0.5, 0)
     assert nb.tolist() == [0.5, 0.0]
     # A - (1/2 (1,0)^T 1 + 1/2 (0,2)^T 2) = [[1 - 0.5], [0 - 2]]
@@ -41,7 +41,7 @@ def test_hypernet_step_is_pfedhns_gradient():
     leaves = [b.clone().requires_grad_(), a.clone().requires_grad_(), e[2].clone().requires_grad_()]
     theta = leaves[0] + leaves[1] @ leaves[2]
     grads = torch.autograd.grad(theta, leaves, grad_outputs=g[0])
-    nb, na, ne = hypernet_step(b, a, e, [2], g, torch.tensor([1.0]), lr=0.1)
+    nb, na, ne = hypernet_step(b, a, e, [2], g, torch.tensor([1.0]), lr=0.1, embedding_lr=0.1)
     assert torch.allclose(nb, b - 0.1 * grads[0]) and torch.allclose(na, a - 0.1 * grads[1])
     assert torch.allclose(ne[2], e[2] - 0.1 * grads[2]) and torch.equal(ne[[0, 1, 3]], e[[0, 1, 3]])
 
@@ -69,6 +69,10 @@ def test_with_a_zero_hypernet_matrix_the_shared_encoder_is_the_weighted_mean():
     # b - sum p_i (b - theta~_i) = sum p_i theta~_i = (4 * 1 + 12 * 2) / 16 = 1.75 in every entry
     assert torch.allclose(new, torch.full((body,), 1.75))
     assert strategy._a.abs().sum() > 0  # A moved along the clients' differences
+    # b's step size and A's apart: b moves by lr, A by embedding_lr (here 1 and 0.01 x the same outer products)
+    half = hypernet_step(torch.zeros(1), torch.zeros(1, 1), torch.ones(1, 1), [0], torch.ones(1, 1), torch.ones(1),
+                         1.0, 0.01)
+    assert half[0].tolist() == [-1.0] and torch.allclose(half[1], torch.tensor([[-0.01]]))
 
 
 def test_base_models_are_the_nearest_clients_heads_own_first():
@@ -112,7 +116,8 @@ def test_semipfl_learns_and_bad_parameters_are_one_line_errors():
     own = sim.trainer.predict(state["model"], sim.pool.x[:20]).argmax(1)
     assert (own == sim.pool.y[:20]).float().mean() > 0.5  # 3 blob classes: a personal model well above chance
     assert build_strategy(StrategyConfig(name="semipfl", params={"base_models": 2})).base_models == 2
-    for key, value in (("embedding_dim", 0), ("hn_lr", 0.0), ("base_models", 0), ("temperature", 0.0)):
+    for key, value in (("embedding_dim", 0), ("hn_lr", 0.0), ("embedding_lr", -1.0), ("base_models", 0),
+                       ("temperature", 0.0)):
         with pytest.raises(ConfigError, match=f"strategy.params: semipfl: {key} must"):
             build_strategy(StrategyConfig(name="semipfl", params={key: value}))
 
@@ -163,3 +168,9 @@ def test_no_strategy_reads_the_labels_of_unlabelled_samples(tmp_path, capsys, mo
     clean = json.loads((tmp_path / "clean" / "summary.json").read_text())
     poisoned = json.loads((tmp_path / "poisoned" / "summary.json").read_text())
     assert poisoned["final_accuracy"] == clean["final_accuracy"]  # the same run: nothing read the poisoned labels
+
+
+def test_a_model_without_a_body_is_refused_in_one_line(tmp_path, capsys):
+    config = write_config(tmp_path, strategy__name="semipfl", model={"name": "logreg"})
+    code, _, err = cli(capsys, "run", config, "--out", tmp_path / "run", "--quiet")
+    assert code == 2 and err.strip().count("\n") == 0 and "semipfl trains the body as an autoencoder's encoder" in err

@@ -24,9 +24,11 @@ Our choices, at hetfl's scale:
   server's ``params``), A a P x k matrix (P body entries), A = 0 and e_i ~ N(0, I) at the start. Its pFedHN
   gradient is closed-form; for the round's updates with sample weights p_i and g_i = theta_i - theta~_i:
 
-      b <- b - eta sum_i p_i g_i,     A <- A - eta sum_i p_i g_i e_i^T,     e_i <- e_i - eta A^T g_i
+      b <- b - eta sum_i p_i g_i,     A <- A - eta_e sum_i p_i g_i e_i^T,     e_i <- e_i - eta_e A^T g_i
 
   (A^T of the A before the step). With eta = 1 and A = 0, b follows FedAvg of the clients' autoencoder encoders.
+  The bilinear part (A, e_i) diverges at step sizes near 1, so it has its own, small, eta_e (pFedHN's
+  hypernetwork learns at 1e-2).
 - Base models: hetfl's server holds no labelled data (the paper's server trains base models on its own labelled
   set), so the base models are the heads the clients fine-tuned in their last tasks: a client receives the
   ``base_models`` heads of the clients nearest to it in embedding space (Euclidean distance between the e_i, its own
@@ -50,7 +52,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from hetfl.errors import DivergedError
+from hetfl.errors import ConfigError, DivergedError
 from hetfl.strategies.base import ClientData, ClientResult, Server, Task, Update
 from hetfl.strategies.rounds import RoundStrategy, sample_weights
 from hetfl.strategies.selection import Selection
@@ -58,15 +60,17 @@ from hetfl.training.local import task_loss
 
 
 def hypernet_step(
-    b: torch.Tensor, a: torch.Tensor, e: torch.Tensor, clients: list[int], g: torch.Tensor, p: torch.Tensor, lr: float
+    b: torch.Tensor, a: torch.Tensor, e: torch.Tensor, clients: list[int], g: torch.Tensor, p: torch.Tensor, lr: float,
+    embedding_lr: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pFedHN step of the linear hypernetwork theta_i = b + A e_i, for the round's clients ``clients`` with
-    g_i = theta_i - theta~_i (rows of ``g``) and weights ``p``: the new (b, A, E) (E: every client's e_i as rows)."""
+    g_i = theta_i - theta~_i (rows of ``g``) and weights ``p``: the new (b, A, E) (E: every client's e_i as rows);
+    ``lr`` steps b, ``embedding_lr`` A and the e_i."""
     rows = e[clients]  # (m, k)
     new_e = e.clone()
-    new_e[clients] = rows - lr * g @ a  # e_i - eta A^T g_i, with the A before the step
+    new_e[clients] = rows - embedding_lr * g @ a  # e_i - eta_e A^T g_i, with the A before the step
     weighted = g * p.unsqueeze(1)  # (m, P)
-    return b - lr * weighted.sum(0), a - lr * weighted.T @ rows, new_e
+    return b - lr * weighted.sum(0), a - embedding_lr * weighted.T @ rows, new_e
 
 
 def mix_heads(losses: torch.Tensor, heads: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -83,7 +87,9 @@ class SemiPFL(RoundStrategy):
     embedding_dim : int, default 4
         k, the size of each client's hypernetwork embedding e_i.
     hn_lr : float, default 1.0
-        eta, the hypernetwork's step size (1 with A = 0: FedAvg of the encoders).
+        eta, the step size of the hypernetwork's shared part b (1 with A = 0: FedAvg of the encoders).
+    embedding_lr : float, default 0.01
+        eta_e, the step size of A and the client embeddings e_i.
     base_models : int, default 3
         K, how many base classifier heads a client receives and mixes.
     temperature : float, default 1.0
@@ -103,6 +109,7 @@ class SemiPFL(RoundStrategy):
         *,
         embedding_dim: int = 4,
         hn_lr: float = 1.0,
+        embedding_lr: float = 0.01,
         base_models: int = 3,
         temperature: float = 1.0,
         finetune_steps: int | None = None,
@@ -115,6 +122,8 @@ class SemiPFL(RoundStrategy):
             raise ValueError("embedding_dim must be at least 1")
         if hn_lr <= 0:
             raise ValueError("hn_lr must be positive")
+        if embedding_lr < 0:
+            raise ValueError("embedding_lr must be non-negative (0: no personalised encoders)")
         if base_models < 1:
             raise ValueError("base_models must be at least 1")
         if temperature <= 0:
@@ -123,6 +132,7 @@ class SemiPFL(RoundStrategy):
             raise ValueError("finetune_steps must be non-negative (or None for the task's steps)")
         self.embedding_dim = embedding_dim
         self.hn_lr = hn_lr
+        self.embedding_lr = embedding_lr
         self.base_models = base_models
         self.temperature = temperature
         self.finetune_steps = finetune_steps
@@ -134,6 +144,9 @@ class SemiPFL(RoundStrategy):
     def check_models(self, trainers) -> None:
         for t in trainers:
             t.require_head(self.name)
+            if t.body_slice.start == t.body_slice.stop:
+                raise ConfigError(f"{t.key}: semipfl trains the body as an autoencoder's encoder, and {t.label} is the "
+                                  "head alone; use mlp or cnn, or set model.feature_dim")
 
     def initial_params(self, trainer) -> torch.Tensor:
         return trainer.initial[trainer.body_slice].clone()  # b: the shared encoder
@@ -180,7 +193,7 @@ class SemiPFL(RoundStrategy):
         clients = [u.client_id for u in updates]
         g = torch.stack([u.task.payload["encoder"] - u.params for u in updates])
         b, self._a, self._e = hypernet_step(server.params, self._a, self._e, clients, g, sample_weights(updates),
-                                            self.hn_lr)
+                                            self.hn_lr, self.embedding_lr)
         for u in updates:
             self._heads[u.client_id] = u.payload["head"]
         return b
