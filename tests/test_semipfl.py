@@ -174,3 +174,18 @@ def test_a_model_without_a_body_is_refused_in_one_line(tmp_path, capsys):
     config = write_config(tmp_path, strategy__name="semipfl", model={"name": "logreg"})
     code, _, err = cli(capsys, "run", config, "--out", tmp_path / "run", "--quiet")
     assert code == 2 and err.strip().count("\n") == 0 and "semipfl trains the body as an autoencoder's encoder" in err
+
+
+def test_the_pool_hands_out_unlabelled_features_and_never_their_labels():
+    # samples 2-5 are unlabelled, their labels poisoned: every client's data has only labelled labels
+    from hetfl.engine import ClientPool
+
+    x, y = torch.arange(16.0).reshape(8, 2), torch.tensor([0, 1, -7, -7, -7, -7, 1, 0])
+    pool = ClientPool(x, y, [[0, 1], [6, 7]], 2, unlabelled_indices=[[2, 3], [4, 5]])
+    for client, (labelled, unlabelled) in enumerate((([0, 1], [2, 3]), ([6, 7], [4, 5]))):
+        data = pool.data(client)
+        assert torch.equal(data.x, x[labelled]) and torch.equal(data.y, y[labelled]) and (data.y >= 0).all()
+        assert torch.equal(data.x_unlabelled, x[unlabelled]) and data.n_samples == 2
+    assert ClientPool(x, y, [[0, 1]], 2).data(0).x_unlabelled is None
+    with pytest.raises(ConfigError, match="data.labelled_fraction: a Flower client's data is its own"):
+        validate({"client": "flowerapp:client_fn", "data": {"labelled_fraction": 0.5}})

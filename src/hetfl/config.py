@@ -1184,6 +1184,8 @@ class ExperimentConfig(Section):
                              "e.g. 0.2")
         if self.data.validation_fraction and self.client is not None:
             raise ValueError("data.validation_fraction: a Flower client's data is its own; set 0")
+        if self.data.labelled_fraction != 1.0 and self.client is not None:
+            raise ValueError("data.labelled_fraction: a Flower client's data is its own; set 1")
         return self
 
     @model_validator(mode="after")
