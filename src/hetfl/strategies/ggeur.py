@@ -43,11 +43,9 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from hetfl.config import AggregatorConfig, PrivacyConfig
 from hetfl.strategies.base import ClientData, ClientResult, Server, Task, Update
 from hetfl.strategies.fedavg import FedAvg
 from hetfl.strategies.hetero import prototypes_of, representations
-from hetfl.strategies.selection import Selection
 
 
 def class_covariances(features: torch.Tensor, y: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
@@ -100,21 +98,8 @@ class GGEUR(FedAvg):
     name = "ggeur"
     linear_aggregation = False  # the statistics are pooled with their between-client spread, not a plain sum
 
-    def __init__(
-        self,
-        *,
-        lam: float = 1.0,
-        augment: int = 4,
-        rank: int | None = None,
-        clients_per_round: int = 10,
-        deadline_s: float | None = None,
-        selection: Selection | None = None,
-        server_lr: float = 1.0,
-        aggregator: AggregatorConfig | None = None,
-        privacy: PrivacyConfig | None = None,
-    ) -> None:
-        super().__init__(clients_per_round=clients_per_round, deadline_s=deadline_s, selection=selection,
-                         server_lr=server_lr, aggregator=aggregator, privacy=privacy)
+    def __init__(self, *, lam: float = 1.0, augment: int = 4, rank: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)  # FedAvg's: clients_per_round, deadline_s, selection, server_lr, aggregator, privacy
         if lam < 0:
             raise ValueError("lam must be non-negative (0: no generated embeddings)")
         if augment < 1:

@@ -55,7 +55,6 @@ from torch.nn import functional as F
 from hetfl.errors import ConfigError, DivergedError
 from hetfl.strategies.base import ClientData, ClientResult, Server, Task, Update
 from hetfl.strategies.rounds import RoundStrategy, sample_weights
-from hetfl.strategies.selection import Selection
 from hetfl.training.local import task_loss
 
 
@@ -113,11 +112,9 @@ class SemiPFL(RoundStrategy):
         base_models: int = 3,
         temperature: float = 1.0,
         finetune_steps: int | None = None,
-        clients_per_round: int = 10,
-        deadline_s: float | None = None,
-        selection: Selection | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(clients_per_round=clients_per_round, deadline_s=deadline_s, selection=selection)
+        super().__init__(**kwargs)  # RoundStrategy's: clients_per_round, deadline_s, selection
         if embedding_dim < 1:
             raise ValueError("embedding_dim must be at least 1")
         if hn_lr <= 0:
