@@ -138,3 +138,5 @@ def test_bad_parameters_are_one_line_errors():
     for key, value in (("rank", 0), ("augment", 0), ("lam", -1.0)):
         with pytest.raises(ConfigError, match=f"strategy.params: ggeur: {key} must"):
             build_strategy(StrategyConfig(name="ggeur", params={key: value}))
+    with pytest.raises(ConfigError, match="strategy.privacy: ggeur's clients send their class covariances"):
+        build_strategy(StrategyConfig(name="ggeur", privacy={"clip": 1.0}))

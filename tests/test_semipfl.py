@@ -65,6 +65,8 @@ def test_with_a_zero_hypernet_matrix_the_shared_encoder_is_the_weighted_mean():
         assert torch.equal(task.payload["encoder"], sim.params)  # A = 0: every client starts from b
         updates.append(Update(task, torch.full((body,), float(client + 1)), n, 1, 0.0, 0.0,
                               payload={"head": torch.full((27,), float(client))}))
+    down, up = strategy.transfer_bytes(sim, updates[0].task)
+    assert (down, up) == ((body + 3 * 27) * 4, (body + 27) * 4)  # its encoder and 3 base heads down; encoder, head up
     new = strategy.aggregate(sim, updates)
     # b - sum p_i (b - theta~_i) = sum p_i theta~_i = (4 * 1 + 12 * 2) / 16 = 1.75 in every entry
     assert torch.allclose(new, torch.full((body,), 1.75))

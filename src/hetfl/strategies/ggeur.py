@@ -91,14 +91,18 @@ class GGEUR(FedAvg):
         Generated embeddings per real sample of a class with a global shape, per batch.
     rank : int or None, default None
         Eigenpairs of each class's global covariance sent to the clients; None: all (the representation's width).
-    clients_per_round, deadline_s, selection, server_lr, aggregator, privacy
-        As for :class:`~hetfl.strategies.fedavg.FedAvg`.
+    clients_per_round, deadline_s, selection, server_lr, aggregator
+        As for :class:`~hetfl.strategies.fedavg.FedAvg`; ``strategy.privacy`` is refused (the covariances travel in the
+        clear).
     """
 
     name = "ggeur"
     linear_aggregation = False  # the statistics are pooled with their between-client spread, not a plain sum
 
     def __init__(self, *, lam: float = 1.0, augment: int = 4, rank: int | None = None, **kwargs: Any) -> None:
+        if getattr(kwargs.get("privacy"), "enabled", False):
+            raise ValueError("strategy.privacy: ggeur's clients send their class covariances in the clear, which "
+                             "DP-FedAvg's noise on the model does not cover; disable strategy.privacy")
         super().__init__(**kwargs)  # FedAvg's: clients_per_round, deadline_s, selection, server_lr, aggregator, privacy
         if lam < 0:
             raise ValueError("lam must be non-negative (0: no generated embeddings)")

@@ -195,9 +195,6 @@ class SemiPFL(RoundStrategy):
             self._heads[u.client_id] = u.payload["head"]
         return b
 
-    def metrics(self) -> dict[str, float]:
-        return {"semipfl_heads": float(len(self._heads))}
-
     # -- the client half ------------------------------------------------------------------------
     def client_train(self, trainer, task: Task, data: ClientData, state: dict[str, Any], seed: int) -> ClientResult:
         body, head = trainer.body_slice, trainer.head_slice
