@@ -239,6 +239,13 @@ class DataConfig(Section):
         "trained on; evaluation.split: validation scores on it, as hetfl sweep does); 0: none, every training sample "
         "trains.",
     )
+    labelled_fraction: float | list[float] = Field(
+        1.0, description="Share of each client's training samples whose labels it has (semi-supervised FL, as semipfl "
+        "assumes): a number for every client, or a list of one per client (heterogeneous shares). The rest are "
+        "unlabelled: their labels are never given to any client (ClientData.x_unlabelled carries their features; only "
+        "semi-supervised algorithms read them). Drawn per client, stratified by label, after the validation split; "
+        "1: every sample labelled.",
+    )
     normalize: bool = Field(True, description="Scale features to zero mean, unit variance (statistics of the training splits).")
     text: TextConfig = TextConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
@@ -282,6 +289,15 @@ class DataConfig(Section):
                 )
             if self.drift.kind != "none":
                 raise ValueError("data.drift.kind: the text dataset has next-token targets, not classes to swap; set none")
+        shares = self.labelled_fraction if isinstance(self.labelled_fraction, list) else [self.labelled_fraction]
+        if any(not 0 < f <= 1 for f in shares):
+            raise ValueError("data.labelled_fraction: each share must lie in (0, 1] (1: every sample labelled)")
+        if isinstance(self.labelled_fraction, list) and len(shares) != self.n_clients:
+            raise ValueError(f"data.labelled_fraction: a list needs one share per client ({self.n_clients}), "
+                             f"got {len(shares)}")
+        if self.dataset in ("synthetic", "text") and any(f < 1 for f in shares):
+            raise ValueError(f"data.labelled_fraction: the {self.dataset} dataset has no unlabelled samples to set "
+                             "apart; set 1")
         if self.dataset == "synthetic" and self.validation_fraction:
             raise ValueError("data.validation_fraction: the synthetic dataset generates its evaluation clients apart; "
                              "set 0 (hetfl sweep needs a dataset that is dealt out)")
@@ -1196,6 +1212,8 @@ class ExperimentConfig(Section):
                              "e.g. 0.2")
         if self.data.validation_fraction and self.client is not None:
             raise ValueError("data.validation_fraction: a Flower client's data is its own; set 0")
+        if self.data.labelled_fraction != 1.0 and self.client is not None:
+            raise ValueError("data.labelled_fraction: a Flower client's data is its own; set 1")
         return self
 
     @model_validator(mode="after")

@@ -98,6 +98,8 @@ KINDS: dict[str, Kind] = {
             "local": "hetfl.strategies.hetero:LocalOnly",
             "fedproto": "hetfl.strategies.fedproto:FedProto",
             "fedgh": "hetfl.strategies.fedgh:FedGH",
+            "semipfl": "hetfl.strategies.semipfl:SemiPFL",
+            "ggeur": "hetfl.strategies.ggeur:GGEUR",
             "pfedgate": "hetfl.strategies.pfedgate:PFedGate",
             "pfedpg": "hetfl.strategies.pfedpg:PFedPG",
             "fml": "hetfl.strategies.fml:FML",

@@ -695,7 +695,7 @@ def deal_test(
 
 # --------------------------------------------------------------------------- train/test split
 def split_train_test(
-    parts: list[np.ndarray], labels: np.ndarray, test_fraction: float, rng: np.random.Generator
+    parts: list[np.ndarray], labels: np.ndarray, test_fraction: float | np.ndarray, rng: np.random.Generator
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Split each client's samples at random into train and test.
 
@@ -710,8 +710,8 @@ def split_train_test(
         Sample indices of each client.
     labels : numpy.ndarray
         Label of every sample of the dataset.
-    test_fraction : float
-        Share of each client's samples for its test split, in (0, 1).
+    test_fraction : float or numpy.ndarray
+        Share of each client's samples for its test split, in (0, 1); or one share per client.
     rng : numpy.random.Generator
         Source of randomness.
 
@@ -721,7 +721,7 @@ def split_train_test(
         int64 indices of each client's train and test samples, in their order in ``parts``
         (sorted, for parts from a partitioner).
     """
-    if not 0 < test_fraction < 1:
+    if not np.all((0 < np.asarray(test_fraction)) & (np.asarray(test_fraction) < 1)):
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
     if not parts:
         return [], []
@@ -805,6 +805,10 @@ class FederatedData:
     validation : list of numpy.ndarray
         Each client's validation sample indices (``data.validation_fraction`` of its training samples, taken out of
         ``train``); empty lists without a validation split.
+    unlabelled : list of numpy.ndarray
+        Each client's unlabelled training samples (all but ``data.labelled_fraction`` of them, taken out of
+        ``train``, which keeps the labelled ones): their features train semi-supervised algorithms, their labels are
+        never read; empty lists when every sample is labelled.
     """
 
     dataset: Dataset
@@ -814,6 +818,7 @@ class FederatedData:
     feature_levels: np.ndarray | None = None
     drift: LabelDrift | None = None
     validation: list[np.ndarray] = field(default_factory=list)
+    unlabelled: list[np.ndarray] = field(default_factory=list)
 
     def evaluation_split(self, split: str) -> list[np.ndarray]:
         """Each client's samples the run scores on: ``test`` or ``validation`` (``evaluation.split``)."""
@@ -925,8 +930,8 @@ def federate(cfg: DataConfig, seed: int) -> FederatedData:
         source = ds.name if cfg.path is None else f"{ds.name} at {cfg.path}"
         samples = f"{ds.n_train} training samples" if ds.n_test else f"{len(ds)} samples"
         raise DataError(f"data.n_clients={cfg.n_clients} exceeds the {samples} of {source}")
-    partition_rng, split_rng, skew_rng, drift_rng, validation_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)  # the first four as spawn(4) gives
+    partition_rng, split_rng, skew_rng, drift_rng, validation_rng, labelled_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(6)  # the first ones as spawn(4), spawn(5) give
     )
     skew = cfg.feature_skew
     check_feature_skew(skew, ds)
@@ -940,16 +945,39 @@ def federate(cfg: DataConfig, seed: int) -> FederatedData:
     validation: list[np.ndarray] = []
     if cfg.validation_fraction:
         train, validation = split_train_test(train, labels, cfg.validation_fraction, validation_rng)
+    train, unlabelled = unlabelled_split(train, labels, cfg.labelled_fraction, labelled_rng)
     levels = None if skew.kind == "none" else feature_levels(cfg.n_clients, skew.strength, skew_rng, skew.groups)
     held = [np.concatenate([te, va]) for te, va in zip(test, validation)] if validation else test
     rows = [np.concatenate([tr, te]) for tr, te in zip(train, held)] if levels is not None else []
+    if unlabelled:  # their features are the clients' as much as the labelled ones' (for the transforms and statistics)
+        train_rows = [np.concatenate([tr, un]) for tr, un in zip(train, unlabelled)]
+        rows = [np.concatenate([r, un]) for r, un in zip(rows, unlabelled)] if rows else rows
+    else:
+        train_rows = train
     if skew.kind == "rotation":
         rotate_clients(ds.x, rows, levels)
     if cfg.normalize and ds.vocab_size is None and ds.x.dtype.kind == "f":
-        normalize(ds.x, np.concatenate(train))
+        normalize(ds.x, np.concatenate(train_rows))
     if skew.kind == "noise":
-        add_noise(ds.x, rows, levels, feature_std(ds.x, np.concatenate(train)), skew_rng)
+        add_noise(ds.x, rows, levels, feature_std(ds.x, np.concatenate(train_rows)), skew_rng)
     if skew.kind == "affine":
-        shift_and_scale(ds.x, rows, levels, feature_std(ds.x, np.concatenate(train)))
+        shift_and_scale(ds.x, rows, levels, feature_std(ds.x, np.concatenate(train_rows)))
     drift = LabelDrift.from_config(cfg.drift, cfg.n_clients, ds.n_classes, drift_rng)
-    return FederatedData(ds, train, test, clusters=clusters, feature_levels=levels, drift=drift, validation=validation)
+    return FederatedData(ds, train, test, clusters=clusters, feature_levels=levels, drift=drift, validation=validation,
+                         unlabelled=unlabelled)
+
+
+def unlabelled_split(
+    train: list[np.ndarray], labels: np.ndarray, labelled_fraction: float | list[float], rng: np.random.Generator
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each client's training samples split into labelled and unlabelled ones (``data.labelled_fraction``: one share,
+    or one per client): a client of share ``f < 1`` and ``n >= 2`` samples has ``round((1 - f) * n)`` unlabelled, at
+    least 1 and at most ``n - 1`` (it keeps a labelled sample), stratified by label (:func:`split_train_test`); a
+    client of share 1 keeps all. ``(train, [])`` when every share is 1."""
+    shares = np.broadcast_to(np.asarray(labelled_fraction, dtype=np.float64), (len(train),))
+    if not len(train) or np.all(shares >= 1):
+        return train, []
+    labelled, unlabelled = split_train_test(train, labels, np.clip(1 - shares, 1e-12, 1 - 1e-12), rng)
+    for c in np.flatnonzero(shares >= 1):  # all labelled
+        labelled[c], unlabelled[c] = train[c], train[c][:0]
+    return labelled, unlabelled

@@ -193,7 +193,7 @@ def build_federation(cfg: ExperimentConfig) -> Federation:
         return Federation(cfg, data, profiles, trainer, evaluator, pool, flops, models)
     ds = data.dataset
     x, y = torch.from_numpy(ds.x), torch.from_numpy(ds.y)
-    pool = ClientPool(x, y, data.train, ds.n_classes, data.drift).to(trainer.device)  # one index array, offsets; data once
+    pool = ClientPool(x, y, data.train, ds.n_classes, data.drift, data.unlabelled).to(trainer.device)  # one index array, offsets; data once
     evaluator = Evaluator.from_splits(trainer, x, y, data.evaluation_split(cfg.evaluation.split), data.drift)
     _check_batchable(cfg, models, pool)
     return Federation(cfg, data, profiles, trainer, evaluator, pool, flops, models)

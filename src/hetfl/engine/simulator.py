@@ -73,6 +73,9 @@ class ClientPool:
         Number of classes; 0: the largest label + 1.
     drift : LabelDrift, optional
         Concept drift: some clients' labels change at a simulated time.
+    unlabelled_indices : sequence of array-like, optional
+        Client ``c``'s unlabelled samples (``data.labelled_fraction``): ``data`` gives their features as
+        ``ClientData.x_unlabelled`` and never indexes ``y`` with them.
     """
 
     def __init__(
@@ -82,12 +85,11 @@ class ClientPool:
         train_indices: Sequence[Any],
         n_classes: int = 0,
         drift: LabelDrift | None = None,
+        unlabelled_indices: Sequence[Any] = (),
     ) -> None:
-        parts = [np.asarray(t, dtype=np.int64).reshape(-1) for t in train_indices]
-        sizes = np.array([len(p) for p in parts], dtype=np.int64)
         self.x, self.y = x, y
-        self.index = torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
-        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.index, self.offsets = _concatenated(train_indices)
+        self.unlabelled = _concatenated(unlabelled_indices) if len(unlabelled_indices) else None
         self.n_classes = n_classes or (int(y.max()) + 1 if y.numel() else 1)
         self.drift = drift
 
@@ -110,7 +112,10 @@ class ClientPool:
         y = self.y[idx]
         if self.drift is not None:
             y = self.drift.labels(client_id, y, t)
-        return ClientData(client_id, self.x[idx], y)
+        if self.unlabelled is None:
+            return ClientData(client_id, self.x[idx], y)
+        index, offsets = self.unlabelled
+        return ClientData(client_id, self.x[idx], y, self.x[index[offsets[client_id] : offsets[client_id + 1]]])
 
     def to(self, device: torch.device) -> "ClientPool":
         """This pool with every sample on ``device`` (``training.device``), moved once for all clients: each task then
@@ -127,6 +132,14 @@ class ClientPool:
     def sample_counts(self) -> np.ndarray:
         """Every client's number of training samples."""
         return np.diff(self.offsets)
+
+
+def _concatenated(parts: Sequence[Any]) -> tuple[torch.Tensor, np.ndarray]:
+    """Every client's index array as one int64 tensor, and the offsets of client ``c``'s: ``[offsets[c], offsets[c+1])``."""
+    arrays = [np.asarray(t, dtype=np.int64).reshape(-1) for t in parts]
+    sizes = np.array([len(p) for p in arrays], dtype=np.int64)
+    index = torch.from_numpy(np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64))
+    return index, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
 
 class _IndexView(Sequence):

@@ -87,11 +87,16 @@ class Update:
 
 @dataclass
 class ClientData:
-    """A client's local training data, as the client half of a strategy sees it."""
+    """A client's local training data, as the client half of a strategy sees it.
+
+    ``x``, ``y``: its labelled samples (every training sample unless ``data.labelled_fraction`` < 1).
+    ``x_unlabelled``: the features of its unlabelled samples, without labels (None when it has none); only
+    semi-supervised algorithms (semipfl) read them."""
 
     client_id: int
     x: torch.Tensor
     y: torch.Tensor
+    x_unlabelled: torch.Tensor | None = None
 
     @property
     def n_samples(self) -> int:

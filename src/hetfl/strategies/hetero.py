@@ -171,11 +171,22 @@ def class_prototypes(trainer, params: torch.Tensor, data: ClientData, n_classes:
     C_i^(j), eq. 1); ``counts[j] = |D_j|``; a class the client does not hold has count 0 and a zero row. The model
     is in ``eval`` mode (BatchNorm uses its running statistics).
     """
+    return prototypes_of(representations(trainer, params, data.x), data.y, n_classes)
+
+
+def representations(trainer, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The head's input for every sample of ``x`` under the model ``params``, in ``eval`` mode, without gradients."""
     with torch.no_grad():
         trainer.load(params)
-        features, _ = trainer.features(data.x)
-        counts = torch.bincount(data.y, minlength=n_classes).float()
-        sums = torch.zeros(n_classes, features.shape[1]).index_add_(0, data.y, features)
+        features, _ = trainer.features(x)
+    return features
+
+
+def prototypes_of(features: torch.Tensor, y: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class means of ``features`` and the class counts (:func:`class_prototypes` on given representations)."""
+    counts = torch.bincount(y, minlength=n_classes).float()
+    sums = torch.zeros(n_classes, features.shape[1], dtype=features.dtype, device=features.device)
+    sums.index_add_(0, y, features)
     return sums / counts.clamp(min=1).unsqueeze(1), counts
 
 
