@@ -33,22 +33,36 @@ explain Delta_i at the old model, and trains the current model on the estimate i
 
        Delta_out = gamma Delta~ + (1 - gamma) Delta_i,   gamma = e / (e + L*)
 
-   the least-squares weights of two estimates with independent errors L* and e (``blend``).
+   the least-squares weights of two estimates with independent errors L* and e (``blend``); or the paper's
+   switch on the same two errors (``switch_back``, below).
 
 From the paper: what is matched (the received update, reproduced by the client's local steps from the
 old model), free soft labels, conversion by retraining the current model on the estimate, matching only
 the largest entries of the update (the paper keeps 5% to save iterations: ``keep``), and starting a
 client's inversion from its previous estimate (``warm_start``; the paper does this while a client's data
-stay fixed). Our choices, where the paper leaves room or we differ: the loss (relative squared L2 per
-tensor, scale-free: 0 is exact, 1 no better than a zero update; normalising per tensor keeps the biases,
-which pin down the labels and the sign of X, from being drowned by the weights; the authors' code uses
-an L1 distance), L-BFGS (their code uses Adam; L-BFGS fits these small smooth problems far more exactly:
-a logistic regression's single sample to a relative error of 5e-5 in under 40 evaluations), the
-initialisation (X, Z ~ N(0, 1), seeded by task id and client, so a run is reproducible whatever order
-events come in), and the switch: the paper falls back to plain asynchronous FL late in training, once
-the inversion's error outweighs the staleness it corrects; ``gamma`` makes that trade per update and
-smoothly. The paper's filter of which stale updates are worth converting (by cosine distance to fresh
-ones) is not done: every update at least ``min_staleness`` versions old is converted.
+stay fixed). Our default differs in three places, each an option that restores the paper's way:
+
+- ``loss``: relative squared L2 per tensor (scale-free: 0 is exact, 1 no better than a zero update;
+  normalising per tensor keeps the biases, which pin down the labels and the sign of X, from being drowned
+  by the weights). ``l1`` is the authors' distance, sum |U_k - w - Delta_i| over all entries, here divided by
+  ||Delta_i||_1 so that its values read like the other's (a constant factor: the same minimiser).
+- ``optimizer``: L-BFGS (strong-Wolfe line search) fits these small smooth problems far more exactly: a
+  logistic regression's single sample to a relative error of 5e-5 in under 40 evaluations. ``adam`` is
+  the authors' code: Adam on (X, Z), X's gradient replaced by its sign, lr divided by 10 at 3/8, 5/8 and
+  7/8 of ``iterations`` (their code: lr 1 on images clamped to the pixel range, 10,000 to 40,000
+  iterations, 128 to 256 samples; our inputs are unbounded features, so lr 0.1 is the sensible setting).
+- ``switch_back``: the paper switches back to plain asynchronous FL late in training, once the
+  inversion's error outweighs the staleness error it corrects; with ``switch_back`` (and ``blend`` off)
+  the converted update is used alone until the first update with L* >= e, and from then on every
+  update as it arrives, at no further cost. The authors' code decides this once, globally, with an
+  oracle a server does not have (the client's true update at the current model, by its own data);
+  L* and e are the server's estimates of the same two errors. Our default, ``blend``, makes the trade
+  per update and smoothly.
+
+No filter of which stale updates are worth converting (one by cosine distance to fresh updates was
+thought to be the paper's) is in the authors' code, and none is done here: every update at least
+``min_staleness`` versions old is converted. Our own choice, where the paper leaves room: the initialisation (X, Z ~ N(0, 1),
+seeded by task id and client, so a run is reproducible whatever order events come in).
 
 Approximated: the client trained on mini-batches of its own data, the server trains on all S synthetic
 samples each step, so D* stands for the client's data distribution, not its samples (S need not be the
