@@ -12,6 +12,7 @@ slower than the others. Variants (``strategy.params.recovery``), both at ``--ite
 - ``paper``: as the paper and its code do it: L1 distance, Adam (signed input gradient, lr 0.1, decayed 10x at
   3/8, 5/8, 7/8 of the iterations), the 5% largest entries matched, the converted update alone, and the switch
   back to plain asynchronous FL once the inversion's error is at least the staleness error.
+- ``paper_noswitch``: the paper's inversion and conversion without the switch (every slow update converted).
 
 Per run: final accuracy on the whole test set and on the slow clients' classes (8 and 9, scored from the final
 checkpoint), simulated time to ``evaluation.target_accuracy`` (0.9), and the server's cost of recovery (FLOPs as
@@ -36,7 +37,7 @@ CONFIG = ROOT / "examples" / "custom" / "intertwined.yaml"
 SLOW_CLASSES = (8, 9)
 STRATEGIES = ("fedasync", "fedbuff")
 PAPER = {"loss": "l1", "optimizer": "adam", "lr": 0.1, "keep": 0.05, "blend": False, "switch_back": True}
-VARIANTS = {"off": None, "hetfl": {}, "paper": PAPER}
+VARIANTS = {"off": None, "hetfl": {}, "paper": PAPER, "paper_noswitch": {**PAPER, "switch_back": False}}
 # recover the slow clients' updates only, as the paper converts only the delayed clients': fast clients' updates
 # arrive about 8 versions stale under FedAsync and 2 under FedBuff (K = 5), slow ones about 80 and 16
 MIN_STALENESS = {"fedasync": 20, "fedbuff": 5}

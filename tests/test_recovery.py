@@ -252,3 +252,20 @@ def test_a_yaml_dict_validates_and_a_wrong_key_is_named():
         _typed(MixOnArrival, {"recovery": {"iteration": 20}}, where)
     with pytest.raises(ConfigError, match=r"^strategy\.params\.recovery\.keep: "):
         _typed(MixOnArrival, {"recovery": {"keep": 0}}, where)
+
+
+def test_the_intertwined_example_gives_digits_8_and_9_to_the_slow_clients_only():
+    # examples/custom/intertwined.yaml, the federation of benchmarks/recovery.py (mylab.partitions:held_by)
+    from pathlib import Path
+
+    from hetfl.config import load_config
+    from hetfl.engine.run import build_federation
+
+    fed = build_federation(load_config(Path(__file__).resolve().parents[1] / "examples/custom/intertwined.yaml"))
+    y = fed.data.dataset.y
+    for parts in (fed.data.train, fed.data.test):  # the test split is dealt by each client's label mix
+        held = [set(y[part].tolist()) for part in parts]
+        assert held[8] == held[9] == {8, 9} and all(c == set(range(8)) for c in held[:8])
+    dealt = [i for part in fed.data.train for i in part.tolist()]
+    assert len(dealt) == len(set(dealt))  # no sample twice
+    assert fed.profiles.speed.tolist() == [1.0] * 8 + [0.1, 0.1]
