@@ -125,12 +125,15 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--table-only", action="store_true", help="the table of the runs already finished in --out")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     jobs = [(s, v, seed, args.iterations, args.sim_time, args.out)
             for seed in seeds for s in args.strategies.split(",") for v in args.variants.split(",")]
     # the recovery runs are the long ones: start them first so that two run side by side to the end
     jobs.sort(key=lambda j: j[1] == "off")
+    if args.table_only:
+        jobs = [j for j in jobs if (Path(args.out) / f"{j[0]}-{j[1]}-{j[2]}" / "summary.json").is_file()]
     os.makedirs(args.out, exist_ok=True)
     with ProcessPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(run_one, jobs))
