@@ -39,9 +39,8 @@ explain Delta_i at the old model, and trains the current model on the estimate i
 From the paper: what is matched (the received update, reproduced by the client's local steps from the
 old model), free soft labels, conversion by retraining the current model on the estimate, matching only
 the largest entries of the update (the paper keeps 5% to save iterations, ``keep``; the authors' published
-code matches every entry), and starting a
-client's inversion from its previous estimate (``warm_start``; the paper does this while a client's data
-stay fixed). Our default differs in three places, each an option that restores the paper's way:
+code matches every entry), and starting a client's inversion from its previous estimate (``warm_start``;
+the paper does this while a client's data stay fixed). Our default differs in three places, each an option that restores the paper's way:
 
 - ``loss``: relative squared L2 per tensor (scale-free: 0 is exact, 1 no better than a zero update;
   normalising per tensor keeps the biases, which pin down the labels and the sign of X, from being drowned
