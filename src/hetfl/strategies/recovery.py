@@ -40,7 +40,8 @@ From the paper: what is matched (the received update, reproduced by the client's
 old model), free soft labels, conversion by retraining the current model on the estimate, matching only
 the largest entries of the update (the paper keeps 5% to save iterations, ``keep``; the authors' published
 code matches every entry), and starting a client's inversion from its previous estimate (``warm_start``;
-the paper does this while a client's data stay fixed). Our default differs in three places, each an option that restores the paper's way:
+the paper does this while a client's data stay fixed). Our default differs in three places, each an option
+that restores the paper's way:
 
 - ``loss``: relative squared L2 per tensor (scale-free: 0 is exact, 1 no better than a zero update;
   normalising per tensor keeps the biases, which pin down the labels and the sign of X, from being drowned
@@ -115,7 +116,9 @@ class RecoveryConfig(BaseModel):
     min_staleness: int = Field(2, ge=1, description="Refresh updates at least this stale; fresher ones are used as they are.")
     iterations: int = Field(100, ge=1, description="Evaluations of the matching loss the inversion may spend (its budget).")
     samples: int = Field(8, ge=1, description="Synthetic samples per update; they stand for the client's data distribution.")
-    lr: float = Field(1.0, gt=0, description="Initial step of the inversion's L-BFGS (its line search adapts it).")
+    lr: float = Field(
+        1.0, gt=0, description="Inversion's step: L-BFGS's initial step (its line search adapts it), or Adam's learning rate."
+    )
     keep: float = Field(
         1.0, gt=0, le=1, description="Fraction of the update's entries matched, the largest in magnitude (the paper keeps 0.05)."
     )
