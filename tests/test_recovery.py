@@ -19,7 +19,14 @@ from hetfl.models import build_model
 from hetfl.strategies import _typed
 from hetfl.strategies.asynchronous import AsyncStrategy
 from hetfl.strategies.base import Task, Update
-from hetfl.strategies.recovery import INVERSION_FACTOR, LocalSteps, RecoveryConfig, StaleRecovery, invert
+from hetfl.strategies.recovery import (
+    INVERSION_FACTOR,
+    LocalSteps,
+    RecoveryConfig,
+    StaleRecovery,
+    converted_weight,
+    invert,
+)
 from hetfl.training import LocalTrainer
 
 
@@ -82,6 +89,49 @@ def test_replayed_local_steps_are_torch_sgd_with_momentum_and_weight_decay():
     assert with_graph.requires_grad and torch.allclose(with_graph.detach(), expected, atol=1e-6)
 
 
+def test_the_two_matching_losses_by_hand():
+    # a 1-feature, 2-class logistic regression: weight (2 x 1) then bias (2), four entries
+    local = LocalSteps(logreg(features=1, classes=2).model, steps=1, lr=0.1)
+    ref = torch.tensor([1.0, -2.0, 0.0, 4.0])
+    diff = torch.tensor([0.5, 0.5, -1.0, 0.0])
+    zero = torch.zeros(4)
+    # relative_l2, per tensor: weight 0.5 / 5 = 0.1, bias 1 / 16 = 0.0625, mean 0.08125
+    assert float(local.error(diff, zero, ref)) == pytest.approx(0.08125)
+    # l1, all entries: (0.5 + 0.5 + 1 + 0) / (1 + 2 + 0 + 4) = 2 / 7
+    assert float(local.error(diff, zero, ref, norm="l1")) == pytest.approx(2 / 7)
+    # on the entries kept (the two largest of ref: -2 and 4): l1 0.5 / 6; relative_l2 0.25 / 4 and 0 / 16
+    kept = ref.abs().topk(2).indices
+    assert float(local.error(diff, zero, ref, kept, norm="l1")) == pytest.approx(0.5 / 6)
+    assert float(local.error(diff, zero, ref, kept)) == pytest.approx((0.0625 + 0.0) / 2)
+
+
+def test_the_authors_adam_recovers_one_sample_too():
+    # Adam with X's gradient replaced by its sign and lr / 10 at 3/8, 5/8, 7/8 of the iterations
+    trainer = logreg()
+    w_old = trainer.flat.clone()
+    g = torch.Generator().manual_seed(0)
+    x, y = 2 * torch.randn(1, 4, generator=g), torch.randint(0, 3, (1,), generator=g)
+    target = trainer.train(w_old, x, y, steps=1, seed=0).params - w_old
+    local = LocalSteps(trainer.model, steps=1, lr=0.1)
+    start = torch.Generator().manual_seed(100)
+    x0, z0 = torch.randn(1, 4, generator=start), torch.randn(1, 3, generator=start)
+    x_hat, z_hat, evaluations = invert(local, w_old, target, x0, z0, iterations=150, lr=0.1, optimizer="adam")
+    assert evaluations == 150  # Adam spends its whole budget; L-BFGS stops when it has converged
+    # measured: relative error of x 0.026 (L-BFGS: 3e-5 in 29 evaluations), label right
+    assert relative(x_hat, x) < 0.1 and int(z_hat.argmax()) == int(y)
+
+
+def test_the_papers_switch_on_a_made_up_error_sequence():
+    # (inversion error L*, staleness error e): convert while e > L*, switch back at the first L* >= e
+    sequence = [(0.1, 0.9), (0.2, 0.5), (0.3, 0.3), (0.1, 0.9)]
+    decisions = [converted_weight(loss, drift, blend=False, switch_back=True) for loss, drift in sequence]
+    assert decisions[:3] == [(1.0, False), (1.0, False), (0.0, True)]
+    # the blend weighs the same errors: e / (e + L*)
+    assert converted_weight(0.1, 0.9, blend=True, switch_back=False) == (pytest.approx(0.9), False)
+    assert converted_weight(0.3, 0.3, blend=True, switch_back=False) == (pytest.approx(0.5), False)
+    assert converted_weight(0.3, 0.3, blend=False, switch_back=False) == (1.0, False)
+
+
 # --------------------------------------------------------------------------- converting a stale update
 def stale_setting(**cfg):
     """A logreg client of 12 blob samples, dispatched at version 0; the server moved on to version 3.
@@ -138,6 +188,19 @@ def test_recovery_is_deterministic_and_warm_starts_from_the_clients_estimate():
     assert not cold._estimates
 
 
+def test_after_the_papers_switch_stale_updates_pass_unchanged():
+    recovery, server, update, _ = stale_setting(switch_back=True, blend=False, iterations=5)
+    assert recovery.recover(server, update).stats["recovery_weight"] == 1.0  # the model moved: e >> L*
+    assert recovery.switched_at is None
+    # a server that has not moved since dispatch: staleness error 0, so the inversion's error outweighs it
+    still = SimpleNamespace(version=3, params=update.task.params, trainer=server.trainer)
+    assert recovery.recover(still, update) is update
+    assert recovery.switched_at == 3 and recovery.metrics()["recovery_switched_at"] == 3.0
+    flops = recovery.metrics()["recovery_flops"]
+    assert recovery.recover(server, update) is update  # from now on plain asynchronous FL, at no cost
+    assert recovery.metrics()["recovery_flops"] == flops and recovery.metrics()["recovered"] == 1
+
+
 # --------------------------------------------------------------------------- on the simulator
 def test_an_asynchronous_strategy_with_recovery_runs_and_learns():
     # client 0 is three times as fast as client 1, so client 1's updates arrive 2-3 versions stale
@@ -179,9 +242,30 @@ def test_a_yaml_dict_validates_and_a_wrong_key_is_named():
     where = {"recovery": "strategy.params.recovery"}
     kwargs = _typed(MixOnArrival, {"recovery": {"iterations": 20, "samples": 4, "keep": 0.05}}, where)
     assert kwargs["recovery"] == RecoveryConfig(iterations=20, samples=4, keep=0.05)
+    paper = {"loss": "l1", "optimizer": "adam", "switch_back": True, "blend": False}
+    assert _typed(MixOnArrival, {"recovery": paper}, where)["recovery"] == RecoveryConfig(**paper)
+    with pytest.raises(ConfigError, match=r"^strategy\.params\.recovery\.optimizer: "):
+        _typed(MixOnArrival, {"recovery": {"optimizer": "sgd"}}, where)
     assert MixOnArrival(**kwargs).recovery.cfg.keep == 0.05
     assert _typed(MixOnArrival, {"recovery": None}, where)["recovery"] is None
     with pytest.raises(ConfigError, match=r"^strategy\.params\.recovery\.iteration: .*not permitted"):
         _typed(MixOnArrival, {"recovery": {"iteration": 20}}, where)
     with pytest.raises(ConfigError, match=r"^strategy\.params\.recovery\.keep: "):
         _typed(MixOnArrival, {"recovery": {"keep": 0}}, where)
+
+
+def test_the_intertwined_example_gives_digits_8_and_9_to_the_slow_clients_only():
+    # examples/custom/intertwined.yaml, the federation of benchmarks/recovery.py (mylab.partitions:held_by)
+    from pathlib import Path
+
+    from hetfl.config import load_config
+    from hetfl.engine.run import build_federation
+
+    fed = build_federation(load_config(Path(__file__).resolve().parents[1] / "examples/custom/intertwined.yaml"))
+    y = fed.data.dataset.y
+    for parts in (fed.data.train, fed.data.test):  # the test split is dealt by each client's label mix
+        held = [set(y[part].tolist()) for part in parts]
+        assert held[8] == held[9] == {8, 9} and all(c == set(range(8)) for c in held[:8])
+    dealt = [i for part in fed.data.train for i in part.tolist()]
+    assert len(dealt) == len(set(dealt))  # no sample twice
+    assert fed.profiles.speed.tolist() == [1.0] * 8 + [0.1, 0.1]
