@@ -46,7 +46,7 @@ import torch
 from torch.nn import functional as F
 
 from hetfl.strategies.base import ClientData, ClientResult, Server, Task, Update
-from hetfl.strategies.hetero import OwnModels, class_prototypes, pack_prototypes, prototype_mean, unpack_prototypes
+from hetfl.strategies.hetero import OwnModels, pack_prototypes, prototype_mean, unpack_prototypes
 from hetfl.strategies.selection import Selection
 
 
@@ -136,11 +136,7 @@ class FedSA(OwnModels):
         anchors, _ = unpack_prototypes(task.params, n_classes)
         anchors = anchors.to(trainer.device)
         reg = self.anchor_losses(trainer, anchors) if self.contrast or self.calibration else None
-        result = trainer.train(self.own_model(trainer, state), data.x, data.y, steps=task.steps, seed=seed,
-                               regularizer=reg)
-        state["model"] = result.params
-        local = class_prototypes(trainer, result.params, data, n_classes)
-        return ClientResult(pack_prototypes(*local), result.steps, result.loss)
+        return self.train_for_prototypes(trainer, task, data, state, seed, reg)
 
     def aggregate(self, server: Server, updates: list[Update]) -> torch.Tensor:
         n_classes = server.trainer.head.out_features
