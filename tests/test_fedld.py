@@ -75,6 +75,10 @@ def test_the_server_averages_plainly_first_then_layer_by_layer():
     # test_principal_mean_by_hand padded with zeros: (0.8, 0.1, 0, 0); the bias layer's [[2, 0], [0, 1]]: (0.8, 0.1)
     new = strategy.aggregate(server, updates)
     assert torch.allclose(new, torch.tensor([0.8, 0.1, 0.0, 0.0, 0.8, 0.1]), atol=1e-6)
+    # the ablation without principal-gradient aggregation keeps the plain mean
+    mean = FedLD(aggregation="mean")
+    assert torch.equal(mean.aggregate(server, updates), mean.aggregate(server, updates)) and torch.equal(
+        mean.aggregate(server, updates), (a + b) / 2)
 
 
 def test_the_client_adds_the_margin_term_to_its_loss():
@@ -93,7 +97,8 @@ def test_the_client_adds_the_margin_term_to_its_loss():
     assert not torch.equal(with_margin.params, plain.params)
 
 
-@pytest.mark.parametrize("params", [{"margin_penalty": -1.0}, {"k_proportion": 0.0}, {"k_proportion": 1.5}])
+@pytest.mark.parametrize("params", [{"margin_penalty": -1.0}, {"k_proportion": 0.0}, {"k_proportion": 1.5},
+                                    {"aggregation": "median"}])
 def test_bad_parameters_are_refused(params):
     with pytest.raises(ValueError):
         FedLD(**params)

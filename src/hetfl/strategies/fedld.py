@@ -39,7 +39,7 @@ training settings (``training.*``), not part of the algorithm.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.nn import functional as F
@@ -100,6 +100,9 @@ class FedLD(RoundStrategy):
         0 leaves plain cross-entropy.
     k_proportion : float, default 0.8
         Share of the round's clients m whose principal directions are kept: k = max(1, floor(k_proportion * m)).
+    aggregation : {"principal", "mean"}, default "principal"
+        The server's step: principal-gradient aggregation (the paper), or the plain mean of the changes (the
+        paper's ablation without it).
     clients_per_round, deadline_s, selection
         See :class:`~hetfl.strategies.rounds.RoundStrategy`.
     """
@@ -111,6 +114,7 @@ class FedLD(RoundStrategy):
         *,
         margin_penalty: float = 0.1,
         k_proportion: float = 0.8,
+        aggregation: Literal["principal", "mean"] = "principal",
         clients_per_round: int = 10,
         deadline_s: float | None = None,
         selection: Selection | None = None,
@@ -120,7 +124,10 @@ class FedLD(RoundStrategy):
             raise ValueError("margin_penalty must be non-negative (0: no margin control)")
         if not 0 < k_proportion <= 1:
             raise ValueError("k_proportion must be in (0, 1]")
+        if aggregation not in ("principal", "mean"):
+            raise ValueError("aggregation must be 'principal' or 'mean'")
         self.margin_penalty = margin_penalty
+        self.aggregation_rule = aggregation
         self.k_proportion = k_proportion
         self.aggregations = 0
 
@@ -132,7 +139,7 @@ class FedLD(RoundStrategy):
     def aggregate(self, server: Server, updates: list[Update]) -> torch.Tensor:
         changes = torch.stack([u.delta for u in updates])
         self.aggregations += 1
-        if self.aggregations == 1:
+        if self.aggregations == 1 or self.aggregation_rule == "mean":
             return server.params + changes.mean(0)
         step = torch.cat([principal_mean(changes[:, s], self.k_proportion) for s in layer_slices(server.trainer)])
         return server.params + step
