@@ -3,7 +3,7 @@
 Zhou, Qu, You, Zhou, Tang, Zheng, Cai and Wu, "FedSA: A Unified Representation Learning via Semantic Anchors for
 Prototype-based Federated Learning", AAAI 2025 (arXiv:2501.05496).
 
-From the paper: prototype methods (FedProto, FedGH) build their global prototypes from local representations that
+From the paper (its abstract; see Sources below): prototype methods (FedProto, FedGH) build their global prototypes from local representations that
 each client's skewed data and own architecture bias, and then pull the clients towards those biased prototypes.
 FedSA decouples the two: the server holds one *semantic anchor* a_c per class, initialised at random, and the
 clients learn towards the anchors with two losses besides cross-entropy:
@@ -27,11 +27,15 @@ FedProto's) and moves each anchor towards them by an exponential moving average,
 
 A client classifies with its own model and its own (calibrated) head.
 
-Our choices, where the paper leaves room or hetfl's settings force one: the random initial anchors are the rows of
-the reference architecture's initial head weight, each scaled to unit length (a draw from the run's seed, as the
-paper's randomly initialised anchors are; no extra random stream); the distance is Euclidean, unsquared, with no
-temperature; ``rho = 0.9`` by default. The count row of what the server sends is the number of samples behind each
-anchor's last update (0: still the initial draw); clients use every anchor.
+Sources: the abstract and the authors' README (whose command line sets the contrastive margin and the
+calibration weight, both 1.0 by default); the method section's equations were not available to us, so the loss
+forms above are written from the abstract's description, the margin-enhanced contrast in the form of FedTGP's
+(Zhang et al., arXiv:2401.03230). Our choices, where the paper leaves room or hetfl's settings force one: the
+random initial anchors are the rows of the reference architecture's initial head weight, each scaled to unit
+length (a draw from the run's seed, as the paper's anchors are drawn at random; no extra random stream); the
+distance is Euclidean, unsquared, with no temperature; L_CC is the mean over every class's anchor, the classes the
+client does not hold included; ``rho = 0.9`` by default. The count row of what the server sends is the number of
+samples behind each anchor's last update (0: still the initial draw); clients use every anchor.
 
 What travels: the anchors and counts down, the prototypes and counts up, C * (d + 1) floats each way, as FedProto.
 Kept per client: its whole model, buffers included. A model of one's own needs the head protocol of
@@ -74,11 +78,11 @@ class FedSA(OwnModels):
     Parameters
     ----------
     margin : float, default 1.0
-        m, the margin added to a sample's distance to its own anchor in L_RMCL (the authors' default).
+        m, the margin added to a sample's distance to its own anchor in L_RMCL (the authors' README's default).
     contrast : float, default 1.0
         lambda_MCL, the weight of L_RMCL (0: none).
     calibration : float, default 1.0
-        lambda_CC, the weight of the classifier calibration on the anchors (the authors' default; 0: none).
+        lambda_CC, the weight of the classifier calibration on the anchors (the authors' README's default; 0: none).
     rho : float, default 0.9
         The anchors' moving-average coefficient: the share of the old anchor kept at each aggregation.
     clients_per_round, deadline_s, selection
