@@ -3,10 +3,11 @@
 Zeng, Guo, Wang, Wang, Zhou and Qu, "Tackling Data Heterogeneity in Federated Learning via Loss Decomposition",
 MICCAI 2024 (arXiv:2408.12300; the authors' code: github.com/Zeng-Shuang/FedLD).
 
-From the paper: the global loss of a round is decomposed into the clients' *local loss*, a *distribution shift
-loss* (a local model evaluated on the global distribution rather than its own) and an *aggregation loss* (what
-combining conflicting client changes costs the global model). Local-training methods (FedProx, ...) act on the
-second, aggregation methods on the third; FedLD acts on both:
+From the paper (its abstract) and the authors' code (the formulas; the method section was not available to
+us): the global loss of a round is decomposed into the clients' *local loss*, a *distribution shift loss* (a local
+model evaluated on the global distribution rather than its own) and an *aggregation loss* (what combining
+conflicting client changes costs the global model). Local-training methods (FedProx, ...) act on the second,
+aggregation methods on the third; FedLD acts on both:
 
 - Margin control (clients, against the distribution shift loss): the loss is cross-entropy plus
 
