@@ -106,3 +106,21 @@ def test_bad_parameters_are_refused(params):
 
 def test_registered_under_its_name():
     assert STRATEGIES["fedld"] is FedLD
+
+
+def test_the_gram_matrix_route_gives_the_same_mean():
+    # the docstring's claim: with e_j, s_j the eigenvectors and eigenvalues of G G^T / m, the directions
+    # G^T e_j and the shares s_j / sum s equal the right singular vectors and sigma_j^2 / sum sigma^2
+    g = torch.Generator().manual_seed(1)
+    changes = torch.randn(5, 30, generator=g) + torch.randn(1, 30, generator=g)
+    s, e = torch.linalg.eigh(changes @ changes.T / 5)
+    s, e = s.flip(0), e.flip(1)  # descending
+    k = 4  # floor(0.8 * 5)
+    directions = (changes.T @ e[:, :k]).T
+    directions = directions / directions.norm(dim=1, keepdim=True)
+    dots = changes @ directions.T
+    directions = torch.where(((dots >= 0).sum(0) < (dots < 0).sum(0)).unsqueeze(1), -directions, directions)
+    dots = changes @ directions.T
+    revised = [changes[i].norm() * sum(s[j] / s.sum() * torch.sign(dots[i, j]) * directions[j] for j in range(k))
+               for i in range(5)]
+    assert torch.allclose(principal_mean(changes, 0.8), torch.stack(revised).mean(0), atol=1e-5)
