@@ -43,8 +43,8 @@ from hetfl.engine.run import run_experiment
 from hetfl.strategies import STRATEGIES
 
 SINGLE = ["fedavg", "fedavg_ft", "ditto", "fedper", "fedrep", "pfedgate", "ifca", "flhc",
-          "local", "lgfedavg", "fedproto", "fedgh", "fml", "pfedlora"]
-ZOO = ["local", "lgfedavg", "fedproto", "fedgh", "fml", "pfedlora"]
+          "local", "lgfedavg", "fedproto", "fedgh", "fedsa", "fml", "pfedlora"]
+ZOO = ["local", "lgfedavg", "fedproto", "fedgh", "fedsa", "fml", "pfedlora"]
 
 
 def scores(summary: dict[str, Any]) -> dict[str, float]:

@@ -297,7 +297,8 @@ def test_cuda_runs_match_cpu_runs_and_never_copy_client_data_per_task(tmp_path, 
 
 @needs_cuda
 @pytest.mark.parametrize("name", ["fedavg", "fedprox", "scaffold", "fednova", "fedbuff", "fedasync", "ditto", "fedper",
-                                  "fedbn", "ifca", "fedproto", "fedgh", "pfedgate", "semipfl", "ggeur"])
+                                  "fedbn", "ifca", "fedproto", "fedgh", "pfedgate", "semipfl", "ggeur", "fedsa",
+                                  "fedld"])
 def test_strategies_client_halves_run_on_cuda(tmp_path, name):
     """Every client half listed runs on the GPU through the boundary, with a finite result close to the CPU's."""
     from hetfl.cli import main

@@ -41,7 +41,7 @@ from typing import Any, Literal
 import torch
 
 from hetfl.strategies.base import ClientData, ClientResult, Server, Task, Update
-from hetfl.strategies.hetero import OwnModels, class_prototypes, pack_prototypes, prototype_mean, unpack_prototypes
+from hetfl.strategies.hetero import OwnModels, pack_prototypes, prototype_mean, unpack_prototypes
 from hetfl.strategies.selection import Selection
 
 NO_PROTOTYPE_BIAS = -1e4  # logit bias of a class without a global prototype: never predicted
@@ -105,11 +105,7 @@ class FedProto(OwnModels):
         n_classes = trainer.head.out_features
         prototypes, counts = unpack_prototypes(task.params, n_classes)
         pull = prototype_pull(prototypes, counts, self.lam) if self.lam and counts.any() else None
-        result = trainer.train(self.own_model(trainer, state), data.x, data.y, steps=task.steps, seed=seed,
-                               regularizer=pull)
-        state["model"] = result.params
-        local = class_prototypes(trainer, result.params, data, n_classes)
-        return ClientResult(pack_prototypes(*local), result.steps, result.loss)
+        return self.train_for_prototypes(trainer, task, data, state, seed, pull)
 
     def aggregate(self, server: Server, updates: list[Update]) -> torch.Tensor:
         n_classes = server.trainer.head.out_features

@@ -72,6 +72,16 @@ class OwnModels(RoundStrategy):
         model = state.get("model")
         return trainer.initial if model is None else model
 
+    def train_for_prototypes(self, trainer, task: Task, data: ClientData, state: dict[str, Any], seed: int,
+                             regularizer=None) -> ClientResult:
+        """Train the client's own model (with ``regularizer`` added to its loss), keep it, and report its class
+        prototypes and counts (:func:`pack_prototypes`): the client half of FedProto and FedSA."""
+        result = trainer.train(self.own_model(trainer, state), data.x, data.y, steps=task.steps, seed=seed,
+                               regularizer=regularizer)
+        state["model"] = result.params
+        local = class_prototypes(trainer, result.params, data, trainer.head.out_features)
+        return ClientResult(pack_prototypes(*local), result.steps, result.loss)
+
     @staticmethod
     def with_head(trainer, model: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
         """``model`` with its classifier head (weight, then bias, as in the flat vector) replaced by ``head``."""
