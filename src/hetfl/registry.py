@@ -93,6 +93,8 @@ KINDS: dict[str, Kind] = {
             "lgfedavg": "hetfl.strategies.hetero:LGFedAvg",
             "ifca": "hetfl.strategies.ifca:IFCA",
             "flhc": "hetfl.strategies.clustered:FLHC",
+            "ocfl": "hetfl.strategies.ocfl:OCFL",
+            "hcmeta": "hetfl.strategies.hcmeta:HCMeta",
             "local": "hetfl.strategies.hetero:LocalOnly",
             "fedproto": "hetfl.strategies.fedproto:FedProto",
             "fedgh": "hetfl.strategies.fedgh:FedGH",
