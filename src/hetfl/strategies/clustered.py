@@ -1,9 +1,9 @@
 """FL+HC: FedAvg, then one hierarchical clustering of client updates, then FedAvg per cluster (arXiv:2004.11791).
 
 Briggs, Fan and Andras, "Federated learning with hierarchical clustering of local updates to improve
-training on non-IID data", IJCNN 2020 (arXiv:2004.11791), the one-shot variant. (The brief named
-"Adaptive Personalization in Federated Learning for Highly Non-i.i.d. Data"; it could not be found,
-so this follows Briggs et al.)
+training on non-IID data", IJCNN 2020 (arXiv:2004.11791), the one-shot variant. ("Adaptive Personalization
+in Federated Learning for Highly Non-i.i.d. Data", hierarchical clustering with meta-learning, is
+:mod:`hetfl.strategies.hcmeta`.)
 
 1. ``warmup_rounds`` rounds of FedAvg; the server keeps each client's latest update
    Delta_i = w_i - w (its trained model minus the global model it started from).
@@ -19,6 +19,9 @@ global model in a dedicated round; here each client's latest warm-up update is u
 never took part in the warm-up are not clustered). Such a client, met after the clustering, trains
 the global model; its update assigns it to the cluster whose mean normalised warm-up update is most
 cosine-similar, and counts in that cluster's average only if that cluster's model is what it trained.
+
+Variants change three hooks and keep the rest: ``ready`` (when to cluster; OCFL: the updates' temperature),
+``labels`` (how; OCFL: HDBSCAN) and ``cluster_step`` (a cluster's new model; HC-meta: Reptile's step).
 
 The engine's global model is the model of the largest cluster (most member samples; ties: lower
 index). Other clusters' members receive their model as ``Task.payload["model"]`` (counted in bytes;
