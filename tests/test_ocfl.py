@@ -60,7 +60,7 @@ def test_ocfl_clusters_once_when_the_temperature_first_falls():
     ocfl = OCFL(clients_per_round=6)
     w = torch.zeros(3)
     server = SimpleNamespace(params=w)
-    # round 1: clients 0, 1 both move along e1: T_1 = 0 (no earlier temperature: no trigger); FedAvg = e1
+    # round 1: clients 0, 1 both move along e1: T_1 = 0 (no peak without two earlier temperatures); FedAvg = e1
     w = ocfl.aggregate(server, rows(w, [E1, E1]))
     assert ocfl.temperatures == [pytest.approx(0.0, abs=1e-7)] and not ocfl.clustered
     assert torch.allclose(w, torch.tensor(E1))
@@ -71,7 +71,7 @@ def test_ocfl_clusters_once_when_the_temperature_first_falls():
     assert ocfl.temperatures[-1] == pytest.approx(math.sqrt(0.15)) and not ocfl.clustered
     assert torch.allclose(w2, w + torch.tensor([0.5, 0.5, 0.0]))
     # round 3: client 3 moves along e1 now: [e1] * 4 + [e2] * 2: 16 entries are 1;
-    # T_3 = sqrt(16 / 120) = 0.365 < T_2: the trigger. Clusters from each client's latest update: {0..3}, {4, 5}
+    # T_3 = sqrt(16 / 120) = 0.365: T_1 < T_2 > T_3, the first peak, the trigger. Clusters from each client's latest update: {0..3}, {4, 5}
     server.params = w2
     g = ocfl.aggregate(server, rows(w2, [E1] * 4 + [E2] * 2))
     assert ocfl.temperatures[-1] == pytest.approx(math.sqrt(16 / 120))
@@ -89,14 +89,23 @@ def test_ocfl_clusters_once_when_the_temperature_first_falls():
     assert len(ocfl.temperatures) == 3
 
 
+def test_a_temperature_that_only_falls_never_triggers():
+    ocfl = OCFL()
+    w = torch.zeros(3)
+    for deltas in ([E1, E2], [E1, [1.0, 1.0, 0.0]], [E1, E1]):  # T = 0.5, then 0.146, then 0: no peak
+        ocfl.aggregate(SimpleNamespace(params=w), rows(w, deltas))
+    assert ocfl.temperatures == sorted(ocfl.temperatures, reverse=True) and not ocfl.clustered
+
+
 def test_ocfl_without_structure_stays_one_model_and_a_lone_update_cannot_trigger():
     ocfl = OCFL()
     w = torch.zeros(3)
     server = SimpleNamespace(params=w)
+    ocfl.aggregate(server, rows(w, [E1, E1]))  # T = 0
     ocfl.aggregate(server, rows(w, [E1, E2]))  # orthogonal: Gamma_12 = 1, T = sqrt(2 * 1) / sqrt(2 * 1 * 4) = 1/2
-    assert ocfl.temperatures == [pytest.approx(0.5)]
+    assert ocfl.temperatures == [pytest.approx(0.0, abs=1e-7), pytest.approx(0.5)]
     ocfl.aggregate(server, rows(w, [E1]))  # one update: no temperature, no trigger
-    assert ocfl.temperatures == [pytest.approx(0.5)] and not ocfl.clustered
+    assert len(ocfl.temperatures) == 2 and not ocfl.clustered
     angle = torch.linspace(0, math.pi / 6, 5)  # five updates evenly spread over 30 degrees of the e1-e2 plane
     arc = torch.stack([angle.cos(), angle.sin(), torch.zeros(5)], 1).tolist()
     new = ocfl.aggregate(server, rows(w, arc))  # the trigger (T < 1/2), but HDBSCAN finds one cluster
