@@ -34,7 +34,8 @@ def test_temperature_by_hand():
 def test_density_clustering_finds_two_directions_one_or_none():
     two = torch.tensor([[1.0, 0.1, 0.0], [2.0, -0.1, 0.1], [0.5, 0.0, -0.05],
                         [0.1, 1.0, 0.0], [0.0, 3.0, 0.2], [-0.1, 0.7, 0.0]])
-    assert density_clusters(cosine_distances(two)) == [0, 0, 0, 1, 1, 1]
+    assert density_clusters(cosine_distances(two), min_cluster_size=2) == [0, 0, 0, 1, 1, 1]
+    assert density_clusters(cosine_distances(two)) == [0] * 6  # clusters of 3 < 5 (the default): all noise, one
     # no structure: eight unit updates evenly spread over a quarter circle (uniform density, neighbours 1 - cos(pi/14)
     # = 0.025 apart) stay one cluster (clustering-agnostic)
     angle = torch.linspace(0, math.pi / 2, 8)
@@ -47,7 +48,7 @@ def test_density_clustering_finds_two_directions_one_or_none():
                   [0.9, 0.9, 0.9, 0.0, 0.01, 0.7],
                   [0.95, 0.95, 0.95, 0.01, 0.0, 0.7],
                   [0.5, 0.45, 0.5, 0.7, 0.7, 0.0]])
-    labels = density_clusters(d)
+    labels = density_clusters(d, min_cluster_size=2)
     assert labels[:5] == [0, 0, 0, 1, 1] and labels[5] == 0  # mean distance 0.483 to cluster 0, 0.7 to cluster 1
 
 
@@ -57,7 +58,7 @@ def rows(w, deltas):
 
 
 def test_ocfl_clusters_once_when_the_temperature_first_falls():
-    ocfl = OCFL(clients_per_round=6)
+    ocfl = OCFL(clients_per_round=6, min_cluster_size=2)
     w = torch.zeros(3)
     server = SimpleNamespace(params=w)
     # round 1: clients 0, 1 both move along e1: T_1 = 0 (no peak without two earlier temperatures); FedAvg = e1
@@ -131,7 +132,7 @@ def test_bad_ocfl_params_are_one_line_naming_the_key(tmp_path, capsys, key, valu
 def test_ocfl_separates_conflicting_label_groups_and_beats_fedavg():
     rounds = 15
     fedavg_acc = fedavg_client_accuracy(rounds)
-    ocfl = OCFL(clients_per_round=8)
+    ocfl = OCFL(clients_per_round=8, min_cluster_size=3)  # groups of 4 clients: below the default 5
     sim = run_rounds(labelled_simulator(ocfl), rounds)
     assert ocfl.clustered
     even, odd = {ocfl.cluster_of[c] for c in (0, 2, 4, 6)}, {ocfl.cluster_of[c] for c in (1, 3, 5, 7)}
