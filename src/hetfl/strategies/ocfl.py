@@ -22,13 +22,13 @@ Our choices:
   beyond its abstract and summaries ("a temperature measure that detects when the federated model starts to
   converge"); this is our reading. A first version fired at the first fall (T_t < T_{t-1}); on the rotation
   benchmark (docs/reproductions.md) the temperature is nearly flat in the first rounds, so that fired at round 2
-  on 2 of 3 seeds, before the clusters' updates had separated, and found one cluster. If the trigger never
+  in 3 of its 6 runs (10 and 20 clients a round), before the clusters' updates had separated, and found one cluster. If the trigger never
   fires the run is FedAvg, which is what "clustering-agnostic" asks when there is nothing to cluster.
 - Clustering: HDBSCAN (scikit-learn, its default ``min_cluster_size`` 5 and no ``allow_single_cluster``) on the
   precomputed cosine distances of each client's latest warm-up update; points HDBSCAN calls noise join the
   cluster of smallest mean distance, and all noise is one cluster, so a federation without structure stays one
-  model. (``allow_single_cluster``, tried first, merged the two rotation clusters of the benchmark on 2 of 3
-  seeds; a ``min_cluster_size`` of 2 or 3 split IID federations into spurious clusters.) ``clusterer:
+  model. (``allow_single_cluster``, tried first, merged the benchmark's two rotation clusters in 3 of its 6
+  runs; a ``min_cluster_size`` of 2 or 3 split IID federations into spurious clusters.) ``clusterer:
   agglomerative`` uses FL+HC's average-linkage cut at ``distance_threshold`` instead.
 - Partial participation: the temperature of a round is over that round's updates (all computed from the same
   global model, as in the paper's cross-silo rounds); the clustering uses each client's latest update, and
