@@ -96,6 +96,8 @@ KINDS: dict[str, Kind] = {
             "ifca": "hetfl.strategies.ifca:IFCA",
             "feddaa": "hetfl.strategies.feddaa:FedDAA",
             "flhc": "hetfl.strategies.clustered:FLHC",
+            "ocfl": "hetfl.strategies.ocfl:OCFL",
+            "hcmeta": "hetfl.strategies.hcmeta:HCMeta",
             "local": "hetfl.strategies.hetero:LocalOnly",
             "fedproto": "hetfl.strategies.fedproto:FedProto",
             "fedgh": "hetfl.strategies.fedgh:FedGH",

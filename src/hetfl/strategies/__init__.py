@@ -26,6 +26,7 @@ from hetfl.strategies.fednova import FedNova
 from hetfl.strategies.fedopt import FedAdam, FedYogi
 from hetfl.strategies.fedprox import FedProx
 from hetfl.strategies.fedstale import FedStale, FedVARP
+from hetfl.strategies.hcmeta import HCMeta
 from hetfl.strategies.ifca import IFCA
 from hetfl.strategies.finetune import FedAvgFineTune
 from hetfl.strategies.fml import FML
@@ -34,6 +35,7 @@ from hetfl.strategies.fedlora import FedLoRA
 from hetfl.strategies.fedspine import FedSpine
 from hetfl.strategies.fedproto import FedProto
 from hetfl.strategies.hetero import LGFedAvg, LocalOnly
+from hetfl.strategies.ocfl import OCFL
 from hetfl.strategies.partial import FedPer, FedRep
 from hetfl.strategies.pfedgate import PFedGate
 from hetfl.strategies.pfedpg import PFedPG
@@ -214,6 +216,6 @@ __all__ = [
     "FedPer", "FedRep", "FedBN", "LGFedAvg", "LocalOnly", "FedProto", "FedGH",
     "PFedGate", "PFedPG",
     "FML", "AdapterFL", "FedLoRA", "FedSpine",
-    "IFCA", "FLHC",
+    "IFCA", "FLHC", "OCFL", "HCMeta",
     "Selection", "RandomSelection", "Oort", "HeteRoSelect",
 ]

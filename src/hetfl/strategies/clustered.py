@@ -1,9 +1,9 @@
 """FL+HC: FedAvg, then one hierarchical clustering of client updates, then FedAvg per cluster (arXiv:2004.11791).
 
 Briggs, Fan and Andras, "Federated learning with hierarchical clustering of local updates to improve
-training on non-IID data", IJCNN 2020 (arXiv:2004.11791), the one-shot variant. (The brief named
-"Adaptive Personalization in Federated Learning for Highly Non-i.i.d. Data"; it could not be found,
-so this follows Briggs et al.)
+training on non-IID data", IJCNN 2020 (arXiv:2004.11791), the one-shot variant. ("Adaptive Personalization
+in Federated Learning for Highly Non-i.i.d. Data", hierarchical clustering with meta-learning, is
+:mod:`hetfl.strategies.hcmeta`.)
 
 1. ``warmup_rounds`` rounds of FedAvg; the server keeps each client's latest update
    Delta_i = w_i - w (its trained model minus the global model it started from).
@@ -19,6 +19,9 @@ global model in a dedicated round; here each client's latest warm-up update is u
 never took part in the warm-up are not clustered). Such a client, met after the clustering, trains
 the global model; its update assigns it to the cluster whose mean normalised warm-up update is most
 cosine-similar, and counts in that cluster's average only if that cluster's model is what it trained.
+
+Variants change three hooks and keep the rest: ``ready`` (when to cluster; OCFL: the updates' temperature),
+``labels`` (how; OCFL: HDBSCAN) and ``cluster_step`` (a cluster's new model; HC-meta: Reptile's step).
 
 The engine's global model is the model of the largest cluster (most member samples; ties: lower
 index). Other clusters' members receive their model as ``Task.payload["model"]`` (counted in bytes;
@@ -44,6 +47,16 @@ from hetfl.strategies.rounds import RoundStrategy, weighted_mean
 from hetfl.strategies.selection import Selection
 
 
+def cosine_distances(updates: torch.Tensor) -> np.ndarray:
+    """d(i, j) = 1 - <u_i, u_j> / (|u_i| |u_j|) between the rows of ``updates`` (float64, symmetric, zero diagonal,
+    in [0, 2]). A zero row has cosine similarity 0 with everything (distance 1)."""
+    unit = updates.double() / updates.double().norm(dim=1, keepdim=True).clamp_min(1e-12)
+    dist = (1.0 - unit @ unit.T).clamp(0.0, 2.0).numpy()
+    dist = (dist + dist.T) / 2
+    np.fill_diagonal(dist, 0.0)
+    return dist
+
+
 def cosine_clusters(
     updates: torch.Tensor, *, distance_threshold: float | None = None, n_clusters: int | None = None,
     method: str = "average",
@@ -58,10 +71,7 @@ def cosine_clusters(
     m = updates.shape[0]
     if m < 2:
         return [0] * m
-    unit = updates.double() / updates.double().norm(dim=1, keepdim=True).clamp_min(1e-12)
-    dist = (1.0 - unit @ unit.T).clamp(0.0, 2.0).numpy()
-    np.fill_diagonal(dist, 0.0)
-    tree = hierarchy.linkage(squareform((dist + dist.T) / 2, checks=False), method=method)
+    tree = hierarchy.linkage(squareform(cosine_distances(updates), checks=False), method=method)
     if n_clusters is not None:
         raw = hierarchy.fcluster(tree, t=n_clusters, criterion="maxclust")
     else:
@@ -142,7 +152,7 @@ class FLHC(RoundStrategy):
             for u in updates:
                 self.latest[u.client_id] = u.delta[nb:]
             new = weighted_mean(updates)
-            if self.rounds >= self.warmup_rounds:
+            if self.ready(server, updates):
                 self.cluster(new)
                 return self.models[self.global_cluster]
             return new
@@ -156,17 +166,30 @@ class FLHC(RoundStrategy):
             if self.cluster_of[u.client_id] == trained:
                 members.setdefault(int(trained), []).append(u)
         for c, ups in members.items():
-            models[c] = weighted_mean(ups)
+            models[c] = self.cluster_step(models[c], ups)
         self.models = models
         self.global_cluster = self.largest_cluster()
         return models[self.global_cluster]
+
+    # -- what a variant changes (OCFL: when and how to cluster; HC-meta: the step within a cluster) --------------
+    def ready(self, server: Server, updates: list[Update]) -> bool:
+        """Whether to cluster after this warm-up aggregation: once ``warmup_rounds`` aggregations have been made."""
+        return self.rounds >= self.warmup_rounds
+
+    def labels(self, deltas: torch.Tensor) -> list[int]:
+        """Cluster labels 0.. of the rows of ``deltas`` (one client's latest warm-up update each)."""
+        return cosine_clusters(deltas, distance_threshold=self.distance_threshold, n_clusters=self.n_clusters,
+                               method=self.linkage)
+
+    def cluster_step(self, model: torch.Tensor, updates: list[Update]) -> torch.Tensor:
+        """A cluster's new model from its members' updates of the round: their sample-weighted mean."""
+        return weighted_mean(updates)
 
     def cluster(self, params: torch.Tensor) -> None:
         """Cluster the clients by their latest warm-up updates; every cluster model starts at ``params``."""
         clients = sorted(self.latest)
         deltas = torch.stack([self.latest[c] for c in clients])
-        labels = cosine_clusters(deltas, distance_threshold=self.distance_threshold, n_clusters=self.n_clusters,
-                                 method=self.linkage)
+        labels = self.labels(deltas)
         self.cluster_of = dict(zip(clients, labels))
         k = max(labels) + 1
         unit = deltas / deltas.norm(dim=1, keepdim=True).clamp_min(1e-12)

@@ -31,6 +31,16 @@ from hetfl.strategies.fedavg import FedAvg
 from hetfl.strategies.selection import Selection
 
 
+def finetuned(trainer, params: torch.Tensor, data: ClientData, steps: int | None, lr: float | None,
+              seed: int) -> torch.Tensor | None:
+    """``params`` after ``steps`` local SGD steps on the client's data (None: a training task's steps; ``lr`` None:
+    ``training.lr``); None, meaning ``params`` itself, for 0 steps or a client without data."""
+    steps = trainer.steps_for(data.n_samples) if steps is None else steps
+    if steps == 0 or data.n_samples == 0:
+        return None
+    return trainer.train(params, data.x, data.y, steps=steps, seed=seed, lr=lr).params
+
+
 class FedAvgFineTune(FedAvg):
     """FedAvg whose clients fine-tune the global model locally before using it.
 
@@ -69,7 +79,4 @@ class FedAvgFineTune(FedAvg):
     def personal_params(
         self, trainer, params: torch.Tensor, data: ClientData, state: dict[str, Any], seed: int
     ) -> torch.Tensor | None:
-        steps = trainer.steps_for(data.n_samples) if self.finetune_steps is None else self.finetune_steps
-        if steps == 0 or data.n_samples == 0:
-            return None  # the global model
-        return trainer.train(params, data.x, data.y, steps=steps, seed=seed, lr=self.finetune_lr).params
+        return finetuned(trainer, params, data, self.finetune_steps, self.finetune_lr, seed)  # None: the global model
