@@ -3,6 +3,7 @@ without recovery, with hetfl's recovery and with the paper's variant, over seeds
 
     .venv/bin/python benchmarks/recovery.py --out results/recovery                    # 2 x 3 x 3 runs, 2 at a time
     .venv/bin/python benchmarks/recovery.py --out results/recovery --table-only       # the table of finished runs
+    .venv/bin/python benchmarks/recovery.py --out results/recovery-server --server-flops 1e9 --variants off,hetfl
 
 The federation is ``examples/custom/intertwined.yaml``: digits 8 and 9 only on the two slowest of ten clients, 20x
 slower than the others. Variants (``strategy.params.recovery``), both at ``--iterations`` (50) and 8 samples:
@@ -43,17 +44,20 @@ VARIANTS = {"off": None, "hetfl": {}, "paper": PAPER, "paper_noswitch": {**PAPER
 MIN_STALENESS = {"fedasync": 20, "fedbuff": 5}
 
 
-def overrides(strategy: str, variant: str, seed: int, iterations: int, sim_time: float) -> list[str]:
+def overrides(strategy: str, variant: str, seed: int, iterations: int, sim_time: float,
+              server_flops: float | None = None) -> list[str]:
     sets = [f"strategy.name={strategy}", f"seed={seed}", f"max_sim_time_s={sim_time}"]
+    if server_flops is not None:  # the server's own work takes time (hetfl.engine.server_time): the inversion's too
+        sets.append(f"server.flops={server_flops}")
     if VARIANTS[variant] is not None:
         params = {"min_staleness": MIN_STALENESS[strategy], "iterations": iterations, "samples": 8, **VARIANTS[variant]}
         sets += [f"strategy.params.recovery.{key}={json.dumps(value)}" for key, value in params.items()]
     return sets
 
 
-def run_one(job: tuple[str, str, int, int, float, str]) -> dict:
+def run_one(job: tuple[str, str, int, int, float, str, float | None]) -> dict:
     """One run into OUT/strategy-variant-seed; its numbers (the run is reused if its summary exists)."""
-    strategy, variant, seed, iterations, sim_time, out = job
+    strategy, variant, seed, iterations, sim_time, out, server_flops = job
     import torch
 
     torch.set_num_threads(1)  # a 4,810-parameter MLP gains nothing from threads; two runs share the machine
@@ -61,7 +65,7 @@ def run_one(job: tuple[str, str, int, int, float, str]) -> dict:
     from hetfl.engine.run import CHECKPOINT, build_federation, read_checkpoint, run_experiment
 
     folder = Path(out) / f"{strategy}-{variant}-{seed}"
-    cfg = load_config(CONFIG, overrides(strategy, variant, seed, iterations, sim_time))
+    cfg = load_config(CONFIG, overrides(strategy, variant, seed, iterations, sim_time, server_flops))
     if not (folder / "summary.json").is_file():
         run_experiment(cfg, folder, show_progress=False)
     summary = json.loads((folder / "summary.json").read_text())
@@ -125,10 +129,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--server-flops", type=float, default=None,
+                        help="server.flops: the server's FLOP/s, so that its inversions take simulated time (default: free)")
     parser.add_argument("--table-only", action="store_true", help="the table of the runs already finished in --out")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    jobs = [(s, v, seed, args.iterations, args.sim_time, args.out)
+    jobs = [(s, v, seed, args.iterations, args.sim_time, args.out, args.server_flops)
             for seed in seeds for s in args.strategies.split(",") for v in args.variants.split(",")]
     # the recovery runs are the long ones: start them first so that two run side by side to the end
     jobs.sort(key=lambda j: j[1] == "off")
