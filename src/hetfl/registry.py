@@ -97,6 +97,7 @@ KINDS: dict[str, Kind] = {
             "fedproto": "hetfl.strategies.fedproto:FedProto",
             "fedgh": "hetfl.strategies.fedgh:FedGH",
             "pfedgate": "hetfl.strategies.pfedgate:PFedGate",
+            "fedins": "hetfl.strategies.fedins:FedIns",
             "fml": "hetfl.strategies.fml:FML",
             "pfedlora": "hetfl.strategies.adapters:AdapterFL",
             "fedlora": "hetfl.strategies.fedlora:FedLoRA",
