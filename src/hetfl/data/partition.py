@@ -61,7 +61,8 @@ from hetfl import registry
 from hetfl.config import DataConfig, PartitionConfig
 from hetfl.data.datasets import Dataset, load_dataset
 from hetfl.data.skew import (
-    LabelDrift, add_noise, check_feature_skew, feature_levels, feature_std, rotate_clients, shift_and_scale,
+    LabelDrift, add_noise, check_feature_skew, feature_levels, feature_std, rotate_clients, sample_levels,
+    shift_and_scale,
 )
 from hetfl.errors import DataError
 
@@ -908,7 +909,8 @@ def federate(cfg: DataConfig, seed: int) -> FederatedData:
         with statistics of the union of the training splits when ``cfg.normalize``; token ids
         are left alone. With ``cfg.feature_skew``, each client's samples (train and test) are
         transformed in place (:mod:`hetfl.data.skew`): rotation before normalisation, noise
-        after; the levels are kept in ``feature_levels``. With ``cfg.drift``, ``drift`` says
+        after; the levels are kept in ``feature_levels`` (None with ``per: sample``, where each sample draws its
+        own). With ``cfg.drift``, ``drift`` says
         which clients relabel their samples and when (the labels themselves are not changed).
 
     Notes
@@ -943,6 +945,10 @@ def federate(cfg: DataConfig, seed: int) -> FederatedData:
     levels = None if skew.kind == "none" else feature_levels(cfg.n_clients, skew.strength, skew_rng, skew.groups)
     held = [np.concatenate([te, va]) for te, va in zip(test, validation)] if validation else test
     rows = [np.concatenate([tr, te]) for tr, te in zip(train, held)] if levels is not None else []
+    if levels is not None and skew.per == "sample":  # the transforms apply by level group; no level per client
+        (rows, levels), client_levels = sample_levels(rows, skew.strength, skew.groups, skew_rng), None
+    else:
+        client_levels = levels
     if skew.kind == "rotation":
         rotate_clients(ds.x, rows, levels)
     if cfg.normalize and ds.vocab_size is None and ds.x.dtype.kind == "f":
@@ -952,4 +958,4 @@ def federate(cfg: DataConfig, seed: int) -> FederatedData:
     if skew.kind == "affine":
         shift_and_scale(ds.x, rows, levels, feature_std(ds.x, np.concatenate(train)))
     drift = LabelDrift.from_config(cfg.drift, cfg.n_clients, ds.n_classes, drift_rng)
-    return FederatedData(ds, train, test, clusters=clusters, feature_levels=levels, drift=drift, validation=validation)
+    return FederatedData(ds, train, test, clusters=clusters, feature_levels=client_levels, drift=drift, validation=validation)
