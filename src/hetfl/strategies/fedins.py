@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from hetfl.errors import ConfigError, DivergedError
+from hetfl.errors import DivergedError
 from hetfl.strategies.base import ClientData, ClientResult, Server, Task, Update
 from hetfl.strategies.rounds import RoundStrategy, weighted_mean
 from hetfl.strategies.selection import Selection
@@ -132,10 +132,8 @@ class FedIns(RoundStrategy):
         self.warmup_rounds, self.ssf_lr = warmup_rounds, ssf_lr
 
     def check_models(self, trainers) -> None:
-        for trainer in trainers:
+        for trainer in trainers:  # the SSF sits on the head's input (a zoo is refused for every one-model algorithm)
             trainer.require_head(self.name)
-            if trainer.reference is not trainer:
-                raise ConfigError(f"model.zoo: {self.name} federates one architecture's backbone; remove model.zoo")
 
     # -- the vector [model, gamma, beta, keys] --------------------------------------------------------
     def initial_params(self, trainer) -> torch.Tensor:
