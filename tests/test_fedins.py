@@ -72,6 +72,7 @@ def test_one_ssf_step_by_hand():
     assert keys.flatten().tolist() == pytest.approx([1 + r, 1 - r, 0, 1], abs=1e-5)
     assert head.tolist() == pytest.approx([1 + a, 0, -a, 1, a, -a], abs=1e-5)  # W row-major, then b
     assert loss == pytest.approx(-math.log(1 - a) + 1 - 1 / math.sqrt(2), abs=1e-5)
+    assert fedins.entries_used(trainer, out, data) == 1.0  # one instance, one entry
 
 
 def test_inference_uses_each_instances_own_ssf():
@@ -157,3 +158,4 @@ def test_fedins_runs_end_to_end_on_per_sample_rotations(tmp_path):
     last = records["a"][-1]
     assert last["round"] == 4 and last["personal_models"] == 6
     assert last["accuracy"] == last["personal_accuracy"] > 0.2  # chance is 0.1
+    assert 1 <= last["fedins_entries"] <= 2 and "fedins_entries" not in records["a"][0]  # none in warm-up rounds

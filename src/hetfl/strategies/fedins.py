@@ -8,7 +8,7 @@ per client, or one global model, fits none of its instances well. On a frozen pr
 trains a pool of M SSF modulations (a scale gamma and a shift beta, x -> gamma * x + beta), each with a key.
 For an instance, the frozen backbone's feature is the query q; the N pool entries whose keys are nearest to q
 (cosine similarity) are averaged into the instance's own SSF, and a matching term pulls those keys towards
-their queries (as in L2P, prompt pools for continual learning). The server aggregates the clients' pools (and
+their queries (as L2P's prompt pools do, Wang et al., arXiv:2112.08654). The server aggregates the clients' pools (and
 the classifier head) by FedAvg; at inference every instance picks its SSF from the global pool.
 
 Our choices. hetfl's models (the head protocol of :mod:`hetfl.models.zoo`) give the representation h in front of
@@ -31,7 +31,12 @@ is no model of the reference architecture alone to score (``global_model = False
 global model with instance-adaptive inference (:meth:`FedIns.scorer`), so ``accuracy`` and ``personal_acc_*`` are
 those of the global FedIns model. Bytes: the whole vector both ways, though after the warm-up only the pool and
 head need to travel; FLOPs: an SSF step is charged as a full training step (it runs the body forward only), an
-upper bound.
+upper bound. The defaults (a pool of 4, top 1, ``key_weight`` 0.5, 5 warm-up rounds) are ours, sized for hetfl's
+small models, not the paper's.
+
+Measured (docs/reproductions.md, ``benchmarks/fedins.sh``): on digits whose samples are each rotated by one of four
+angles, FedIns (20 warm-up rounds, then 20 SSF rounds at ``ssf_lr`` 0.5) is level with FedAvg and with a pool of one
+entry: the claim's direction does not hold for an SSF on a small MLP's last representation.
 """
 
 from __future__ import annotations
@@ -130,6 +135,7 @@ class FedIns(RoundStrategy):
             raise ValueError(f"ssf_lr must be positive, or None for training.lr; got {ssf_lr}")
         self.pool_size, self.top_k, self.key_weight = pool_size, top_k, key_weight
         self.warmup_rounds, self.ssf_lr = warmup_rounds, ssf_lr
+        self._entries: float | None = None  # fedins_entries of the last round with SSF tasks
 
     def check_models(self, trainers) -> None:
         for trainer in trainers:  # the SSF sits on the head's input (a zoo is refused for every one-model algorithm)
@@ -156,7 +162,14 @@ class FedIns(RoundStrategy):
         return {"options": {"warmup": server.version < self.warmup_rounds}}
 
     def aggregate(self, server: Server, updates: list[Update]) -> torch.Tensor:
+        used = [u.stats["fedins_entries"] for u in updates if "fedins_entries" in u.stats]
+        self._entries = sum(used) / len(used) if used else None
         return weighted_mean(updates)
+
+    def metrics(self) -> dict[str, Any]:
+        """``fedins_entries``: over the last round's SSF tasks, the mean number of pool entries a client's training
+        instances choose (1: the pool acts as one SSF; ``pool_size``: every entry in use)."""
+        return super().metrics() | ({} if self._entries is None else {"fedins_entries": self._entries})
 
     # -- the client half --------------------------------------------------------------------------------
     def client_train(self, trainer, task: Task, data: ClientData, state: dict[str, Any], seed: int) -> ClientResult:
@@ -166,7 +179,15 @@ class FedIns(RoundStrategy):
             params = torch.cat([result.params, task.params[trainer.numel :].to(result.params.device)])
             return ClientResult(params, result.steps, result.loss)
         params, loss = self.train_ssf(trainer, task.params, data, task.steps, seed)
-        return ClientResult(params, task.steps, loss)
+        return ClientResult(params, task.steps, loss, stats={"fedins_entries": self.entries_used(trainer, params, data)})
+
+    def entries_used(self, trainer, params: torch.Tensor, data: ClientData) -> float:
+        """How many of the pool's entries the instances of ``data`` choose (their top-1 key) under ``params``."""
+        model, (_, _, keys) = self.unpack(trainer, params)
+        trainer.load(model)
+        with torch.no_grad():
+            h, _ = trainer.features(data.x)
+        return float(select(h, keys, 1)[0].unique().numel())
 
     def train_ssf(self, trainer, params: torch.Tensor, data: ClientData, steps: int, seed: int) -> tuple[torch.Tensor, float]:
         """``steps`` optimiser steps on the pool, its keys and the head, the body frozen; (vector, mean loss)."""
