@@ -159,3 +159,20 @@ def test_fedins_runs_end_to_end_on_per_sample_rotations(tmp_path):
     assert last["round"] == 4 and last["personal_models"] == 6
     assert last["accuracy"] == last["personal_accuracy"] > 0.2  # chance is 0.1
     assert 1 <= last["fedins_entries"] <= 2 and "fedins_entries" not in records["a"][0]  # none in warm-up rounds
+
+
+def test_top_k_equal_to_the_pool_gives_every_instance_the_mean_ssf():
+    # pool of 2, top_k 2: every instance averages both entries, whatever the keys:
+    # gamma = ((2, 1) + (4, 3)) / 2 = (3, 2), beta = ((0, 1) + (2, -1)) / 2 = (1, 0); h = (1, 1) -> (4, 2), (0, 2) -> (1, 4)
+    trainer = logreg_trainer()
+    fedins = FedIns(pool_size=2, top_k=2)
+    pool = torch.tensor([2.0, 1, 4, 3, 0, 1, 2, -1, 1, 0, 0, 1])
+    logits = fedins.scorer(trainer).predict(torch.cat([trainer.flat.clone(), pool]), torch.tensor([[1.0, 1.0], [0.0, 2.0]]))
+    assert logits.flatten().tolist() == pytest.approx([4.0, 2.0, 1.0, 4.0])
+
+
+def test_other_strategies_score_with_the_trainer_itself():
+    from hetfl.strategies import FedAvg
+
+    trainer = logreg_trainer()
+    assert FedAvg().scorer(trainer) is trainer
