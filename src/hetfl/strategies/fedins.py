@@ -54,7 +54,7 @@ from hetfl.strategies.selection import Selection
 
 
 def select(q: torch.Tensor, keys: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indices N x top_k of the keys nearest each query by cosine similarity, ties to the lower index; those
+    """(indices N x top_k of the keys nearest each query by cosine similarity, nearest first; those
     similarities N x top_k)."""
     cos = F.normalize(q, dim=1) @ F.normalize(keys, dim=1).T
     sims, index = torch.topk(cos, top_k, dim=1, sorted=True)
