@@ -104,6 +104,12 @@ class FeatureSkewConfig(Section):
         description="Use only this many evenly spaced levels (0 to strength), dealt round-robin over the shuffled "
         "clients (e.g. rotation with strength 270 and groups 4: 0, 90, 180, 270 degrees); unset: one level per client.",
     )
+    per: Literal["client", "sample"] = Field(
+        "client",
+        description="client: each client's samples share its level; sample: every sample draws one of the groups' "
+        "levels at random, so each client mixes several feature distributions (intra-client heterogeneity, as "
+        "FedIns, arXiv:2308.06051, studies); needs groups.",
+    )
 
     @model_validator(mode="after")
     def _strength_needed(self) -> "FeatureSkewConfig":
@@ -111,6 +117,9 @@ class FeatureSkewConfig(Section):
             unit = {"noise": "sigma in feature standard deviations", "rotation": "angle in degrees",
                     "affine": "level l of x -> (1 + l) x + l"}[self.kind]
             raise ValueError(f"data.feature_skew.strength: set the largest level for kind '{self.kind}' ({unit})")
+        if self.per == "sample" and self.groups is None:
+            raise ValueError("data.feature_skew.groups: per: sample draws each sample's level from groups levels; "
+                             "set groups (e.g. 4)")
         return self
 
 

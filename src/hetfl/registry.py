@@ -106,6 +106,7 @@ KINDS: dict[str, Kind] = {
             "fedsa": "hetfl.strategies.fedsa:FedSA",
             "pfedgate": "hetfl.strategies.pfedgate:PFedGate",
             "pfedpg": "hetfl.strategies.pfedpg:PFedPG",
+            "fedins": "hetfl.strategies.fedins:FedIns",
             "fml": "hetfl.strategies.fml:FML",
             "pfedlora": "hetfl.strategies.adapters:AdapterFL",
             "fedlora": "hetfl.strategies.fedlora:FedLoRA",

@@ -61,7 +61,8 @@ from hetfl import registry
 from hetfl.config import DataConfig, PartitionConfig
 from hetfl.data.datasets import Dataset, load_dataset
 from hetfl.data.skew import (
-    LabelDrift, add_noise, check_feature_skew, feature_levels, feature_std, rotate_clients, shift_and_scale,
+    LabelDrift, add_noise, check_feature_skew, feature_levels, feature_std, rotate_clients, sample_levels,
+    shift_and_scale,
 )
 from hetfl.errors import DataError
 
@@ -913,7 +914,8 @@ def federate(cfg: DataConfig, seed: int) -> FederatedData:
         with statistics of the union of the training splits when ``cfg.normalize``; token ids
         are left alone. With ``cfg.feature_skew``, each client's samples (train and test) are
         transformed in place (:mod:`hetfl.data.skew`): rotation before normalisation, noise
-        after; the levels are kept in ``feature_levels``. With ``cfg.drift``, ``drift`` says
+        after; the levels are kept in ``feature_levels`` (None with ``per: sample``, where each sample draws its
+        own). With ``cfg.drift``, ``drift`` says
         which clients relabel their samples and when (the labels themselves are not changed).
 
     Notes
@@ -954,6 +956,10 @@ def federate(cfg: DataConfig, seed: int) -> FederatedData:
         rows = [np.concatenate([r, un]) for r, un in zip(rows, unlabelled)] if rows else rows
     else:
         train_rows = train
+    if levels is not None and skew.per == "sample":  # the transforms apply by level group; no level per client
+        (rows, levels), client_levels = sample_levels(rows, skew.strength, skew.groups, skew_rng), None
+    else:
+        client_levels = levels
     if skew.kind == "rotation":
         rotate_clients(ds.x, rows, levels)
     if cfg.normalize and ds.vocab_size is None and ds.x.dtype.kind == "f":
@@ -963,7 +969,7 @@ def federate(cfg: DataConfig, seed: int) -> FederatedData:
     if skew.kind == "affine":
         shift_and_scale(ds.x, rows, levels, feature_std(ds.x, np.concatenate(train_rows)))
     drift = LabelDrift.from_config(cfg.drift, cfg.n_clients, ds.n_classes, drift_rng)
-    return FederatedData(ds, train, test, clusters=clusters, feature_levels=levels, drift=drift, validation=validation,
+    return FederatedData(ds, train, test, clusters=clusters, feature_levels=client_levels, drift=drift, validation=validation,
                          unlabelled=unlabelled)
 
 

@@ -31,6 +31,10 @@ is a seeded random permutation, so a level does not follow the client index, whi
 partitioners (natural groups, shards) is itself tied to the data. The level of each client is
 kept in :attr:`~hetfl.data.partition.FederatedData.feature_levels`.
 
+With ``per: sample`` (:func:`sample_levels`) the levels are not dealt to clients: every sample (train and test)
+draws one of the ``groups`` levels uniformly, so each client holds a mixture of feature distributions, the
+intra-client heterogeneity of FedIns (Feng et al., arXiv:2308.06051); ``feature_levels`` is then None.
+
 Every sample belongs to exactly one client (train or test split), so a client's transform is
 applied in place to its rows of the shared array.
 
@@ -89,6 +93,17 @@ def feature_levels(n_clients: int, strength: float, rng: np.random.Generator, gr
     if groups is not None:
         return strength * (rank % groups) / (groups - 1)
     return strength * rank / max(n_clients - 1, 1)
+
+
+def sample_levels(
+    rows: list[np.ndarray], strength: float, groups: int, rng: np.random.Generator
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per-sample skew (``per: sample``): every sample of ``rows`` draws one of ``groups`` levels
+    ``strength * j / (groups - 1)`` uniformly; returns the samples grouped by level and the levels, the
+    ``(rows, levels)`` the transforms take, so each level's group is transformed as one client's samples are."""
+    samples = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    drawn = rng.integers(groups, size=len(samples))
+    return [samples[drawn == j] for j in range(groups)], strength * np.arange(groups) / (groups - 1)
 
 
 def image_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int] | None:

@@ -31,6 +31,7 @@ from hetfl.strategies.ifca import IFCA
 from hetfl.strategies.finetune import FedAvgFineTune
 from hetfl.strategies.fml import FML
 from hetfl.strategies.fedgh import FedGH
+from hetfl.strategies.fedins import FedIns
 from hetfl.strategies.fedlora import FedLoRA
 from hetfl.strategies.fedspine import FedSpine
 from hetfl.strategies.fedproto import FedProto
@@ -213,7 +214,7 @@ __all__ = [
     "FedAvg", "FedProx", "FedNova", "Scaffold", "FedAdam", "FedYogi", "FedStale", "FedVARP",
     "FedAsync", "FedBuff", "FedCompass",
     "Ditto", "FedAvgFineTune",
-    "FedPer", "FedRep", "FedBN", "LGFedAvg", "LocalOnly", "FedProto", "FedGH",
+    "FedPer", "FedRep", "FedBN", "LGFedAvg", "LocalOnly", "FedProto", "FedGH", "FedIns",
     "PFedGate", "PFedPG",
     "FML", "AdapterFL", "FedLoRA", "FedSpine",
     "IFCA", "FLHC", "OCFL", "HCMeta",

@@ -259,6 +259,11 @@ class Strategy:
         """
         return None
 
+    def scorer(self, trainer: "LocalTrainer") -> Any:
+        """What scores the models :meth:`personal_params` returns for ``trainer``'s architecture: an object with
+        ``predict(params, x) -> logits``; the trainer itself by default (FedIns: instance-adaptive inference)."""
+        return trainer
+
     def transfer_bytes(self, server: Server, task: Task) -> tuple[int, int]:
         """Bytes ``task`` downloads and uploads, asked at dispatch (the engine times the task with them).
 
