@@ -1,4 +1,4 @@
-"""Upload checks (hetfl.deploy.validate) and wire encodings (hetfl.deploy.compress), worked by hand."""
+"""Upload checks (hetfl.deploy.validate) and wire encodings (hetfl.compression), worked by hand."""
 
 import json
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from hetfl.deploy.compress import METHODS, decode, encode
+from hetfl.compression import METHODS, decode, encode
 from hetfl.deploy.validate import check_update
 
 
@@ -53,7 +53,7 @@ def test_none_round_trips_exactly_with_json_meta():
         assert len(data) == 15 * t.element_size()  # 15 values of 4, 8, 2 bytes
         back = decode(data, json.loads(json.dumps(meta)))
         assert back.dtype == dtype and back.shape == (3, 5) and torch.equal(back, t)
-    assert METHODS == ("none", "float16", "topk")
+    assert METHODS == ("none", "float16", "topk", "qsgd")
 
 
 def test_float16_halves_the_bytes_within_its_error_bound():

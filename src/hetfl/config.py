@@ -726,6 +726,23 @@ class PrivacyConfig(Section):
         return self.clip is not None
 
 
+class CompressionConfig(Section):
+    """Compression of each client's upload, its change w_i - w, in the client half (hetfl.compression): the server
+    aggregates what the codec's bytes carry, and the simulator charges those bytes. For algorithms whose upload is
+    one change of the global model."""
+
+    kind: Literal["none", "float16", "topk", "qsgd"] = Field(
+        "none", description="none (exact), float16 (2 bytes an entry), topk (the ratio of largest entries, 8 bytes "
+        "each: an int32 index and a float32 value), qsgd (QSGD's unbiased stochastic quantisation to levels)."
+    )
+    ratio: float = Field(0.01, gt=0, le=1, description="topk: the share of the change's entries a client sends.")
+    levels: int = Field(4, ge=1, description="qsgd: s, the quantisation levels (a sign bit and ceil(log2(s+1)) bits an entry).")
+    bucket: int = Field(512, ge=1, description="qsgd: entries per bucket, each with its own float32 norm.")
+    error_feedback: bool = Field(
+        True, description="Each client keeps what compression dropped and adds it to its next change (Stich et al. 2018)."
+    )
+
+
 class StrategyConfig(Section):
     """Which algorithm runs and its parameters.
 
@@ -752,6 +769,9 @@ class StrategyConfig(Section):
     )
     privacy: PrivacyConfig = Field(
         default_factory=PrivacyConfig, description="Client-level differential privacy (DP-FedAvg): off unless clip is set."
+    )
+    compression: CompressionConfig = Field(
+        default_factory=CompressionConfig, description="Compression of each client's upload (its change of the model)."
     )
     per_algorithm: dict[str, dict[str, Any]] = Field(
         default_factory=dict,

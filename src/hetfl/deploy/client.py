@@ -43,6 +43,7 @@ from hetfl.errors import DataError, HetflError
 from hetfl.strategies import build_strategy
 from hetfl.strategies.base import ClientData, Task, client_report
 from hetfl.training import LocalTrainer
+from hetfl.compression import compress_upload
 from hetfl.training.device import client_half, resolve_device
 
 log = logging.getLogger("hetfl.client")
@@ -360,6 +361,7 @@ class Client:
             return
         started = time.monotonic()
         result = client_half(self.strategy, self.trainer, task, data, self.state, int(header.seed))
+        result = compress_upload(self.strategy, task, result, self.state, int(header.seed))  # strategy.compression
         train_s = time.monotonic() - started
         if not beat.wanted.is_set():
             log.info("client %d: task %d no longer wanted by the server; result dropped", self.client_id, task.task_id)

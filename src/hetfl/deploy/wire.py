@@ -4,7 +4,7 @@ A message is a header chunk (a ``TaskHeader`` or an ``UpdateHeader`` whose ``ten
 order, with their byte counts) followed by ``data`` chunks of at most ``chunk_bytes`` each, the tensors'
 bytes concatenated. Nothing depends on gRPC's 4 MB message limit: a model of any size is many chunks.
 
-Float tensors go through :mod:`hetfl.deploy.compress` (``none``, ``float16``, ``topk``); any other dtype
+Float tensors go through :mod:`hetfl.compression` (``none``, ``float16``, ``topk``); any other dtype
 (an integer payload, a boolean mask, secure aggregation's uint32 vectors) is sent raw (``method: raw``).
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hetfl.deploy import compress
+from hetfl import compression as compress
 from hetfl.deploy import federation_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 1 << 20

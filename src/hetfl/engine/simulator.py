@@ -41,6 +41,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from hetfl.compression import compress_upload
 from hetfl.data.skew import LabelDrift
 from hetfl.devices import DeviceProfile, DeviceTable, TaskTiming, steps_in_time, task_timing
 from hetfl.devices.byzantine import Byzantine
@@ -545,6 +546,7 @@ class Simulator(HoldsEngineCore):
         data = self.pool.data(task.client_id, task.dispatched_at)  # the data the client held when it began
         state = st.client_state.load(task.client_id)  # materialised while the client is active
         result = self.backend.result(task, data, state)  # client_train's, which updates ``state``
+        result = compress_upload(st.strategy, task, result, state, self.task_seed(task.task_id))  # as it is sent
         st.client_state.save(task.client_id, state)  # back into the store (an empty state costs nothing)
         steps = st.strategy.compute_steps(result.steps)
         st.counters.trained_steps += steps

@@ -12,7 +12,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from hetfl.config import ModelConfig, SelectionConfig, StrategyConfig, TrainingConfig
 from hetfl.errors import ConfigError, HetflError
-from hetfl import registry
+from hetfl import compression, registry
 from hetfl.strategies.base import ClientData, ClientResult, Server, Strategy, Task, Update
 from hetfl.strategies.adapters import AdapterFL
 from hetfl.strategies.clustered import FLHC
@@ -139,6 +139,12 @@ def build_strategy(
             raise ConfigError(f"strategy.partial_work: {cfg.name} does not run rounds with a deadline (partial work "
                               "applies to round-based algorithms such as fedavg and fedprox)")
         strategy.partial_work = True
+    if cfg.compression.kind != "none":
+        reason = compression.refusal(strategy)
+        if reason is not None:
+            raise ConfigError(f"strategy.compression.kind: {cfg.name} {reason}, so its upload cannot be compressed; "
+                              "set strategy.compression.kind to none")
+        strategy.compression = compression.Compression(cfg.compression)
     if "name" not in vars(cls):  # a user's class without a name of its own is called what the config calls it
         strategy.name = cfg.name
     if training is not None:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
+    from hetfl.compression import Compression
     from hetfl.training import LocalTrainer
 
 
@@ -193,6 +194,10 @@ class Strategy:
     # aggregation is the sample-weighted mean of the updates (FedAvg, FedProx), so a deployment may aggregate
     # securely: the server then sees only the cohort's sum (hetfl.deploy, deploy.secure_aggregation)
     linear_aggregation: ClassVar[bool] = False
+    # the upload is a change of the global model that may be sent compressed (strategy.compression); a strategy that
+    # needs its clients' exact changes sets it False
+    compressible: ClassVar[bool] = True
+    compression: "Compression | None" = None  # strategy.compression, set by build_strategy (hetfl.compression)
 
     def initial_params(self, trainer: "LocalTrainer") -> torch.Tensor:
         """The server's parameters before the first aggregation, given the reference architecture's
@@ -270,9 +275,12 @@ class Strategy:
         By default the server's parameters and the task's payload down, ``upload_copies`` times the
         server's parameters up. Strategies whose clients download or upload only part of them (an
         adapter truncated to the client's rank) or something else (FLoRA's stacked adapters) override it.
+        With ``strategy.compression``, the upload is what its codec sends.
         """
         shared = server.params.numel() * server.params.element_size()
         payload = sum(t.numel() * t.element_size() for t in task.payload.values())
+        if self.compression is not None:
+            return shared + payload, self.compression.upload_bytes(server.params)
         return shared + payload, shared * self.upload_copies
 
     def describe_transfer(self, trainer: "LocalTrainer") -> str:
