@@ -235,7 +235,7 @@ def test_a_fixed_arm_is_trained_where_it_fits_else_the_next_smaller_model_of_its
     server = SimpleNamespace(trainer=fed.trainer, profiles=[low], rng=np.random.default_rng(0))
     assert [strategy.configure(server, 0)["options"]["arm"] for _ in range(3)] == [5, 5, 5]  # no bandit
     assert strategy.metrics()["fedspine_arm_r0.5_k4"] == 1.0
-    for bad in ([0.3, 4], [0.0, 3], [0.5]):
+    for bad in ([0.3, 4], [0.0, 3], [0.0, 4.5], [0.5]):
         with pytest.raises(ValueError, match="arm must be"):
             FedSpine(ratios=[0.0, 0.5], ranks=[2, 4], arm=bad)
 

@@ -205,10 +205,10 @@ class FedSpine(FedLoRA):
                          deadline_s=deadline_s, selection=selection)
         self.ratios, self.arm_ranks = sorted(set(ratios)), sorted(set(ranks))
         self.arms: list[tuple[float, int]] = [(r, k) for r in self.ratios for k in self.arm_ranks]
-        self.fixed = None if arm is None else (float(arm[0]), int(arm[1])) if len(arm) == 2 else ()
-        if self.fixed is not None and self.fixed not in self.arms:
+        if arm is not None and (len(arm) != 2 or (float(arm[0]), arm[1]) not in self.arms):
             raise ValueError(f"arm must be [ratio, rank] with the ratio in ratios {self.ratios} and the rank in ranks "
                              f"{self.arm_ranks}; got {arm}")
+        self.fixed = None if arm is None else (float(arm[0]), int(arm[1]))
         self.bandit, self.ucb_c, self.exp3_gamma = bandit, ucb_c, exp3_gamma
         self.rate_scale, self.time_exponent = rate_scale, time_exponent
         self.iterative, self.val_fraction, self.score_rows = iterative, val_fraction, score_rows
