@@ -1,20 +1,22 @@
-"""FedSpine-style adaptive (pruning ratio, LoRA rank) against one fixed arm and against LoRA without pruning.
+"""FedSpine-style adaptive (pruning ratio, LoRA rank) against fixed arms and against LoRA without pruning.
 
     .venv/bin/python benchmarks/fedspine.py [--config examples/fedspine_text.yaml] [--rounds N] [--seeds 0 1 2]
                                             [--d-model D --n-heads H --d-ff F --n-layers L] [--pretrain-steps S]
-                                            [--memory config|fit] [--target PPL] [--fixed RATIO,RANK]
-                                            [--methods fedspine fixed fedlora] [--json FILE] [--set key=value ...]
+                                            [--memory config|fit] [--target PPL] [--fixed RATIO,RANK ...]
+                                            [--methods fedspine fixed fedlora] [--jobs N] [--json FILE]
+                                            [--set key=value ...]
 
-Three runs per seed on the same federation and devices (the config's: text clients, three compute tiers
+Runs per seed on the same federation and devices (the config's: text clients, three compute tiers
 with memory limits):
 
 ``fedspine``
     The config's strategy: a UCB1 bandit per device over ratios x ranks, arms masked by device memory.
 ``fixed``
-    fedspine with one arm for every device (``--fixed``, default 0.5,4: the largest that fits the
-    config's low-memory devices), so no bandit choice.
+    One run per arm of ``--fixed`` (default 0.5,4: the largest that fits the config's low-memory devices):
+    fedspine with that ``arm`` and no bandit, every device training it where it fits and the next smaller model
+    of its rank where it does not (so ``0,4`` is "the largest model each device can train").
 ``fedlora``
-    LoRA on the unpruned base (HetLoRA, rank ``--fixed``'s rank for all). fedlora reads no memory limit:
+    LoRA on the unpruned base (HetLoRA, the first ``--fixed`` arm's rank for all). fedlora reads no memory limit:
     with the config's limits its low and mid devices would not fit the unpruned model (it runs anyway).
 
 Model size. ``--d-model``, ``--n-heads``, ``--d-ff``, ``--n-layers`` replace the config's TinyLM sizes (the
@@ -37,6 +39,13 @@ windows, median of 20 repeats); ``exploit`` (fedspine): how settled the bandits 
 over devices of the share of the second half of a device's tasks that went to the arm it chose most often
 in that half (1: one arm; about 1/k for a device still trying its k feasible arms in turn).
 
+At equal perplexity (a second table, mean ± std over seeds): per seed, the *common target* is the lowest
+perplexity every method reaches (the largest of the methods' best evaluations; none if some method never gets
+below the base); ``time to common target`` is each method's simulated seconds to reach it and ``speed-up vs
+fedlora`` fedlora's time divided by the method's. The bases are pretrained (or loaded from the cache) first,
+one per seed, and their pretraining time is printed apart from the runs'. ``--jobs N`` runs N runs at once,
+one process each (one torch thread each, ``threads``).
+
 The engine times every task with ``Strategy.task_flops``, so a pruned, low-rank task takes less simulated
 time than a full one. The last line of the output is one JSON object, for scripts (``--json`` also writes
 it to a file, after every run, so an interrupted benchmark keeps what it measured).
@@ -47,9 +56,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +72,9 @@ from rich.table import Table
 
 from hetfl.config import validate
 from hetfl.engine.run import Run, build_federation
+from hetfl.models.pretrain import load_or_pretrain
 from hetfl.models.pruning import inference_latency, param_count
+from hetfl.models.transformer import TinyLM
 from hetfl.strategies import FedSpine
 from hetfl.strategies.fedspine import to_model
 
@@ -81,16 +94,20 @@ def _copy(raw: dict) -> dict:
     return json.loads(json.dumps(raw))
 
 
-def variants(raw: dict, fixed: tuple[float, int]) -> dict[str, dict]:
+def variants(raw: dict, fixed: list[tuple[float, int]]) -> dict[str, dict]:
+    """fedspine (the config's), one run per arm of ``fixed`` (fedspine's ``arm``) and fedlora at the first one's rank."""
     params = raw["strategy"].get("params", {})
     targets = params.get("targets")
-    spine = _copy(raw)
-    one = _copy(raw)
-    one["strategy"]["params"] = {**params, "ratios": [fixed[0]], "ranks": [fixed[1]]}
+    out = {"fedspine": _copy(raw)}
+    for ratio, rank in fixed:
+        one = _copy(raw)
+        one["strategy"]["params"] = {**params, "arm": [ratio, rank]}
+        out[f"fixed {ratio:g},{rank}"] = one
     lora = _copy(raw)
-    lora["strategy"] = {**raw["strategy"], "name": "fedlora",
-                        "params": {"aggregation": "hetlora", "rank": fixed[1], **({"targets": targets} if targets else {})}}
-    return {"fedspine": spine, f"fixed {fixed[0]:g},{fixed[1]}": one, f"fedlora r{fixed[1]}": lora}
+    lora["strategy"] = {**raw["strategy"], "name": "fedlora", "params": {
+        "aggregation": "hetlora", "rank": fixed[0][1], **({"targets": targets} if targets else {})}}
+    out[f"fedlora r{fixed[0][1]}"] = lora
+    return out
 
 
 def fit_memory(raw: dict) -> dict[str, float]:
@@ -159,6 +176,7 @@ def run_one(raw: dict, out: Path, target: float | None) -> dict[str, Any]:
         "exploit": exploit,
         "wall_s": time.perf_counter() - started,
         "devices": [{k: v for k, v in d.items() if k != "arms"} for d in devices],
+        "curve": [[r["sim_time_s"], r["perplexity"]] for r in lines if "perplexity" in r],
     }
 
 
@@ -175,6 +193,62 @@ def spread(values: list[float | None], digits: int = 2) -> str:
     return f"{fmt(med)} [{fmt(min(finite))}-{fmt(max(finite))}]"
 
 
+def mean_std(values: list[float | None], digits: int = 2) -> str:
+    """``mean ± std`` of the values that are not None (sample std; one value alone as itself), with ``(n/N)``
+    when some are None; ``—`` when all are."""
+    finite = [float(v) for v in values if v is not None]
+    if not finite:
+        return "—"
+    text = f"{statistics.mean(finite):,.{digits}f}"
+    if len(finite) > 1:
+        text += f" ± {statistics.stdev(finite):,.{digits}f}"
+    return text if len(finite) == len(values) else f"{text} ({len(finite)}/{len(values)})"
+
+
+def time_to(curve: list[list[float]], target: float) -> float | None:
+    """Simulated seconds until a curve of ``[sim_time_s, perplexity]`` first reaches ``target`` (None: never)."""
+    return next((t for t, ppl in curve if ppl <= target), None)
+
+
+def common_target(runs: list[dict[str, Any]]) -> float | None:
+    """The lowest perplexity every run reaches: the largest of the runs' lowest evaluated perplexities, if that is
+    below the base's (round 0, the same for all); None when some run never gets below the base."""
+    target = max(min(ppl for _, ppl in r["curve"]) for r in runs)
+    return target if target < min(r["base_perplexity"] for r in runs) else None
+
+
+def equal_perplexity(results: dict[str, list[dict[str, Any]]]) -> None:
+    """Per seed, time of every run to the seed's common target and its speed-up against the fedlora run
+    (fedlora's time / the run's), written into each result (``common_target``, ``time_to_common_s``, ``speedup``)."""
+    lora = next((name for name in results if name.startswith("fedlora")), None)
+    for seed in sorted({r["seed"] for runs in results.values() for r in runs}):
+        runs = {name: r for name, rs in results.items() for r in rs if r["seed"] == seed}
+        target = common_target(list(runs.values()))
+        for r in runs.values():
+            r["common_target"] = target
+            r["time_to_common_s"] = None if target is None else time_to(r["curve"], target)
+        base = runs[lora]["time_to_common_s"] if lora in runs else None
+        for r in runs.values():
+            t = r["time_to_common_s"]
+            r["speedup"] = base / t if base is not None and t else None
+
+
+def pretrain_base(raw: dict) -> dict[str, Any]:
+    """Pretrain (or load from the cache) the TinyLM base of ``raw``'s seed, as the run will; what it took."""
+    cfg = validate(raw)
+    torch.set_num_threads(cfg.threads)
+    m = cfg.model
+    model = TinyLM(d_model=m.d_model, n_heads=m.n_heads, d_ff=m.d_ff, n_layers=m.n_layers, context=cfg.data.text.context)
+    done = load_or_pretrain(model, m.pretrain, cfg.data, cfg.seed)
+    return {"seed": cfg.seed, "params": param_count(model), "cached": done.cached, "seconds": done.seconds,
+            "perplexity": done.perplexity}
+
+
+def run_job(job: tuple[str, dict, str, float | None]) -> tuple[str, dict[str, Any]]:
+    name, variant, folder, target = job
+    return name, run_one(variant, Path(folder), target)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(ROOT / "examples" / "fedspine_text.yaml"))
@@ -186,9 +260,11 @@ def main() -> None:
     parser.add_argument("--memory", choices=("config", "fit"),
                         help="device memory limits: the config's, or fitted to the arms (default: fit if a size is set)")
     parser.add_argument("--target", type=float, help="perplexity to reach (default: 0.95 x the base's, round 0)")
-    parser.add_argument("--fixed", default="0.5,4", help="the fixed arm RATIO,RANK (default 0.5,4)")
+    parser.add_argument("--fixed", nargs="+", default=["0.5,4"],
+                        help="fixed arms RATIO,RANK, one run each (default 0.5,4); fedlora takes the first one's rank")
     parser.add_argument("--methods", nargs="+", choices=("fedspine", "fixed", "fedlora"),
                         default=["fedspine", "fixed", "fedlora"], help="which of the three to run (default all)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, one process each (default 1)")
     parser.add_argument("--json", type=Path, help="also write the results to this file (after every run)")
     parser.add_argument("--set", action="append", default=[], metavar="key=value")
     args = parser.parse_args()
@@ -207,25 +283,33 @@ def main() -> None:
         _set(raw, key, yaml.safe_load(value))
     if (args.memory or ("fit" if sized else "config")) == "fit":
         raw["devices"]["memory"] = {"tiers": fit_memory(raw)}
-    ratio, rank = args.fixed.split(",")
+    fixed = [(float(a.split(",")[0]), int(a.split(",")[1])) for a in args.fixed]
     seeds = args.seeds or [raw.get("seed", 0)]
     console = Console(width=180)
     console.print(f"memory limits: {raw['devices'].get('memory')}; model: "
                   + ", ".join(f"{k} {raw['model'].get(k)}" for k in SIZE_KEYS), highlight=False)
+    per_seed = [{**_copy(raw), "seed": seed} for seed in seeds]
+    pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) if args.jobs > 1 else None
+    pretrained = list(pool.map(pretrain_base, per_seed) if pool else map(pretrain_base, per_seed))
+    for p in pretrained:
+        console.print(f"seed {p['seed']}: base of {p['params']:,} parameters, held-out perplexity {p['perplexity']:.3f}, "
+                      + ("cached" if p["cached"] else f"pretrained in {p['seconds']:.0f} s"), highlight=False)
     results: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in seeds:
-            raw["seed"] = seed
-            for name, variant in variants(raw, (float(ratio), int(rank))).items():
-                if name.split()[0] not in args.methods:
-                    continue
-                folder = Path(tmp) / f"{seed}_{name.replace(' ', '_').replace(',', '_')}"
-                result = run_one(variant, folder, args.target)
-                results.setdefault(name, []).append(result)
-                console.print(f"seed {seed} {name}: final ppl {result['final_perplexity']:.3f}, time to target "
-                              f"{result['time_to_target_s']}, wall {result['wall_s']:.0f} s", highlight=False)
-                if args.json:
-                    args.json.write_text(json.dumps({"config": raw, "results": results}, indent=1))
+        jobs = [(name, variant, str(Path(tmp) / f"{seed}_{name.replace(' ', '_').replace(',', '_')}"), args.target)
+                for seed, one in zip(seeds, per_seed) for name, variant in variants(one, fixed).items()
+                if name.split()[0] in args.methods]
+        for name, result in (pool.map(run_job, jobs) if pool else map(run_job, jobs)):
+            results.setdefault(name, []).append(result)
+            console.print(f"seed {result['seed']} {name}: final ppl {result['final_perplexity']:.3f}, time to target "
+                          f"{result['time_to_target_s']}, wall {result['wall_s']:.0f} s", highlight=False)
+            if args.json:
+                args.json.write_text(json.dumps({"config": raw, "pretrained": pretrained, "results": results}, indent=1))
+    if pool:
+        pool.shutdown()
+    equal_perplexity(results)
+    if args.json:
+        args.json.write_text(json.dumps({"config": raw, "pretrained": pretrained, "results": results}, indent=1))
     targets = sorted({r["target_perplexity"] for runs in results.values() for r in runs})
     title = (f"{raw['name']}: {raw['rounds']} rounds, seeds {', '.join(map(str, seeds))}, target perplexity "
              + ", ".join(f"{t:.2f}" for t in targets) + "; median [min-max] over seeds")
@@ -243,6 +327,18 @@ def main() -> None:
                       spread([r["params_mean"] for r in runs], 0), latency,
                       "—" if runs[0]["exploit"] is None else spread([r["exploit"] for r in runs]))
     console.print(table)
+    common = {r["seed"]: r["common_target"] for runs in results.values() for r in runs}
+    equal = Table(title=escape("at equal perplexity, mean ± std over seeds; common target per seed (the lowest "
+                               "perplexity every method reaches): " + ", ".join(
+                                   f"{s}: {'none' if t is None else f'{t:.3f}'}" for s, t in common.items())))
+    for column in ("method", "time to common target s", "speed-up vs fedlora", "final ppl", "best ppl", "params"):
+        equal.add_column(column, justify="left" if column == "method" else "right")
+    for name, runs in results.items():
+        equal.add_row(name, mean_std([r["time_to_common_s"] for r in runs], 0), mean_std([r["speedup"] for r in runs]),
+                      mean_std([r["final_perplexity"] for r in runs], 3),
+                      mean_std([min(p for _, p in r["curve"]) for r in runs], 3),
+                      mean_std([r["params_mean"] for r in runs], 0))
+    console.print(equal)
     for r in results.get("fedspine", []):
         console.print(f"fedspine arm shares, seed {r['seed']}: "
                       + ", ".join(f"{k.removeprefix('fedspine_arm_')} {v:.0%}" for k, v in r["arm_shares"].items()),

@@ -219,3 +219,70 @@ def test_run_experiment_on_text_is_deterministic_and_reports_devices(tmp_path):
     assert len(report) == 4 and all(r["params"] > 0 and r["latency_s"] > 0 for r in report)
     trained = [r for r in report if r["arms"]]
     assert trained and all(r["ratio"] == r["arms"][-1][0] for r in trained)
+
+
+# --------------------------------------------------------------------------- a fixed arm, the larger base, the benchmark
+def test_a_fixed_arm_is_trained_where_it_fits_else_the_next_smaller_model_of_its_rank(tmp_path):
+    fed, strategy = _client(tmp_path, ratios=[0.0, 0.25, 0.5], ranks=[2, 4], arm=[0.0, 4])
+    # arms: (0,2) (0,4) (0.25,2) (0.25,4) (0.5,2) (0.5,4)
+    every = np.ones(6, dtype=bool)
+    assert strategy.fixed_arm(every) == 1  # (0, 4) itself
+    assert strategy.fixed_arm(np.array([0, 0, 1, 1, 1, 1], dtype=bool)) == 3  # (0.25, 4): the next smaller model
+    assert strategy.fixed_arm(np.array([0, 0, 0, 0, 1, 1], dtype=bool)) == 5  # (0.5, 4)
+    memory = strategy.arm_memory()
+    assert strategy.fixed_arm(np.array([0, 0, 0, 0, 1, 0], dtype=bool)) == 4  # no rank-4 arm fits: the one that does
+    low = SimpleNamespace(client_id=0, tier="low", memory_bytes=float(memory[5]))
+    server = SimpleNamespace(trainer=fed.trainer, profiles=[low], rng=np.random.default_rng(0))
+    assert [strategy.configure(server, 0)["options"]["arm"] for _ in range(3)] == [5, 5, 5]  # no bandit
+    assert strategy.metrics()["fedspine_arm_r0.5_k4"] == 1.0
+    for bad in ([0.3, 4], [0.0, 3], [0.0, 4.5], [0.5]):
+        with pytest.raises(ValueError, match="arm must be"):
+            FedSpine(ratios=[0.0, 0.5], ranks=[2, 4], arm=bad)
+
+
+def test_the_larger_example_base_has_the_documented_size_and_memory_tiers():
+    from pathlib import Path
+
+    from hetfl.config import load_config
+    from hetfl.models.pruning import param_count
+
+    raw = load_config(Path(__file__).resolve().parents[1] / "examples" / "fedspine_text_1m.yaml").model_dump()
+    raw["model"]["pretrained"] = False  # its size only: no pretraining here
+    fed = build_federation(validate(raw))
+    assert param_count(fed.trainer.model) == 1_093_376  # docs/benchmarks.md and the example's header
+    strategy = fed.strategy()
+    for tier, ratios in (("low", {0.5}), ("mid", {0.25, 0.5}), ("high", {0.0, 0.25, 0.5})):
+        profile = next(p for p in fed.profiles if p.tier.split("/")[0] == tier)
+        fits = {ratio for (ratio, _), ok in zip(strategy.arms, strategy.feasible(profile)) if ok}
+        assert fits == ratios, tier
+
+
+def _benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fedspine.py"
+    spec = importlib.util.spec_from_file_location("fedspine_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmark_compares_at_the_lowest_perplexity_every_method_reaches():
+    bench = _benchmark()
+    assert bench.time_to([[0, 10.0], [50, 9.0], [90, 8.0]], 9.0) == 50 and bench.time_to([[0, 10.0]], 9.0) is None
+    # seed 0: best perplexities 8.0 (fedlora), 8.5 (fedspine), 9.0 (fixed): every method reaches 9.0
+    results = {
+        "fedspine": [{"seed": 0, "base_perplexity": 10.0, "curve": [[0, 10.0], [20, 9.0], [40, 8.5]]}],
+        "fixed 0.5,4": [{"seed": 0, "base_perplexity": 10.0, "curve": [[0, 10.0], [10, 9.5], [30, 9.0]]}],
+        "fedlora r4": [{"seed": 0, "base_perplexity": 10.0, "curve": [[0, 10.0], [60, 9.0], [120, 8.0]]}],
+    }
+    bench.equal_perplexity(results)
+    assert [runs[0]["time_to_common_s"] for runs in results.values()] == [20, 30, 60]
+    assert [runs[0]["speedup"] for runs in results.values()] == [3.0, 2.0, 1.0]  # 60/20, 60/30, 60/60
+    # a method that never gets below the base: no common target, no speed-up
+    results["fixed 0.5,4"][0]["curve"] = [[0, 10.0], [10, 11.0]]
+    bench.equal_perplexity(results)
+    assert all(runs[0]["common_target"] is None and runs[0]["speedup"] is None for runs in results.values())
+    assert bench.mean_std([1.0, 3.0]) == "2.00 ± 1.41" and bench.mean_std([2.0, None]) == "2.00 (1/2)"
+    assert bench.mean_std([None]) == "—"

@@ -24,7 +24,10 @@ base on the clients' own test windows. With the defaults (d_model 32, 4 heads, d
 32, 600 Adam steps of 32 windows at lr 0.01, styles code and prose) pretraining took about 8 s on one
 thread of a busy 2-core machine and reached a held-out perplexity of 10.1 (300 steps at lr 0.003: 16.3;
 1000 steps: 10.4 at lr 0.003); an untrained model scores about 256, one byte in 256. ``examples/lora_text.yaml``
-starts from 10.1 on the clients' test windows.
+starts from 10.1 on the clients' test windows. A larger base is the same keys: ``examples/fedspine_text_1m.yaml``
+(d_model 128, 4 heads, d_ff 768, 4 layers: 1,093,376 parameters; 1000 steps at lr 0.003) reached a held-out
+perplexity of 6.12 after about 190 s of CPU time on one thread (892 s of wall time on a 2-core machine shared
+with a dozen other processes).
 """
 
 from __future__ import annotations

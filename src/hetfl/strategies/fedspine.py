@@ -9,7 +9,9 @@ libraries :mod:`hetfl.models.pruning` and :mod:`hetfl.strategies.bandit`.
 
 Arms. Every pair ``(ratio, rank)`` of ``ratios`` x ``ranks``, ratio-major (arm ``i * len(ranks) + j`` is
 ``(ratios[i], ranks[j])``). Each client has its own bandit (``bandit``: UCB1, or EXP3), created at its first
-dispatch.
+dispatch. With ``arm`` (a baseline without the bandit) every device trains that one arm where it fits its
+memory; a device it does not fit trains the arm of the same rank with the smallest larger ratio that fits
+(else its smallest feasible arm).
 
 Memory. An arm's training memory is :func:`~hetfl.models.pruning.memory_bytes` of the base pruned at its
 ratio with adapters of its rank on ``targets`` (batch ``training.batch_size``, the data's context, Adam's
@@ -146,6 +148,8 @@ class FedSpine(FedLoRA):
         The reward's rate scale (loss per second that earns ``1 - 1/e``); default: the first positive rate seen.
     time_exponent : float, default 1.0
         The reward's time exponent (0: gain alone; 1: gain per second).
+    arm : [ratio, rank], optional
+        A fixed arm instead of the bandits (module docstring, Arms); it must be one of ``ratios`` x ``ranks``.
     iterative : bool, default True
         Prune further within the client's kept heads/channels when the ratio allows (module docstring).
     val_fraction : float, default 0.2
@@ -170,6 +174,7 @@ class FedSpine(FedLoRA):
         exp3_gamma: float = 0.1,
         rate_scale: float | None = None,
         time_exponent: float = 1.0,
+        arm: list[float] | None = None,
         iterative: bool = True,
         val_fraction: float = 0.2,
         score_rows: int = 32,
@@ -200,6 +205,10 @@ class FedSpine(FedLoRA):
                          deadline_s=deadline_s, selection=selection)
         self.ratios, self.arm_ranks = sorted(set(ratios)), sorted(set(ranks))
         self.arms: list[tuple[float, int]] = [(r, k) for r in self.ratios for k in self.arm_ranks]
+        if arm is not None and (len(arm) != 2 or (float(arm[0]), arm[1]) not in self.arms):
+            raise ValueError(f"arm must be [ratio, rank] with the ratio in ratios {self.ratios} and the rank in ranks "
+                             f"{self.arm_ranks}; got {arm}")
+        self.fixed = None if arm is None else (float(arm[0]), int(arm[1]))
         self.bandit, self.ucb_c, self.exp3_gamma = bandit, ucb_c, exp3_gamma
         self.rate_scale, self.time_exponent = rate_scale, time_exponent
         self.iterative, self.val_fraction, self.score_rows = iterative, val_fraction, score_rows
@@ -303,10 +312,17 @@ class FedSpine(FedLoRA):
         feasible = self.feasible(profile)
         if not feasible.any():
             raise self._no_arm_fits(profile)
-        arm = self.bandit_of(client_id).select(server.rng, feasible)
+        arm = self.bandit_of(client_id).select(server.rng, feasible) if self.fixed is None else self.fixed_arm(feasible)
         self._chosen[arm] += 1
         ratio, rank = self.arms[arm]
         return {"options": {"rank": rank, "ratio": ratio, "arm": arm}}
+
+    def fixed_arm(self, feasible: np.ndarray) -> int:
+        """``arm`` where it is ``feasible``, else the arm of its rank with the smallest larger ratio that is, else
+        the feasible arm of least memory."""
+        ratio, rank = self.fixed
+        fits = [i for i, (r, k) in enumerate(self.arms) if feasible[i] and k == rank and r >= ratio]
+        return fits[0] if fits else int(np.argmin(np.where(feasible, self.arm_memory(), np.inf)))
 
     def reward(self, gain: float, seconds: float) -> float:
         """The arm's reward for a task of validation-loss ``gain`` that took ``seconds`` (module docstring)."""
