@@ -54,7 +54,8 @@ def variant_label(strategy: dict[str, Any] | None) -> str | None:
     if isinstance(selection, dict) and selection.get("name", random) != random:
         label += f"+{selection['name']}{_args(selection.get('params') or {})}"
     aggregator = strategy.get("aggregator")
-    if isinstance(aggregator, dict) and aggregator.get("rule", "mean") != defaults["aggregator"]["rule"]:
+    if isinstance(aggregator, dict) and (aggregator.get("rule", "mean") != defaults["aggregator"]["rule"]
+                                         or aggregator.get("max_update_norm") is not None):
         label += f"[{aggregator['rule']}{_args(_changed(aggregator, defaults['aggregator'], 'rule'))}]"
     privacy = strategy.get("privacy")
     if isinstance(privacy, dict) and privacy.get("clip") is not None:
