@@ -137,3 +137,11 @@ def test_a_backdoored_digits_run_reports_the_attack_and_norm_bounding_cuts_it(tm
     assert bounded[-1]["backdoor_asr"] < plain[-1]["backdoor_asr"] and 0 < bounded[-1]["norm_bounded_frac"] <= 1
     doc = (Path(__file__).parent.parent / "docs" / "metrics.md").read_text()
     assert all(f"`{key}`" in doc for key in [*plain[-1], *bounded[-1]])
+
+
+def test_a_norm_bounded_run_has_its_own_variant_label():
+    from hetfl.results.variant import variant_label
+
+    strategy = {"name": "fedavg", "aggregator": {"rule": "mean", "trim_frac": 0.1, "max_update_norm": 0.25}}
+    assert variant_label(strategy) == "fedavg[mean(max_update_norm=0.25)]"
+    assert variant_label({"name": "fedavg", "aggregator": {"rule": "mean", "max_update_norm": None}}) == "fedavg"
