@@ -13,7 +13,8 @@ Usage::
     PYTHONPATH=src .venv/bin/python benchmarks/backdoor_norm_bound.py [--seeds 0 1 2] [--rounds 40]
 
 Prints a table (mean ± std over the seeds of the final main accuracy, the final attack success rate
-``backdoor_asr`` and its largest value during the run) and a JSON line. Asserts nothing.
+``backdoor_asr`` and its largest value during the run, and the share of client changes the bound or the clipping
+scaled down, ``norm_bounded_frac`` or ``dp_clipped_frac``) and a JSON line. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ ROWS = {  # label -> (attack?, strategy keys)
 }
 
 
-def row(seed: int, rounds: int, attack: bool, strategy: dict, out: Path) -> tuple[float, float | None, float | None]:
+def row(seed: int, rounds: int, attack: bool, strategy: dict, out: Path) -> tuple[float, float | None, float | None, float | None]:
     raw = yaml.safe_load(QUICKSTART.read_text())
     raw.update(seed=seed, rounds=rounds, checkpoint_every=1000)
     raw["strategy"].pop("per_algorithm", None)
@@ -55,7 +56,9 @@ def row(seed: int, rounds: int, attack: bool, strategy: dict, out: Path) -> tupl
     run_experiment(validate(raw), out, show_progress=False)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     asr = [r["backdoor_asr"] for r in records if r.get("backdoor_asr") is not None]
-    return records[-1]["accuracy"], (asr[-1] if asr else None), (max(asr) if asr else None)
+    last = records[-1]
+    bounded = last.get("norm_bounded_frac", last.get("dp_clipped_frac"))  # the share of changes scaled down
+    return last["accuracy"], (asr[-1] if asr else None), (max(asr) if asr else None), bounded
 
 
 def mean_std(values: list[float | None]) -> str:
@@ -70,17 +73,18 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=40)
     args = parser.parse_args()
-    results: dict[str, list[tuple[float, float | None, float | None]]] = {}
+    results: dict[str, list[tuple[float, float | None, float | None, float | None]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             for i, (label, (attack, strategy)) in enumerate(ROWS.items()):
                 out = Path(tmp) / f"{i}-{seed}"
                 results.setdefault(label, []).append(row(seed, args.rounds, attack, strategy, out))
     print(f"digits quickstart, 1 of 20 clients backdoors (boost 10), {args.rounds} rounds; seeds {args.seeds}")
-    print("| defence | final accuracy | final attack success | largest attack success |")
-    print("|---|---|---|---|")
+    print("| defence | final accuracy | final attack success | largest attack success | changes scaled down |")
+    print("|---|---|---|---|---|")
     for label, rs in results.items():
-        print(f"| {label} | {mean_std([r[0] for r in rs])} | {mean_std([r[1] for r in rs])} | {mean_std([r[2] for r in rs])} |")
+        cells = " | ".join(mean_std([r[k] for r in rs]) for k in range(4))
+        print(f"| {label} | {cells} |")
     print(json.dumps({"benchmark": "backdoor_norm_bound", "date": dt.date.today().isoformat(), "seeds": args.seeds,
                       "rounds": args.rounds, "results": results}))
     return 0
