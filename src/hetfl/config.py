@@ -428,12 +428,26 @@ class ByzantineConfig(Section):
         0.0, ge=0, lt=1, description="Share of clients that are Byzantine (fraction * n_clients rounded, halves up; chosen "
         "with the seed, fixed for the run); 0: none."
     )
-    attack: Literal["sign_flip", "scaled_random"] = Field(
+    attack: Literal["sign_flip", "scaled_random", "backdoor"] = Field(
         "sign_flip",
         description="What an attacker returns, with d its honest change (trained model minus the model it started from): "
-        "sign_flip: start - scale * d; scaled_random: start + a Gaussian direction of length scale * ||d|| (seeded by task).",
+        "sign_flip: start - scale * d; scaled_random: start + a Gaussian direction of length scale * ||d|| (seeded by task); "
+        "backdoor: start + scale * d, d trained on its data with a trigger stamped on a share of it, relabelled "
+        "target (model replacement, Bagdasaryan et al., arXiv:1807.00459).",
     )
-    scale: float = Field(10.0, gt=0, description="Strength of the attack (see attack).")
+    scale: float = Field(
+        10.0, gt=0, description="Strength of the attack (see attack); backdoor: the boost gamma (the paper's n / eta, "
+        "e.g. clients_per_round for FedAvg; 1: no boost)."
+    )
+    target: int = Field(0, ge=0, description="backdoor: the class that trigger-stamped samples are relabelled to.")
+    poison_frac: float = Field(
+        0.5, gt=0, le=1, description="backdoor: the share of each attacker's training samples stamped and relabelled "
+        "(chosen with the seed, fixed for the run)."
+    )
+    trigger_size: int = Field(
+        4, ge=1, description="backdoor: the trigger sets a sample's last trigger_size features (flattened; the last "
+        "pixels of an image) to the dataset's largest feature value."
+    )
 
 
 class DevicesConfig(Section):
@@ -694,6 +708,10 @@ class AggregatorConfig(Section):
     byzantine: int = Field(
         1, ge=0, description="krum, multi_krum: f, the Byzantine updates tolerated; needs more than 2f + 2 updates per "
         "aggregation (multi_krum averages the K - f best)."
+    )
+    max_update_norm: float | None = Field(
+        None, gt=0, description="Norm bounding (Sun et al., arXiv:1911.07963): every client change is scaled down to L2 "
+        "norm at most this before the rule combines them; unset: none. With Gaussian noise it is strategy.privacy."
     )
 
 

@@ -130,7 +130,7 @@ def _serve(
 def _robust(cfg: ExperimentConfig) -> bool:
     aggregator = getattr(cfg.strategy, "aggregator", None)
     rule = getattr(aggregator, "rule", None) if aggregator is not None else None
-    return rule not in (None, "mean")
+    return rule not in (None, "mean") or getattr(aggregator, "max_update_norm", None) is not None
 
 
 def _log_to_file(path: Path) -> None:

@@ -80,6 +80,7 @@ class Federation:
     pool: ClientPool
     flops_per_step: float
     models: ClientModels  # each client's architecture (one trainer for all without a model zoo)
+    byzantine: Byzantine | None = None  # devices.byzantine's attackers (a backdoor's poisoned data is in the pool)
 
     def describe(self, strategy: Strategy | None = None) -> str:
         """One line: what is being simulated; what a transfer carries is the ``strategy``'s
@@ -146,11 +147,16 @@ class Federation:
             on_commit=on_commit,
             max_sim_time_s=cfg.max_sim_time_s,
             models=self.models,
-            byzantine=Byzantine(cfg.devices.byzantine, len(self.profiles), cfg.seed) if cfg.devices.byzantine.fraction else None,
+            byzantine=self.byzantine or attackers(cfg, len(self.profiles)),
             server_time=ServerTime.from_config(cfg.server),
             backend=build_backend(cfg.backend, threads=cfg.threads, training=cfg.training, roots=code_roots(cfg.code))
             if cfg.client is None else self.trainer.backend(),  # a Flower client trains in its fit (hetfl.flower)
         )
+
+
+def attackers(cfg: ExperimentConfig, n_clients: int) -> Byzantine | None:
+    """``devices.byzantine``'s attackers, None without any."""
+    return Byzantine(cfg.devices.byzantine, n_clients, cfg.seed) if cfg.devices.byzantine.fraction else None
 
 
 def _size(trainer: LocalTrainer) -> str:
@@ -170,6 +176,10 @@ def check_architectures(strategy: Strategy, architectures: int) -> None:
 
 def build_federation(cfg: ExperimentConfig) -> Federation:
     torch.set_num_threads(cfg.threads)
+    if cfg.devices.byzantine.fraction and cfg.devices.byzantine.attack == "backdoor" and (
+            cfg.client is not None or cfg.data.dataset == "synthetic"):
+        raise ConfigError("devices.byzantine.attack: backdoor poisons hetfl's stored training samples; a Flower client's "
+                          "data and data.dataset synthetic (generated per task) have none")
     if cfg.client is not None:  # a Flower client_fn brings its own data and model: its clients are calibrated
         from hetfl.flower import build_federation as flower_federation
 
@@ -193,10 +203,15 @@ def build_federation(cfg: ExperimentConfig) -> Federation:
         return Federation(cfg, data, profiles, trainer, evaluator, pool, flops, models)
     ds = data.dataset
     x, y = torch.from_numpy(ds.x), torch.from_numpy(ds.y)
-    pool = ClientPool(x, y, data.train, ds.n_classes, data.drift, data.unlabelled).to(trainer.device)  # one index array, offsets; data once
+    byzantine = attackers(cfg, data.n_clients)
+    train_x, train_y, train = x, y, data.train
+    if byzantine is not None:  # a backdoor's attackers train on poisoned copies of some of their samples
+        byzantine.check(ds.n_classes, tuple(ds.input_shape), ds.vocab_size is not None)
+        train_x, train_y, train = byzantine.poison(x, y, data.train)
+    pool = ClientPool(train_x, train_y, train, ds.n_classes, data.drift, data.unlabelled).to(trainer.device)  # one index array, offsets; data once
     evaluator = Evaluator.from_splits(trainer, x, y, data.evaluation_split(cfg.evaluation.split), data.drift)
     _check_batchable(cfg, models, pool)
-    return Federation(cfg, data, profiles, trainer, evaluator, pool, flops, models)
+    return Federation(cfg, data, profiles, trainer, evaluator, pool, flops, models, byzantine)
 
 
 def _check_batchable(cfg: ExperimentConfig, models: ClientModels, pool: ClientPool | SyntheticPool) -> None:
@@ -388,6 +403,10 @@ class Run:
             **sim.engine_metrics(),
             **personal,
         }
+        byzantine = self.fed.byzantine
+        if byzantine is not None and byzantine.backdoor:  # the global model on trigger-stamped evaluation samples
+            record["backdoor_asr"] = (byzantine.success_rate(lambda x: self.fed.trainer.predict(sim.params, x), evaluator.x,
+                                                             evaluator.y) if sim.strategy.global_model else None)
         for key, value in sim.strategy.metrics().items():
             if key in record:
                 raise ValueError(

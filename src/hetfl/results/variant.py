@@ -1,7 +1,7 @@
 """A run's variant in a few characters, from its ``config.yaml``: what its strategy section changes from the defaults.
 
 ``fedavg`` (nothing changed), ``fedavg+oort`` (a client selection), ``fedprox(mu=0.1)`` (the algorithm's
-parameters), ``fedavg[median]`` (a robust aggregator), ``fedavg+dp(clip=1)`` (differential privacy),
+parameters), ``fedavg[median]`` (a robust aggregator; ``fedavg[mean(max_update_norm=1)]``: norm bounding), ``fedavg+dp(clip=1)`` (differential privacy),
 ``fedprox(mu=1)+partial`` (stragglers' partial work, ``strategy.partial_work``), in that order:
 ``fedprox(mu=0.1)+oort[trimmed_mean(trim_frac=0.2)]+dp(clip=1,noise_multiplier=0.5)+partial``. Compared against the
 defaults of :class:`hetfl.config.StrategyConfig`; ``clients_per_round``, ``deadline_s`` and ``per_algorithm`` for
@@ -54,7 +54,8 @@ def variant_label(strategy: dict[str, Any] | None) -> str | None:
     if isinstance(selection, dict) and selection.get("name", random) != random:
         label += f"+{selection['name']}{_args(selection.get('params') or {})}"
     aggregator = strategy.get("aggregator")
-    if isinstance(aggregator, dict) and aggregator.get("rule", "mean") != defaults["aggregator"]["rule"]:
+    if isinstance(aggregator, dict) and (aggregator.get("rule", "mean") != defaults["aggregator"]["rule"]
+                                         or aggregator.get("max_update_norm") is not None):
         label += f"[{aggregator['rule']}{_args(_changed(aggregator, defaults['aggregator'], 'rule'))}]"
     privacy = strategy.get("privacy")
     if isinstance(privacy, dict) and privacy.get("clip") is not None:

@@ -163,6 +163,11 @@ def _robust_options(cls: type, cfg: StrategyConfig, accepted: Any, kwargs: dict[
 
     if "aggregator" in accepted:
         kwargs["aggregator"] = cfg.aggregator
+    elif cfg.aggregator.max_update_norm is not None:
+        raise ConfigError(
+            f"strategy.aggregator.max_update_norm: {cfg.name} does not aggregate a mean of client changes, so norm "
+            f"bounding would change its mathematics (it applies to {takers('aggregator')})"
+        )
     elif cfg.aggregator.rule != "mean":
         raise ConfigError(
             f"strategy.aggregator.rule: {cfg.name} does not aggregate a mean of client changes, so a robust rule would "

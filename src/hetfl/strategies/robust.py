@@ -16,6 +16,11 @@ Rules (:func:`combine`, over the K x d matrix of changes Delta_1..Delta_K and th
   score. Blanchard et al., "Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent",
   NeurIPS 2017. Both need K > 2f + 2.
 
+Norm bounding (``max_update_norm`` M; Sun et al., "Can You Really Backdoor Federated Learning?", arXiv:1911.07963):
+every change is first scaled to Delta_i * min(1, M / ||Delta_i||_2) (:func:`clip_rows`, DP-FedAvg's clipping), then
+combined by the rule. A boosted (model-replacement) change is cut to length M; honest changes shorter than M pass
+unchanged. The paper's "weak differential privacy", norm bounding plus Gaussian noise, is ``strategy.privacy``.
+
 Robust rules give every update one vote: the sample counts behind the weights p are what the clients say,
 so an attacker could claim a huge one. Their result is multiplied by sum_i p_i, so that it has the size of
 step the weights imply (1 for FedAvg's sample weights; FedBuff's mean staleness factor s(tau)).
@@ -178,6 +183,11 @@ class Aggregation:
                 f"strategy.aggregator.rule: differential privacy is accounted for the clipped mean, not {rule} "
                 "(its sensitivity to one client is not bounded by clip); use mean with strategy.privacy"
             )
+        if self.privacy is not None and self.aggregator.max_update_norm is not None:
+            raise ConfigError(
+                "strategy.aggregator.max_update_norm: strategy.privacy.clip already bounds each change's norm; "
+                "set one of the two"
+            )
         if self.privacy is not None and not uniform_sampling:
             raise ConfigError(
                 "strategy.selection.name: the privacy accounting assumes clients sampled uniformly at random; "
@@ -188,18 +198,25 @@ class Aggregation:
         self.sample_rate: float | None = None  # q, known at the first noised aggregation
         self.clipped = 0  # client changes clipping scaled down
         self.seen = 0  # client changes clipped or not
+        self.bounded = 0  # client changes norm bounding (max_update_norm) scaled down
+        self.bounded_seen = 0  # client changes it looked at
         self._epsilon: tuple[int, float | None] = (0, 0.0)  # cached (rounds, epsilon)
 
     @property
     def linear(self) -> bool:
         """Whether the result is the algorithm's weighted mean (so a sum, e.g. by secure aggregation, suffices)."""
-        return self.aggregator.rule == "mean" and self.privacy is None
+        return self.aggregator.rule == "mean" and self.privacy is None and self.aggregator.max_update_norm is None
 
     def delta(self, server: Any, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The combined change of the K x d ``deltas`` whose mean weights are ``weights``."""
         if self.privacy is not None:
             return self._private(server, deltas)
         cfg = self.aggregator
+        if cfg.max_update_norm is not None:
+            norms = torch.linalg.vector_norm(deltas.double(), dim=1)
+            self.bounded += int((norms > cfg.max_update_norm).sum())
+            self.bounded_seen += deltas.shape[0]
+            deltas = clip_rows(deltas, cfg.max_update_norm)
         if cfg.rule in ("krum", "multi_krum") and deltas.shape[0] <= 2 * cfg.byzantine + 2:
             self.skipped += 1  # a round that lost clients (deadline, dropouts): no robust choice is possible
             return torch.zeros(deltas.shape[1], dtype=deltas.dtype)
@@ -232,8 +249,11 @@ class Aggregation:
         return self._epsilon[1]
 
     def metrics(self) -> dict[str, Any]:
-        """``dp_epsilon``, ``dp_delta``, ``dp_clipped_frac`` with privacy; ``robust_skipped`` with Krum."""
+        """``dp_epsilon``, ``dp_delta``, ``dp_clipped_frac`` with privacy; ``robust_skipped`` with Krum;
+        ``norm_bounded_frac`` with ``max_update_norm``."""
         out: dict[str, Any] = {}
+        if self.aggregator.max_update_norm is not None:
+            out["norm_bounded_frac"] = self.bounded / self.bounded_seen if self.bounded_seen else None
         if self.privacy is not None:
             out["dp_epsilon"] = self.epsilon()
             out["dp_delta"] = self.privacy.delta
