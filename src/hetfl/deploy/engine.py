@@ -70,7 +70,7 @@ from hetfl.deploy import gate, wire
 from hetfl.deploy.servicer import Connection, FederationServicer
 from hetfl.deploy.tokens import TokenTable
 from hetfl.deploy.validate import NormBound, bounded_samples, change_norm, check_payload, check_stats, check_update
-from hetfl.devices import DeviceProfile
+from hetfl.devices import DeviceProfile, TaskTiming
 from hetfl.engine.clock import Event, EventQueue
 from hetfl.engine.core import Counters, EngineCore, EngineState, HoldsEngineCore
 from hetfl.engine.simulator import task_seed
@@ -347,6 +347,18 @@ class DeployServer(HoldsEngineCore):
     def busy_time(self) -> np.ndarray:
         """Wall seconds each client has spent with a task since the run began (tasks in flight included)."""
         return self.core.busy_time(self.state.busy.values())
+
+    def idle_time(self) -> np.ndarray:
+        """Wall seconds each client has been without a task (the run's duration counts as online, as in fairness)."""
+        return self.core.idle_time(self.state.busy.values(), np.full(self.n_clients, self.now))
+
+    def time_breakdown(self) -> dict[str, float]:
+        """Where the time went so far, measured (:meth:`_measure`; :meth:`~hetfl.engine.core.Counters.time_breakdown`)."""
+        return self.counters.time_breakdown(self.idle_time())
+
+    def client_time(self) -> dict[str, list[float]]:
+        """The same per client (:meth:`~hetfl.engine.core.Counters.client_time`)."""
+        return self.counters.client_time(self.idle_time())
 
     def fairness(self, *, window: bool = True) -> dict[str, Any]:
         # online time: a deployment does not know when a device was reachable but idle; the run's duration is it
@@ -629,6 +641,7 @@ class DeployServer(HoldsEngineCore):
         if 0 < header.upload_Bps < math.inf:
             m["up_Bps"] = float(header.upload_Bps)
         m["round_trip_s"] = self.now - task.dispatched_at
+        st.counters.count_timing(client_id, measured_timing(m["round_trip_s"], header.download_s, header.train_s))
         m["updates"] = m.get("updates", 0) + 1
         paces = st.paces.setdefault(client_id, [])
         paces.append(m["round_trip_s"] / max(st.strategy.compute_steps(task.steps), 1))
@@ -989,6 +1002,20 @@ class HeldLog:
     def close(self) -> None:
         self.flush()
         self.log.close()
+
+
+def measured_timing(round_trip_s: float, download_s: float, train_s: float) -> TaskTiming:
+    """A deployed task's time, from what the server and its client measured (the protocol as it is): the download
+    and the training as the client reports them (each clipped to what is left of the round trip; not a positive
+    finite number: 0), and the upload is the rest of the round trip from dispatch to arrival, so it also holds the
+    client's wait before it fetched the task. The server's wait is not separate (0)."""
+    def part(seconds: float, left: float) -> float:
+        return min(float(seconds), left) if 0 < seconds < math.inf else 0.0
+
+    left = max(round_trip_s, 0.0)
+    download = part(download_s, left)
+    compute = part(train_s, left - download)
+    return TaskTiming(download, compute, left - download - compute)
 
 
 def _one_line(err: BaseException, limit: int = 300) -> str:
