@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from hetfl.config import validate
 from hetfl.deploy.engine import measured_timing
 from hetfl.devices import NETWORK_TIERS, TaskTiming, steps_in_time
+from hetfl.engine.core import Counters
 from hetfl.engine.run import run_experiment
 from hetfl.engine.server_time import ServerTime
 from hetfl.results.report import render_report
@@ -109,3 +111,11 @@ def test_a_run_writes_the_breakdown_and_its_plot(tmp_path):
     assert np.sum(per_client["idle"]) == pytest.approx(last["time_idle_s"])
     render_report(tmp_path / "run")
     assert (tmp_path / "run" / "time_breakdown.png").stat().st_size > 0
+
+
+def test_an_older_checkpoints_counters_start_the_breakdown_at_zero():
+    old = Counters.for_clients(3)
+    del old.__dict__["phase_s"]  # as pickled by a hetfl without the breakdown
+    resumed = pickle.loads(pickle.dumps(old))
+    resumed.count_timing(2, TaskTiming(1.0, 2.0, 3.0, wait_s=0.5))
+    assert resumed.phase_s.tolist() == [[0.0] * 4, [0.0] * 4, [0.5, 1.0, 2.0, 3.0]]

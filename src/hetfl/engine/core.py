@@ -71,6 +71,11 @@ class Counters:
             phase_s=np.zeros((n_clients, len(cls.PHASES)), dtype=np.float64),
         )
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A checkpoint of an older hetfl has no ``phase_s``: the breakdown starts from zero at the resume."""
+        state.setdefault("phase_s", np.zeros((len(state["busy_s"]), len(self.PHASES))))
+        self.__dict__.update(state)
+
     def count_timing(self, client_id: int, timing: TaskTiming) -> None:
         """An arrived task of ``client_id`` took ``timing``: its seconds go to the client's phases."""
         self.phase_s[client_id] += (timing.wait_s, timing.download_s, timing.compute_s, timing.upload_s)
