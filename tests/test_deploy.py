@@ -54,6 +54,7 @@ def test_fedavg_over_grpc_equals_the_simulator(env, deployment, simulated_fedavg
     assert last["time_compute_s"] == pytest.approx(sum(times["compute"]))
     phases = sum(last[f"time_{p}_s"] for p in ("wait", "download", "compute", "upload", "idle"))
     assert phases <= N_CLIENTS * last["sim_time_s"] + 1e-6
+    assert 0 < last["server_busy_s"] < last["sim_time_s"]  # the aggregations and evaluations, timed
 
 
 def test_fedcompass_over_grpc_reaches_the_simulators_accuracy(env, deployment, tmp_path):

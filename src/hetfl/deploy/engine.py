@@ -104,6 +104,7 @@ class DeployState(EngineState):
     measured: dict[int, dict[str, float]] = field(default_factory=dict)  # step_s, down_Bps, up_Bps, hostname...
     rejected: int = 0
     timed_out: int = 0
+    server_busy_s: float = 0.0  # wall seconds in the strategy's hooks (aggregation, and the evaluations they trigger)
     client_state: Any = None  # the simulator's per-client state store; in a deployment it stays on each client
     claims: dict[int, int] = field(default_factory=dict)  # the last sample count each client claimed that was logged
     norm_history: dict[int, list[float]] = field(default_factory=dict)  # deploy.update_norm adaptive: recent scores
@@ -342,6 +343,7 @@ class DeployServer(HoldsEngineCore):
             "timed_out": self.state.timed_out,
             "clients_connected": connected,
             "step_s_mean": float(np.mean(steps)) if steps else None,
+            "server_busy_s": self.state.server_busy_s,
         }
 
     def busy_time(self) -> np.ndarray:
@@ -455,6 +457,7 @@ class DeployServer(HoldsEngineCore):
                             "its state is kept as the hook left it", strategy.name)
         self._journal = journal = []
         version = self.state.version  # a call that moved it committed an aggregation
+        started = time.perf_counter()
         try:
             getattr(strategy, hook)(self, *args)
             return None, self.state.version != version
@@ -466,6 +469,7 @@ class DeployServer(HoldsEngineCore):
             error = _one_line(err)
         finally:
             self._journal = None
+            self.state.server_busy_s += time.perf_counter() - started
         committed = self.state.version != version
         if transactional and snapshot is not None and not committed:
             _restore(strategy, snapshot)
