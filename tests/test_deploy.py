@@ -47,6 +47,14 @@ def test_fedavg_over_grpc_equals_the_simulator(env, deployment, simulated_fedavg
     assert metrics[-1]["rejected"] == 0 and metrics[-1]["clients_connected"] == N_CLIENTS
     devices = json.loads((deployment.out / "devices.json").read_text())
     assert all(d["step_s"] > 0 and d["participation"] == 10 for d in devices)  # measured and reported
+    # where the time went, from real timestamps: every client downloaded and trained; every second of a client's
+    # arrived tasks is in one phase, and those plus its idle time fit in the run's duration
+    last, times = metrics[-1], summary["client_time_s"]
+    assert all(d > 0 and c > 0 for d, c in zip(times["download"], times["compute"]))
+    assert last["time_compute_s"] == pytest.approx(sum(times["compute"]))
+    phases = sum(last[f"time_{p}_s"] for p in ("wait", "download", "compute", "upload", "idle"))
+    assert phases <= N_CLIENTS * last["sim_time_s"] + 1e-6
+    assert 0 < last["server_busy_s"] < last["sim_time_s"]  # the aggregations and evaluations, timed
 
 
 def test_fedcompass_over_grpc_reaches_the_simulators_accuracy(env, deployment, tmp_path):

@@ -40,7 +40,8 @@ def test_downloads_share_the_server_link_and_queue_beyond_its_concurrency():
     server = ServerTime(up_Bps=800.0, down_Bps=100.0, concurrency=2)
     client = TaskTiming(0.1, 5.0, 0.2)
     got = [server.timing(0.0, client, 400, 100) for _ in range(4)]
-    assert [t.download_s for t in got] == pytest.approx([1.0, 1.0, 2.0, 2.0])
+    assert [t.download_s for t in got] == pytest.approx([1.0] * 4)  # each takes 1 s ...
+    assert [t.wait_s for t in got] == pytest.approx([0.0, 0.0, 1.0, 1.0])  # ... the last two after a 1 s wait
     assert all(t.compute_s == 5.0 and t.upload_s == pytest.approx(2.0) for t in got)
     # without concurrency every download has the whole link: 400/800 = 0.5 s, none waits
     server = ServerTime(up_Bps=800.0)

@@ -70,7 +70,7 @@ from hetfl.deploy import gate, wire
 from hetfl.deploy.servicer import Connection, FederationServicer
 from hetfl.deploy.tokens import TokenTable
 from hetfl.deploy.validate import NormBound, bounded_samples, change_norm, check_payload, check_stats, check_update
-from hetfl.devices import DeviceProfile
+from hetfl.devices import DeviceProfile, TaskTiming
 from hetfl.engine.clock import Event, EventQueue
 from hetfl.engine.core import Counters, EngineCore, EngineState, HoldsEngineCore
 from hetfl.engine.simulator import task_seed
@@ -104,6 +104,7 @@ class DeployState(EngineState):
     measured: dict[int, dict[str, float]] = field(default_factory=dict)  # step_s, down_Bps, up_Bps, hostname...
     rejected: int = 0
     timed_out: int = 0
+    server_busy_s: float = 0.0  # wall seconds in the strategy's hooks (aggregation, and the evaluations they trigger)
     client_state: Any = None  # the simulator's per-client state store; in a deployment it stays on each client
     claims: dict[int, int] = field(default_factory=dict)  # the last sample count each client claimed that was logged
     norm_history: dict[int, list[float]] = field(default_factory=dict)  # deploy.update_norm adaptive: recent scores
@@ -342,11 +343,24 @@ class DeployServer(HoldsEngineCore):
             "timed_out": self.state.timed_out,
             "clients_connected": connected,
             "step_s_mean": float(np.mean(steps)) if steps else None,
+            "server_busy_s": self.state.server_busy_s,
         }
 
     def busy_time(self) -> np.ndarray:
         """Wall seconds each client has spent with a task since the run began (tasks in flight included)."""
         return self.core.busy_time(self.state.busy.values())
+
+    def idle_time(self) -> np.ndarray:
+        """Wall seconds each client has been without a task (the run's duration counts as online, as in fairness)."""
+        return self.core.idle_time(self.state.busy.values(), np.full(self.n_clients, self.now))
+
+    def time_breakdown(self) -> dict[str, float]:
+        """Where the time went so far, measured (:meth:`_measure`; :meth:`~hetfl.engine.core.Counters.time_breakdown`)."""
+        return self.counters.time_breakdown(self.idle_time())
+
+    def client_time(self) -> dict[str, list[float]]:
+        """The same per client (:meth:`~hetfl.engine.core.Counters.client_time`)."""
+        return self.counters.client_time(self.idle_time())
 
     def fairness(self, *, window: bool = True) -> dict[str, Any]:
         # online time: a deployment does not know when a device was reachable but idle; the run's duration is it
@@ -443,6 +457,7 @@ class DeployServer(HoldsEngineCore):
                             "its state is kept as the hook left it", strategy.name)
         self._journal = journal = []
         version = self.state.version  # a call that moved it committed an aggregation
+        started = time.perf_counter()
         try:
             getattr(strategy, hook)(self, *args)
             return None, self.state.version != version
@@ -454,6 +469,7 @@ class DeployServer(HoldsEngineCore):
             error = _one_line(err)
         finally:
             self._journal = None
+            self.state.server_busy_s += time.perf_counter() - started
         committed = self.state.version != version
         if transactional and snapshot is not None and not committed:
             _restore(strategy, snapshot)
@@ -629,6 +645,7 @@ class DeployServer(HoldsEngineCore):
         if 0 < header.upload_Bps < math.inf:
             m["up_Bps"] = float(header.upload_Bps)
         m["round_trip_s"] = self.now - task.dispatched_at
+        st.counters.count_timing(client_id, measured_timing(m["round_trip_s"], header.download_s, header.train_s))
         m["updates"] = m.get("updates", 0) + 1
         paces = st.paces.setdefault(client_id, [])
         paces.append(m["round_trip_s"] / max(st.strategy.compute_steps(task.steps), 1))
@@ -989,6 +1006,20 @@ class HeldLog:
     def close(self) -> None:
         self.flush()
         self.log.close()
+
+
+def measured_timing(round_trip_s: float, download_s: float, train_s: float) -> TaskTiming:
+    """A deployed task's time, from what the server and its client measured (the protocol as it is): the download
+    and the training as the client reports them (each clipped to what is left of the round trip; not a positive
+    finite number: 0), and the upload is the rest of the round trip from dispatch to arrival, so it also holds the
+    client's wait before it fetched the task. The server's wait is not separate (0)."""
+    def part(seconds: float, left: float) -> float:
+        return min(float(seconds), left) if 0 < seconds < math.inf else 0.0
+
+    left = max(round_trip_s, 0.0)
+    download = part(download_s, left)
+    compute = part(train_s, left - download)
+    return TaskTiming(download, compute, left - download - compute)
 
 
 def _one_line(err: BaseException, limit: int = 300) -> str:

@@ -28,6 +28,9 @@ wifi        50             20           15
 ethernet    1000           1000         2
 ==========  =============  ===========  ============
 
+The ``5g_measured``, ``wifi_measured`` and ``ethernet_measured`` tiers are calibrated to a paper's measurements
+instead (uplinks 30.03, 534.5 and 1000 Mbit/s; :mod:`hetfl.devices.tiers` says from what, and what is our choice).
+
 Memory (``devices.memory``): the bytes a device can train in, ``memory_bytes`` (unlimited by default),
 one limit for every device or one per compute tier. Only strategies that size a model per device read it
 (fedspine); device traces carry no memory column, so trace devices get ``devices.memory.limit``.
@@ -115,25 +118,29 @@ class DeviceProfile:
 # --------------------------------------------------------------------------- task timing
 @dataclass(frozen=True)
 class TaskTiming:
+    """The seconds of one task, in order: ``wait_s`` for the server (its compute and a download slot, ``server:``;
+    0 for a free server), then the download, the local training and the upload."""
+
     download_s: float
     compute_s: float
     upload_s: float
+    wait_s: float = 0.0
 
     @property
     def total_s(self) -> float:
-        return self.download_s + self.compute_s + self.upload_s
+        return self.wait_s + self.download_s + self.compute_s + self.upload_s
 
     def cut(self, done: int, steps: int) -> "TaskTiming":
-        """The timing of ``done`` of the task's ``steps`` local steps: the same transfers, ``done / steps`` of the
-        compute (each step at the speed, jitter included, this timing gives the whole task)."""
-        return TaskTiming(self.download_s, self.compute_s * done / steps, self.upload_s)
+        """The timing of ``done`` of the task's ``steps`` local steps: the same wait and transfers, ``done / steps``
+        of the compute (each step at the speed, jitter included, this timing gives the whole task)."""
+        return TaskTiming(self.download_s, self.compute_s * done / steps, self.upload_s, self.wait_s)
 
 
 def steps_in_time(timing: TaskTiming, steps: int, time_s: float) -> int:
-    """Of a task of ``steps`` local steps timed ``timing``, how many fit in ``time_s`` seconds after its download
-    and before its upload: ``min(steps, floor((time_s - download - upload) / (compute / steps)))``; 0 when not even
-    the transfers fit (partial work, ``strategy.partial_work``)."""
-    spare = time_s - timing.download_s - timing.upload_s
+    """Of a task of ``steps`` local steps timed ``timing``, how many fit in ``time_s`` seconds after its wait and
+    download and before its upload: ``min(steps, floor((time_s - wait - download - upload) / (compute / steps)))``;
+    0 when not even the transfers fit (partial work, ``strategy.partial_work``)."""
+    spare = time_s - timing.wait_s - timing.download_s - timing.upload_s
     if steps <= 0 or spare < 0:
         return 0
     if timing.compute_s <= 0:

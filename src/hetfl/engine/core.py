@@ -1,7 +1,8 @@
 """What both engines share: the virtual-clock :class:`~hetfl.engine.simulator.Simulator` and the wall-clock
 :class:`~hetfl.deploy.engine.DeployServer` each hold an :class:`EngineCore` and delegate to it.
 
-- :class:`Counters`: what the run has done so far (bytes, updates, tasks, staleness, participation, busy time);
+- :class:`Counters`: what the run has done so far (bytes, updates, tasks, staleness, participation, busy time,
+  and where the arrived tasks' time went: waiting for the server, download, compute, upload);
 - :class:`EngineState`: what every checkpoint holds (global model, strategy, counters, version); each engine's
   state (``SimState``, ``DeployState``) adds its own;
 - :class:`EngineCore`: the bookkeeping on it: a new task counted and priced (:meth:`EngineCore.new_task`), an
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from hetfl.errors import DivergedError
+from hetfl.devices.profiles import TaskTiming
 from hetfl.results.fairness import jain_index, mean_or_none, staleness_stats
 from hetfl.strategies.base import Server, Strategy, Task, Update
 
@@ -55,6 +57,10 @@ class Counters:
     participation: np.ndarray = field(default_factory=_zeros)  # aggregated updates per client
     dispatched: np.ndarray = field(default_factory=_zeros)  # tasks dispatched per client
     busy_s: np.ndarray = field(default_factory=lambda: _zeros(np.float64))  # seconds of finished tasks per client
+    # seconds of the arrived tasks per client and phase (PHASES: wait for the server, download, compute, upload)
+    phase_s: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+
+    PHASES = ("wait", "download", "compute", "upload")
 
     @classmethod
     def for_clients(cls, n_clients: int) -> "Counters":
@@ -62,7 +68,32 @@ class Counters:
             participation=np.zeros(n_clients, dtype=np.int64),
             dispatched=np.zeros(n_clients, dtype=np.int64),
             busy_s=np.zeros(n_clients, dtype=np.float64),
+            phase_s=np.zeros((n_clients, len(cls.PHASES)), dtype=np.float64),
         )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A checkpoint of an older hetfl has no ``phase_s``: the breakdown starts from zero at the resume."""
+        state.setdefault("phase_s", np.zeros((len(state["busy_s"]), len(self.PHASES))))
+        self.__dict__.update(state)
+
+    def count_timing(self, client_id: int, timing: TaskTiming) -> None:
+        """An arrived task of ``client_id`` took ``timing``: its seconds go to the client's phases."""
+        self.phase_s[client_id] += (timing.wait_s, timing.download_s, timing.compute_s, timing.upload_s)
+
+    def time_breakdown(self, idle_s: np.ndarray) -> dict[str, float]:
+        """Where the time went so far (``docs/metrics.md``): the arrived tasks' seconds of each phase summed over the
+        clients (``time_wait_s``, ``time_download_s``, ``time_compute_s``, ``time_upload_s``), and ``time_idle_s``,
+        the clients' seconds without a task (``idle_s``, one per client, from the engine)."""
+        sums = self.phase_s.sum(axis=0)
+        out = {f"time_{phase}_s": float(sums[i]) for i, phase in enumerate(self.PHASES)}
+        out["time_idle_s"] = float(np.clip(idle_s, 0.0, None).sum())
+        return out
+
+    def client_time(self, idle_s: np.ndarray) -> dict[str, list[float]]:
+        """The same per client (``summary.json``'s ``client_time_s``): each phase's seconds, then ``idle``."""
+        out = {phase: self.phase_s[:, i].tolist() for i, phase in enumerate(self.PHASES)}
+        out["idle"] = np.clip(idle_s, 0.0, None).tolist()
+        return out
 
     def new_task(
         self, client_id: int, version: int, params: torch.Tensor, steps: int, now: float,
@@ -229,6 +260,10 @@ class EngineCore:
             busy[task.client_id] += now - task.dispatched_at
         return busy
 
+    def idle_time(self, in_flight: Iterable[Task], online_s: np.ndarray) -> np.ndarray:
+        """Seconds each client has been without a task: of its ``online_s`` seconds, those not busy."""
+        return np.clip(online_s - self.busy_time(in_flight), 0.0, None)
+
     def fairness(self, idle: np.ndarray, fast: np.ndarray, *, window: bool = True) -> dict[str, Any]:
         """The staleness and fairness numbers of an evaluation record (:meth:`Counters.fairness`)."""
         return self.state.counters.fairness(idle, fast, window=window)
@@ -322,6 +357,10 @@ class Engine(Protocol):
     def server_work(self, flops: float) -> None: ...  # the server's own work (an evaluation's): timed in the simulator
 
     def fairness(self, *, window: bool = True) -> dict[str, Any]: ...
+
+    def time_breakdown(self) -> dict[str, float]: ...  # where the time went (Counters.time_breakdown)
+
+    def client_time(self) -> dict[str, list[float]]: ...  # the same per client (Counters.client_time)
 
     def engine_metrics(self) -> dict[str, Any]: ...
 

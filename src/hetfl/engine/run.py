@@ -400,6 +400,7 @@ class Run:
             "train_flops": c.trained_flops,
             "partial_updates": c.partial,
             **sim.fairness(),  # starts a new staleness window
+            **sim.time_breakdown(),
             **sim.engine_metrics(),
             **personal,
         }
@@ -547,6 +548,7 @@ class Run:
             "participation": c.participation.tolist(),
             "tasks_per_client": c.dispatched.tolist(),
             "client_speed": self.fed.profiles.speed.tolist(),
+            "client_time_s": self.sim.client_time(),
             "participation_jain": fairness["participation_jain"],
             "participated_frac": fairness["participated_frac"],
             "idle_fast_frac": fairness["idle_fast_frac"],

@@ -90,7 +90,7 @@ class ServerTime:
     def timing(self, now: float, timing: TaskTiming, bytes_down: int, bytes_up: int) -> TaskTiming:
         """A task dispatched at ``now`` whose client alone would take ``timing``, timed with the server: its
         download starts when the server's compute and a download slot are free and runs at the slower of the two
-        links; its upload at the slower of the two. Waiting counts in ``download_s``. Reserves the slot."""
+        links; its upload at the slower of the two. The wait for the server is ``wait_s``. Reserves the slot."""
         if self.free:
             return timing
         start = max(now, self.free_at)
@@ -103,7 +103,7 @@ class ServerTime:
             slot = min(range(self.concurrency), key=lambda i: self.slots[i])
             start = max(start, self.slots[slot])
             self.slots[slot] = start + download
-        return TaskTiming(start - now + download, timing.compute_s, upload)
+        return TaskTiming(download, timing.compute_s, upload, wait_s=start - now)
 
     def state(self) -> dict[str, Any]:
         return {"free_at": self.free_at, "slots": list(self.slots), "busy_s": self.busy_s, "work_flops": self.work_flops}

@@ -419,6 +419,7 @@ class Simulator(HoldsEngineCore):
         timing = self.server_time.timing(self.now, timing, bytes_down, task.bytes_up)
         if finish_by is not None:
             timing = self._partial_work(task, timing, finish_by)
+        task.timing = timing
         end = self.now + timing.total_s
         lost_at = math.inf
         if profile.dropout > 0 and st.device_rng.random() < profile.dropout:  # type: ignore[union-attr]
@@ -483,6 +484,18 @@ class Simulator(HoldsEngineCore):
     def idle_fractions(self) -> np.ndarray:
         """Per client, the share of its online time over ``[0, now]`` it spent without a task (nan: not online yet)."""
         return idle_fractions(self.busy_time(), self.online_time(self.now))
+
+    def idle_time(self) -> np.ndarray:
+        """Simulated seconds each client has been online without a task."""
+        return self.core.idle_time((event.data for event in self.state.busy.values()), self.online_time(self.now))
+
+    def time_breakdown(self) -> dict[str, float]:
+        """Where the time went so far (:meth:`~hetfl.engine.core.Counters.time_breakdown`)."""
+        return self.counters.time_breakdown(self.idle_time())
+
+    def client_time(self) -> dict[str, list[float]]:
+        """The same per client (:meth:`~hetfl.engine.core.Counters.client_time`)."""
+        return self.counters.client_time(self.idle_time())
 
     def fairness(self, *, window: bool = True) -> dict[str, Any]:
         """The engine's staleness and fairness numbers for an evaluation record (:meth:`~hetfl.engine.core.Counters.fairness`)."""
@@ -553,6 +566,7 @@ class Simulator(HoldsEngineCore):
         st.counters.trained_flops += task.flops
         st.counters.arrived += 1
         st.counters.bytes_up += task.bytes_up
+        st.counters.count_timing(task.client_id, task.timing)
         if task.steps_asked:
             st.counters.partial += 1
             st.counters.partial_work += task.steps / task.steps_asked

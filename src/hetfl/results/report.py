@@ -16,6 +16,9 @@ Writes into DIR:
 - ``staleness.png``: each run's staleness distribution (share of aggregated updates at most x versions stale);
 - ``participation.png``: each run's aggregated updates per client, clients sorted by device
   speed and bars coloured by it, dispatched tasks outlined;
+- ``time_breakdown.png`` (runs whose metrics have the ``time_*_s`` keys): where each evaluation interval's time
+  went, stacked: waiting for the server, download, compute, upload, the clients' idle time and the server's own
+  work (``server_busy_s``);
 - ``report.html``: a summary table (the best value of each column highlighted), the images, and
   each run's configuration. Plain HTML and inline CSS, nothing fetched.
 
@@ -91,6 +94,16 @@ LOSS_IMAGE = (
     "loss_vs_time.png",
     "Test loss of the global model (mean cross-entropy, nats; lower is better) against simulated time.",
 )
+BREAKDOWN_IMAGE = (
+    "time_breakdown.png",
+    "Where the time went in each evaluation interval, stacked, summed over the clients: their tasks' seconds waiting "
+    "for the server, downloading, computing and uploading (counted when an update arrives), their seconds without a "
+    "task (idle), and the server's own work (aggregation and evaluation, server_busy_s; 0 for a free server). "
+    "One panel per run.",
+)
+BREAKDOWN = (("time_wait_s", "wait for server", "#9e9e9e"), ("time_download_s", "download", "#4c72b0"),
+             ("time_compute_s", "compute", "#55a868"), ("time_upload_s", "upload", "#dd8452"),
+             ("time_idle_s", "idle", "#e5e5e5"), ("server_busy_s", "server work", "#c44e52"))
 REPORT_NAME = "report.html"
 FORMATS = ("png", "pdf", "svg")  # what --format may name; the page always embeds the PNGs
 
@@ -301,6 +314,10 @@ def _has_perplexity(run: _Run) -> bool:
 def _has_participation(run: _Run) -> bool:
     counts, speeds = run.summary.get("participation"), run.summary.get("client_speed")
     return isinstance(counts, list) and isinstance(speeds, list) and len(counts) == len(speeds) > 0
+
+
+def _has_breakdown(run: _Run) -> bool:
+    return len(_finite(run.series("time_compute_s"))) >= 2
 
 
 def _relative(folder: Path, root: Path) -> str:
@@ -778,6 +795,28 @@ def _plot_participation(runs: list[_Run], out: Path, opts: ReportOptions) -> Non
     _save(fig, out, opts)
 
 
+def _plot_time_breakdown(runs: list[_Run], out: Path, opts: ReportOptions) -> None:
+    """One panel a run: a stacked bar per evaluation interval, the growth of each ``BREAKDOWN`` key over it."""
+    fig, axes = _panels(len(runs), "Where the time goes, per evaluation interval (seconds summed over clients)",
+                        sharex=False)
+    for run, ax in zip(runs, axes):
+        rounds = run.series("round")
+        bottom = [0.0] * (len(rounds) - 1)
+        for key, label, color in BREAKDOWN:
+            values = [0.0 if math.isnan(v) else v for v in run.series(key)]
+            grown = [max(b - a, 0.0) for a, b in zip(values, values[1:])]
+            ax.bar(range(len(grown)), grown, bottom=bottom, width=0.8, color=color, label=label, zorder=3)
+            bottom = [b + g for b, g in zip(bottom, grown)]
+        ticks = range(0, len(bottom), max(1, len(bottom) // 10))
+        ax.set_xticks(list(ticks), [f"{rounds[i]:.0f}-{rounds[i + 1]:.0f}" for i in ticks], fontsize="x-small")
+        ax.set_title(run.label, loc="left", fontsize="small", color=run.color)
+        ax.set_ylabel("seconds")
+    axes[-1].set_xlabel("evaluation interval (rounds)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(BREAKDOWN), fontsize="x-small", frameon=False)
+    _save(fig, out, opts)
+
+
 # --------------------------------------------------------------------------- HTML
 _CSS = """
 body { font: 15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
@@ -1062,7 +1101,8 @@ def render_report(path: Path, options: ReportOptions | None = None) -> Path:
             _unlink(root / LOSS_IMAGE[0])
         _plot_bytes(runs, root / "bytes.png", unit, opts)
         for (image, caption), has, plot in ((STALENESS_IMAGE, _has_staleness, _plot_staleness),
-                                            (PARTICIPATION_IMAGE, _has_participation, _plot_participation)):  # fmt: skip
+                                            (PARTICIPATION_IMAGE, _has_participation, _plot_participation),
+                                            (BREAKDOWN_IMAGE, _has_breakdown, _plot_time_breakdown)):  # fmt: skip
             drawn = [run for run in runs if has(run)]
             if drawn:
                 plot(drawn, root / image, opts)

@@ -54,6 +54,7 @@ class Task:
     bytes_up: int = 0  # what the client's upload will carry (Strategy.transfer_bytes, fixed at dispatch)
     flops: float = 0.0  # what the client computes for it (Strategy.task_flops, fixed at dispatch)
     steps_asked: int | None = None  # partial work: the steps asked for, when the engine cut ``steps`` to a deadline
+    timing: Any = None  # the simulator's TaskTiming for it (wait, download, compute, upload), fixed at dispatch
 
 
 @dataclass
