@@ -110,6 +110,7 @@ KINDS: dict[str, Kind] = {
             "pfedlora": "hetfl.strategies.adapters:AdapterFL",
             "fedlora": "hetfl.strategies.fedlora:FedLoRA",
             "fedspine": "hetfl.strategies.fedspine:FedSpine",
+            "cellm": "hetfl.strategies.cellm:CELLM",
         }),
         Kind("selection", "hetfl.selections", "a hetfl.strategies.selection.Selection subclass", "selection", {
             "random": "hetfl.strategies.selection:RandomSelection",
