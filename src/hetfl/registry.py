@@ -111,6 +111,7 @@ KINDS: dict[str, Kind] = {
             "fedlora": "hetfl.strategies.fedlora:FedLoRA",
             "fedspine": "hetfl.strategies.fedspine:FedSpine",
             "cellm": "hetfl.strategies.cellm:CELLM",
+            "hdee": "hetfl.strategies.hdee:HDEE",
         }),
         Kind("selection", "hetfl.selections", "a hetfl.strategies.selection.Selection subclass", "selection", {
             "random": "hetfl.strategies.selection:RandomSelection",

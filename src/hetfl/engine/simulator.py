@@ -496,7 +496,7 @@ class Simulator(HoldsEngineCore):
         params = personal_half(
             st.strategy, trainer, st.params, self.pool.data(client_id, self.now), st.client_state.get(client_id, {}), seed
         )
-        return None if params is None else (trainer, params)
+        return None if params is None else (st.strategy.predictor(trainer), params)
 
     # ----------------------------------------------------------------- the main loop
     def task_seed(self, task_id: int) -> int:

@@ -259,6 +259,11 @@ class Strategy:
         """
         return None
 
+    def predictor(self, trainer: "LocalTrainer") -> Any:
+        """What scores the vectors :meth:`personal_params` returns: an object with ``predict(params, x) -> logits``,
+        by default the client's ``trainer`` (one model). HDEE's is an ensemble of experts (log mean probabilities)."""
+        return trainer
+
     def transfer_bytes(self, server: Server, task: Task) -> tuple[int, int]:
         """Bytes ``task`` downloads and uploads, asked at dispatch (the engine times the task with them).
 
