@@ -1,6 +1,6 @@
-"""LLM-side efficiency on examples/lora_text.yaml: sparse LoRA uploads (cellm) and domain experts (hdee) against fedlora.
+"""LLM-side efficiency on examples/lora_text.yaml: sparse LoRA uploads (cellm), domain experts (hdee, flexmore) against fedlora.
 
-    .venv/bin/python benchmarks/llm_efficiency.py [--methods fedlora cellm hdee hdee-homo] [--seeds 0 1 2]
+    .venv/bin/python benchmarks/llm_efficiency.py [--methods fedlora cellm hdee hdee-homo flexmore] [--seeds 0 1 2]
                                                   [--rounds N] [--json FILE]
 
 Every method runs the config's federation (8 text clients of two styles, three compute tiers, 20 rounds,
@@ -11,6 +11,7 @@ Every method runs the config's federation (8 text clients of two styles, three c
 ``hdee``         one expert per style (code, prose): rank 8 trained 1.5 x the local steps for code, rank 2 for
                  0.5 x on prose (the same steps in total as ``hdee-homo``); the ensemble is scored.
 ``hdee-homo``    the homogeneous ensemble: rank 4 and 1 x the local steps for both.
+``flexmore``     hdee's experts (ranks 8 and 2, 1.5 x and 0.5 x the steps) with router vectors, joined by the router.
 
 Prints one row per method: final perplexity (each client's model on its test split, pooled), simulated
 seconds, MB up and down, train GFLOP and wall seconds, mean +- std over the seeds; the last line is JSON.
@@ -37,6 +38,7 @@ METHODS = {
     "cellm": {"name": "cellm", "params": {"density": 0.1, "ranks": {"low": 2, "mid": 4, "high": 8}, "targets": TARGETS}},
     "hdee": {"name": "hdee", "params": {"domains": 2, "ranks": [8, 2], "steps": [1.5, 0.5], "targets": TARGETS}},
     "hdee-homo": {"name": "hdee", "params": {"domains": 2, "ranks": [4, 4], "steps": [1.0, 1.0], "targets": TARGETS}},
+    "flexmore": {"name": "flexmore", "params": {"domains": 2, "ranks": [8, 2], "steps": [1.5, 0.5], "targets": TARGETS}},
 }
 
 

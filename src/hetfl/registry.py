@@ -112,6 +112,7 @@ KINDS: dict[str, Kind] = {
             "fedspine": "hetfl.strategies.fedspine:FedSpine",
             "cellm": "hetfl.strategies.cellm:CELLM",
             "hdee": "hetfl.strategies.hdee:HDEE",
+            "flexmore": "hetfl.strategies.flexmore:FlexMoRE",
         }),
         Kind("selection", "hetfl.selections", "a hetfl.strategies.selection.Selection subclass", "selection", {
             "random": "hetfl.strategies.selection:RandomSelection",

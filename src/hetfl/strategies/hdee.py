@@ -35,10 +35,9 @@ from typing import Any
 
 import torch
 
-from hetfl.models.lora import aggregate_naive
 from hetfl.strategies.base import ClientData, ClientResult, Server, Task, Update
 from hetfl.strategies.fedlora import INIT_SEED, FedLoRA, Layer
-from hetfl.strategies.rounds import sample_weights
+from hetfl.strategies.rounds import weighted_mean
 from hetfl.strategies.selection import Selection
 
 
@@ -108,19 +107,34 @@ class HDEE(FedLoRA):
         self.domains, self.domain_ranks, self.domain_steps = domains, ranks, steps
 
     # -- the experts, one after another in the flat parameter vector -----------------------------------
-    def experts(self, layers: list[Layer], params: torch.Tensor) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Each domain's adapters (one ``(A, B)`` per layer) from the flat ``params``."""
+    def expert_numel(self, layers: list[Layer], d: int) -> int:
+        """Numbers of domain ``d``'s expert: its adapters (FlexMoRE adds its router vectors)."""
+        return self.adapter_numel(layers, self.domain_ranks[d])
+
+    def segments(self, layers: list[Layer]) -> list[slice]:
+        """Where each domain's expert lies in the flat parameters."""
         out, offset = [], 0
-        for rank in self.domain_ranks:
-            n = self.adapter_numel(layers, rank)
-            out.append(self.unpack(layers, params[offset : offset + n], rank))
+        for d in range(self.domains):
+            n = self.expert_numel(layers, d)
+            out.append(slice(offset, offset + n))
             offset += n
         return out
 
+    def experts(self, layers: list[Layer], params: torch.Tensor) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Each domain's adapters (one ``(A, B)`` per layer) from the flat ``params``."""
+        out = []
+        for d, seg in enumerate(self.segments(layers)):
+            n = self.adapter_numel(layers, self.domain_ranks[d])
+            out.append(self.unpack(layers, params[seg][:n], self.domain_ranks[d]))
+        return out
+
+    def fresh_expert(self, layers: list[Layer], d: int) -> torch.Tensor:
+        """Domain ``d``'s starting expert: fresh adapters (A random, B = 0), seeded by the domain."""
+        return self.pack(self.fresh(layers, self.domain_ranks[d], torch.Generator().manual_seed(INIT_SEED + d)))
+
     def initial_params(self, trainer) -> torch.Tensor:
         layers = self.layers(trainer)
-        return torch.cat([self.pack(self.fresh(layers, rank, torch.Generator().manual_seed(INIT_SEED + d)))
-                          for d, rank in enumerate(self.domain_ranks)])
+        return torch.cat([self.fresh_expert(layers, d) for d in range(self.domains)])
 
     def domain(self, client_id: int) -> int:
         return client_id % self.domains
@@ -141,17 +155,14 @@ class HDEE(FedLoRA):
         return {"steps": steps, "options": {"rank": self.domain_ranks[d], "domain": d}}
 
     def aggregate(self, server: Server, updates: list[Update]) -> torch.Tensor:
-        layers = self.layers(server.trainer)
-        experts = self.experts(layers, server.params)
-        for d in range(self.domains):
+        """Per domain, the sample-weighted mean of its clients' experts (of LoRA factors: FedAvg of A and of B,
+        :func:`~hetfl.models.lora.aggregate_naive`); an expert no client of the round trained stays."""
+        new = server.params.clone()
+        for d, seg in enumerate(self.segments(self.layers(server.trainer))):
             mine = [u for u in updates if u.task.options["domain"] == d]
-            if not mine:
-                continue  # nobody of this domain trained this round: its expert stays
-            clients = [self.unpack(layers, u.params, self.domain_ranks[d]) for u in mine]
-            weights = sample_weights(mine)
-            experts[d] = [aggregate_naive([c[i][0] for c in clients], [c[i][1] for c in clients], weights)
-                          for i in range(len(layers))]
-        return torch.cat([self.pack(factors) for factors in experts])
+            if mine:
+                new[seg] = weighted_mean(mine)
+        return new
 
     # -- the client half -----------------------------------------------------------------------------
     def client_train(self, trainer, task: Task, data: ClientData, state: dict[str, Any], seed: int) -> ClientResult:
@@ -162,7 +173,7 @@ class HDEE(FedLoRA):
         return ClientResult(self.pack(factors), task.steps, loss, stats={"rank": float(self.domain_ranks[d])})
 
     def transfer_bytes(self, server: Server, task: Task) -> tuple[int, int]:
-        size = 4 * self.adapter_numel(self.layers(server.trainer), task.options["rank"])
+        size = 4 * self.expert_numel(self.layers(server.trainer), task.options["domain"])
         return size, size  # its own expert, each way
 
     def personal_params(self, trainer, params: torch.Tensor, data: ClientData, state: dict[str, Any], seed: int):
@@ -173,7 +184,7 @@ class HDEE(FedLoRA):
 
     def describe_transfer(self, trainer) -> str:
         layers = self.layers(trainer)
-        sizes = ", ".join(f"{4 * self.adapter_numel(layers, r) / 1e3:.1f}" for r in self.domain_ranks)
+        sizes = ", ".join(f"{4 * self.expert_numel(layers, d) / 1e3:.1f}" for d in range(self.domains))
         return f"{self.domains} domain experts (ranks {self.domain_ranks}); a task moves its own: {sizes} kB"
 
     def metrics(self) -> dict[str, float]:
