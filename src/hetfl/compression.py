@@ -107,10 +107,16 @@ def encode(t: torch.Tensor, method: str = "none", *, topk_ratio: float = 0.01, l
         raise ValueError(f"topk_ratio must be in (0, 1], got {topk_ratio}")
     if flat.size >= 2**31:
         raise ValueError(f"topk: {flat.size} entries do not fit int32 indices")
-    k = math.ceil(topk_ratio * flat.size)
-    chosen = np.sort(np.argsort(-np.abs(flat), kind="stable")[:k])  # stable: ties go to the lower index
-    meta["k"] = k
+    chosen = topk_indices(flat, topk_ratio)
+    meta["k"] = chosen.size
     return chosen.astype("<i4").tobytes() + flat[chosen].astype("<f4").tobytes(), meta
+
+
+def topk_indices(flat: np.ndarray, ratio: float) -> np.ndarray:
+    """The ``k = ceil(ratio * numel)`` entries of ``flat`` of largest magnitude, ascending (ties to the lower index):
+    the rule of the ``topk`` codec, shared with cellm's sparse uploads."""
+    k = math.ceil(ratio * flat.size)
+    return np.sort(np.argsort(-np.abs(flat), kind="stable")[:k])  # stable: ties go to the lower index
 
 
 def _qsgd_encode(v: np.ndarray, levels: int, bucket: int, rng: np.random.Generator) -> bytes:

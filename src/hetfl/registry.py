@@ -111,6 +111,9 @@ KINDS: dict[str, Kind] = {
             "pfedlora": "hetfl.strategies.adapters:AdapterFL",
             "fedlora": "hetfl.strategies.fedlora:FedLoRA",
             "fedspine": "hetfl.strategies.fedspine:FedSpine",
+            "cellm": "hetfl.strategies.cellm:CELLM",
+            "hdee": "hetfl.strategies.hdee:HDEE",
+            "flexmore": "hetfl.strategies.flexmore:FlexMoRE",
         }),
         Kind("selection", "hetfl.selections", "a hetfl.strategies.selection.Selection subclass", "selection", {
             "random": "hetfl.strategies.selection:RandomSelection",

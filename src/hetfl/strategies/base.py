@@ -267,7 +267,8 @@ class Strategy:
 
     def scorer(self, trainer: "LocalTrainer") -> Any:
         """What scores the models :meth:`personal_params` returns for ``trainer``'s architecture: an object with
-        ``predict(params, x) -> logits``; the trainer itself by default (FedIns: instance-adaptive inference)."""
+        ``predict(params, x) -> logits``; the trainer itself by default (FedIns: instance-adaptive inference; HDEE, FlexMoRE: an ensemble or
+        mixture of experts)."""
         return trainer
 
     def transfer_bytes(self, server: Server, task: Task) -> tuple[int, int]:

@@ -344,18 +344,25 @@ class FedLoRA(RoundStrategy):
         return ClientResult(self.pack(factors), task.steps, loss, stats={"rank": float(rank)})
 
     def train_adapters(
-        self, trainer, layers: list[Layer], base: torch.Tensor, start, data: ClientData, steps: int, seed: int
+        self, trainer, layers: list[Layer], base: torch.Tensor, start, data: ClientData, steps: int, seed: int,
+        routers: list[torch.Tensor] | None = None,
     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float]:
-        """``steps`` optimiser steps on the adapters ``start`` with the model ``base`` frozen; (factors, mean loss)."""
+        """``steps`` optimiser steps on the adapters ``start`` with the model ``base`` frozen; (factors, mean loss).
+
+        ``routers`` (FlexMoRE): one vector ``r`` (d_in) per layer, trained too, gating the adapter per token:
+        the layer adds ``sigmoid(x . r) B A x``; the trained vectors replace the list's entries."""
         factors = [(A.clone().requires_grad_(True), B.clone().requires_grad_(True)) for A, B in start]
+        gates = [r.clone().requires_grad_(True) for r in routers] if routers is not None else []
         trainer.flat.copy_(base)
         frozen = [p for p in trainer.model.parameters() if p.requires_grad]
         handles = [layer.module.register_forward_hook(lambda m, inputs, out, A=A, B=B: out + (inputs[0] @ A.T) @ B.T)
-                   for layer, (A, B) in zip(layers, factors)]
+                   for layer, (A, B) in zip(layers, factors)] if not gates else [
+            layer.module.register_forward_hook(lambda m, inputs, out, A=A, B=B, r=r: out + torch.sigmoid(
+                inputs[0] @ r)[..., None] * ((inputs[0] @ A.T) @ B.T)) for layer, (A, B), r in zip(layers, factors, gates)]
         try:
             for p in frozen:
                 p.requires_grad_(False)
-            opt = trainer.optimizer(None, [t for pair in factors for t in pair])
+            opt = trainer.optimizer(None, [t for pair in factors for t in pair] + gates)
             loss_sum = torch.zeros((), device=trainer.device)
             for batch in trainer.batches(data.n_samples, steps, seed):
                 loss = task_loss(trainer.model(data.x[batch]), data.y[batch])
@@ -371,6 +378,8 @@ class FedLoRA(RoundStrategy):
         mean_loss = loss_sum.item() / max(steps, 1)
         if not math.isfinite(mean_loss) or not all(torch.isfinite(t).all() for pair in factors for t in pair):
             raise DivergedError(f"adapter training diverged (loss {mean_loss}); lower training.lr")
+        if routers is not None:
+            routers[:] = [r.detach() for r in gates]
         return [(A.detach(), B.detach()) for A, B in factors], mean_loss
 
     def personal_params(self, trainer, params: torch.Tensor, data: ClientData, state: dict[str, Any], seed: int):
