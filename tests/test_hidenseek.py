@@ -141,3 +141,21 @@ def test_a_model_on_token_ids_is_refused_with_one_line():
     trainer.token_input = True
     with pytest.raises(ConfigError, match="model.name: hidenseek"):
         HideNseek().check_models([trainer])
+
+
+def test_a_pruned_model_costs_less_simulated_time_and_fewer_bytes_than_fedavg():
+    from conftest import make_simulator, profile, run_rounds
+
+    from hetfl.strategies import FedAvg
+
+    def run(strategy):
+        sim = make_simulator(strategy, [8, 8], [profile(0, bw=1e3), profile(1, bw=1e3)], model="mlp")
+        return run_rounds(sim, 2)
+
+    dense, pruned = run(FedAvg(clients_per_round=2)), run(HideNseek(sparsity=0.75, clients_per_round=2))
+    c, d = pruned.counters, dense.counters
+    # mlp 4 -> 8 -> 3: 56 weights, 11 biases. FedAvg moves 67 floats (268 B) each way a task; HideNseek keeps 14
+    # weights: 2 bytes of signs each way, plus the model once per client (7 bytes of mask and 25 floats)
+    assert (d.bytes_down, d.bytes_up) == (4 * 268, 4 * 268)
+    assert (c.bytes_down, c.bytes_up) == (4 * 2 + 2 * (7 + 100), 4 * 2)
+    assert c.trained_flops < 0.5 * d.trained_flops and pruned.now < dense.now

@@ -37,6 +37,7 @@ from hetfl.strategies.fedproto import FedProto
 from hetfl.strategies.hetero import LGFedAvg, LocalOnly
 from hetfl.strategies.ocfl import OCFL
 from hetfl.strategies.partial import FedPer, FedRep
+from hetfl.strategies.hidenseek import HideNseek
 from hetfl.strategies.pfedgate import PFedGate
 from hetfl.strategies.pfedpg import PFedPG
 from hetfl.strategies.rounds import RoundStrategy
@@ -214,7 +215,7 @@ __all__ = [
     "FedAsync", "FedBuff", "FedCompass",
     "Ditto", "FedAvgFineTune",
     "FedPer", "FedRep", "FedBN", "LGFedAvg", "LocalOnly", "FedProto", "FedGH",
-    "PFedGate", "PFedPG",
+    "PFedGate", "PFedPG", "HideNseek",
     "FML", "AdapterFL", "FedLoRA", "FedSpine",
     "IFCA", "FLHC", "OCFL", "HCMeta",
     "Selection", "RandomSelection", "Oort", "HeteRoSelect",
