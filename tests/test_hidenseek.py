@@ -123,9 +123,9 @@ def test_the_client_learns_signs_only_and_keeps_magnitudes_and_pruned_zeros():
 
 
 def test_the_client_flips_the_signs_its_loss_asks_to_flip():
-    # one linear layer, all weights kept, every sign wrong: e1 must score class 0, e2 class 1. A first SGD step on
-    # the scores (0.01 each, the downloaded signs) moves each by lr * dL/dw * |w| = 0.1 * 0.44 * 1 = 0.044 (dL/dw = (softmax - onehot) / 2 = -+0.88 / 2), more
-    # than 0.01, the other way: every sign flips, and stays
+    # one linear layer, all weights kept, every sign wrong: e1 must score class 0, e2 class 1. The scores start at
+    # 0.001 times the downloaded weights (+-0.001); a first SGD step moves each by lr * dL/dw * |w| = 0.1 * 0.44 * 1
+    # (dL/dw = (softmax - onehot) / 2 = -+0.88 / 2) = 0.044 the other way: every sign flips, and stays
     model = nn.Linear(2, 2, bias=False)
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[-1.0, 1.0], [1.0, -1.0]]))

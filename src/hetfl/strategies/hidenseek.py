@@ -30,10 +30,10 @@ or hetfl's interface asks for one:
   engine evaluates it as any global model, and a client recovers p and |w| from what it downloads (the kept
   entries are the prunable non-zero ones: a weight drawn exactly 0 is pruned, which changes nothing). m's sign
   relative to w's is folded in: learning sign(w_eff) is learning m.
-- The client half: a real score s per kept weight, starting at ``score_init`` times the downloaded sign (a task
-  starts from the global mask; a small magnitude lets a sign flip within a task's first steps, which the
-  weights' own magnitude as the start was too slow for under SGD: the loss of the checks' tiny federation did not
-  move in 5 rounds); the forward pass
+- The client half: a real score s per kept weight, starting at ``score_init`` times the downloaded w_eff (a task
+  starts from the global mask, with a magnitude relative to the weight's: under SGD a sign then flips once
+  ``lr`` times the accumulated dL/dw_eff passes ``score_init``, whatever the weight's size; starting at |w| itself,
+  no sign flipped in 20 rounds of the quickstart, and a constant start suited only weights of one size); the forward pass
   uses ``sign(s) ⊙ |w|`` (sign(0) = +1), the backward pass the straight-through estimator
   (d sign(s) / ds := 1, so dL/ds = dL/dw_eff ⊙ |w|); the trainer's optimiser (``training.optimizer``, ``lr``)
   steps the scores. It returns ``sign(s) ⊙ |w|`` on the kept entries.
@@ -140,8 +140,9 @@ class HideNseek(RoundStrategy):
         Share of the prunable weights (every linear and convolution weight) pruned away, in [0, 1).
     iterations : int, default 1
         SynFlow's pruning iterations: 1 is the paper's one-shot pruning.
-    score_init : float, default 0.01
-        Magnitude the clients' sign scores start at (their signs: the global mask's).
+    score_init : float, default 0.001
+        The clients' sign scores start at ``score_init`` times the downloaded weights (their signs: the global
+        mask's): the smaller, the sooner a sign flips.
     clients_per_round, deadline_s, selection
         See :class:`~hetfl.strategies.rounds.RoundStrategy`.
     """
@@ -153,7 +154,7 @@ class HideNseek(RoundStrategy):
         *,
         sparsity: float = 0.5,
         iterations: int = 1,
-        score_init: float = 0.01,
+        score_init: float = 0.001,
         clients_per_round: int = 10,
         deadline_s: float | None = None,
         selection: Selection | None = None,
@@ -211,7 +212,7 @@ class HideNseek(RoundStrategy):
         base = params[nb:]
         kept = self.kept(trainer.model, base.cpu()).to(trainer.device)
         magnitude = base.abs()
-        scores = (sign(base) * self.score_init).requires_grad_(True)
+        scores = (base * self.score_init).requires_grad_(True)
         opt = trainer.optimizer(params=[scores])
         loss_sum = 0.0
         with trainer.training(seed, "sign supermask training"):
