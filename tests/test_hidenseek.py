@@ -46,6 +46,20 @@ def test_synflow_keeps_the_top_half_globally():
     assert synflow_prune(model, flat(model), (2,), sparsity=0.0).all()
 
 
+def test_iterative_synflow_keeps_every_layer_where_scoring_once_collapses_one():
+    # the quickstart's MLP 64 (64 -> 64 -> 10) at sparsity 0.9: one scoring keeps none of the first layer's 4096
+    # weights (the head's are each worth more); SynFlow's 100 rescorings keep some of every layer, 474 in all
+    from hetfl.models.zoo import MLP
+
+    torch.manual_seed(0)
+    model = MLP(64, [64], 10)
+    first = model.net[0].weight.numel()
+    once = synflow_prune(model, flat(model), (64,), sparsity=0.9)
+    iterative = synflow_prune(model, flat(model), (64,), sparsity=0.9, iterations=100)
+    assert not once[:first].any() and iterative[:first].any() and iterative[first + 64:].any()
+    assert int(once.sum()) == int(iterative.sum()) == round(0.1 * (first + 640))
+
+
 def test_only_linear_and_convolution_weights_are_prunable():
     model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(4, 3))  # weight 6, bias 2, weight 12, bias 3
     assert prunable(model).tolist() == [True] * 6 + [False] * 2 + [True] * 12 + [False] * 3
@@ -63,7 +77,7 @@ def server_of(trainer: LocalTrainer, params: torch.Tensor) -> SimpleNamespace:
 
 def test_the_initial_model_is_the_random_one_with_the_pruned_weights_zeroed():
     trainer = trainer_of(tiny())
-    params = HideNseek(sparsity=0.5).initial_params(trainer)
+    params = HideNseek(sparsity=0.5, iterations=1).initial_params(trainer)
     assert params.tolist() == [0.0, -2.0, 0.0, 0.0, 2.0, -1.0]
 
 
@@ -90,7 +104,7 @@ def test_the_server_votes_the_signs_weighted_by_samples_and_a_tie_keeps_the_sign
 
 def test_a_task_charges_one_bit_per_kept_weight_and_the_pruned_model_once():
     trainer = trainer_of(tiny())
-    strategy = HideNseek(sparsity=0.5)
+    strategy = HideNseek(sparsity=0.5, iterations=1)
     server = server_of(trainer, strategy.initial_params(trainer))
     task = Task(0, 7, 0, server.params, 1, 0.0)
     # P = 6, k = 3: signs ceil(3 / 8) = 1 byte each way; first time also the mask ceil(6 / 8) = 1 and 3 floats = 12
