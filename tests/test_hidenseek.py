@@ -12,7 +12,7 @@ from hetfl.config import TrainingConfig
 from hetfl.errors import ConfigError
 from hetfl.models.cost import flops_by_module
 from hetfl.strategies.base import ClientData, Task, Update
-from hetfl.strategies.hidenseek import HideNseek, prunable, sign, synflow_prune, synflow_scores
+from hetfl.strategies.hidenseek import HideNseek, prunable, synflow_prune, synflow_scores
 from hetfl.training import LocalTrainer
 
 W1 = [[1.0, -2.0], [3.0, 0.5]]

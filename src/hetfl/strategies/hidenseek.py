@@ -22,10 +22,11 @@ or hetfl's interface asks for one:
   iterative schedule: ``iterations`` rounds of scoring the pruned model, keeping ``(1 - sparsity) ** (k / n)`` of
   the weights at round k (100, SynFlow's default; still at initialisation and without data, so the paper's
   "one-shot" pruning: once, before training). ``iterations: 1`` scores once, which collapses layers at high
-  sparsity: on the quickstart's MLP 64 at sparsity 0.9 it kept none of the first layer's weights (accuracy 0.10),
-  100 iterations keep 8% of them (docs/benchmarks.md). Worked example (tests): ``Linear(2, 2) -> ReLU -> Linear(2, 1)``
-  without biases, W1 = [[1, -2], [3, 0.5]], W2 = [[2, -1]]: R = 2 * (1 + 2) + 1 * (3 + 0.5) = 9.5, scores
-  W1: [[2, 4], [3, 0.5]], W2: [6, 3.5]; sparsity 0.5 keeps W2's two entries and W1[0, 1].
+  sparsity: on an MLP 64 -> 64 -> 10 at sparsity 0.9 it kept none of the first layer's weights (tests; on the
+  quickstart, accuracy 0.10), 100 iterations keep 8% of them (docs/benchmarks.md). Worked example (tests, with
+  ``iterations: 1``): ``Linear(2, 2) -> ReLU -> Linear(2, 1)`` without biases, W1 = [[1, -2], [3, 0.5]],
+  W2 = [[2, -1]]: R = 2 * (1 + 2) + 1 * (3 + 0.5) = 9.5, scores W1: [[2, 4], [3, 0.5]], W2: [6, 3.5]; sparsity 0.5
+  keeps W2's two entries and W1[0, 1].
 - Everything but the prunable weights (biases, normalisation's scale and shift) stays at its initial value
   (part of the random network, never trained); buffers (BatchNorm's running statistics) move as the model's
   training-mode forward moves them and are averaged as FedAvg averages them.
@@ -36,8 +37,8 @@ or hetfl's interface asks for one:
 - The client half: a real score s per kept weight, starting at ``score_init`` times the downloaded w_eff (a task
   starts from the global mask, with a magnitude relative to the weight's: under SGD a sign then flips once
   ``lr`` times the accumulated dL/dw_eff passes ``score_init``, whatever the weight's size; starting at |w| itself,
-  no sign flipped in 20 rounds of the quickstart, and a constant start suited only weights of one size); the forward pass
-  uses ``sign(s) ⊙ |w|`` (sign(0) = +1), the backward pass the straight-through estimator
+  no sign flipped in 20 rounds of the quickstart, and a constant start suited only weights of one size); the
+  forward pass uses ``sign(s) ⊙ |w|`` (sign(0) = +1), the backward pass the straight-through estimator
   (d sign(s) / ds := 1, so dL/ds = dL/dw_eff ⊙ |w|); the trainer's optimiser (``training.optimizer``, ``lr``)
   steps the scores. It returns ``sign(s) ⊙ |w|`` on the kept entries.
 - Aggregation: the sample-weighted vote, sign(sum_i p_i m_i), p_i = n_i / sum_j n_j; a tie keeps the current
