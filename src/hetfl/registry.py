@@ -105,6 +105,7 @@ KINDS: dict[str, Kind] = {
             "ggeur": "hetfl.strategies.ggeur:GGEUR",
             "fedsa": "hetfl.strategies.fedsa:FedSA",
             "pfedgate": "hetfl.strategies.pfedgate:PFedGate",
+            "hidenseek": "hetfl.strategies.hidenseek:HideNseek",
             "pfedpg": "hetfl.strategies.pfedpg:PFedPG",
             "fedins": "hetfl.strategies.fedins:FedIns",
             "fml": "hetfl.strategies.fml:FML",

@@ -33,6 +33,20 @@ def flops_per_sample(model: nn.Module, input_shape: tuple[int, ...], token_input
     """Forward-pass FLOPs for one sample: :class:`~torch.utils.flop_counter.FlopCounterMode` on a forward pass of
     zeros of shape ``(1, *input_shape)`` (token ids 0 if ``token_input``), the model in ``eval`` mode (put back in
     the mode it was in). Exceptions of the forward pass propagate."""
+    return float(_count(model, input_shape, token_input).get_total_flops())
+
+
+def flops_by_module(model: nn.Module, input_shape: tuple[int, ...], token_input: bool = False) -> dict[str, float]:
+    """Forward-pass FLOPs for one sample of each of the model's modules (``model.named_modules()`` names; a
+    parent's count includes its children's; the root's name is ``""``), counted as :func:`flops_per_sample`
+    counts them: a pruned model's layers are priced with them (:mod:`hetfl.strategies.hidenseek`)."""
+    counts = _count(model, input_shape, token_input).get_flop_counts()
+    root = type(model).__name__
+    return {name: float(sum(counts.get(f"{root}.{name}" if name else root, {}).values()))
+            for name, _ in model.named_modules()}
+
+
+def _count(model: nn.Module, input_shape: tuple[int, ...], token_input: bool) -> FlopCounterMode:
     dtype = torch.long if token_input else torch.float32
     was_training = model.training
     model.eval()
@@ -42,7 +56,7 @@ def flops_per_sample(model: nn.Module, input_shape: tuple[int, ...], token_input
             model(torch.zeros((1, *input_shape), dtype=dtype))
     finally:
         model.train(was_training)
-    return float(counter.get_total_flops())
+    return counter
 
 
 def training_flops(forward_flops_per_sample: float, batch_size: int) -> float:
