@@ -117,10 +117,14 @@ class Federation:
     def evaluation_flops(self, strategy: Strategy) -> float:
         """Forward FLOPs of one evaluation, what ``server.flops`` times: the global model on every evaluation
         sample, and each client's own model on its samples where the strategy scores personal models (the
-        reference architecture's price; a personal model's fine-tuning, where a strategy does one, is not counted)."""
+        reference architecture's price; a personal model's fine-tuning, where a strategy does one, is not counted).
+        0 when the evaluation is not the server's: a Flower client's run evaluates on the clients (their ``evaluate``)."""
+        samples = getattr(self.evaluator, "y", None)
+        if samples is None:
+            return 0.0
         forward = self.flops_per_step / (BACKWARD_FACTOR * self.config.training.batch_size)
         passes = int(strategy.global_model) + int(strategy.personalised or not strategy.global_model)
-        return forward * len(self.evaluator.y) * passes
+        return forward * len(samples) * passes
 
     def strategy(self) -> Strategy:
         cfg = self.config
