@@ -8,10 +8,12 @@ from torch.nn import functional as F
 
 from conftest import blobs, make_simulator, profile, run_rounds
 from hetfl.engine import ClientPool
-from hetfl.config import TrainingConfig
+from hetfl.config import ModelConfig, TrainingConfig
 from hetfl.errors import ConfigError
+from hetfl.models import build_model
 from hetfl.strategies import STRATEGIES, FedAvg, FedProx
-from hetfl.testing import CHECKS, LINEAR, check_strategy
+from hetfl.testing import CHECKS, LINEAR, MODELS as CHECK_MODELS, check_strategy
+from hetfl.training import LocalTrainer
 
 
 def test_round_time_is_the_slowest_client_computed_by_hand():
@@ -128,11 +130,14 @@ def test_jitter_is_deterministic_per_seed_and_varies_durations():
 
 
 def model_for(strategy, first: str = "logreg") -> str:
-    """The first of the common tests' small classifiers the strategy takes (FedPer needs a body: an MLP);
-    skip a strategy that takes neither (FedSpine prunes language models; its own tests run it end to end)."""
-    for model in dict.fromkeys((first, "mlp")):
+    """The first of the common tests' small classifiers the strategy takes, by name and built (FedPer needs a body:
+    an MLP; pFedPG a soft prompt: hetfl.testing's PromptMLP); skip a strategy that takes none (FedSpine prunes
+    language models; its own tests run it end to end)."""
+    for model in dict.fromkeys((first, "mlp", *CHECK_MODELS)):
         try:
             strategy.check_model(model)
+            strategy.check_models([LocalTrainer(build_model(ModelConfig(name=model, hidden=[8]), (4,), 3),
+                                                TrainingConfig())])
             return model
         except ConfigError as err:
             refusal = err
