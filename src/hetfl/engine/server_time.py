@@ -60,11 +60,13 @@ class ServerTime:
     busy_s: float = 0.0  # seconds of server work charged so far
     work_flops: float = 0.0  # FLOPs of that work
 
+    def __post_init__(self) -> None:
+        if self.concurrency is not None and not self.slots:
+            self.slots = [0.0] * self.concurrency
+
     @classmethod
     def from_config(cls, cfg: Any) -> "ServerTime":
-        """From a ``server:`` section (:class:`hetfl.config.ServerConfig`); None: a free server."""
-        if cfg is None:
-            return cls()
+        """From a ``server:`` section (:class:`hetfl.config.ServerConfig`)."""
         mbps = lambda v: None if v is None else v * MBPS  # noqa: E731
         return cls(flops=cfg.flops, up_Bps=mbps(cfg.up_mbps), down_Bps=mbps(cfg.down_mbps), concurrency=cfg.concurrency)
 
@@ -97,17 +99,8 @@ class ServerTime:
         down_share, up_share = self._share(self.up_Bps), self._share(self.down_Bps)
         download = timing.download_s if down_share is None else max(timing.download_s, bytes_down / down_share)
         upload = timing.upload_s if up_share is None else max(timing.upload_s, bytes_up / up_share)
-        if self.concurrency is not None:
-            if len(self.slots) != self.concurrency:
-                self.slots = [0.0] * self.concurrency
-            slot = min(range(self.concurrency), key=lambda i: self.slots[i])
+        if self.slots:
+            slot = min(range(len(self.slots)), key=self.slots.__getitem__)
             start = max(start, self.slots[slot])
             self.slots[slot] = start + download
         return TaskTiming(download, timing.compute_s, upload, wait_s=start - now)
-
-    def state(self) -> dict[str, Any]:
-        return {"free_at": self.free_at, "slots": list(self.slots), "busy_s": self.busy_s, "work_flops": self.work_flops}
-
-    def load(self, state: dict[str, Any]) -> None:
-        self.free_at, self.slots = float(state["free_at"]), list(state["slots"])
-        self.busy_s, self.work_flops = float(state["busy_s"]), float(state["work_flops"])
