@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from hetfl.config import UpdateNormConfig, load_config
+from hetfl.deploy import engine as engine_module
 from hetfl.deploy import federation_pb2 as pb
 from hetfl.deploy.engine import DeployServer, ServerOptions
 from hetfl.deploy.servicer import Connection
@@ -25,6 +26,25 @@ from hetfl.deploy.validate import NormBound, bounded_samples, check_payload
 from hetfl.engine.run import build_federation
 from hetfl.strategies.fedavg import FedAvg
 from test_deploy_support import N_CLIENTS, write_config
+
+
+class _FrozenClock:
+    """The engine's ``time`` module with ``monotonic`` frozen: only :func:`_advance` moves the engine's clock, so the
+    paces and time limits these tests work out by hand hold exactly on a loaded machine."""
+
+    def __init__(self) -> None:
+        self.t = time.monotonic()
+
+    def monotonic(self) -> float:
+        return self.t
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+@pytest.fixture(autouse=True)
+def _frozen_engine_clock(monkeypatch):
+    monkeypatch.setattr(engine_module, "time", _FrozenClock())
 
 
 def _engine(tmp_path, *, registered: dict[int, int] | None = None, claims: dict[int, int] | None = None,
