@@ -170,11 +170,15 @@ def test_the_bandit_converges_to_the_best_arm_through_on_update(tmp_path, bandit
 
 def test_cost_and_bytes_depend_on_the_arm(tmp_path):
     fed, strategy = _client(tmp_path)
-    server = SimpleNamespace(trainer=fed.trainer)
+    batch = fed.trainer.cfg.batch_size
+    server = SimpleNamespace(trainer=fed.trainer, num_samples=lambda client: batch)
     flops = {arm: strategy.task_flops(server, _task(strategy, fed.trainer.initial, *arm, steps=10))
              for arm in strategy.arms}
     assert flops[(0.5, 2)] < flops[(0.0, 2)] < flops[(0.0, 4)]
     assert flops[(0.0, 2)] > 10 * fed.flops_per_step  # the full model's step, plus the adapters
+    short = SimpleNamespace(trainer=fed.trainer, num_samples=lambda client: batch // 2)  # half a batch: half the cost
+    task = _task(strategy, fed.trainer.initial, 0.5, 2, steps=10)
+    assert strategy.task_flops(short, task) == pytest.approx(flops[(0.5, 2)] * (batch // 2) / batch)
     ups = {arm: strategy.transfer_bytes(server, _task(strategy, fed.trainer.initial, *arm))[1] for arm in strategy.arms}
     assert ups[(0.5, 2)] < ups[(0.0, 2)] < ups[(0.0, 4)]
     assert strategy.transfer_bytes(server, _task(strategy, fed.trainer.initial, 0.5, 2))[0] == 4 * 2 * 2 * (

@@ -50,6 +50,7 @@ from hetfl.engine.clock import Event, EventQueue
 from hetfl.engine.core import Counters, EngineCore, EngineState, HoldsEngineCore
 from hetfl.engine.server_time import ServerTime
 from hetfl.engine.store import ClientStates, ParamStore, memory_budget
+from hetfl.models.cost import batch_share
 from hetfl.results.fairness import fastest, idle_fractions
 from hetfl.strategies.base import ClientData, Strategy, Task, Update, client_report
 from hetfl.training import LocalTrainer
@@ -188,9 +189,8 @@ class ClientModels:
         """FLOPs of one local step of ``client_id``'s architecture: ``flops_per_step`` is priced for a full batch of
         ``training.batch_size``; a client with fewer samples trains on batches of all it has (``LocalTrainer.batches``)
         and is charged for those."""
-        flops = self.flops_per_step[self.of_client[client_id]]
-        batch = self.trainer(client_id).cfg.batch_size
-        return flops if n_samples is None or n_samples >= batch else flops * max(n_samples, 1) / batch
+        return self.flops_per_step[self.of_client[client_id]] * batch_share(self.trainer(client_id).cfg.batch_size,
+                                                                            n_samples)
 
 
 @dataclass

@@ -29,6 +29,15 @@ from torch.utils.flop_counter import FlopCounterMode
 BACKWARD_FACTOR = 3.0
 
 
+def batch_share(batch_size: int, n_samples: int | None) -> float:
+    """The share of a full batch of ``batch_size`` that a client with ``n_samples`` samples trains on in a step:
+    ``min(batch_size, n) / batch_size`` (its batches hold all it has, ``LocalTrainer.batches``); 1 when ``n`` is
+    unknown (None). A step priced for a full batch is scaled by it."""
+    if n_samples is None or n_samples >= batch_size:
+        return 1.0
+    return max(n_samples, 1) / batch_size
+
+
 def flops_per_sample(model: nn.Module, input_shape: tuple[int, ...], token_input: bool = False) -> float:
     """Forward-pass FLOPs for one sample: :class:`~torch.utils.flop_counter.FlopCounterMode` on a forward pass of
     zeros of shape ``(1, *input_shape)`` (token ids 0 if ``token_input``), the model in ``eval`` mode (put back in

@@ -66,8 +66,9 @@ are not counted).
 
 Cost. :meth:`task_flops` is a task's FLOPs: ``compute_steps(steps)`` times 3 x the forward FLOPs of a batch
 of the pruned model plus its adapters (``2 * context * rank * (d_in + d_out)`` per adapted layer and
-sample). The engine asks it at dispatch, so a pruned, low-rank task takes less simulated time and counts
-fewer ``train_flops`` than a full one.
+sample); a client with fewer windows than a batch is charged the batch it has
+(:func:`~hetfl.models.cost.batch_share`). The engine asks it at dispatch, so a pruned, low-rank task takes less
+simulated time and counts fewer ``train_flops`` than a full one.
 
 Reports. ``metrics()``: the share of dispatched tasks per arm (``fedspine_arm_r{ratio}_k{rank}``), and the
 mean parameter count of the devices' current pruned models. ``history`` (client id -> one dict per
@@ -87,7 +88,7 @@ import numpy as np
 import torch
 
 from hetfl.errors import ConfigError
-from hetfl.models.cost import flops_per_sample, training_flops
+from hetfl.models.cost import batch_share, flops_per_sample, training_flops
 from hetfl.models.lora import truncate
 from hetfl.models.pruning import Importance, importance, inference_latency, kept, memory_bytes, param_count, prune
 from hetfl.models.transformer import TinyLM
@@ -282,7 +283,8 @@ class FedSpine(FedLoRA):
     def task_flops(self, server: Server, task: Task) -> float:
         """FLOPs of ``task`` on its pruned model with its rank (module docstring, Cost)."""
         self.setup(server.trainer)
-        return self.compute_steps(task.steps) * self._arm_flops[task.options["arm"]]
+        share = batch_share(server.trainer.cfg.batch_size, server.num_samples(task.client_id))  # a client short of a batch
+        return self.compute_steps(task.steps) * self._arm_flops[task.options["arm"]] * share
 
     def transfer_bytes(self, server: Server, task: Task) -> tuple[int, int]:
         self.setup(server.trainer)
