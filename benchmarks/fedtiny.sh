@@ -28,7 +28,8 @@ print("|---|---|---|---|---|---|---|---|")
 for setting in sorted(Path(sys.argv[1]).iterdir()):
     for entry in json.loads((setting / "comparison.json").read_text()):
         lasts = [json.loads((setting / f / "metrics.jsonl").read_text().splitlines()[-1]) for f in entry["folders"]]
-        cell = lambda key, scale, fmt: format_spread(mean_std_ci([r.get(key, 1.0) / scale for r in lasts]), fmt.format)
+        cell = lambda key, scale, fmt: (format_spread(mean_std_ci([r[key] / scale for r in lasts]), fmt.format)
+                                        if key in lasts[0] else "—")  # fedtiny_density: fedtiny's runs only
         print(f"| {setting.name} | {cell('accuracy', 1, '{:.3f}')} | {cell('sim_time_s', 1, '{:.1f}')} | "
               f"{cell('bytes_down', 1e6, '{:.2f}')} | {cell('bytes_up', 1e6, '{:.3f}')} | "
               f"{cell('train_flops', 1e9, '{:.2f}')} | {cell('fedtiny_density', 1, '{:.3f}')} | "
