@@ -370,7 +370,7 @@ def test_compare_table_shows_personal_accuracy_only_when_a_run_is_personalised()
     assert rows["fedper"][2:5] == ["0.9123", "0.9300", "0.9876"] and rows["fedavg"][4] == "—"
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "ditto", "fedgh", "pfedgate", "hidenseek"])
+@pytest.mark.parametrize("strategy", ["fedavg", "ditto", "fedgh", "pfedgate", "hidenseek", "fedtiny"])
 def test_every_field_a_run_writes_is_defined_in_docs_metrics(tmp_path, strategy):
     from pathlib import Path
 

@@ -67,7 +67,7 @@ import torch
 from torch import nn
 
 from hetfl.errors import ConfigError, DivergedError
-from hetfl.models.cost import flops_by_module
+from hetfl.models.sparsity import prunable, sample_shape, sparse_forward_share
 from hetfl.strategies.base import ClientData, ClientResult, Server, Task, Update, buffer_entries
 from hetfl.strategies.rounds import RoundStrategy, sample_weights, weighted_mean
 from hetfl.strategies.selection import Selection
@@ -75,14 +75,6 @@ from hetfl.training.local import task_loss
 
 
 # -- pruning at initialisation (module docstring, Saliency) ---------------------------------------
-def prunable(model: nn.Module) -> torch.Tensor:
-    """Which entries of the model's flat parameter vector (``model.parameters()`` order, no buffers) are prunable:
-    the weights (two or more dimensions) of every ``nn.Linear`` and convolution."""
-    kinds = (nn.Linear, nn.modules.conv._ConvNd)
-    weights = {id(m.weight) for m in model.modules() if isinstance(m, kinds) and m.weight.dim() >= 2}
-    return torch.cat([torch.full((p.numel(),), id(p) in weights) for p in model.parameters()])
-
-
 def unflatten(model: nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
     """The flat parameter vector as ``{name: tensor}`` for :func:`torch.func.functional_call` (views of ``flat``)."""
     params, offset = {}, 0
@@ -185,14 +177,7 @@ class HideNseek(RoundStrategy):
 
     @staticmethod
     def input_shape(trainer) -> tuple[int, ...]:
-        """One sample's shape (a trainer built by hand, without ``input_shape``: its first layer's, if linear)."""
-        if trainer.input_shape is not None:
-            return tuple(trainer.input_shape)
-        first = next((m for m in trainer.model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))), None)
-        if not isinstance(first, nn.Linear):
-            raise ConfigError(f"hidenseek needs the input's shape to prune {trainer.label}, which this trainer does "
-                              "not know")
-        return (first.in_features,)
+        return sample_shape(trainer, "hidenseek")
 
     def initial_params(self, trainer) -> torch.Tensor:
         """The random initial model with the pruned weights set to 0."""
@@ -277,20 +262,8 @@ class HideNseek(RoundStrategy):
     def forward_share(self, server: Server) -> float:
         """Sparse forward FLOPs / dense (module docstring, FLOPs), computed once: the kept set never changes."""
         if self._forward_share is None:
-            model = server.trainer.model
-            flops = flops_by_module(model, self.input_shape(server.trainer))
-            kept = self.kept(model, server.params[buffer_entries(server):])
-            share, offsets, offset = {}, {}, 0
-            for p in model.parameters():
-                offsets[id(p)] = offset
-                offset += p.numel()
-            sparse = flops[""]
-            for name, m in model.named_modules():
-                if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and m.weight.dim() >= 2:
-                    start = offsets[id(m.weight)]
-                    share[name] = float(kept[start : start + m.weight.numel()].double().mean())
-                    sparse -= flops[name] * (1 - share[name])
-            self._forward_share = sparse / flops[""] if flops[""] else 1.0
+            kept = self.kept(server.trainer.model, server.params[buffer_entries(server):])
+            self._forward_share = sparse_forward_share(server.trainer.model, self.input_shape(server.trainer), kept)
         return self._forward_share
 
     def task_flops(self, server: Server, task: Task) -> float:
