@@ -106,6 +106,7 @@ KINDS: dict[str, Kind] = {
             "fedsa": "hetfl.strategies.fedsa:FedSA",
             "pfedgate": "hetfl.strategies.pfedgate:PFedGate",
             "hidenseek": "hetfl.strategies.hidenseek:HideNseek",
+            "fedconv": "hetfl.strategies.fedconv:FedConv",
             "pfedpg": "hetfl.strategies.pfedpg:PFedPG",
             "fedins": "hetfl.strategies.fedins:FedIns",
             "fml": "hetfl.strategies.fml:FML",
