@@ -116,9 +116,11 @@ def test_ratios_by_compute_tier_and_a_missing_tier_names_the_key():
         FedConv(ratios=[0.0, 1.0])
 
 
-def test_a_model_with_batchnorm_is_refused_in_one_line():
+def test_a_model_with_batchnorm_or_without_a_hidden_width_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="BatchNorm"):
         check_chain(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)), "bn")
+    with pytest.raises(ConfigError, match="no hidden width"):
+        check_chain(nn.Sequential(nn.Linear(4, 2)), "logreg")
 
 
 def test_hetfl_run_takes_public_samples_from_the_validation_split(tmp_path, capsys):

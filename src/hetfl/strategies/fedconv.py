@@ -119,6 +119,9 @@ def check_chain(model: nn.Module, label: str) -> None:
         other = next((n for n in names if n not in expected), names[0] if names else "none")
         raise ConfigError(f"model.name: fedconv scales a chain of linear and convolution layers, and {label} has "
                           f"other parameters ({other}); use mlp, cnn or cnn1d")
+    if len(layers) < 2:
+        raise ConfigError(f"model.name: fedconv scales hidden widths, and {label} is one layer (no hidden width); "
+                          "use mlp, cnn or cnn1d")
     previous = None
     for name, m in layers:
         if getattr(m, "groups", 1) != 1:
@@ -285,7 +288,7 @@ class FedConv(RoundStrategy):
         self._dilate: dict[float, list[torch.Tensor]] = {}
         self._logits: dict[float, float] = {}  # aggregation logit a_s per ratio
         self._sent: tuple[int, dict[float, torch.Tensor]] | None = None  # (version, sub-model per ratio)
-        self._share: dict[float, float] = {}  # forward FLOPs of a sub-model / the global model's
+        self._forward: dict[float, float] = {}  # forward FLOPs of a sample through each size's model
         self._commit_flops = 0.0
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -338,13 +341,17 @@ class FedConv(RoundStrategy):
         x, y = self._public
         return task_loss(_forward(model, flat, x), y)
 
+    def forward_flops(self, trainer, ratio: float) -> float:
+        """Forward FLOPs of one sample through the ``ratio`` sub-model (1: the global model), counted once."""
+        if ratio not in self._forward:
+            model = trainer.model if ratio == 1.0 else sub_model(trainer.model, ratio)
+            self._forward[ratio] = flops_per_sample(model, self.input_shape(trainer))
+        return self._forward[ratio]
+
     def forward_share(self, trainer, ratio: float) -> float:
         """Forward FLOPs of the ``ratio`` sub-model over the global model's."""
-        if ratio not in self._share:
-            shape = self.input_shape(trainer)
-            full = flops_per_sample(trainer.model, shape)
-            self._share[ratio] = flops_per_sample(sub_model(trainer.model, ratio), shape) / full if full else 1.0
-        return self._share[ratio]
+        full = self.forward_flops(trainer, 1.0)
+        return self.forward_flops(trainer, ratio) / full if full else 1.0
 
     @staticmethod
     def input_shape(trainer) -> tuple[int, ...]:
@@ -368,9 +375,9 @@ class FedConv(RoundStrategy):
             pieces, kernels = plan(trainer.model, r), self.kernels(trainer, r, self._shrink)
             small = sub_model(trainer.model, r)
             if self._public is not None:
-                forward = self.forward_share(trainer, r) * flops_per_sample(trainer.model, self.input_shape(trainer))
+                forward = len(self._public[1]) * self.forward_flops(trainer, r) + conv_flops(pieces)
                 flops += self.learn(kernels, lambda: self.public_loss(small, compress(server.params, pieces, kernels)),
-                                    len(self._public[1]) * forward + conv_flops(pieces))
+                                    forward)
             with torch.no_grad():
                 out[r] = compress(server.params, pieces, kernels)
         server.server_work(flops)
@@ -419,8 +426,8 @@ class FedConv(RoundStrategy):
     # -- aggregation --------------------------------------------------------------------------------
     def aggregate(self, server: Server, updates: list[Update]) -> torch.Tensor:
         trainer = server.trainer
-        model, full_forward = trainer.model, flops_per_sample(trainer.model, self.input_shape(trainer))
-        n_public = 0 if self._public is None else len(self._public[1])
+        model, n_public = trainer.model, 0 if self._public is None else len(self._public[1])
+        full_forward = self.forward_flops(trainer, 1.0) if n_public and self.server_steps else 0.0
         self._commit_flops = 0.0
         ratios = [float(u.task.options["ratio"]) for u in updates]
         for r in sorted(set(ratios) - {1.0}):
