@@ -32,8 +32,10 @@ Our choices (hetfl's tiny CPU settings, one module):
 - Dilation kernels are one set per size (the paper's code keeps one per client), and the aggregation weights are one
   learned logit a_s per size: client i's weight is n_i exp(a_s(i)) / sum_j n_j exp(a_s(j)) (the paper's code learns
   one weight per element and client). a_s = 0 is FedAvg's sample-weighted mean.
-- Learning is full-batch on the public samples, ``server_steps`` Adam steps of rate ``server_lr`` per size and
-  round; the kernels and logits carry over from round to round.
+- Learning is full-batch on the public samples, ``server_steps`` Adam steps per size and round, each kernel at
+  ``server_lr`` over its number of entries (a sum over thousands of entries each moved by Adam's full step would
+  wreck the model: the paper's code uses rate 0.001 with weight normalisation); the step of lowest public loss is
+  kept (the paper's code keeps the best of its epochs). Kernels and logits carry over from round to round.
 - The public data: ``public_samples`` samples of the validation split (``data.validation_fraction``), pooled over
   the clients' validation splits by ``hetfl run`` (:meth:`FedConv.set_public`) and never trained on by a client.
   With ``evaluation.split: validation`` they are also scored on: score on ``test``. A simulator built by hand
@@ -320,22 +322,33 @@ class FedConv(RoundStrategy):
 
     # -- the server's learning ------------------------------------------------------------------
     def learn(self, params: list[torch.Tensor], loss_of, forward_flops: float) -> float:
-        """``server_steps`` Adam steps on ``params`` minimising ``loss_of()``; returns the server's FLOPs for them:
-        per step ``forward_flops`` (what ``loss_of`` computes) times the backward factor. Nothing without public
-        samples."""
+        """``server_steps`` Adam steps on ``params`` minimising ``loss_of()``, each tensor at ``server_lr`` over the
+        entries of one of its kernels (its last two dimensions: a kernel's output sums them all, so each entry moves
+        that much less); the values of the step with the lowest loss are kept (the first included, so learning never
+        makes the public loss worse). Returns the server's FLOPs: per step ``forward_flops`` (what ``loss_of``
+        computes) times the backward factor, and one last forward pass. Nothing without public samples."""
         if self._public is None or not self.server_steps:
             return 0.0
+        groups = [{"params": [p], "lr": self.server_lr / math.prod(p.shape[-2:])} for p in params]
         for p in params:
             p.requires_grad_(True)
-        opt = torch.optim.Adam(params, lr=self.server_lr)
-        for _ in range(self.server_steps):
+        opt = torch.optim.Adam(groups)
+        best, kept = math.inf, [p.detach().clone() for p in params]
+        for step in range(self.server_steps + 1):
             opt.zero_grad()
-            loss_of().backward()
+            loss = loss_of()
+            if float(loss.detach()) < best:
+                best, kept = float(loss.detach()), [p.detach().clone() for p in params]
+            if step == self.server_steps:
+                break
+            loss.backward()
             opt.step()
-        for p in params:
-            p.requires_grad_(False)
-            p.grad = None
-        return self.server_steps * BACKWARD_FACTOR * forward_flops
+        with torch.no_grad():
+            for p, value in zip(params, kept):
+                p.requires_grad_(False)
+                p.grad = None
+                p.copy_(value)
+        return (self.server_steps * BACKWARD_FACTOR + 1) * forward_flops
 
     def public_loss(self, model: nn.Module, flat: torch.Tensor) -> torch.Tensor:
         x, y = self._public
