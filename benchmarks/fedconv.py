@@ -4,8 +4,8 @@ benchmarks/fedconv.yaml (digits, 20 clients, three compute tiers with shrinkage 
 hidden units, 30 rounds of 10 clients), seeds 0-2, four runs each:
 
 - ``fedconv``: learned compression, dilation and per-size aggregation weights (10 server steps a size and round);
-- ``fedconv-static``: ``server_steps: 0``: sub-models sliced from the global model (HeteroFL's sub-models), zero-padded
-  back and averaged by sample count;
+- ``fedconv-static``: ``server_steps: 0``: sub-models sliced from the global model (HeteroFL's sub-models), their
+  changes zero-padded onto the global model and averaged by sample count;
 - ``fedavg-smallest``: FedAvg on the model every device holds, the MLP of 32 hidden units (0.25 x 128);
 - ``fedavg-full``: FedAvg on the 128-unit MLP on every device, as if the weak ones could hold it (a reference).
 

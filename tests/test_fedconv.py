@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -37,6 +38,19 @@ def test_dilation_is_the_transposed_convolution_worked_by_hand():
     assert out.shape == (3, 3)
     assert out.tolist() == [[1.0, 3.0, 2.0], [3.0, 8.0, 6.0], [0.0, 3.0, 4.0]]
     assert dilate(small, PIECE, delta_kernel(PIECE)).tolist() == [[1.0, 2.0, 0.0], [3.0, 4.0, 0.0], [0.0] * 3]
+
+
+def test_a_sub_model_change_is_dilated_onto_the_global_model_it_started_from():
+    # sent: W sliced, [[1, 2], [4, 5]]; trained to [[2, 2], [4, 6]]: change [[1, 0], [0, 1]], dilated by
+    # [[1, 1], [0, 1]] to [[1, 1, 0], [0, 2, 1], [0, 0, 1]], added to W
+    sent = shrink(W, PIECE, delta_kernel(PIECE))
+    task = SimpleNamespace(params=W.reshape(-1), payload={"model": sent.reshape(-1)})
+    update = SimpleNamespace(task=task, params=torch.tensor([2.0, 2.0, 4.0, 6.0]))
+    out = FedConv.dilated(update, [PIECE], [KERNEL]).reshape(3, 3)
+    assert out.tolist() == [[2.0, 3.0, 3.0], [4.0, 7.0, 7.0], [7.0, 8.0, 10.0]]
+    # with the delta kernel, what the client lacks keeps its global value (HeteroFL's sub-model update)
+    kept = FedConv.dilated(update, [PIECE], [delta_kernel(PIECE)]).reshape(3, 3)
+    assert kept.tolist() == [[2.0, 2.0, 3.0], [4.0, 6.0, 6.0], [7.0, 8.0, 9.0]]
 
 
 def test_a_convolution_layer_has_one_kernel_per_position():

@@ -26,9 +26,15 @@ Our choices (hetfl's tiny CPU settings, one module):
 - The convolution is the plain valid one: the paper's code adds a 1x1 convolution before it, weight normalisation
   and a leaky activation after it; we keep the linear map, which is what makes the hand-worked tests possible.
 - Kernels start as a *delta* (1 at the corner, 0 elsewhere): compression then starts as slicing the first o rows
-  and c columns (HeteroFL's static sub-model) and dilation as zero padding, which leaves the sub-model's function
-  unchanged (padded units have zero weights and bias: ReLU(0) = 0). The paper starts from random kernels.
+  and c columns (HeteroFL's static sub-model) and dilation as zero padding (a zero-padded sub-model computes the
+  same function: padded units have zero weights and bias, ReLU(0) = 0). The paper starts from random kernels.
   ``server_steps: 0`` keeps them there: static slicing, the ablation the benchmark compares with.
+- Dilation maps a sub-model's *change* back onto the global model it started from, W + D(w_i - C(W)), where the
+  paper dilates the sub-model itself, D(w_i). With the delta start (and the few server steps hetfl affords), D(w_i)
+  is the sub-model zero-padded, and averaging those shrinks every unit a small client lacks by that client's share
+  each round: on ``benchmarks/fedconv.yaml`` the units beyond the smallest width fell to 1e-11 in 30 rounds (global
+  accuracy 0.86 against 0.89 for FedAvg on the smallest model). With the change dilated, a unit a client lacks
+  keeps its global value in that client's term (HeteroFL's effect, damped by the clients that lack it).
 - Dilation kernels are one set per size (the paper's code keeps one per client), and the aggregation weights are one
   learned logit a_s per size: client i's weight is n_i exp(a_s(i)) / sum_j n_j exp(a_s(j)) (the paper's code learns
   one weight per element and client). a_s = 0 is FedAvg's sample-weighted mean.
@@ -437,6 +443,12 @@ class FedConv(RoundStrategy):
         return f"sub-models of {sizes[0]:.1f}-{sizes[1]:.1f} kB each way (ratios {min(values):g}-{max(values):g})"
 
     # -- aggregation --------------------------------------------------------------------------------
+    @staticmethod
+    def dilated(update: Update, pieces: list[Piece], kernels: list[torch.Tensor]) -> torch.Tensor:
+        """The global-shaped model of a sub-model's update: the global model it started from plus its change
+        dilated (module docstring)."""
+        return update.task.params + expand(update.params - update.task.payload["model"], pieces, kernels)
+
     def aggregate(self, server: Server, updates: list[Update]) -> torch.Tensor:
         trainer = server.trainer
         model, n_public = trainer.model, 0 if self._public is None else len(self._public[1])
@@ -445,13 +457,13 @@ class FedConv(RoundStrategy):
         ratios = [float(u.task.options["ratio"]) for u in updates]
         for r in sorted(set(ratios) - {1.0}):
             pieces, kernels = plan(model, r), self.kernels(trainer, r, self._dilate)
-            mine = [u.params for u, ur in zip(updates, ratios) if ur == r]
+            mine = [u for u, ur in zip(updates, ratios) if ur == r]
             self._commit_flops += self.learn(
-                kernels, lambda: torch.stack([self.public_loss(model, expand(w, pieces, kernels)) for w in mine]).mean(),
+                kernels, lambda: torch.stack([self.public_loss(model, self.dilated(u, pieces, kernels)) for u in mine]).mean(),
                 len(mine) * (n_public * full_forward + conv_flops(pieces)))
         with torch.no_grad():
             models = torch.stack([
-                u.params if r == 1.0 else expand(u.params, plan(model, r), self.kernels(trainer, r, self._dilate))
+                u.params if r == 1.0 else self.dilated(u, plan(model, r), self.kernels(trainer, r, self._dilate))
                 for u, r in zip(updates, ratios)
             ])
         counts = torch.tensor([float(u.n_samples) for u in updates])
