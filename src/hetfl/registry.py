@@ -107,6 +107,7 @@ KINDS: dict[str, Kind] = {
             "pfedgate": "hetfl.strategies.pfedgate:PFedGate",
             "hidenseek": "hetfl.strategies.hidenseek:HideNseek",
             "fedtiny": "hetfl.strategies.fedtiny:FedTiny",
+            "fedconv": "hetfl.strategies.fedconv:FedConv",
             "pfedpg": "hetfl.strategies.pfedpg:PFedPG",
             "fedins": "hetfl.strategies.fedins:FedIns",
             "fml": "hetfl.strategies.fml:FML",

@@ -136,7 +136,21 @@ class Federation:
         check_architectures(strategy, len(np.unique(self.models.of_client)))
         strategy.check_models(self.models.trainers)
         strategy.check_devices(self.profiles)
+        if getattr(strategy, "public_samples", 0):
+            strategy.set_public(*self.public_split(strategy.name, strategy.public_samples))
         return strategy
+
+    def public_split(self, name: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` samples the server holds as public data (fedconv learns on them): drawn with the run's seed from the
+        pooled validation splits (``data.validation_fraction``), which no client trains on."""
+        validation = getattr(self.data, "validation", None)
+        if not validation or not sum(len(v) for v in validation):
+            raise ConfigError(f"data.validation_fraction: {name} learns on public samples the server holds, taken from "
+                              "the validation split; set data.validation_fraction (e.g. 0.1)")
+        pooled = np.concatenate(validation)
+        pick = np.sort(np.random.default_rng([self.config.seed, 7]).permutation(pooled)[:n])
+        ds = self.data.dataset
+        return torch.from_numpy(ds.x[pick]), torch.from_numpy(ds.y[pick])
 
     def simulator(self, strategy: Strategy | None = None, on_commit=None) -> Simulator:
         cfg = self.config

@@ -40,6 +40,7 @@ from hetfl.strategies.ocfl import OCFL
 from hetfl.strategies.partial import FedPer, FedRep
 from hetfl.strategies.hidenseek import HideNseek
 from hetfl.strategies.fedtiny import FedTiny
+from hetfl.strategies.fedconv import FedConv
 from hetfl.strategies.pfedgate import PFedGate
 from hetfl.strategies.pfedpg import PFedPG
 from hetfl.strategies.rounds import RoundStrategy
@@ -228,7 +229,7 @@ __all__ = [
     "FedAsync", "FedBuff", "FedCompass",
     "Ditto", "FedAvgFineTune",
     "FedPer", "FedRep", "FedBN", "LGFedAvg", "LocalOnly", "FedProto", "FedGH", "FedIns",
-    "PFedGate", "PFedPG", "HideNseek", "FedTiny",
+    "PFedGate", "PFedPG", "HideNseek", "FedTiny", "FedConv",
     "FML", "AdapterFL", "FedLoRA", "FedSpine",
     "IFCA", "FLHC", "OCFL", "HCMeta",
     "Selection", "RandomSelection", "Oort", "HeteRoSelect",
