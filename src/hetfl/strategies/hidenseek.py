@@ -67,7 +67,7 @@ import torch
 from torch import nn
 
 from hetfl.errors import ConfigError, DivergedError
-from hetfl.models.cost import flops_by_module
+from hetfl.models.cost import flops_by_module, sample_shape
 from hetfl.strategies.base import ClientData, ClientResult, Server, Task, Update, buffer_entries
 from hetfl.strategies.rounds import RoundStrategy, sample_weights, weighted_mean
 from hetfl.strategies.selection import Selection
@@ -186,13 +186,7 @@ class HideNseek(RoundStrategy):
     @staticmethod
     def input_shape(trainer) -> tuple[int, ...]:
         """One sample's shape (a trainer built by hand, without ``input_shape``: its first layer's, if linear)."""
-        if trainer.input_shape is not None:
-            return tuple(trainer.input_shape)
-        first = next((m for m in trainer.model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))), None)
-        if not isinstance(first, nn.Linear):
-            raise ConfigError(f"hidenseek needs the input's shape to prune {trainer.label}, which this trainer does "
-                              "not know")
-        return (first.in_features,)
+        return sample_shape(trainer, "hidenseek needs the input's shape to prune")
 
     def initial_params(self, trainer) -> torch.Tensor:
         """The random initial model with the pruned weights set to 0."""
