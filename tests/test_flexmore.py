@@ -92,3 +92,11 @@ def test_ranks_name_a_rank_or_full_per_domain():
         FlexMoRE(domains=2, ranks=["big", 2])
     with pytest.raises(ValueError, match="ranks must list"):
         FlexMoRE(domains=2, ranks=["full"])
+
+
+def test_full_experts_and_router_rounds_pass_the_common_checks():
+    # accounting, determinism and resume across the switch from expert rounds to router rounds
+    from hetfl.testing import check_strategy
+
+    report = check_strategy("flexmore", seeds=[0], expert_rounds=1, ranks=["full", 2])
+    assert not report.skipped and "resume equals an uninterrupted run" in report.passed
