@@ -1,6 +1,6 @@
 """LLM-side efficiency on examples/lora_text.yaml: sparse LoRA uploads (cellm), domain experts (hdee, flexmore) against fedlora.
 
-    .venv/bin/python benchmarks/llm_efficiency.py [--methods fedlora cellm hdee hdee-homo flexmore] [--seeds 0 1 2]
+    .venv/bin/python benchmarks/llm_efficiency.py [--methods fedlora cellm hdee hdee-homo flexmore ...] [--seeds 0 1 2]
                                                   [--rounds N] [--json FILE]
 
 Every method runs the config's federation (8 text clients of two styles, three compute tiers, 20 rounds,
@@ -12,6 +12,10 @@ Every method runs the config's federation (8 text clients of two styles, three c
                  0.5 x on prose (the same steps in total as ``hdee-homo``); the ensemble is scored.
 ``hdee-homo``    the homogeneous ensemble: rank 4 and 1 x the local steps for both.
 ``flexmore``     hdee's experts (ranks 8 and 2, 1.5 x and 0.5 x the steps) with router vectors, joined by the router.
+``flexmore-full``  the same with full-sized experts (a dense change of every target layer) for both domains.
+``flexmore-2-8``   the ranks swapped: rank 2 on code, rank 8 on prose (the same steps as ``flexmore``).
+``flexmore-router``, ``flexmore-full-router``  ``flexmore`` / ``flexmore-full`` (the same 20 rounds of experts)
+                 and 5 more rounds that train the joined router on every client (``expert_rounds: 20``, ``rounds: 25``).
 
 Prints one row per method: final perplexity (each client's model on its test split, pooled), simulated
 seconds, MB up and down, train GFLOP and wall seconds, mean +- std over the seeds; the last line is JSON.
@@ -39,6 +43,13 @@ METHODS = {
     "hdee": {"name": "hdee", "params": {"domains": 2, "ranks": [8, 2], "steps": [1.5, 0.5], "targets": TARGETS}},
     "hdee-homo": {"name": "hdee", "params": {"domains": 2, "ranks": [4, 4], "steps": [1.0, 1.0], "targets": TARGETS}},
     "flexmore": {"name": "flexmore", "params": {"domains": 2, "ranks": [8, 2], "steps": [1.5, 0.5], "targets": TARGETS}},
+    "flexmore-full": {"name": "flexmore", "params": {"domains": 2, "ranks": ["full", "full"], "steps": [1.5, 0.5],
+                                                     "targets": TARGETS}},
+    "flexmore-2-8": {"name": "flexmore", "params": {"domains": 2, "ranks": [2, 8], "steps": [1.5, 0.5], "targets": TARGETS}},
+    "flexmore-router": {"name": "flexmore", "params": {"domains": 2, "ranks": [8, 2], "steps": [1.5, 0.5], "targets": TARGETS,
+                                                       "expert_rounds": 20}, "rounds": 25},
+    "flexmore-full-router": {"name": "flexmore", "params": {"domains": 2, "ranks": ["full", "full"], "steps": [1.5, 0.5],
+                                                            "targets": TARGETS, "expert_rounds": 20}, "rounds": 25},
 }
 
 
@@ -75,7 +86,9 @@ def main() -> None:
                 if args.rounds:
                     raw["rounds"] = args.rounds
                 if METHODS[method] is not None:
-                    raw["strategy"] = {**raw["strategy"], **METHODS[method]}
+                    spec = dict(METHODS[method])
+                    raw["rounds"] = spec.pop("rounds", raw["rounds"])
+                    raw["strategy"] = {**raw["strategy"], **spec}
                 results.setdefault(method, []).append(run_one(raw, Path(tmp) / f"{method}_{seed}"))
                 if args.json:
                     args.json.write_text(json.dumps(results, indent=1))

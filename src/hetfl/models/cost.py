@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from hetfl.errors import ConfigError
+
 BACKWARD_FACTOR = 3.0
 
 
@@ -53,6 +55,18 @@ def flops_by_module(model: nn.Module, input_shape: tuple[int, ...], token_input:
     root = type(model).__name__
     return {name: float(sum(counts.get(f"{root}.{name}" if name else root, {}).values()))
             for name, _ in model.named_modules()}
+
+
+def sample_shape(trainer, who: str) -> tuple[int, ...]:
+    """One sample's shape for ``trainer`` (its ``input_shape``, as the federation built it; for a trainer built by
+    hand, its first layer's input if that is an ``nn.Linear``), for pricing its layers; ConfigError naming ``who``
+    (e.g. "hidenseek needs the input's shape to prune") when neither is known."""
+    if trainer.input_shape is not None:
+        return tuple(trainer.input_shape)
+    first = next((m for m in trainer.model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))), None)
+    if not isinstance(first, nn.Linear):
+        raise ConfigError(f"{who} {trainer.label}, which this trainer does not know")
+    return (first.in_features,)
 
 
 def _count(model: nn.Module, input_shape: tuple[int, ...], token_input: bool) -> FlopCounterMode:

@@ -20,7 +20,6 @@ import math
 import torch
 from torch import nn
 
-from hetfl.errors import ConfigError
 from hetfl.models.cost import flops_by_module
 
 _KINDS = (nn.Linear, nn.modules.conv._ConvNd)
@@ -47,17 +46,6 @@ def weight_slices(model: nn.Module) -> list[tuple[str, slice]]:
         offset += p.numel()
     return [(name, slice(offsets[id(m.weight)], offsets[id(m.weight)] + m.weight.numel()))
             for name, m in model.named_modules() if is_prunable(m)]
-
-
-def sample_shape(trainer, who: str) -> tuple[int, ...]:
-    """One sample's shape, ``trainer.input_shape`` (a trainer built by hand, without it: its first layer's, if
-    linear); ``who``: the strategy that asks, for the error."""
-    if trainer.input_shape is not None:
-        return tuple(trainer.input_shape)
-    first = next((m for m in trainer.model.modules() if isinstance(m, _KINDS)), None)
-    if not isinstance(first, nn.Linear):
-        raise ConfigError(f"{who} needs the input's shape to prune {trainer.label}, which this trainer does not know")
-    return (first.in_features,)
 
 
 def sparse_forward_share(model: nn.Module, input_shape: tuple[int, ...], kept: torch.Tensor) -> float:

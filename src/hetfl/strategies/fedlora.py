@@ -111,6 +111,43 @@ def target_layers(model: nn.Module, targets: tuple[str, ...] | None) -> list[Lay
     return layers
 
 
+def chain(x: torch.Tensor, matrices: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``x`` through ``matrices`` in order, ``x M_1^T M_2^T ...``: LoRA's ``(A, B)`` gives ``B A x`` per token."""
+    for m in matrices:
+        x = x @ m.T
+    return x
+
+
+def train_hooked(trainer, base: torch.Tensor, trainable: list[torch.Tensor], hooks, data: ClientData, steps: int,
+                 seed: int) -> float:
+    """``steps`` optimiser steps on the tensors ``trainable`` (leaves with ``requires_grad``) of the model ``base``,
+    frozen, with the forward ``hooks`` ``(module, hook)`` that use them attached; the mean training loss.
+    ``trainer.flat`` holds ``base`` bit for bit afterwards. DivergedError on a non-finite loss or tensor."""
+    trainer.flat.copy_(base)
+    frozen = [p for p in trainer.model.parameters() if p.requires_grad]
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        opt = trainer.optimizer(None, trainable)
+        loss_sum = torch.zeros((), device=trainer.device)
+        for batch in trainer.batches(data.n_samples, steps, seed):
+            loss = task_loss(trainer.model(data.x[batch]), data.y[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        for handle in handles:
+            handle.remove()
+    mean_loss = loss_sum.item() / max(steps, 1)
+    if not math.isfinite(mean_loss) or not all(torch.isfinite(t).all() for t in trainable):
+        raise DivergedError(f"adapter training diverged (loss {mean_loss}); lower training.lr")
+    return mean_loss
+
+
 class FedLoRA(RoundStrategy):
     """Federated LoRA fine-tuning with heterogeneous ranks (HetLoRA, FLoRA, or FedAvg of the factors).
 
@@ -209,8 +246,9 @@ class FedLoRA(RoundStrategy):
         return rank * sum(layer.d_in + layer.d_out for layer in layers)
 
     @staticmethod
-    def pack(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        return torch.cat([t.reshape(-1) for A, B in factors for t in (A, B)])
+    def pack(factors: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+        """Every layer's matrices (LoRA's ``(A, B)``; FlexMoRE's full experts ``(dW,)``), flat, in order."""
+        return torch.cat([t.reshape(-1) for f in factors for t in f])
 
     @staticmethod
     def unpack(layers: list[Layer], flat: torch.Tensor, rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -346,41 +384,24 @@ class FedLoRA(RoundStrategy):
     def train_adapters(
         self, trainer, layers: list[Layer], base: torch.Tensor, start, data: ClientData, steps: int, seed: int,
         routers: list[torch.Tensor] | None = None,
-    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float]:
+    ) -> tuple[list[tuple[torch.Tensor, ...]], float]:
         """``steps`` optimiser steps on the adapters ``start`` with the model ``base`` frozen; (factors, mean loss).
 
-        ``routers`` (FlexMoRE): one vector ``r`` (d_in) per layer, trained too, gating the adapter per token:
-        the layer adds ``sigmoid(x . r) B A x``; the trained vectors replace the list's entries."""
-        factors = [(A.clone().requires_grad_(True), B.clone().requires_grad_(True)) for A, B in start]
+        An adapter is the matrices a layer's input goes through (:func:`chain`): LoRA's ``(A, B)``, or FlexMoRE's
+        full expert ``(dW,)``. ``routers`` (FlexMoRE): one vector ``r`` (d_in) per layer, trained too, gating the
+        adapter per token: the layer adds ``sigmoid(x . r) B A x``; the trained vectors replace the list's entries."""
+        factors = [tuple(t.clone().requires_grad_(True) for t in f) for f in start]
         gates = [r.clone().requires_grad_(True) for r in routers] if routers is not None else []
-        trainer.flat.copy_(base)
-        frozen = [p for p in trainer.model.parameters() if p.requires_grad]
-        handles = [layer.module.register_forward_hook(lambda m, inputs, out, A=A, B=B: out + (inputs[0] @ A.T) @ B.T)
-                   for layer, (A, B) in zip(layers, factors)] if not gates else [
-            layer.module.register_forward_hook(lambda m, inputs, out, A=A, B=B, r=r: out + torch.sigmoid(
-                inputs[0] @ r)[..., None] * ((inputs[0] @ A.T) @ B.T)) for layer, (A, B), r in zip(layers, factors, gates)]
-        try:
-            for p in frozen:
-                p.requires_grad_(False)
-            opt = trainer.optimizer(None, [t for pair in factors for t in pair] + gates)
-            loss_sum = torch.zeros((), device=trainer.device)
-            for batch in trainer.batches(data.n_samples, steps, seed):
-                loss = task_loss(trainer.model(data.x[batch]), data.y[batch])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                loss_sum += loss.detach()
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
-            for handle in handles:
-                handle.remove()
-        mean_loss = loss_sum.item() / max(steps, 1)
-        if not math.isfinite(mean_loss) or not all(torch.isfinite(t).all() for pair in factors for t in pair):
-            raise DivergedError(f"adapter training diverged (loss {mean_loss}); lower training.lr")
+        if gates:
+            hooks = [(layer.module, lambda m, inputs, out, f=f, r=r: out + torch.sigmoid(inputs[0] @ r)[..., None]
+                      * chain(inputs[0], f)) for layer, f, r in zip(layers, factors, gates)]
+        else:
+            hooks = [(layer.module, lambda m, inputs, out, f=f: out + chain(inputs[0], f))
+                     for layer, f in zip(layers, factors)]
+        loss = train_hooked(trainer, base, [t for f in factors for t in f] + gates, hooks, data, steps, seed)
         if routers is not None:
             routers[:] = [r.detach() for r in gates]
-        return [(A.detach(), B.detach()) for A, B in factors], mean_loss
+        return [tuple(t.detach() for t in f) for f in factors], loss
 
     def personal_params(self, trainer, params: torch.Tensor, data: ClientData, state: dict[str, Any], seed: int):
         if self.rule == "flora":

@@ -70,7 +70,8 @@ from torch import nn
 
 from hetfl.errors import ConfigError
 from hetfl.models.cost import BACKWARD_FACTOR
-from hetfl.models.sparsity import prunable, sample_shape, sparse_bytes, sparse_forward_share, weight_slices
+from hetfl.models.cost import sample_shape
+from hetfl.models.sparsity import prunable, sparse_bytes, sparse_forward_share, weight_slices
 from hetfl.strategies.base import ClientData, ClientResult, Server, Task, Update, buffer_entries
 from hetfl.strategies.rounds import RoundStrategy, sample_weights, weighted_mean
 from hetfl.strategies.selection import Selection
@@ -257,7 +258,7 @@ class FedTiny(RoundStrategy):
         states = 2 if cfg.optimizer == "adam" else int(cfg.momentum > 0)
         return Footprint(
             prunable=int(candidates.sum()), other=int((~candidates).sum()), buffers=trainer.n_buffers,
-            activations=activation_numel(model, sample_shape(trainer, "fedtiny")),
+            activations=activation_numel(model, sample_shape(trainer, "fedtiny needs the input's shape to prune")),
             largest_layer=max(where.stop - where.start for _, where in weight_slices(model)),
             batch_size=cfg.batch_size, optimizer_states=states, alpha=self.alpha, layers=len(weight_slices(model)),
         )
@@ -480,7 +481,7 @@ class FedTiny(RoundStrategy):
 
     def forward_share(self, server: Server, mask: torch.Tensor) -> float:
         nb = buffer_entries(server)
-        return sparse_forward_share(server.trainer.model, sample_shape(server.trainer, "fedtiny"), mask[nb:])
+        return sparse_forward_share(server.trainer.model, sample_shape(server.trainer, "fedtiny needs the input's shape to prune"), mask[nb:])
 
     def task_flops(self, server: Server, task: Task) -> float:
         """Sparse steps, a report's dense gradient steps, or the candidates' forward passes (module docstring)."""

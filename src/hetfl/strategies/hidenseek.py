@@ -67,7 +67,8 @@ import torch
 from torch import nn
 
 from hetfl.errors import ConfigError, DivergedError
-from hetfl.models.sparsity import prunable, sample_shape, sparse_forward_share
+from hetfl.models.cost import sample_shape
+from hetfl.models.sparsity import prunable, sparse_forward_share
 from hetfl.strategies.base import ClientData, ClientResult, Server, Task, Update, buffer_entries
 from hetfl.strategies.rounds import RoundStrategy, sample_weights, weighted_mean
 from hetfl.strategies.selection import Selection
@@ -177,7 +178,8 @@ class HideNseek(RoundStrategy):
 
     @staticmethod
     def input_shape(trainer) -> tuple[int, ...]:
-        return sample_shape(trainer, "hidenseek")
+        """One sample's shape (a trainer built by hand, without ``input_shape``: its first layer's, if linear)."""
+        return sample_shape(trainer, "hidenseek needs the input's shape to prune")
 
     def initial_params(self, trainer) -> torch.Tensor:
         """The random initial model with the pruned weights set to 0."""
