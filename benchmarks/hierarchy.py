@@ -1,7 +1,7 @@
 """What hierarchical aggregation (``aggregation.hierarchy``, LIFL arXiv:2405.10968) saves the server, per round.
 
     .venv/bin/python benchmarks/hierarchy.py [--clients 1000 100000] [--fan-ins 0 32 316] [--seeds 0 1 2]
-                                             [--wall-repeats 3]
+                                             [--model logreg]
 
 One FedAvg round of ``--clients`` synthetic clients, every one of them in the round (``clients_per_round`` =
 clients), 1 local SGD step of logistic regression (610 parameters, 2,440 bytes a model: small so that 100,000
@@ -10,7 +10,7 @@ aggregators of each ``--fan-ins``, for each seed (the devices' draws and jitter 
 (``Federation.simulator``; no evaluation, no run folder), so the round is exactly dispatch to commit.
 
 The root (``server:``) and each leaf are one aggregation core: 2e9 FLOP/s (a weighted add moves about 12 bytes per
-2 FLOPs, so one core's ~12 GB/s of memory bandwidth), 10 Gbit/s links, serving 1,000 downloads at once. Leaves sit
+2 FLOPs, so one core's ~12 GB/s of memory bandwidth), 10 Gbit/s links, serving 100 downloads (and receiving 100 uploads) at once, 100 Mbit/s each. Leaves sit
 next to the root (LIFL's locality): their forwards are capped by the root's share of its link.
 
 Per configuration and seed:
@@ -27,8 +27,8 @@ Per configuration and seed:
 ``leaves_peak``, ``leaf_busy_s``
     the most leaves open at once, and their aggregation seconds together;
 ``wall_s``
-    wall seconds of the simulation (training included), at the largest ``--clients`` only: median of
-    ``--wall-repeats``, flat and hierarchical interleaved in this process, and the ratio to the flat run.
+    wall seconds of the simulation (training included); at the largest ``--clients``, the median over the seeds
+    per fan-in and its ratio to the first fan-in's (flat), all in this one process, run interleaved.
 
 The last line of the output is one JSON object. This is a benchmark, not a test: nothing asserts a time.
 
@@ -47,11 +47,11 @@ import sys
 import time
 from typing import Any
 
-ROOT = {"flops": 2e9, "up_mbps": 10_000.0, "down_mbps": 10_000.0, "concurrency": 1000}
+ROOT = {"flops": 2e9, "up_mbps": 10_000.0, "down_mbps": 10_000.0, "concurrency": 100}
 LEAF = {"flops": 2e9, "up_mbps": 10_000.0, "down_mbps": 10_000.0}
 
 
-def config(n: int, fan_in: int, seed: int) -> Any:
+def config(n: int, fan_in: int, seed: int, model: str = "logreg") -> Any:
     from hetfl.config import validate
 
     return validate({
@@ -59,7 +59,7 @@ def config(n: int, fan_in: int, seed: int) -> Any:
         "data": {"dataset": "synthetic", "n_clients": n,
                  "synthetic": {"size_mean_log": 2.0, "size_sigma_log": 0.5, "min_size": 10, "max_size": 40}},
         "devices": {"compute": {"distribution": "lognormal"}, "availability": {"kind": "always"}},
-        "model": {"name": "logreg"},
+        "model": {"name": "logreg"} if model == "logreg" else {"name": "mlp", "hidden": [int(model.split("-")[1])]},
         "training": {"optimizer": "sgd", "lr": 0.05, "batch_size": 16, "local_steps": 1},
         "strategy": {"name": "fedavg", "clients_per_round": n},
         "server": ROOT,
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", nargs="+", type=int, default=[1000, 100_000])
     parser.add_argument("--fan-ins", nargs="+", type=int, default=[0, 32, 316], help="0: flat (default 0 32 316)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--wall-repeats", type=int, default=3, help="wall-time repeats at the largest --clients")
+    parser.add_argument("--model", default="logreg", help="logreg or mlp-W (one hidden layer of W; default logreg)")
     args = parser.parse_args(argv)
     from hetfl.engine.run import build_federation
 
@@ -108,26 +108,22 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for n in args.clients:
         for seed in args.seeds:
-            fed = build_federation(config(n, 0, seed))
+            fed = build_federation(config(n, 0, seed, args.model))
             for fan_in in args.fan_ins:
-                rows.append({"clients": n, "fan_in": fan_in, "seed": seed, **one_round(fed, config(n, fan_in, seed))})
-                r = rows[-1]
+                r = one_round(fed, config(n, fan_in, seed, args.model))
+                rows.append({"clients": n, "fan_in": fan_in, "seed": seed, **r})
                 print(f"{n:>7,} clients, fan-in {fan_in or 'flat':>4}, seed {seed}: round {r['round_s']:.4f} s, "
                       f"root busy {r['root_busy_s']:.4f} s, root in {r['root_bytes_in'] / 1e6:.2f} MB, "
                       f"leaves {r['leaves_peak']}, wall {r['wall_s']:.1f} s", flush=True)
-    walls: dict[int, list[float]] = {f: [] for f in args.fan_ins}
-    n = max(args.clients)
-    fed = build_federation(config(n, 0, args.seeds[0]))
-    for _ in range(args.wall_repeats):
-        for fan_in in args.fan_ins:
-            walls[fan_in].append(one_round(fed, config(n, fan_in, args.seeds[0]))["wall_s"])
-    flat = statistics.median(walls[args.fan_ins[0]])
-    wall = {f: {"median_s": statistics.median(w), "ratio_to_first": statistics.median(w) / flat, "runs": w}
-            for f, w in walls.items()}
+    n = max(args.clients)  # the simulator's wall seconds, per fan-in: median over the seeds, and the ratio to flat
+    walls = {f: statistics.median(r["wall_s"] for r in rows if r["clients"] == n and r["fan_in"] == f)
+             for f in args.fan_ins}
+    wall = {f: {"median_s": w, "ratio_to_first": w / walls[args.fan_ins[0]]} for f, w in walls.items()}
     for f, w in wall.items():
         print(f"wall at {n:,} clients, fan-in {f or 'flat'}: median {w['median_s']:.1f} s, x{w['ratio_to_first']:.3f}")
     print(json.dumps({
-        "benchmark": "hierarchy", "date": dt.date.today().isoformat(), "root": ROOT, "leaf": LEAF, "rows": rows,
+        "benchmark": "hierarchy", "model": args.model, "params": fed.trainer.numel,
+        "date": dt.date.today().isoformat(), "root": ROOT, "leaf": LEAF, "rows": rows,
         "wall": wall, "load_average": [load_before, os.getloadavg()[0]], "cores": os.cpu_count(),
     }))
     return 0

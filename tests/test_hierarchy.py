@@ -204,3 +204,17 @@ def test_hetfl_run_resumed_mid_run_equals_the_straight_run(tmp_path, capsys):
     straight, resumed = read_metrics(tmp_path / "straight")[-1], read_metrics(tmp_path / "resumed")[-1]
     for key in ("accuracy", "sim_time_s", "forwards", "root_bytes_in", "leaf_busy_s", "leaves_started", "server_flops"):
         assert resumed[key] == straight[key], key
+
+
+def test_compressed_uploads_are_decoded_at_the_leaves_and_give_the_flat_runs_model(tmp_path, capsys):
+    # float16 uploads: each client's change is decoded where it arrives (the leaf); the leaves' means then give the
+    # flat run's model (to float rounding), and the clients' bytes are the codec's either way
+    flat = write_config(tmp_path, filename="flat.yaml", strategy={"name": "fedavg", "clients_per_round": 3,
+                                                                  "compression": {"kind": "float16"}})
+    assert cli(capsys, "run", flat, "--out", tmp_path / "flat", "--quiet")[0] == 0
+    code, _, err = cli(capsys, "run", flat, "--out", tmp_path / "tree", "--quiet", "--set",
+                       "aggregation.hierarchy.fan_in=2")
+    assert code == 0, err
+    a, b = read_metrics(tmp_path / "flat")[-1], read_metrics(tmp_path / "tree")[-1]
+    assert b["accuracy"] == pytest.approx(a["accuracy"], abs=0.01) and b["bytes_up"] == a["bytes_up"]
+    assert b["forwards"] == 6 and "forwards" not in a
