@@ -218,3 +218,25 @@ def test_compressed_uploads_are_decoded_at_the_leaves_and_give_the_flat_runs_mod
     a, b = read_metrics(tmp_path / "flat")[-1], read_metrics(tmp_path / "tree")[-1]
     assert b["accuracy"] == pytest.approx(a["accuracy"], abs=0.01) and b["bytes_up"] == a["bytes_up"]
     assert b["forwards"] == 6 and "forwards" not in a
+
+
+def test_leaves_scale_with_the_tasks_in_flight_and_retire_when_idle():
+    # fan_in 3: 7 tasks in flight need ceil(7/3) = 3 leaves, filled in turn (0,0,0,1,1,1,2); losing tasks 0-2
+    # retires leaf 0, and the next task then opens leaf 3 (7 in flight again: 3 leaves needed, 2 open).
+    from hetfl.engine.clock import EventQueue
+
+    queue, root, tree = EventQueue(), ServerTime(), Hierarchy(fan_in=3)
+    tasks = [Task(task_id=i, client_id=i, version=0, params=torch.zeros(2), steps=1, dispatched_at=0.0)
+             for i in range(10)]
+    assert [tree.assign(0.0, t).id for t in tasks[:7]] == [0, 0, 0, 1, 1, 1, 2]
+    for t in tasks[:3]:
+        tree.forget(queue, root, t)
+    assert sorted(tree.leaves) == [1, 2] and tree.in_flight == 4
+    assert [tree.assign(0.0, t).id for t in tasks[7:10]] == [2, 2, 3]
+    assert tree.started == 4 and tree.peak == 3 and len(queue) == 0  # nothing held: nothing forwarded
+    # a long run of assignments and losses keeps the load heap small (stale entries are dropped)
+    for k in range(10, 2000):
+        tree.forget(queue, root, tasks[-1])
+        tasks.append(Task(task_id=k, client_id=k, version=0, params=torch.zeros(2), steps=1, dispatched_at=0.0))
+        tree.assign(0.0, tasks[-1])
+    assert len(tree._load) <= 4 * len(tree.leaves) + 65 and tree.in_flight == 7 and tree.started > 1000

@@ -139,6 +139,9 @@ class Hierarchy:
             heapq.heappush(self._load, (0, leaf.id))
             self.started += 1
         self.peak = max(self.peak, len(self.leaves))
+        if len(self._load) > 4 * len(self.leaves) + 64:  # mostly stale entries (retired leaves, old counts): rebuild
+            self._load = [(len(leaf.tasks), leaf.id) for leaf in self.leaves.values()]
+            heapq.heapify(self._load)
         while True:
             count, leaf_id = heapq.heappop(self._load)
             leaf = self.leaves.get(leaf_id)
