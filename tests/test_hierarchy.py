@@ -193,6 +193,9 @@ def test_hetfl_run_with_a_hierarchy_and_its_one_line_refusals(tmp_path, capsys):
     code, _, err = cli(capsys, "run", config, "--out", tmp_path / "robust", "--set",
                        "strategy.aggregator.rule=median")
     assert_one_line_error(code, err, "aggregation.hierarchy", "aggregator")
+    code, _, err = cli(capsys, "run", config, "--out", tmp_path / "partial", "--set", "strategy.deadline_s=5",
+                       "--set", "strategy.partial_work=true")
+    assert_one_line_error(code, err, "aggregation.hierarchy", "strategy.partial_work")
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"]
 
 

@@ -32,6 +32,8 @@ Our choices, in hetfl's terms:
   for each member in task order, an Update whose params are that mean (one tensor shared by the members of a
   version) and whose samples, steps, loss and stats are the member's own; a weighted mean over them is the flat one.
   The root's commit then counts one merge per group (``Strategy.server_flops`` counts distinct tensors).
+- An update reaches the strategy at its group's forward, so a round deadline counts the leaf's aggregation and
+  forward; ``strategy.partial_work`` (tasks cut to reach the server by the deadline) is refused with a hierarchy.
 - A failed task: its leaf stops waiting for it. A task the strategy cancels (a round deadline) while its update sits
   at a leaf is dropped there; a group already sent carries its members' mean and is not unpicked (the strategy ignores
   the late member's own Update, as it would a late flat one).
@@ -122,6 +124,11 @@ class Hierarchy:
                 f"aggregation.hierarchy: {strategy.name} does not aggregate by the sample-weighted mean of the updates, "
                 "which is all a leaf forwards; use fedavg or fedprox (or a strategy with linear_aggregation), without "
                 "a robust strategy.aggregator or strategy.privacy, or drop aggregation.hierarchy"
+            )
+        if getattr(strategy, "partial_work", False):
+            raise ConfigError(
+                "aggregation.hierarchy: strategy.partial_work cuts each task to reach the server by the deadline, but "
+                "with leaves it reaches its leaf then, and the server only at the leaf's forward; use one or the other"
             )
 
     # ----------------------------------------------------------------- dispatch
