@@ -10,8 +10,9 @@ aggregators of each ``--fan-ins``, for each seed (the devices' draws and jitter 
 (``Federation.simulator``; no evaluation, no run folder), so the round is exactly dispatch to commit.
 
 The root (``server:``) and each leaf are one aggregation core: 2e9 FLOP/s (a weighted add moves about 12 bytes per
-2 FLOPs, so one core's ~12 GB/s of memory bandwidth), 10 Gbit/s links, serving 100 downloads (and receiving 100 uploads) at once, 100 Mbit/s each. Leaves sit
-next to the root (LIFL's locality): their forwards are capped by the root's share of its link.
+2 FLOPs, so one core's ~12 GB/s of memory bandwidth) and 10 Gbit/s links; the root serves 100 downloads (and receives
+100 uploads) at once, 100 Mbit/s each. Leaves sit next to the root (LIFL's locality): their forwards are capped by
+the root's share of its link.
 
 Per configuration and seed:
 
@@ -33,7 +34,8 @@ Per configuration and seed:
 The last line of the output is one JSON object. This is a benchmark, not a test: nothing asserts a time.
 
 Row for benchmarks/README.md:
-| `hierarchy.py` | one FedAvg round of 1,000 and 100,000 clients, flat vs leaf aggregators of several fan-ins: round time, the root's busy seconds and received bytes; 3 seeds |
+| `hierarchy.py` | one FedAvg round of 1,000 and 100,000 clients, flat vs leaf aggregators of several fan-ins: round
+time, the root's busy seconds and received bytes; 3 seeds |
 """
 
 from __future__ import annotations

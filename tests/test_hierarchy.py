@@ -32,8 +32,8 @@ class Recorded(FedAvg):
 
 def _update(task_id: int, version: int, start: torch.Tensor, params: list[float], n: int) -> Update:
     task = Task(task_id=task_id, client_id=task_id, version=version, params=start, steps=1, dispatched_at=0.0)
-    return Update(task=task, params=torch.tensor(params, dtype=torch.float32), n_samples=n, steps=1, loss=0.5, arrived_at=0.0,
-                  stats={"n_labels": 2.0})
+    return Update(task=task, params=torch.tensor(params, dtype=torch.float32), n_samples=n, steps=1, loss=0.5,
+                  arrived_at=0.0, stats={"n_labels": 2.0})
 
 
 def test_two_leaves_of_two_clients_give_the_flat_weighted_mean_by_hand():

@@ -121,9 +121,9 @@ class Hierarchy:
         """Refuse, in one line, a strategy whose aggregation is not the updates' sample-weighted mean."""
         if not strategy.linear_aggregation:
             raise ConfigError(
-                f"aggregation.hierarchy: {strategy.name} does not aggregate by the sample-weighted mean of the updates, "
-                "which is all a leaf forwards; use fedavg or fedprox (or a strategy with linear_aggregation), without "
-                "a robust strategy.aggregator or strategy.privacy, or drop aggregation.hierarchy"
+                f"aggregation.hierarchy: {strategy.name} does not aggregate by the sample-weighted mean of the "
+                "updates, which is all a leaf forwards; use fedavg or fedprox (or a strategy with linear_aggregation), "
+                "without a robust strategy.aggregator or strategy.privacy, or drop aggregation.hierarchy"
             )
         if getattr(strategy, "partial_work", False):
             raise ConfigError(
