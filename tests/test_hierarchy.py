@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -183,6 +184,8 @@ def test_hetfl_run_with_a_hierarchy_and_its_one_line_refusals(tmp_path, capsys):
     assert code == 0, err
     last = read_metrics(tmp_path / "run")[-1]
     assert last["forwards"] >= 6 and last["leaves_peak"] == 2 and last["root_bytes_in"] > 0
+    doc = (Path(__file__).parent.parent / "docs" / "metrics.md").read_text()
+    assert not [key for key in last if f"`{key}`" not in doc], "define them in docs/metrics.md"
     code, _, err = cli(capsys, "run", config, "--out", tmp_path / "buff", "--set", "strategy.name=fedbuff")
     assert_one_line_error(code, err, "aggregation.hierarchy", "fedbuff", "fedavg")
     assert not (tmp_path / "buff" / "metrics.jsonl").exists()
