@@ -888,6 +888,50 @@ class ServerConfig(Section):
     )
 
 
+class HierarchyConfig(Section):
+    """Leaf aggregators between the clients and the server (hetfl.engine.hierarchy; LIFL, arXiv:2405.10968)."""
+
+    fan_in: int | None = Field(
+        None, ge=1, description="Updates a leaf aggregates before it forwards their weighted mean to the server (the "
+        "root, `server:`); also the tasks in flight per leaf: a leaf is started while fewer than ceil(tasks in flight "
+        "/ fan_in) are open. Only for strategies that aggregate by a weighted mean (fedavg, fedprox). Unset: no "
+        "leaves, clients upload to the server."
+    )
+    max_leaves: int | None = Field(None, ge=1, description="Leaves open at once. Unset: as many as the load asks.")
+    flops: float | None = Field(
+        None, gt=0, description="Each leaf's FLOP/s for its eager aggregation (2 FLOPs a parameter per update). "
+        "Unset: it takes no simulated time."
+    )
+    up_mbps: float | None = Field(
+        None, gt=0, description="Each leaf's uplink, Mbit/s: its forwards to the server (also capped at the server's "
+        "down_mbps share). Unset: unlimited."
+    )
+    down_mbps: float | None = Field(
+        None, gt=0, description="Each leaf's downlink, Mbit/s: its clients' uploads, each capped at its share "
+        "(down_mbps / concurrency). Unset: unlimited."
+    )
+    concurrency: int | None = Field(None, ge=1, description="Uploads a leaf receives at once (its link's divisor).")
+    cold_start_s: float = Field(
+        0.0, ge=0, description="Seconds after a leaf starts before it can aggregate (a serverless cold start)."
+    )
+
+    @model_validator(mode="after")
+    def _needs_fan_in(self) -> "HierarchyConfig":
+        if self.fan_in is None:
+            for key in ("max_leaves", "flops", "up_mbps", "down_mbps", "concurrency", "cold_start_s"):
+                if getattr(self, key):
+                    raise ValueError(f"{key} is set without fan_in, which turns leaf aggregators on")
+        return self
+
+
+class AggregationConfig(Section):
+    """Where updates are aggregated (simulated; a deployment runs `hetfl aggregator` processes instead)."""
+
+    hierarchy: HierarchyConfig = Field(
+        default_factory=HierarchyConfig, description="Leaf aggregators (LIFL): off unless fan_in is set."
+    )
+
+
 class BackendConfig(Section):
     """Where clients' local training runs; the virtual clock and the strategy stay in the hetfl process, so every
     backend gives the same run for the same seed (docs/architecture.md, "Backends")."""
@@ -1195,6 +1239,9 @@ class ExperimentConfig(Section):
     backend: BackendConfig = BackendConfig()
     server: ServerConfig = Field(
         ServerConfig(), description="The simulated server's compute and links (a deployed server's cost is real)."
+    )
+    aggregation: AggregationConfig = Field(
+        AggregationConfig(), description="Hierarchical aggregation: leaf aggregators between clients and the server."
     )
     deploy: DeployConfig = DeployConfig()
     client: str | None = Field(

@@ -28,6 +28,7 @@ from hetfl.devices import DeviceTable, build_profiles
 from hetfl.devices.byzantine import Byzantine
 from hetfl.engine.backends import build_backend, code_roots
 from hetfl.engine.core import Engine
+from hetfl.engine.hierarchy import Hierarchy
 from hetfl.engine.server_time import ServerTime
 from hetfl.engine.simulator import ClientModels, ClientPool, Simulator
 from hetfl.engine.store import memory_budget
@@ -167,6 +168,7 @@ class Federation:
             models=self.models,
             byzantine=self.byzantine or attackers(cfg, len(self.profiles)),
             server_time=ServerTime.from_config(cfg.server),
+            hierarchy=Hierarchy.from_config(cfg.aggregation.hierarchy) if cfg.aggregation.hierarchy.fan_in else None,
             backend=build_backend(cfg.backend, threads=cfg.threads, training=cfg.training, roots=code_roots(cfg.code))
             if cfg.client is None else self.trainer.backend(),  # a Flower client trains in its fit (hetfl.flower)
         )

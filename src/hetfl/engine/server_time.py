@@ -89,6 +89,12 @@ class ServerTime:
     def _share(self, link_Bps: float | None) -> float | None:
         return None if link_Bps is None else link_Bps / (self.concurrency or 1)
 
+    def upload_s(self, client_s: float, bytes_up: int) -> float:
+        """Seconds an upload of ``bytes_up`` that the client's own link sends in ``client_s`` takes to this server:
+        capped at its share of its receiving link (unqueued)."""
+        share = self._share(self.down_Bps)
+        return client_s if share is None else max(client_s, bytes_up / share)
+
     def timing(self, now: float, timing: TaskTiming, bytes_down: int, bytes_up: int) -> TaskTiming:
         """A task dispatched at ``now`` whose client alone would take ``timing``, timed with the server: its
         download starts when the server's compute and a download slot are free and runs at the slower of the two
@@ -96,9 +102,9 @@ class ServerTime:
         if self.free:
             return timing
         start = max(now, self.free_at)
-        down_share, up_share = self._share(self.up_Bps), self._share(self.down_Bps)
+        down_share = self._share(self.up_Bps)
         download = timing.download_s if down_share is None else max(timing.download_s, bytes_down / down_share)
-        upload = timing.upload_s if up_share is None else max(timing.upload_s, bytes_up / up_share)
+        upload = self.upload_s(timing.upload_s, bytes_up)
         if self.slots:
             slot = min(range(len(self.slots)), key=self.slots.__getitem__)
             start = max(start, self.slots[slot])

@@ -33,6 +33,7 @@ Simulated time (what a deployment would take) is ``now``; wall time is measured 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from hetfl.devices.byzantine import Byzantine
 from hetfl.engine.backends import Backend, InProcess
 from hetfl.engine.clock import Event, EventQueue
 from hetfl.engine.core import Counters, EngineCore, EngineState, HoldsEngineCore
+from hetfl.engine.hierarchy import Hierarchy
 from hetfl.engine.server_time import ServerTime
 from hetfl.engine.store import ClientStates, ParamStore, memory_budget
 from hetfl.models.cost import batch_share
@@ -205,6 +207,7 @@ class SimState(EngineState):
     device_rng: np.random.Generator | None = None
     started: bool = False
     server_time: ServerTime | None = None  # the server's compute and download slots (None in older checkpoints)
+    hierarchy: Hierarchy | None = None  # leaf aggregators (aggregation.hierarchy); None: clients upload to the server
 
 
 class Simulator(HoldsEngineCore):
@@ -246,6 +249,9 @@ class Simulator(HoldsEngineCore):
         before the strategy sees them. Default: none.
     server_time : ServerTime, optional
         The server's own cost (``server:``, :mod:`hetfl.engine.server_time`). Default: a free server.
+    hierarchy : Hierarchy, optional
+        Leaf aggregators between the clients and the server (``aggregation.hierarchy``,
+        :mod:`hetfl.engine.hierarchy`); the strategy must aggregate by a weighted mean. Default: none.
 
     Per-client tensors (client states, and what strategies keep per client through ``client_store``)
     live in a :class:`~hetfl.engine.store.ParamStore` whose memory budget is ``trainer.cfg``'s
@@ -270,6 +276,7 @@ class Simulator(HoldsEngineCore):
         backend: Backend | None = None,
         byzantine: Byzantine | None = None,
         server_time: ServerTime | None = None,
+        hierarchy: Hierarchy | None = None,
     ) -> None:
         if len(profiles) != pool.n_clients:
             raise ValueError(f"{len(profiles)} device profiles for {pool.n_clients} clients")
@@ -289,7 +296,10 @@ class Simulator(HoldsEngineCore):
             device_rng=np.random.default_rng([seed, 2]),
             client_state=ClientStates(ParamStore(memory_budget(memory_mb))),
             server_time=server_time or ServerTime(),
+            hierarchy=hierarchy,
         )
+        if hierarchy is not None:
+            Hierarchy.check_strategy(strategy)
         # the global model, strategy, counters and version, and the bookkeeping on them the deployment server shares
         self.core = EngineCore(self, state, diverged_advice="lower training.lr or the strategy's server_lr")
         self.core.on_commit = on_commit
@@ -416,7 +426,11 @@ class Simulator(HoldsEngineCore):
             bytes_up=task.bytes_up,
             jitter=self.jitter, rng=st.device_rng,
         )
-        timing = self.server_time.timing(self.now, timing, bytes_down, task.bytes_up)
+        leaf = None if st.hierarchy is None else st.hierarchy.assign(self.now, task)
+        # the upload goes to the task's leaf with a hierarchy, capped there; to the server without one
+        timing = self.server_time.timing(self.now, timing, bytes_down, 0 if leaf is not None else task.bytes_up)
+        if leaf is not None:
+            timing = dataclasses.replace(timing, upload_s=leaf.time.upload_s(timing.upload_s, task.bytes_up))
         if finish_by is not None:
             timing = self._partial_work(task, timing, finish_by)
         task.timing = timing
@@ -453,6 +467,12 @@ class Simulator(HoldsEngineCore):
             self.backend.forget(task)  # it will never arrive: drop the work it started (wasted work is counted)
             self.state.counters.cancelled += 1
             self.core.task_over(task)
+        self._leaf_forgets(task)  # in flight to a leaf, or its update held there: dropped
+
+    def _leaf_forgets(self, task: Task) -> None:
+        """With a hierarchy, ``task``'s leaf no longer waits for it (it failed, or the strategy gave up on it)."""
+        if self.state.hierarchy is not None:
+            self.state.hierarchy.forget(self.state.queue, self.server_time, task)
 
     def server_work(self, flops: float) -> None:
         """Charge ``flops`` of the server's own work (aggregation, server-side training, evaluation): with
@@ -520,7 +540,10 @@ class Simulator(HoldsEngineCore):
         """What this engine adds to an evaluation record: the server's own work so far (``server:``; the deployment
         server adds rejected updates and connected clients instead)."""
         server = self.server_time
-        return {"server_flops": server.work_flops, "server_busy_s": server.busy_s}
+        out = {"server_flops": server.work_flops, "server_busy_s": server.busy_s}
+        if self.state.hierarchy is not None:
+            out.update(self.state.hierarchy.metrics())
+        return out
 
     def step(self) -> bool:
         """Process one event; False when there is nothing left to do."""
@@ -547,7 +570,11 @@ class Simulator(HoldsEngineCore):
             self.backend.forget(task)
             st.counters.failed += 1
             self.core.task_over(task)
+            self._leaf_forgets(task)
             st.strategy.on_failure(self, task)
+        elif event.kind == "forward":  # a leaf's group reached the server: each member's update, in task order
+            for update in event.data:
+                st.strategy.on_update(self, update)
         else:
             st.strategy.on_timer(self, event.data)
         return not self.stopping
@@ -577,7 +604,10 @@ class Simulator(HoldsEngineCore):
             task, params, n_samples=data.n_samples, steps=result.steps, loss=result.loss, payload=result.payload,
             stats={**client_report(data, self.pool.n_classes), **result.stats},
         )
-        st.strategy.on_update(self, update)
+        if st.hierarchy is not None:  # to its leaf, which aggregates it and forwards its group later
+            st.hierarchy.arrive(st.queue, self.server_time, update)
+        else:
+            st.strategy.on_update(self, update)
 
     # ----------------------------------------------------------------- the backend
     @property

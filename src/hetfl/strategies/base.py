@@ -305,9 +305,10 @@ class Strategy:
     def server_flops(self, server: Server, updates: list[Update]) -> float:
         """FLOPs the server spends on a commit of ``updates``: what ``server.flops`` (``server:``) times
         (:mod:`hetfl.engine.server_time`). By default a weighted mean of the updates' parameters, a multiply and an
-        add per parameter and update (a commit of none, a timer's, costs nothing). A strategy that trains on the
+        add per parameter and update (a commit of none, a timer's, costs nothing); updates that share one params
+        tensor (a leaf aggregator's group, ``aggregation.hierarchy``) are one merge. A strategy that trains on the
         server (a head, an inversion) adds that work."""
-        return 2.0 * server.params.numel() * len(updates)
+        return 2.0 * server.params.numel() * len({id(u.params) for u in updates})
 
     def check_devices(self, profiles: list[Any]) -> None:
         """Refuse device profiles the algorithm's parameters do not cover (raise ConfigError), before the run
