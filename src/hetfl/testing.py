@@ -8,7 +8,8 @@ regression or a small MLP, virtual time: about a second in all) and checks
     dispatched task arrives, is lost, is cancelled or is still in flight, exactly one of them; no task arrives twice
     and no update is aggregated twice; every update that arrived is aggregated, dropped or held by the strategy;
     only arrived tasks are trained and upload (the steps and bytes counted are theirs); each client trained the
-    steps its task asked for.
+    steps its task asked for; every update's parameters have the shape and dtype of the strategy's
+    ``upload_reference(server, task)``, as a deployed server requires.
 ``deterministic``
     two runs with the same seed give bit-identical models, clocks, counters and client states.
 ``resume equals an uninterrupted run``
@@ -351,6 +352,11 @@ def _accounting(make: Callable[[], Strategy], model: str, seed: int, label: str,
     check(not wrong, "updates trained other steps than their tasks asked (task, asked, trained): " + str(wrong[:3]))
     steps = sum(strategy.compute_steps(u.steps) for u in arrived)
     check(c.trained_steps == steps, f"{c.trained_steps} steps counted as trained, the arrived tasks' are {steps}")
+    shape = lambda t: (tuple(t.shape), t.dtype)  # noqa: E731
+    odd = [(u.task.task_id, *shape(u.params), *shape(strategy.upload_reference(sim, u.task))) for u in arrived
+           if shape(u.params) != shape(strategy.upload_reference(sim, u.task))]
+    check(not odd, "updates whose parameters have another shape or dtype than upload_reference(server, task) says, "
+          "so a deployed server would reject them (task, shape, dtype, expected shape, dtype): " + str(odd[:3]))
     up = sum(u.task.bytes_up for u in arrived)
     check(c.bytes_up == up, f"{c.bytes_up} bytes counted up, the arrived tasks' uploads are {up}")
     check(c.failed > 0, "the scenario lost no task: the strategy dispatched too little for the check to mean anything")

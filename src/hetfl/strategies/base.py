@@ -223,6 +223,14 @@ class Strategy:
         client half returns a payload (SCAFFOLD's ``delta_c``) must declare it here."""
         return {}
 
+    def upload_reference(self, server: Server, task: Task) -> torch.Tensor:
+        """The value, before training, of what ``task``'s client half returns as its parameters
+        (``ClientResult.params``): a deployed server accepts an upload only of this tensor's shape and dtype, and
+        bounds its change from it (:func:`hetfl.deploy.validate.check_update`). By default the model the task
+        started from, ``task.params``; a strategy whose clients send back a part returns that part's start (HDEE
+        its domain's expert, FedConv the client's sub-model)."""
+        return task.params
+
     def on_timer(self, server: Server, tag: str) -> None:
         """A timer fired; strategies that set timers override this."""
 

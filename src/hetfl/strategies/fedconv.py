@@ -432,6 +432,10 @@ class FedConv(RoundStrategy):
     def task_flops(self, server: Server, task: Task) -> float:
         return super().task_flops(server, task) * self.forward_share(server.trainer, float(task.options["ratio"]))
 
+    def upload_reference(self, server: Server, task: Task) -> torch.Tensor:
+        """The sub-model the client was sent (the global model itself at ratio 1): what it trains and sends back."""
+        return task.params if float(task.options.get("ratio", 1.0)) == 1.0 else task.payload["model"]
+
     def transfer_bytes(self, server: Server, task: Task) -> tuple[int, int]:
         sub = task.payload.get("model", server.params)
         size = sub.numel() * sub.element_size()

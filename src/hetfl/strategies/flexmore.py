@@ -202,6 +202,12 @@ class FlexMoRE(HDEE):
             offset += seg.stop - start
         return new
 
+    def upload_reference(self, server: Server, task: Task) -> torch.Tensor:
+        """A router round's client sends back every domain's router vectors; an expert's task, its expert."""
+        if task.options.get("phase") != "router":
+            return super().upload_reference(server, task)
+        return torch.cat([r for rs in self.routers(self.layers(server.trainer), task.params) for r in rs])
+
     def transfer_bytes(self, server: Server, task: Task) -> tuple[int, int]:
         if task.options.get("phase") != "router":
             return super().transfer_bytes(server, task)

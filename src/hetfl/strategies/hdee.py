@@ -172,6 +172,10 @@ class HDEE(FedLoRA):
         factors, loss = self.train_adapters(trainer, layers, trainer.initial, start, data, task.steps, seed)
         return ClientResult(self.pack(factors), task.steps, loss, stats={"rank": float(self.domain_ranks[d])})
 
+    def upload_reference(self, server: Server, task: Task) -> torch.Tensor:
+        """The task's domain's expert as it left the server: all a client sends back."""
+        return task.params[self.segments(self.layers(server.trainer))[int(task.options["domain"])]]
+
     def transfer_bytes(self, server: Server, task: Task) -> tuple[int, int]:
         size = 4 * self.expert_numel(self.layers(server.trainer), task.options["domain"])
         return size, size  # its own expert, each way

@@ -198,6 +198,10 @@ class PFedPG(RoundStrategy):
             [u.params for u in updates], sample_weights(updates), self.generator_lr, tokens, dim, self.key_dim)
         return shared
 
+    def upload_reference(self, server: Server, task: Task) -> torch.Tensor:
+        """The prompt the server generated for the client: the client sends back its trained prompt."""
+        return task.payload["prompt"].reshape(-1)  # sent as (tokens, dim), returned flat
+
     def transfer_bytes(self, server: Server, task: Task) -> tuple[int, int]:
         size = 4 * task.payload["prompt"].numel()  # the prompt down, the trained prompt up (float32)
         return size, size
