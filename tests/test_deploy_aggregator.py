@@ -236,6 +236,7 @@ def test_a_forged_aggregate_is_rejected_and_the_run_goes_on(agg_env, hierarchy):
     assert "Traceback" not in hierarchy.server_log()
 
 
+@pytest.mark.serial  # heartbeat timeouts: timing
 def test_an_aggregator_killed_mid_run_fails_its_clients_tasks_and_the_run_ends(agg_env, hierarchy, tmp_path):
     config = write_config(tmp_path, data__n_clients=N, strategy__clients_per_round=N, rounds=6,
                           deploy={"heartbeat_timeout_s": 4, "poll_s": 2, "min_clients": N})
