@@ -70,6 +70,25 @@ def test_pre_aggregation_by_hand():
     assert flat.tolist() == [2.5, 3.5]
 
 
+def test_aggregator_tokens_in_the_token_file(tmp_path):
+    from hetfl.deploy.tokens import load_tokens, write_tokens
+    from hetfl.errors import HetflError
+
+    tokens = write_tokens(tmp_path / "t.yaml", 2, aggregators=2)
+    table = load_tokens(tmp_path / "t.yaml", 2)
+    assert sorted(table.aggregators.values()) == ["agg-0", "agg-1"]
+    agg_token = next(iter(table.aggregators))
+    client_token = next(iter(tokens))
+    assert table.identify_aggregator(agg_token)[0] in ("agg-0", "agg-1")
+    assert table.identify_aggregator(client_token) == (None, "unknown token (as an aggregator's)")
+    assert table.identify(agg_token) == (None, "unknown token")
+    for aggregators, message in (({client_token: "x"}, "also a client's"), ({"short": "x"}, "at least 16"),
+                                 (["x"], "must map aggregator tokens")):
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"tokens": tokens, "aggregators": aggregators}))
+        with pytest.raises(HetflError, match=message):
+            load_tokens(tmp_path / "bad.yaml", 2)
+
+
 # ---------------------------------------------------------------------------- real processes
 @pytest.fixture(scope="module")
 def agg_env(tmp_path_factory):
