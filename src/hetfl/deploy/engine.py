@@ -836,6 +836,10 @@ class DeployServer(HoldsEngineCore):
             except DivergedError:
                 reply.set_result((False, "the run diverged"))
                 raise
+            except Exception as err:  # noqa: BLE001 - one aggregator's message never stops the server
+                reason = f"the server failed to process it ({_one_line(err)})"
+                log.error("aggregator %s: aggregate of version %d: %s", args[0], args[1].version, reason)
+                result = (False, reason)  # its members' tasks, if still in flight, time out as any silent task
             except BaseException:
                 reply.set_result((False, "the server failed to process the aggregate"))
                 raise
@@ -983,7 +987,7 @@ class DeployServer(HoldsEngineCore):
                 event = self.events.get_nowait()
             except queue.Empty:
                 return
-            if event[0] == "update":
+            if event[0] in ("update", "aggregate"):
                 event[-1].set_result((False, "the run is over"))
 
     def save(self) -> None:
@@ -1023,7 +1027,7 @@ class DeployServer(HoldsEngineCore):
                 event = None
             self._tick()
             if event is not None:
-                if event[0] == "update":  # nothing was sent yet: an update is from before a restart
+                if event[0] in ("update", "aggregate"):  # nothing was sent yet: an update is from before a restart
                     event[-1].set_result((False, "the server restarted; the task is void"))
                 elif event[0] != "lost":  # the strategy does not run before the clients are there
                     self._handle(event)
