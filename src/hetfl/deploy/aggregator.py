@@ -207,6 +207,7 @@ class Aggregator(pb_grpc.FederationServicer):
                 part = chunk.WhichOneof("part")
                 if part == "task":
                     header = chunk.task
+                    self.gate.expect(sum(int(t.nbytes) for t in header.tensors))  # its deadline grows with the bytes
                 elif part == "data" and header is not None and header.kind == pb.TaskHeader.TRAIN:
                     data += chunk.data
                 yield chunk
