@@ -633,8 +633,11 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not args.force:
         raise HetflError(f"--out {args.out}: exists; add --force to replace it (its clients would need new tokens)")
     samples = exported_samples(args.samples_from, args.clients) if args.samples_from else None
-    write_tokens(args.out, args.clients, samples)
+    if args.aggregators < 0:
+        raise HetflError("--aggregators: a number of aggregators, at least 0")
+    write_tokens(args.out, args.clients, samples, args.aggregators)
     registered = f", each client's sample count from {escape(args.samples_from)}" if samples else ""
+    registered += f", {args.aggregators} aggregator tokens (agg-0..)" if args.aggregators else ""
     console.print(f"wrote {args.clients} tokens to {escape(args.out)} (client ids 0..{args.clients - 1}{registered}; "
                   "keep it private)", highlight=False)
     return 0
@@ -667,14 +670,26 @@ def cmd_client(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_aggregator(args: argparse.Namespace) -> int:
+    from hetfl.deploy.aggregator import aggregator_command
+
+    return aggregator_command(
+        parent=args.parent, address=args.address, token=args.token, token_file=args.token_file, tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, parent_cert=args.parent_cert, parent_key=args.parent_key,
+        fan_in=args.fan_in, flush_s=args.flush_s, give_up_after_s=args.give_up_after, quiet=args.quiet,
+    )
+
+
 def _deploy_parsers(sub: Any, with_overrides: Any) -> None:
-    """``hetfl tokens``, ``hetfl server`` and ``hetfl client`` (docs/deployment.md)."""
+    """``hetfl tokens``, ``hetfl server``, ``hetfl client`` and ``hetfl aggregator`` (docs/deployment.md)."""
     p = sub.add_parser("tokens", help="write a token file for a deployment: one secret token per client id")
     p.add_argument("clients", type=int, help="number of clients (ids 0..N-1; data.n_clients of the config)")
     p.add_argument("--out", required=True, help="token file to write (YAML; give it to hetfl server --tokens)")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.add_argument("--samples-from", metavar="DIR", help="register each client's sample count from the partition "
                    "hetfl partition --export wrote to DIR: a client's weight never exceeds it")
+    p.add_argument("--aggregators", type=int, default=0, metavar="K",
+                   help="also write K aggregator tokens (named agg-0 ..., for hetfl aggregator --token-file)")
     p.set_defaults(func=cmd_tokens)
 
     p = sub.add_parser("server", help="run a config's strategy with real clients over gRPC (wall clock)",
@@ -714,6 +729,28 @@ def _deploy_parsers(sub: Any, with_overrides: Any) -> None:
     p.add_argument("--fault", action="append", default=[], help=argparse.SUPPRESS)  # tests: nan-once, bad-shape-once, die-on-task:N
     p.add_argument("--quiet", action="store_true", help="log warnings only")
     p.set_defaults(func=cmd_client)
+
+    p = sub.add_parser("aggregator", help="a leaf aggregator between clients and a hetfl server (hierarchical aggregation)",
+                       description="Relay clients (hetfl client --server THIS:PORT) to the server at --parent and "
+                       "forward their updates' weighted mean (FedAvg, FedProx). Exits when the server ends the run.")
+    p.add_argument("--parent", required=True, help="HOST:PORT of the hetfl server")
+    p.add_argument("--address", default="0.0.0.0:50052", help="HOST:PORT to listen on for clients (default 0.0.0.0:50052)")
+    p.add_argument("--token", help="this aggregator's token (the server's token file, 'aggregators'; prefer --token-file)")
+    p.add_argument("--token-file", help="a file holding this aggregator's token")
+    p.add_argument("--tls-ca", help="CA certificate (PEM) that signed the server's certificate; TLS to the server")
+    p.add_argument("--parent-cert", help="mutual TLS with the server: this aggregator's certificate (PEM)")
+    p.add_argument("--parent-key", help="mutual TLS with the server: this aggregator's private key (PEM)")
+    p.add_argument("--tls-cert", help="this aggregator's certificate (PEM); with --tls-key, its clients must use TLS")
+    p.add_argument("--tls-key", help="this aggregator's private key (PEM)")
+    p.add_argument("--fan-in", type=int, default=0, metavar="N",
+                   help="forward once N updates of a model version are held (default 0: when every task relayed for it "
+                   "is back, or --flush-s)")
+    p.add_argument("--flush-s", type=float, default=5.0, metavar="SECONDS",
+                   help="forward an update at the latest this long after it arrived (default 5)")
+    p.add_argument("--give-up-after", type=float, default=600.0, metavar="SECONDS",
+                   help="exit with an error after the server was unreachable this long (default 600)")
+    p.add_argument("--quiet", action="store_true", help="log warnings only")
+    p.set_defaults(func=cmd_aggregator)
 
 
 # ---------------------------------------------------------------------------- parser

@@ -66,6 +66,19 @@ class Credentials(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterc
         return continuation(self._details(client_call_details), request_iterator)
 
 
+def open_channel(address: str, ca: bytes | None = None, key: bytes | None = None, cert: bytes | None = None) -> grpc.Channel:
+    """A channel to a hetfl server (or aggregator) at ``address``: TLS when ``ca`` is given (mutual with ``key`` and
+    ``cert``), messages up to 64 MiB (chunks are smaller), keepalive pings so a vanished server is noticed."""
+    size = 64 << 20
+    opts = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
+            # a server that vanished without closing the connection is noticed within a minute
+            ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 20_000)]
+    if ca is None:
+        return grpc.insecure_channel(address, options=opts)
+    creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    return grpc.secure_channel(address, creds, options=opts)
+
+
 def tls_problem(detail: str, server: str, ca: bytes | None, cert_file: str | None = None,
                 key_file: str | None = None) -> str | None:
     """What is wrong with TLS between this client and ``server``, given gRPC's ``detail`` of an UNAVAILABLE call

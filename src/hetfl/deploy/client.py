@@ -37,8 +37,8 @@ from hetfl.config import ExperimentConfig, load_yaml, validate  # load_yaml: the
 from hetfl.deploy import federation_pb2 as pb
 from hetfl.deploy import federation_pb2_grpc as pb_grpc
 from hetfl.deploy import wire
-from hetfl.deploy.channel import Credentials, tls_problem
-from hetfl.deploy.tokens import check_client_tls, read_pem
+from hetfl.deploy.channel import Credentials, tls_problem, open_channel
+from hetfl.deploy.tokens import check_client_tls, read_pem, read_token_file
 from hetfl.errors import DataError, HetflError
 from hetfl.strategies import build_strategy
 from hetfl.strategies.base import ClientData, Task, client_report
@@ -193,14 +193,7 @@ class Client:
 
     def _channel(self) -> grpc.Channel:
         o = self.o
-        size = 64 << 20
-        opts = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
-                # a server that vanished without closing the connection is noticed within a minute
-                ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 20_000)]
-        if o.tls_ca is None:
-            return grpc.insecure_channel(o.server, options=opts)
-        creds = grpc.ssl_channel_credentials(root_certificates=o.tls_ca, private_key=o.tls_key, certificate_chain=o.tls_cert)
-        return grpc.secure_channel(o.server, creds, options=opts)
+        return open_channel(o.server, o.tls_ca, o.tls_key, o.tls_cert)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
@@ -573,15 +566,7 @@ def client_command(
     if (token is None) == (token_file is None):
         raise HetflError("give the client's token with --token TOKEN or --token-file FILE (one of them)")
     if token_file is not None:
-        path = Path(token_file)
-        if not path.is_file():
-            raise HetflError(f"--token-file {path}: no such file")
-        try:
-            token = path.read_bytes().decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise HetflError(f"--token-file {path}: not a text file (expected the token alone on one line)") from None
-        if not token or len(token.split()) != 1:
-            raise HetflError(f"--token-file {path}: expected the token alone on one line")
+        token = read_token_file(token_file)
     if ":" not in server or not server.rsplit(":", 1)[1].isdigit() or not 0 < int(server.rsplit(":", 1)[1]) <= 65535:
         raise HetflError(f"--server {server}: expected HOST:PORT with a port in 1..65535, e.g. 192.168.1.10:50051")
     if device is not None:

@@ -88,6 +88,8 @@ def _serve(
     if cfg.deploy.secure_aggregation and cfg.deploy.max_update_norm is not None:
         raise ConfigError("deploy.secure_aggregation: deploy.max_update_norm bounds each update, which secure "
                           "aggregation hides (clients clip each entry to deploy.secagg_clip instead); use one or the other")
+    if table.aggregators:
+        _check_hierarchy(cfg, strategy, token_file)
     server = DeployServer(cfg, fed, strategy, ServerOptions(address, table, cert, key, client_ca, need))
     server.bind()  # before anything is written: a port another process holds is refused here
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -125,6 +127,19 @@ def _serve(
     # summary.json's client_speed: the speeds measured here, not those of the (ignored) devices section
     run.fed = replace(run.fed, profiles=DeviceTable.from_profiles(server.profiles))
     return run.finish(status)
+
+
+def _check_hierarchy(cfg: ExperimentConfig, strategy: Any, token_file: str) -> None:
+    """Aggregators (the token file's ``aggregators``) forward a weighted mean: only a strategy that aggregates by it
+    takes them, and not under secure aggregation."""
+    if cfg.deploy.secure_aggregation:
+        raise ConfigError(f"deploy.secure_aggregation: the token file {token_file} lists aggregators, which read their "
+                          "clients' updates to pre-aggregate them; secure aggregation and aggregators do not compose "
+                          "(drop one)")
+    if not strategy.linear_aggregation:
+        raise ConfigError(f"strategy.name: {strategy.name} does not aggregate by the updates' weighted mean, which is "
+                          f"what an aggregator forwards (the token file {token_file} lists aggregators); use a strategy "
+                          "with linear_aggregation (fedavg, fedprox), or remove 'aggregators' from the token file")
 
 
 def _robust(cfg: ExperimentConfig) -> bool:

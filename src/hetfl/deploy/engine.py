@@ -104,6 +104,7 @@ class DeployState(EngineState):
     measured: dict[int, dict[str, float]] = field(default_factory=dict)  # step_s, down_Bps, up_Bps, hostname...
     rejected: int = 0
     timed_out: int = 0
+    uploads: int = field(default_factory=int)  # update messages received: clients' updates and aggregators' aggregates
     server_busy_s: float = 0.0  # wall seconds in the strategy's hooks (aggregation, and the evaluations they trigger)
     client_state: Any = None  # the simulator's per-client state store; in a deployment it stays on each client
     claims: dict[int, int] = field(default_factory=dict)  # the last sample count each client claimed that was logged
@@ -342,6 +343,7 @@ class DeployServer(HoldsEngineCore):
             "rejected": self.state.rejected,
             "timed_out": self.state.timed_out,
             "clients_connected": connected,
+            "uploads_received": self.state.uploads,
             "step_s_mean": float(np.mean(steps)) if steps else None,
             "server_busy_s": self.state.server_busy_s,
         }
@@ -384,7 +386,7 @@ class DeployServer(HoldsEngineCore):
         header = pb.TaskHeader(
             kind=pb.TaskHeader.TRAIN, task_id=task.task_id, version=task.version, steps=task.steps,
             seed=self.task_seed(task.task_id), options_json=json.dumps(scalars), tensors=specs,
-            secagg_json=json.dumps(secagg) if secagg else "",
+            secagg_json=json.dumps(secagg) if secagg else "", weight=self.num_samples(task.client_id),
         )
         return list(wire.chunks(pb.Chunk(task=header), blobs, self.deploy.chunk_bytes))
 
@@ -584,6 +586,7 @@ class DeployServer(HoldsEngineCore):
             return False, reason
         st.counters.bytes_up += nbytes
         st.counters.arrived += 1
+        st.uploads += 1
         self._measure(client_id, task, header, nbytes)
         if header.n_samples > 0:
             self._note_claim(client_id, int(header.n_samples), "with its update")
@@ -624,6 +627,84 @@ class DeployServer(HoldsEngineCore):
             self.norm_bound.accepted(norm, task.steps, params.numel(), st.norm_history)
             st.strikes.pop(client_id, None)
         return accepted, reason
+
+    def _on_aggregate(self, name: str, header: pb.AggregateHeader, tensors: dict | None, nbytes: int) -> tuple[bool, str]:
+        """Aggregator ``name``'s pre-aggregate of its members' updates (:mod:`hetfl.deploy.aggregator`).
+
+        Every member must be a task in flight at a client that joined through ``name``, once; otherwise the whole
+        aggregate is refused and those of its members that are ``name``'s fail (a member whose task is over, yet of a
+        client of ``name``, is ignored, as a late update is). The mean must be finite and of the model's shape, every
+        weight the one the task was sent with (:meth:`num_samples`), steps and losses sane. The strategy is then
+        handed, for every member, the update :func:`~hetfl.strategies.checks.secure_updates` makes of the group (the
+        mean as params, its own sample count, steps, loss and stats), all sharing one params tensor."""
+        from hetfl.strategies.checks import secure_updates
+
+        st, members, stale, seen = self.state, [], [], set()
+        st.uploads += 1
+        with self.lock:
+            via = {c: conn.via for c, conn in self.conns.items()}
+        bad = None
+        for m in header.members:
+            task = st.busy.get(m.client_id)
+            if via.get(m.client_id) != name or m.task_id in seen:
+                bad = bad or (f"aggregator {name} claims task {m.task_id} twice" if m.task_id in seen else
+                              f"aggregator {name} claims task {m.task_id} of client {m.client_id}, which did not join "
+                              "through it")
+            elif task is None or task.task_id != m.task_id:
+                stale.append(m.task_id)
+            else:
+                members.append((task, m))
+            seen.add(m.task_id)
+        if bad is not None:
+            for task, _ in members:
+                self.reject(task, bad)
+            return False, bad
+        if stale:
+            log.info("aggregator %s: task(s) %s ignored: no longer wanted (cancelled, timed out, or from before a "
+                     "restart)", name, ", ".join(map(str, stale)))
+        refused = [(t, m) for t, m in members if m.rejected]
+        for task, m in refused:
+            self.reject(task, f"aggregator {name}: {m.rejected}")
+        members = [(t, m) for t, m in members if not m.rejected]
+        if not members:
+            return False, refused[0][1].rejected if refused else "no update of it is wanted any more"
+        params = (tensors or {}).get("params")
+        reference = members[0][0].params
+        reason = None
+        if params is None or set(tensors) != {"params"}:
+            reason = "an aggregate carries its members' weighted mean ('params') and nothing else"
+        elif any(t.version != header.version for t, _ in members):
+            reason = f"its members' tasks are not all of version {header.version}"
+        if reason is None:
+            reason = check_update(params, reference=reference, max_norm=None)
+        for task, m in members:
+            if reason is not None:
+                break
+            if m.n_samples != self.num_samples(task.client_id):
+                reason = (f"it weights client {task.client_id} by {m.n_samples} samples, not the {self.num_samples(task.client_id)} "
+                          "its task was sent with")
+            elif m.steps < 1 or not math.isfinite(m.loss):
+                reason = f"it reports {m.steps} local steps and loss {m.loss} for task {task.task_id}"
+            else:
+                reason = check_stats(_stats(m.stats_json))
+        if reason is not None:
+            for task, _ in members:
+                self.reject(task, f"aggregate of {name} rejected: {reason}")
+            return False, reason
+        st.counters.bytes_up += nbytes  # once for the group: what the server received
+        updates = []
+        for task, m in members:
+            st.counters.arrived += 1
+            self._measure(task.client_id, task, m, 0)
+            self._forget(task)
+            stats = {**st.client_stats.get(task.client_id, {}), **_stats(m.stats_json)}
+            updates.append(self.core.make_update(task, params, n_samples=int(m.n_samples), steps=int(m.steps),
+                                                 loss=float(m.loss), stats=stats))
+        updates = secure_updates(updates)
+        updates = [replace(u, params=updates[0].params) for u in updates]  # one tensor: one merge for the root
+        results = [self._deliver(u) for u in updates]
+        refused = [r for ok, r in results if not ok]
+        return not refused, refused[0] if refused else ""
 
     def _check_payload(self, task: Task, payload: dict[str, torch.Tensor]) -> str | None:
         """The update's payload against what the strategy declares (``Strategy.expected_payload``)."""
@@ -746,6 +827,21 @@ class DeployServer(HoldsEngineCore):
                 result = (False, reason)
             except BaseException:
                 reply.set_result((False, "the server failed to process the update"))
+                raise
+            reply.set_result(result)
+        elif kind == "aggregate":
+            *args, reply = event[1:]
+            try:
+                result = self._on_aggregate(*args)
+            except DivergedError:
+                reply.set_result((False, "the run diverged"))
+                raise
+            except Exception as err:  # noqa: BLE001 - one aggregator's message never stops the server
+                reason = f"the server failed to process it ({_one_line(err)})"
+                log.error("aggregator %s: aggregate of version %d: %s", args[0], args[1].version, reason)
+                result = (False, reason)  # its members' tasks, if still in flight, time out as any silent task
+            except BaseException:
+                reply.set_result((False, "the server failed to process the aggregate"))
                 raise
             reply.set_result(result)
         elif kind == "ready":
@@ -891,7 +987,7 @@ class DeployServer(HoldsEngineCore):
                 event = self.events.get_nowait()
             except queue.Empty:
                 return
-            if event[0] == "update":
+            if event[0] in ("update", "aggregate"):
                 event[-1].set_result((False, "the run is over"))
 
     def save(self) -> None:
@@ -931,7 +1027,7 @@ class DeployServer(HoldsEngineCore):
                 event = None
             self._tick()
             if event is not None:
-                if event[0] == "update":  # nothing was sent yet: an update is from before a restart
+                if event[0] in ("update", "aggregate"):  # nothing was sent yet: an update is from before a restart
                     event[-1].set_result((False, "the server restarted; the task is void"))
                 elif event[0] != "lost":  # the strategy does not run before the clients are there
                     self._handle(event)
@@ -944,34 +1040,11 @@ class DeployServer(HoldsEngineCore):
         if self._grpc is not None:
             return self._port
         d = self.deploy
-        self.gate = gate.Gate(self.options.tokens, self._session_client, gate.Limits(
-            call_timeout_s=d.call_timeout_s, poll_s=d.poll_s, min_transfer_Bps=d.min_transfer_Bps,
-            max_calls_per_peer=d.max_calls_per_peer, max_failed_joins=d.max_failed_joins))
-        opts = [("grpc.max_receive_message_length", d.chunk_bytes + (1 << 20)),
-                ("grpc.max_send_message_length", d.chunk_bytes + (1 << 20)),
-                ("grpc.so_reuseport", 0),  # a second server on this port must fail to bind, not share it
-                ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),  # clients' keepalive pings
-                ("grpc.keepalive_permit_without_calls", 1)]
+        self.gate = gate.Gate(self.options.tokens, self._session_client, gate.Limits.of(d))
         # an honest client holds at most two calls (a poll or an upload, and a heartbeat); the gate frees the rest
-        pool = futures.ThreadPoolExecutor(max_workers=max(32, 3 * self.n_clients + 16), thread_name_prefix="hetfl-grpc")
-        server = grpc.server(pool, interceptors=[self.gate], options=opts)
-        pb_grpc.add_FederationServicer_to_server(FederationServicer(self), server)
         o = self.options
-        in_use = (f"--address {o.address}: cannot listen there (the port is in use, or the host is not an address of "
-                  "this machine; GRPC_VERBOSITY=debug says more)")
-        try:
-            if o.tls_cert is not None:
-                creds = grpc.ssl_server_credentials(
-                    [(o.tls_key, o.tls_cert)], root_certificates=o.tls_client_ca,
-                    require_client_auth=o.tls_client_ca is not None,
-                )
-                port = server.add_secure_port(o.address, creds)
-            else:
-                port = server.add_insecure_port(o.address)
-        except RuntimeError:
-            raise HetflError(in_use) from None
-        if port == 0:
-            raise HetflError(in_use)
+        server, port = listen(self.gate, FederationServicer(self), o.address, workers=max(32, 3 * self.n_clients + 16),
+                              chunk_bytes=d.chunk_bytes, tls=(o.tls_cert, o.tls_key, o.tls_client_ca))
         self._grpc, self._port = server, port
         return port
 
@@ -987,6 +1060,36 @@ class DeployServer(HoldsEngineCore):
         where = f"{host}:{port}" if not o.address.startswith("unix:") else o.address
         log.info("listening on %s (%s)", where, "TLS" + (", client certificates required" if o.tls_client_ca else "")
                  if o.tls_cert is not None else "plaintext: use --tls-cert/--tls-key beyond a trusted network")
+
+
+def listen(gate_: gate.Gate, servicer: Any, address: str, *, workers: int, chunk_bytes: int,
+           tls: tuple[bytes | None, bytes | None, bytes | None] = (None, None, None)) -> tuple[grpc.Server, int]:
+    """A gRPC server for ``servicer`` behind ``gate_``, bound (not started) at ``address``, TLS when ``tls`` (certificate,
+    key, client CA for mutual TLS) has a certificate; the port bound. A port another process holds is refused (no
+    SO_REUSEPORT: two servers never split the clients): one line."""
+    cert, key, client_ca = tls
+    opts = [("grpc.max_receive_message_length", chunk_bytes + (1 << 20)),
+            ("grpc.max_send_message_length", chunk_bytes + (1 << 20)),
+            ("grpc.so_reuseport", 0),  # a second server on this port must fail to bind, not share it
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),  # clients' keepalive pings
+            ("grpc.keepalive_permit_without_calls", 1)]
+    pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hetfl-grpc")
+    server = grpc.server(pool, interceptors=[gate_], options=opts)
+    pb_grpc.add_FederationServicer_to_server(servicer, server)
+    in_use = (f"--address {address}: cannot listen there (the port is in use, or the host is not an address of "
+              "this machine; GRPC_VERBOSITY=debug says more)")
+    try:
+        if cert is not None:
+            creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                                require_client_auth=client_ca is not None)
+            port = server.add_secure_port(address, creds)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:
+        raise HetflError(in_use) from None
+    if port == 0:
+        raise HetflError(in_use)
+    return server, port
 
 
 class HeldLog:

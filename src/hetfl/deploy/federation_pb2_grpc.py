@@ -54,6 +54,11 @@ class FederationStub(object):
                 request_serializer=hetfl_dot_deploy_dot_federation__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=hetfl_dot_deploy_dot_federation__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
+        self.SendAggregate = channel.stream_unary(
+                '/hetfl.deploy.Federation/SendAggregate',
+                request_serializer=hetfl_dot_deploy_dot_federation__pb2.Chunk.SerializeToString,
+                response_deserializer=hetfl_dot_deploy_dot_federation__pb2.Ack.FromString,
+                _registered_method=True)
 
 
 class FederationServicer(object):
@@ -83,6 +88,14 @@ class FederationServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendAggregate(self, request_iterator, context):
+        """An aggregator (hetfl aggregator) forwards its clients' pre-aggregated updates: an AggregateHeader, then the
+        weighted mean's bytes in chunks. It authenticates with its own token (hetfl-aggregator-bin); no members: a hello.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +118,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=hetfl_dot_deploy_dot_federation__pb2.HeartbeatRequest.FromString,
                     response_serializer=hetfl_dot_deploy_dot_federation__pb2.HeartbeatReply.SerializeToString,
+            ),
+            'SendAggregate': grpc.stream_unary_rpc_method_handler(
+                    servicer.SendAggregate,
+                    request_deserializer=hetfl_dot_deploy_dot_federation__pb2.Chunk.FromString,
+                    response_serializer=hetfl_dot_deploy_dot_federation__pb2.Ack.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +233,33 @@ class Federation(object):
             '/hetfl.deploy.Federation/Heartbeat',
             hetfl_dot_deploy_dot_federation__pb2.HeartbeatRequest.SerializeToString,
             hetfl_dot_deploy_dot_federation__pb2.HeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendAggregate(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/hetfl.deploy.Federation/SendAggregate',
+            hetfl_dot_deploy_dot_federation__pb2.Chunk.SerializeToString,
+            hetfl_dot_deploy_dot_federation__pb2.Ack.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,11 +22,18 @@ and never sends its request would hold that thread however the handler checks. T
 method as a request-streaming one: its wrapper runs at once, checks, and reads the single request itself, under
 the call's deadline.
 
+Aggregators (``hetfl aggregator``, :mod:`hetfl.deploy.aggregator`) carry their own token (``hetfl-aggregator-bin``,
+the token file's ``aggregators``) on SendAggregate, which has no session, and on the joins they relay, whose
+client token is checked as any other's; a bad aggregator token counts as a failed join. An aggregator's own gate
+has no token table (``tokens=None``): it admits a join unchecked, for its handler relays it to the server, which
+checks the token; every other call needs a session the aggregator relayed.
+
 The handlers learn what the gate established (the client id and session of the call) from :func:`current`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
 import threading
@@ -45,6 +52,7 @@ log = logging.getLogger("hetfl.server")
 TOKEN_KEY = "hetfl-token-bin"  # binary metadata: a token may hold any characters
 SESSION_KEY = "hetfl-session"
 INSTANCE_KEY = "hetfl-instance"  # a random id per client process: a rejoin of the same process proves itself with it
+AGGREGATOR_KEY = "hetfl-aggregator-bin"  # an aggregator's token (binary metadata, as a client's)
 MAX_CALLS_PER_SESSION = 6
 FAILED_JOIN_WINDOW_S = 60.0
 MAX_TRACKED_ADDRESSES = 10_000  # failed-join records kept at most (the oldest go first)
@@ -59,6 +67,12 @@ class Limits:
     min_transfer_Bps: float = 10_000.0
     max_calls_per_peer: int = 64
     max_failed_joins: int = 20
+
+    @classmethod
+    def of(cls, deploy: Any) -> "Limits":
+        """The bounds of a config's ``deploy`` section (an object, or a mapping of the keys it sets)."""
+        get = deploy.get if isinstance(deploy, dict) else lambda key, default: getattr(deploy, key, default)
+        return cls(**{f.name: get(f.name, f.default) for f in dataclasses.fields(cls)})
 
     def deadline_s(self, method: str, nbytes: int = 0) -> float:
         """Seconds a call of ``method`` moving ``nbytes`` may take."""
@@ -78,6 +92,7 @@ class Call:
     client: int | None = None
     session: str | None = None
     instance: str = ""
+    aggregator: str | None = None  # the aggregator's name: a SendAggregate, or a join it relayed
     expected: int = 0  # bytes the call moves, as far as the handler has said (Gate.expect)
     done: bool = False
     cancelled: bool = False
@@ -102,6 +117,14 @@ def host_of(peer: str) -> str:
     return peer
 
 
+def _text(raw: Any) -> str:
+    """A token from binary metadata ("" if it is not UTF-8: no token matches it)."""
+    try:
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+    except UnicodeDecodeError:
+        return ""
+
+
 def _metadata(pairs: Any) -> dict[str, Any]:
     return {key: value for key, value in (pairs or ())}
 
@@ -111,7 +134,7 @@ class Gate(grpc.ServerInterceptor):
 
     ``session_client`` maps a session to its client id (None: unknown)."""
 
-    def __init__(self, tokens: TokenTable, session_client: Callable[[str], int | None], limits: Limits) -> None:
+    def __init__(self, tokens: TokenTable | None, session_client: Callable[[str], int | None], limits: Limits) -> None:
         self.tokens, self.session_client, self.limits = tokens, session_client, limits
         self.lock = threading.Lock()
         self.per_host: dict[str, int] = {}
@@ -173,6 +196,9 @@ class Gate(grpc.ServerInterceptor):
         call = Call(method, peer, host, context, now, now + self.limits.deadline_s(method))
         if method == "Join":
             self._authenticate_join(call, metadata)
+        elif method == "SendAggregate":
+            self._check_failed_joins(call)
+            self._authenticate_aggregator(call, metadata)
         else:
             session = metadata.get(SESSION_KEY)
             if not isinstance(session, str) or not session:
@@ -203,6 +229,37 @@ class Gate(grpc.ServerInterceptor):
         return call
 
     def _authenticate_join(self, call: Call, metadata: dict[str, Any]) -> None:
+        self._check_failed_joins(call)
+        if AGGREGATOR_KEY in metadata:  # relayed by an aggregator: it must be one, and the client's token is checked too
+            self._authenticate_aggregator(call, metadata)
+        if self.tokens is None:
+            return  # an aggregator's gate: the server checks the token of the join its handler relays
+        raw = metadata.get(TOKEN_KEY)
+        client, reason = (None, "no token in the call (a hetfl client older than the server?)") if raw is None else \
+            self.tokens.identify(_text(raw))
+        if client is None:
+            self._failed_join(call.host)
+            self._log_refusal(call.host, "refused a join from %s: %s", call.peer, reason)
+            self._refuse(call.context, grpc.StatusCode.UNAUTHENTICATED, f"{reason}: the server refused it")
+        call.client = client
+
+    def _authenticate_aggregator(self, call: Call, metadata: dict[str, Any]) -> None:
+        """The call's aggregator token (``hetfl-aggregator-bin``): its name in ``call.aggregator``, or refused."""
+        raw = metadata.get(AGGREGATOR_KEY)
+        if self.tokens is None:
+            name, reason = None, "this process accepts no aggregators"
+        elif raw is None:
+            name, reason = None, "no aggregator token in the call"
+        else:
+            name, reason = self.tokens.identify_aggregator(_text(raw))
+        if name is None:
+            self._failed_join(call.host)
+            self._log_refusal(call.host, "refused an aggregator from %s: %s", call.peer, reason)
+            self._refuse(call.context, grpc.StatusCode.UNAUTHENTICATED, f"{reason}: the server refused it")
+        call.aggregator = name
+
+    def _check_failed_joins(self, call: Call) -> None:
+        """Refuse a join (or an aggregator's call) from an address with too many failed ones in the last minute."""
         now = time.monotonic()
         with self.lock:
             times = self.failed.get(call.host)
@@ -216,20 +273,6 @@ class Gate(grpc.ServerInterceptor):
                               self.limits.max_failed_joins)
             self._refuse(call.context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                          f"too many failed joins from {call.host}; retry in {wait:.0f} s")
-        raw = metadata.get(TOKEN_KEY)
-        if raw is None:
-            client, reason = None, "no token in the call (a hetfl client older than the server?)"
-        else:
-            try:
-                token = raw.decode() if isinstance(raw, bytes) else str(raw)
-            except UnicodeDecodeError:
-                token = ""
-            client, reason = self.tokens.identify(token)
-        if client is None:
-            self._failed_join(call.host)
-            self._log_refusal(call.host, "refused a join from %s: %s", call.peer, reason)
-            self._refuse(call.context, grpc.StatusCode.UNAUTHENTICATED, f"{reason}: the server refused it")
-        call.client = client
 
     def _failed_join(self, host: str) -> None:
         with self.lock:

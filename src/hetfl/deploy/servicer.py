@@ -45,6 +45,7 @@ class Connection:
     public_key: bytes = b""
     peer: str = ""  # gRPC's peer string of its join (ipv4:HOST:PORT)
     instance: str = ""  # the client process's random id (gate.INSTANCE_KEY): its own rejoin replaces this session
+    via: str = ""  # the aggregator it joined through (its name), "" when it joined directly
 
 
 class FederationServicer(pb_grpc.FederationServicer):
@@ -76,6 +77,7 @@ class FederationServicer(pb_grpc.FederationServicer):
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         s = self.s
         call = gate.current()
+        via = (call.aggregator or "") if call is not None else ""
         if call is not None and call.client is not None:
             client, instance = call.client, call.instance  # the gate checked the token in the call's metadata
         else:  # no gate (a test driving the servicer directly): the token in the request
@@ -101,7 +103,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 if old is not None:
                     s.sessions.pop(old.session, None)
                 s.conns[client] = Connection(client, session, now, public_key=bytes(request.device.public_key),
-                                             peer=peer, instance=instance)
+                                             peer=peer, instance=instance, via=via)
                 s.sessions[session] = client
         if in_use:
             self._refuse_in_use(client, peer, old, now, context)
@@ -193,9 +195,14 @@ class FederationServicer(pb_grpc.FederationServicer):
             why = "it ran past its deadline" if call is not None and call.cancelled else "the stream broke off"
             s.events.put(("lost", conn.client_id, header.task_id, f"its upload did not complete: {why}"))
             raise
-        reply: futures.Future = futures.Future()
-        s.events.put(("update", conn.client_id, header, tensors, metas, nbytes, reply))
         conn.last_seen = time.monotonic()
+        return self._answer(("update", conn.client_id, header, tensors, metas, nbytes), context)
+
+    def _answer(self, event: tuple, context: grpc.ServicerContext) -> pb.Ack:
+        """Hand ``event`` to the engine and wait for its verdict (while the engine runs and the caller listens)."""
+        s = self.s
+        reply: futures.Future = futures.Future()
+        s.events.put((*event, reply))
         while True:
             try:
                 accepted, reason = reply.result(timeout=0.5)
@@ -205,6 +212,30 @@ class FederationServicer(pb_grpc.FederationServicer):
                     return pb.Ack(accepted=False, reason="the run is over")
                 if not context.is_active():  # cancelled: nobody waits for the answer
                     return pb.Ack(accepted=False, reason="cancelled")
+
+    def SendAggregate(self, request_iterator, context: grpc.ServicerContext) -> pb.Ack:
+        """An aggregator's pre-aggregate (:mod:`hetfl.deploy.aggregator`; the gate checked its token): its header, then
+        the weighted mean's bytes, at most what the model holds; the engine checks the members (``_on_aggregate``).
+        An aggregate without members is the aggregator's hello: accepted."""
+        s = self.s
+        call = gate.current()
+        name = call.aggregator if call is not None else None
+        if name is None:  # no gate (a test driving the servicer directly)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "no aggregator token: the server refused it")
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "aggregate":
+            return pb.Ack(accepted=False, reason="the stream must begin with an AggregateHeader")
+        header = first.aggregate
+        if not header.members:
+            log.info("aggregator %s connected from %s", name, context.peer())
+            return pb.Ack(accepted=True)
+        try:
+            tensors, _, nbytes = wire.collect(header.tensors, request_iterator, max_bytes=self._upload_cap(None),
+                                              on_header=s.gate.expect if s.gate is not None else None)
+        except wire.WireError as err:
+            tensors, nbytes = None, 0
+            header = _malformed(header, f"malformed aggregate: {err}")
+        return self._answer(("aggregate", name, header, tensors, nbytes), context)
 
     def _upload_cap(self, task: Task | None) -> int:
         """The most bytes an upload for ``task`` may announce: its model and payload (at least float32 each), or
@@ -229,3 +260,10 @@ class FederationServicer(pb_grpc.FederationServicer):
         task = self.s.state.busy.get(conn.client_id)
         return pb.HeartbeatReply(task_wanted=task is not None and task.task_id == request.task_id)
 
+
+
+def _malformed(header: pb.AggregateHeader, reason: str) -> pb.AggregateHeader:
+    """``header`` with every member marked rejected for ``reason`` (the engine fails their tasks, if they are its)."""
+    out = pb.AggregateHeader(version=header.version)
+    out.members.extend(pb.Member(task_id=m.task_id, client_id=m.client_id, rejected=reason) for m in header.members)
+    return out

@@ -8,6 +8,7 @@ A token file is YAML::
       a91b...04: 1
     revoked: [5d2e...9c]    # refused even if listed above
     samples: {0: 359, 1: 360}   # optional: each client's registered sample count, which bounds its weight
+    aggregators: {3c9d...77: rack-a}   # optional: aggregator token -> name (hetfl aggregator; YAML only)
 
 or CSV with a header ``token,client_id`` and optional columns ``revoked`` (``yes``/``true``/``1``) and ``samples``.
 ``hetfl tokens N --out tokens.yaml`` writes one with N random tokens. Tokens are compared in constant
@@ -37,14 +38,24 @@ class TokenTable:
     tokens: dict[str, int]  # token -> client id
     revoked: set[str] = field(default_factory=set)
     samples: dict[int, int] = field(default_factory=dict)  # client id -> registered sample count (bounds its weight)
+    aggregators: dict[str, str] = field(default_factory=dict)  # aggregator token -> its name (hetfl aggregator)
 
     def identify(self, token: str) -> tuple[int | None, str]:
         """(client id, "") for a valid token; (None, reason) for an unknown or revoked one."""
+        return self._identify(self.tokens, token)
+
+    def identify_aggregator(self, token: str) -> tuple[str | None, str]:
+        """(aggregator name, "") for a valid aggregator token; (None, reason) otherwise. A client's token is no
+        aggregator's (the tables are apart, and a token may be in only one)."""
+        name, reason = self._identify(self.aggregators, token)
+        return name, reason and f"{reason} (as an aggregator's)"
+
+    def _identify(self, table: dict, token: str) -> tuple:
         given = token.encode()
-        found: int | None = None
-        for known, client in self.tokens.items():
+        found = None
+        for known, who in table.items():
             if hmac.compare_digest(known.encode(), given):
-                found = client
+                found = who
         revoked = False
         for known in self.revoked:
             if hmac.compare_digest(known.encode(), given):
@@ -92,9 +103,18 @@ def load_tokens(path: str | Path, n_clients: int) -> TokenTable:
             if isinstance(k, bool) or not isinstance(k, int):
                 raise HetflError(f"{path}: samples: {k!r} is not a client id (an integer)")
         table.samples = {k: _count(path, k, v) for k, v in samples.items()}
-        unknown = set(raw) - {"tokens", "revoked", "samples"}
+        aggregators = raw.get("aggregators") or {}
+        if not isinstance(aggregators, dict):
+            raise HetflError(f"{path}: 'aggregators' must map aggregator tokens to names, e.g. 'aggregators: {{TOKEN: rack-a}}'")
+        table.aggregators = {str(k): str(v) for k, v in aggregators.items()}
+        unknown = set(raw) - {"tokens", "revoked", "samples", "aggregators"}
         if unknown:
-            raise HetflError(f"{path}: unknown key '{sorted(unknown)[0]}' (expected tokens, revoked, samples)")
+            raise HetflError(f"{path}: unknown key '{sorted(unknown)[0]}' (expected tokens, revoked, samples, aggregators)")
+    for token, name in table.aggregators.items():
+        if len(token) < MIN_TOKEN_CHARS:
+            raise HetflError(f"{path}: the token of aggregator {name} has {len(token)} characters; use at least {MIN_TOKEN_CHARS}")
+        if token in table.tokens:
+            raise HetflError(f"{path}: aggregator {name}'s token is also a client's; give each its own")
     for token, client in table.tokens.items():
         if len(token) < MIN_TOKEN_CHARS:
             raise HetflError(f"{path}: the token of client {client} has {len(token)} characters; use at least {MIN_TOKEN_CHARS} (hetfl tokens makes them)")
@@ -172,17 +192,35 @@ def exported_samples(folder: str | Path, n_clients: int) -> dict[int, int]:
     return counts
 
 
-def write_tokens(path: str | Path, n_clients: int, samples: dict[int, int] | None = None) -> dict[str, int]:
+def write_tokens(path: str | Path, n_clients: int, samples: dict[int, int] | None = None,
+                 aggregators: int = 0) -> dict[str, int]:
     """Write a YAML token file for ``n_clients`` clients (readable by its owner only), with each client's
-    registered sample count if ``samples`` gives them (they bound a client's weight); return the tokens."""
+    registered sample count if ``samples`` gives them (they bound a client's weight), and tokens for ``aggregators``
+    aggregators named agg-0, agg-1, ... (``hetfl aggregator``); return the clients' tokens."""
     path = Path(path)
     tokens = generate(n_clients)
     content: dict = {"tokens": tokens, "revoked": []}
     if samples:
         content["samples"] = dict(sorted(samples.items()))
+    if aggregators:
+        content["aggregators"] = {token: f"agg-{i}" for token, i in generate(aggregators).items()}
     path.write_text(yaml.safe_dump(content, sort_keys=False))
     path.chmod(0o600)
     return tokens
+
+
+def read_token_file(path: str | Path, flag: str = "--token-file") -> str:
+    """The token alone on the one line of the file ``path`` (given by ``flag``); a mistake is one line naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise HetflError(f"{flag} {path}: no such file")
+    try:
+        token = path.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise HetflError(f"{flag} {path}: not a text file (expected the token alone on one line)") from None
+    if not token or len(token.split()) != 1:
+        raise HetflError(f"{flag} {path}: expected the token alone on one line")
+    return token
 
 
 def read_pem(path: str | None, flag: str) -> bytes | None:
