@@ -22,10 +22,11 @@ demo: $(STAMP)
 	$(VENV)/bin/hetfl compare examples/quickstart.yaml --algorithms fedavg,fedprox,fednova,scaffold,fedadam --out results/quickstart --overwrite
 	$(VENV)/bin/hetfl runs --root results
 
-# Two workers, each test file on one (its module fixtures stay together); then, alone, the tests marked serial:
-# rates and shaped links measured against the clock, and Ray clusters.
+# Two workers, each test file on one (its module fixtures stay together), the files that start hetfl processes
+# first (tests/conftest.py orders them; --no-loadscope-reorder keeps that order); then, alone, the tests marked
+# serial: rates and shaped links measured against the clock, and Ray clusters.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile -m "not serial" --durations=15
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not serial" --durations=15
 	$(PY) -m pytest -m serial --durations=10
 
 bench: $(STAMP)

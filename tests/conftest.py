@@ -97,3 +97,26 @@ def write_config(folder: Path, filename: str = "config.yaml", base: dict | None 
     path = folder / filename
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+# ---------------------------------------------------------------------------------------------- the order of files
+def _starts_processes(module) -> bool:
+    """Whether a test file starts ``hetfl`` processes (a deployment, CLI runs): tens of seconds a test."""
+    return hasattr(module, "HETFL") or any(getattr(value, "__module__", None) == "test_deploy_support"
+                                           for value in vars(module).values())
+
+
+def pytest_collection_modifyitems(config, items):
+    """The files that start processes first, then the rest; each file's tests keep their order.
+
+    ``make test`` hands whole files to its two workers in this order (``--dist loadfile --no-loadscope-reorder``):
+    the long files are taken first and the many short ones fill in after, instead of xdist's default order (files
+    with the most tests first), which left the long deployment files, each a few tests, for the end, run by one
+    worker while the other had nothing left to do.
+    """
+    first = {}
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and module.__name__ not in first:
+            first[module.__name__] = _starts_processes(module)
+    items.sort(key=lambda item: not first.get(getattr(getattr(item, "module", None), "__name__", None), False))

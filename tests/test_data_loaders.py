@@ -6,6 +6,8 @@ import gzip
 import json
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -28,6 +30,18 @@ def test_digits():
     assert ds.x.min() == 0 and ds.x.max() == 16
     assert ds.n_classes == 10 and ds.input_shape == (64,)
     assert ds.groups is None and ds.vocab_size is None
+
+
+def test_digits_are_scikit_learns_without_importing_it():
+    from sklearn.datasets import load_digits  # the reference: hetfl reads its file, row for row
+
+    ds, bunch = load_dataset(DataConfig(dataset="digits")), load_digits()
+    assert np.array_equal(ds.x, bunch.data.astype(np.float32)) and np.array_equal(ds.y, bunch.target)
+    # and a fresh process that loads them has not imported scikit-learn (about 1.5 s of its start-up)
+    code = ("import sys; from hetfl.config import DataConfig; from hetfl.data import load_dataset; "
+            "load_dataset(DataConfig(dataset='digits')); print('sklearn' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr
 
 
 # --------------------------------------------------------------------------- MNIST

@@ -18,7 +18,7 @@ import torch
 from hetfl.config import load_config
 from hetfl.engine.run import run_experiment
 from test_deploy_support import deployment, env  # noqa: F401 - fixtures
-from test_deploy_support import N_CLIENTS, make_certificates, run_cli, write_config
+from test_deploy_support import N_CLIENTS, finish, make_certificates, start_cli, write_config
 
 
 @pytest.fixture(scope="module")
@@ -85,19 +85,23 @@ def test_tls_is_required_tokens_are_checked_and_large_models_stream(env, deploym
     deployment.wait_listening()
     # a plaintext client cannot talk to a TLS server, and says so in seconds (not after --give-up-after's
     # 600 s of retries), in one line naming the server and what to give
-    started = time.monotonic()
-    plain = run_cli("client", "--server", deployment.address, "--token-file", str(env.token_files[0]),
-                    "--data", str(env.parts / "client_0.npz"), "--quiet")
-    assert plain.returncode == 2 and time.monotonic() - started < 60, plain.stderr
-    assert plain.stderr.strip() == (f"error: the server at {deployment.address} speaks TLS and this client does not: "
-                                    "give --tls-ca CA.pem (the authority that signed the server's certificate)")
+    # (the three refused clients run at once: one process start-up instead of three)
     wrong = tmp_path / "wrong_token"
     wrong.write_text("not-a-token-of-this-server-0123456789")
     revoked = tmp_path / "revoked_token"
     revoked.write_text(env.revoked_token)
-    for token_file, reason in ((wrong, "unknown token"), (revoked, "the token was revoked")):
-        refused = run_cli("client", "--server", deployment.address, "--token-file", str(token_file),
-                          "--data", str(env.parts / "client_0.npz"), *tls, "--quiet")
+    started = time.monotonic()
+    plain = start_cli("client", "--server", deployment.address, "--token-file", str(env.token_files[0]),
+                      "--data", str(env.parts / "client_0.npz"), "--quiet")
+    refusals = {reason: start_cli("client", "--server", deployment.address, "--token-file", str(token_file),
+                                  "--data", str(env.parts / "client_0.npz"), *tls, "--quiet")
+                for token_file, reason in ((wrong, "unknown token"), (revoked, "the token was revoked"))}
+    plain = finish(plain)
+    assert plain.returncode == 2 and time.monotonic() - started < 60, plain.stderr
+    assert plain.stderr.strip() == (f"error: the server at {deployment.address} speaks TLS and this client does not: "
+                                    "give --tls-ca CA.pem (the authority that signed the server's certificate)")
+    for reason, refused in refusals.items():
+        refused = finish(refused)
         assert refused.returncode == 2, refused.stderr
         assert refused.stderr.startswith(f"error: the server at {deployment.address} refused this client: {reason}")
         assert len(refused.stderr.strip().splitlines()) == 1  # --quiet: nothing but the error

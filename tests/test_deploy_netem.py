@@ -111,9 +111,9 @@ def test_fedcompass_sees_clients_behind_slow_links_as_slow(slow_links, tmp_path)
 
 
 def _client_argv(dep: Deployment, env, client: int, server: str) -> list[str]:
-    from test_deploy_support import HETFL
+    from test_deploy_support import HETFL_CLIENT
 
-    return [*HETFL, "client", "--server", server, "--token-file", str(env.token_files[client]),
+    return [*HETFL_CLIENT, "--server", server, "--token-file", str(env.token_files[client]),
             "--data", str(env.parts / f"client_{client}.npz")]
 
 

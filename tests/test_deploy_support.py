@@ -17,6 +17,14 @@ import pytest
 import yaml
 
 HETFL = [sys.executable, "-m", "hetfl.cli"]
+# ``hetfl client`` as the deployment tests start it: the same command, with its reconnection backoff capped at
+# RETRY_CAP_S instead of 30 s. A client started before its server listens, or waiting out a server's restart,
+# otherwise sleeps up to 8-30 s after the server is back (on a loaded 2-core machine the server takes seconds to
+# start): tens of seconds of a test spent asleep. The backoff itself is tested in test_deploy_units.py.
+RETRY_CAP_S = 2.0
+HETFL_CLIENT = [sys.executable, "-c", "import functools, sys; from hetfl.deploy import client; "
+                f"client.Backoff = functools.partial(client.Backoff, cap={RETRY_CAP_S}); "
+                "from hetfl.cli import main; sys.exit(main())", "client"]
 N_CLIENTS = 5
 RUN_TIMEOUT_S = 240  # generous: the machine is shared; nothing here should take more than a fraction of it
 
@@ -78,13 +86,14 @@ class Deployment:
         )
         return self.server
 
-    def start_client(self, client: int, *extra: str, token_file: Path | None = None, data: Path | None = None) -> subprocess.Popen:
+    def start_client(self, client: int, *extra: str, token_file: Path | None = None, data: Path | None = None,
+                     cwd: Path | None = None) -> subprocess.Popen:
         log = self.out.parent / f"{self.out.name}-client-{client}-{len(self.logs)}.log"
         self.logs.append(log)
         proc = subprocess.Popen(
-            [*HETFL, "client", "--server", self.address, "--token-file", str(token_file or self.env.token_files[client]),
+            [*HETFL_CLIENT, "--server", self.address, "--token-file", str(token_file or self.env.token_files[client]),
              "--data", str(data or self.env.parts / f"client_{client}.npz"), *extra],
-            stdout=log.open("w"), stderr=subprocess.STDOUT,
+            stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=cwd,
         )
         self.clients.append(proc)
         return proc
@@ -134,8 +143,24 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2) -> Non
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*HETFL, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "COLUMNS": "200"})
+    return finish(start_cli(*args), timeout)
+
+
+def start_cli(*args: str) -> subprocess.Popen:
+    """``hetfl *args`` started, its output captured: several at once cost one process start-up, not several."""
+    return subprocess.Popen([*HETFL, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Wait for a :func:`start_cli` process: what ``subprocess.run`` returns (killed past ``timeout``)."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 @dataclass

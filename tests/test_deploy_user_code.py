@@ -34,19 +34,6 @@ def client_folder(folder: Path, source: str | None) -> Path:
     return folder
 
 
-def start_client(dep: Deployment, client: int, cwd: Path) -> subprocess.Popen:
-    """Deployment.start_client, in the folder ``cwd``."""
-    log = dep.out.parent / f"{dep.out.name}-client-{client}-{len(dep.logs)}.log"
-    dep.logs.append(log)
-    proc = subprocess.Popen(
-        [*HETFL, "client", "--server", dep.address, "--token-file", str(dep.env.token_files[client]),
-         "--data", str(dep.env.parts / f"client_{client}.npz")],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=cwd,
-    )
-    dep.clients.append(proc)
-    return proc
-
-
 def refused(dep: Deployment, client: int, cwd: Path) -> str:
     """Run a client that must refuse to join; its one line of stderr."""
     done = subprocess.run(
@@ -66,7 +53,7 @@ def test_a_user_strategy_runs_over_grpc_with_clients_holding_the_same_code(env, 
     deployment.start_server(config)
     same = (tmp_path / "project" / "mystrats.py").read_text()
     for client in (0, 1):  # each in a folder of its own, with an identical copy: the hash decides, not the path
-        start_client(deployment, client, client_folder(tmp_path / f"client{client}", same))
+        deployment.start_client(client, cwd=client_folder(tmp_path / f"client{client}", same))
     assert deployment.wait_server() == 0, deployment.server_log()
     summary = deployment.summary()
     assert summary["status"] == "completed" and summary["rounds"] == 3 and summary["updates"] == 6

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_deploy_support import HETFL, RUN_TIMEOUT_S, free_port
+from test_deploy_support import HETFL, HETFL_CLIENT, RUN_TIMEOUT_S, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "extending.md"
@@ -147,7 +147,7 @@ def test_the_example_package_runs_over_grpc_with_two_client_processes(tmp_path):
             token = next(t for t, client in _token_items(tokens) if client == c)
             (folder / "token").write_text(token)
             clients.append(subprocess.Popen(
-                [*HETFL, "client", "--server", address, "--token-file", "token", "--data",
+                [*HETFL_CLIENT, "--server", address, "--token-file", "token", "--data",
                  str(tmp_path / "parts" / f"client_{c}.npz"), "--quiet"],
                 cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             ))

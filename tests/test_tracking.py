@@ -194,10 +194,11 @@ def test_resume_continues_the_mlflow_run_and_tells_trackers(tmp_path, mlflow_db)
 
 def test_hetfl_server_tells_the_same_trackers(env, deployment, tmp_path):  # noqa: F811 - fixtures
     (tmp_path / "mytrackers.py").write_text(RECORDER)
-    config = write_deploy_config(tmp_path, rounds=2, tracking={
+    config = write_deploy_config(tmp_path, rounds=2, strategy__clients_per_round=2, deploy__min_clients=2, tracking={
         "csv": "m.csv", "callbacks": [{"name": "mytrackers:Recorder", "params": {"path": str(tmp_path / "c.jsonl")}}]})
     deployment.start_server(config)
-    deployment.start_clients()  # the clients are not sent the tracking section (nor the tracker's code to import)
+    # two clients are enough for the server's trackers; they are not sent the tracking section (nor its code)
+    deployment.start_clients(clients=[0, 1])
     assert deployment.wait_server() == 0, deployment.server_log()
     records = deployment.metrics()
     seen = calls(tmp_path / "c.jsonl")

@@ -39,8 +39,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from scipy.cluster import hierarchy
-from scipy.spatial.distance import squareform
 
 from hetfl.strategies.base import ClientData, ClientResult, Server, Task, Update, buffer_entries
 from hetfl.strategies.rounds import RoundStrategy, weighted_mean
@@ -68,6 +66,9 @@ def cosine_clusters(
     """
     if (distance_threshold is None) == (n_clusters is None):
         raise ValueError("give exactly one of distance_threshold and n_clusters")
+    from scipy.cluster import hierarchy  # here, not at the top: kept out of every hetfl process's start-up
+    from scipy.spatial.distance import squareform
+
     m = updates.shape[0]
     if m < 2:
         return [0] * m

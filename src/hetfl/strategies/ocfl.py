@@ -48,7 +48,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from sklearn.cluster import HDBSCAN
 
 from hetfl.strategies.base import Server, Update, buffer_entries
 from hetfl.strategies.clustered import FLHC, cosine_distances
@@ -67,6 +66,8 @@ def clustering_temperature(updates: torch.Tensor, p: float = 2.0) -> float:
 def density_clusters(distances: np.ndarray, min_cluster_size: int = 5) -> list[int]:
     """HDBSCAN on a precomputed distance matrix; noise joins the cluster of smallest mean distance; labels 0.. in
     order of first row (all noise, or fewer than 2 rows: one cluster). ``min_cluster_size`` is capped at the rows."""
+    from sklearn.cluster import HDBSCAN  # here, not at the top: scikit-learn takes ~1.5 s to import in every hetfl process
+
     m = distances.shape[0]
     if m < 2:
         return [0] * m
