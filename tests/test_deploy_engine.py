@@ -292,3 +292,24 @@ def test_a_task_that_never_returns_times_out_and_its_client_is_benched(tmp_path,
     assert fixed.task_limit(fixed.state.busy[0]) == (3.0, "task_timeout_s 3")
     off = _engine(tmp_path / "off", deploy__task_timeout_s="off")
     assert off.task_limit(off.state.busy[0]) == (None, "")
+
+
+def test_a_strategy_whose_clients_send_back_a_part_has_it_checked_against_upload_reference(tmp_path):
+    """FedConv's half-width clients return their sub-model (67 -> 35 numbers here is the hand-worked case of
+    tests/test_fedconv.py; this MLP's is what upload_reference says): the server accepts that shape and no other."""
+    server = _engine(tmp_path, model__hidden=[8], strategy__name="fedconv",
+                     strategy__params={"ratios": [0.5], "public_samples": 0, "server_steps": 0})
+    strategy = server.state.strategy
+    task = server.state.busy[0]
+    reference = strategy.upload_reference(server, task)
+    assert reference.numel() < task.params.numel() and torch.equal(reference, task.payload["model"])
+    header = pb.UpdateHeader(task_id=task.task_id, steps=task.steps, loss=0.5, n_samples=server.state.n_samples[0],
+                             stats_json="{}")
+    ok, reason = server._on_update(0, header, {"params": task.params + 0.01}, {"params": {}}, 0)  # the full model
+    assert not ok and reason == f"shape {tuple(task.params.shape)} != expected {tuple(reference.shape)}"
+    task = server.state.busy[1]
+    header.task_id = task.task_id
+    header.n_samples = server.state.n_samples[1]
+    reference = strategy.upload_reference(server, task)
+    ok, reason = server._on_update(1, header, {"params": reference + 0.01}, {"params": {}}, 0)
+    assert (ok, reason) == (True, "")

@@ -246,3 +246,20 @@ def test_leaves_scale_with_the_tasks_in_flight_and_retire_when_idle():
         tasks.append(Task(task_id=k, client_id=k, version=0, params=torch.zeros(2), steps=1, dispatched_at=0.0))
         tree.assign(0.0, tasks[-1])
     assert len(tree._load) <= 4 * len(tree.leaves) + 65 and tree.in_flight == 7 and tree.started > 1000
+
+
+def test_hetfl_server_refuses_the_simulated_hierarchy_in_one_line(tmp_path, capsys):
+    """A deployment's leaves are hetfl aggregator processes: the simulator's key is refused, naming the way."""
+    import yaml
+
+    from hetfl.cli import main
+    from hetfl.deploy.tokens import write_tokens
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"data": {"dataset": "digits", "n_clients": 3}, "strategy": {"name": "fedavg"},
+                                      "aggregation": {"hierarchy": {"fan_in": 2}}}))
+    write_tokens(tmp_path / "t.yaml", 3)
+    assert main(["server", str(config), "--out", str(tmp_path / "o"), "--tokens", str(tmp_path / "t.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "aggregation.hierarchy: simulated only" in err and "hetfl aggregator --parent" in err

@@ -74,6 +74,11 @@ def _serve(
             "strategy.partial_work: simulated only; a deployed server does not know a client's speed beforehand, "
             "so it cannot size the steps that meet the deadline; set it false for hetfl server"
         )
+    if cfg.aggregation.hierarchy.fan_in is not None:
+        raise ConfigError(
+            "aggregation.hierarchy: simulated only; a deployment's leaf aggregators are `hetfl aggregator --parent "
+            "HOST:PORT` processes with tokens under 'aggregators:' in the token file (docs/deployment.md); remove the key"
+        )
     if cfg.deploy.secure_aggregation and not strategy.linear_aggregation:
         raise ConfigError(
             f"deploy.secure_aggregation: {strategy.name} does not aggregate by a weighted mean of the updates, "

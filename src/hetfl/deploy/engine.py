@@ -598,9 +598,10 @@ class DeployServer(HoldsEngineCore):
         if params is None:
             reason = "the update carries no parameters"
         else:
-            if metas["params"].get("delta") and params.shape == task.params.shape:
-                params = task.params + params.to(task.params.dtype)
-            reason = check_update(params, reference=task.params, max_norm=None)
+            reference = st.strategy.upload_reference(self, task)  # what the client sends a new value of
+            if metas["params"].get("delta") and params.shape == reference.shape:
+                params = reference + params.to(reference.dtype)
+            reason = check_update(params, reference=reference, max_norm=None)
         if reason is None and other:
             reason = f"it carries a tensor '{other[0]}' (an update holds params and the strategy's payload only)"
         if reason is None:
@@ -612,7 +613,7 @@ class DeployServer(HoldsEngineCore):
             reason = f"it reports {header.steps} local steps and loss {header.loss}"  # FedNova divides by steps
         norm = 0.0
         if reason is None:
-            norm = change_norm(params, task.params)
+            norm = change_norm(params, reference)
             reason = self.norm_bound.check(norm, task.steps, params.numel(), st.norm_history)
         if reason is not None:
             self.reject(task, reason)
