@@ -125,10 +125,11 @@ def build_trainer(cfg: ExperimentConfig, setup: dict[str, Any]) -> LocalTrainer:
                            vocab_size=setup.get("vocab_size"))
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    reference, _ = build_trainer_for(cfg.model, cfg, data)
+    reference, _ = build_trainer_for(cfg.model, cfg, data, count_flops=False)
     if not cfg.model.zoo:
         return reference
-    members = [build_trainer_for(arch, cfg, data, key=f"model.zoo.{i}.name")[0] for i, arch in enumerate(cfg.model.zoo)]
+    members = [build_trainer_for(arch, cfg, data, key=f"model.zoo.{i}.name", count_flops=False)[0]
+               for i, arch in enumerate(cfg.model.zoo)]
     for member in members:
         member.reference = reference
     return members[int(setup["architecture"])]

@@ -253,9 +253,11 @@ def _check_batchable(cfg: ExperimentConfig, models: ClientModels, pool: ClientPo
             )
 
 
-def build_trainer_for(arch, cfg: ExperimentConfig, data: FederatedData, key: str = "model.name") -> tuple[LocalTrainer, float]:
+def build_trainer_for(arch, cfg: ExperimentConfig, data: FederatedData, key: str = "model.name", *,
+                      count_flops: bool = True) -> tuple[LocalTrainer, float]:
     """A trainer of architecture ``arch`` (the reference or a zoo member, named by the config key ``key``) and the
-    FLOPs of one of its steps.
+    FLOPs of one of its steps (0 with ``count_flops`` False: a deployed client, which prices nothing, runs the same
+    forward pass on zeros without torch's FLOP counter, whose first use imports ``torch._dynamo``, about 1.6 CPU-s).
 
     With ``model.pretrained`` a TinyLM starts from the pretrained base (:mod:`hetfl.models.pretrain`):
     its ``trainer.initial``, what every client and the server start from. A model of one's own is run once on a
@@ -268,8 +270,8 @@ def build_trainer_for(arch, cfg: ExperimentConfig, data: FederatedData, key: str
 
         load_or_pretrain(model, cfg.model.pretrain, cfg.data, cfg.seed)
     try:
-        forward = flops_per_sample(model, ds.input_shape, token_input=ds.vocab_size is not None)
-        if not registry.is_builtin("model", arch.name):
+        forward = flops_per_sample(model, ds.input_shape, token_input=ds.vocab_size is not None) if count_flops else 0.0
+        if not count_flops or not registry.is_builtin("model", arch.name):
             _check_logits(model, ds, key, arch.label())
     except HetflError:
         raise
@@ -281,7 +283,7 @@ def build_trainer_for(arch, cfg: ExperimentConfig, data: FederatedData, key: str
         ) from None
     trainer = LocalTrainer(model, cfg.training, arch.label(), key=key)
     trainer.input_shape, trainer.token_input = tuple(ds.input_shape), ds.vocab_size is not None
-    return trainer, training_flops(forward, cfg.training.batch_size)
+    return trainer, training_flops(forward, cfg.training.batch_size) if count_flops else 0.0
 
 
 def _check_logits(model: torch.nn.Module, ds: Any, key: str, label: str) -> None:
