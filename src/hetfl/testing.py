@@ -8,8 +8,9 @@ regression or a small MLP, virtual time: about a second in all) and checks
     dispatched task arrives, is lost, is cancelled or is still in flight, exactly one of them; no task arrives twice
     and no update is aggregated twice; every update that arrived is aggregated, dropped or held by the strategy;
     only arrived tasks are trained and upload (the steps and bytes counted are theirs); each client trained the
-    steps its task asked for; every update's parameters have the shape and dtype of the strategy's
-    ``upload_reference(server, task)``, as a deployed server requires.
+    steps its task asked for; every update passes the checks a deployed server makes before its strategy sees it
+    (parameters of the shape and dtype of ``upload_reference(server, task)``, finite; the payload
+    ``expected_payload`` declares; finite statistics).
 ``deterministic``
     two runs with the same seed give bit-identical models, clocks, counters and client states.
 ``resume equals an uninterrupted run``
@@ -352,11 +353,9 @@ def _accounting(make: Callable[[], Strategy], model: str, seed: int, label: str,
     check(not wrong, "updates trained other steps than their tasks asked (task, asked, trained): " + str(wrong[:3]))
     steps = sum(strategy.compute_steps(u.steps) for u in arrived)
     check(c.trained_steps == steps, f"{c.trained_steps} steps counted as trained, the arrived tasks' are {steps}")
-    shape = lambda t: (tuple(t.shape), t.dtype)  # noqa: E731
-    odd = [(u.task.task_id, *shape(u.params), *shape(strategy.upload_reference(sim, u.task))) for u in arrived
-           if shape(u.params) != shape(strategy.upload_reference(sim, u.task))]
-    check(not odd, "updates whose parameters have another shape or dtype than upload_reference(server, task) says, "
-          "so a deployed server would reject them (task, shape, dtype, expected shape, dtype): " + str(odd[:3]))
+    refused = [(u.task.task_id, _deploy_refusal(strategy, sim, u)) for u in arrived]
+    refused = [(task, why) for task, why in refused if why is not None]
+    check(not refused, "updates a deployed server would reject (hetfl.deploy.validate; task, reason): " + str(refused[:3]))
     up = sum(u.task.bytes_up for u in arrived)
     check(c.bytes_up == up, f"{c.bytes_up} bytes counted up, the arrived tasks' uploads are {up}")
     check(c.failed > 0, "the scenario lost no task: the strategy dispatched too little for the check to mean anything")
@@ -367,6 +366,17 @@ def _accounting(make: Callable[[], Strategy], model: str, seed: int, label: str,
 
 
 # --------------------------------------------------------------------------- determinism and resume
+def _deploy_refusal(strategy: Strategy, server: Any, update: Update) -> str | None:
+    """Why a deployed server would reject ``update`` before its strategy sees it (:mod:`hetfl.deploy.validate`: the
+    parameters against ``upload_reference``, the payload against ``expected_payload``, finite statistics), or None."""
+    from hetfl.deploy.validate import check_payload, check_stats, check_update
+
+    reference = strategy.upload_reference(server, update.task)
+    return (check_update(update.params, reference=reference, max_norm=None)
+            or check_payload(update.payload, strategy.expected_payload(server, update.task))
+            or check_stats(update.stats))
+
+
 def _resume(make: Callable[[], Strategy], model: str, seed: int, label: str) -> tuple[Simulator, Simulator]:
     """A straight run that saves its state mid-way, as ``checkpoint.pt``; and a fresh one resumed from it."""
     profiles = _harsh_profiles(seed)
