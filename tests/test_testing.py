@@ -4,6 +4,8 @@ kind of broken strategy is caught by the invariant it breaks, with a message nam
 
 from __future__ import annotations
 
+import dataclasses
+
 import random
 import subprocess
 import sys
@@ -98,6 +100,27 @@ class Lazy(MixOnArrival):
         return server.params.clone()
 
 
+class HalfSent(MixOnArrival):
+    """Its clients send back the first half of the model but it does not say so (``upload_reference``)."""
+
+    def client_train(self, trainer, task, data, state, seed):
+        result = super().client_train(trainer, task, data, state, seed)
+        half = task.params.numel() // 2
+        return dataclasses.replace(result, params=result.params[:half])
+
+    def mix(self, server, update) -> torch.Tensor:
+        half = update.params.numel()
+        return torch.cat([(1 - self.alpha) * server.params[:half] + self.alpha * update.params, server.params[half:]])
+
+
+class Undeclared(MixOnArrival):
+    """Its clients return a payload it never declares (``expected_payload``)."""
+
+    def client_train(self, trainer, task, data, state, seed):
+        result = super().client_train(trainer, task, data, state, seed)
+        return dataclasses.replace(result, payload={"momentum": torch.zeros(3)})
+
+
 class Picky(MixOnArrival):
     name = "picky"
 
@@ -119,6 +142,8 @@ def test_a_correct_strategy_of_ones_own_passes_every_check():
     (TorchNoise, RESUME, "the models differ"),
     (Unpicklable, RESUME, "its state does not save"),
     (Lazy, LEARNS, "expected below"),
+    (HalfSent, ACCOUNTING, "updates a deployed server would reject (hetfl.deploy.validate; task, reason): [(3, 'shape (7,) != expected (15,)'), "),
+    (Undeclared, ACCOUNTING, "payload momentum is not one the strategy expects (it expects: none)"),
 ])
 def test_a_broken_strategy_fails_the_invariant_it_breaks(cls, invariant, detail):
     with pytest.raises(AssertionError) as caught:
