@@ -135,6 +135,11 @@ def test_variant_labels_tell_runs_apart_in_hetfl_runs_and_the_report(tmp_path, m
     assert sorted(labels) == ["fedavg", "fedavg+oort"]
 
     assert variant_label({"name": "fedprox", "params": {"mu": 0.1}}) == "fedprox(mu=0.1)"
+    # update compression: the codec and the keys it reads that differ from the defaults (ratio is topk's only)
+    assert variant_label({"name": "fedavg", "compression": {"kind": "topk", "ratio": 0.1}}) == "fedavg+topk(ratio=0.1)"
+    assert variant_label({"name": "fedavg", "compression": {"kind": "qsgd", "ratio": 0.1, "error_feedback": False}}) \
+        == "fedavg+qsgd(error_feedback=False)"
+    assert variant_label({"name": "fedavg", "compression": {"kind": "none", "ratio": 0.1}}) == "fedavg"
     assert variant_label({"name": "fedavg", "aggregator": {"rule": "median", "trim_frac": 0.1}}) == "fedavg[median]"
     assert variant_label({"name": "fedavg", "aggregator": {"rule": "trimmed_mean", "trim_frac": 0.2}}) == \
         "fedavg[trimmed_mean(trim_frac=0.2)]"

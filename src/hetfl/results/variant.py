@@ -2,7 +2,9 @@
 
 ``fedavg`` (nothing changed), ``fedavg+oort`` (a client selection), ``fedprox(mu=0.1)`` (the algorithm's
 parameters), ``fedavg[median]`` (a robust aggregator; ``fedavg[mean(max_update_norm=1)]``: norm bounding), ``fedavg+dp(clip=1)`` (differential privacy),
-``fedprox(mu=1)+partial`` (stragglers' partial work, ``strategy.partial_work``), in that order:
+``fedavg+topk(ratio=0.1)`` (update compression, ``strategy.compression``, with the keys its codec reads that
+differ from the defaults), ``fedprox(mu=1)+partial`` (stragglers' partial work, ``strategy.partial_work``), in that
+order:
 ``fedprox(mu=0.1)+oort[trimmed_mean(trim_frac=0.2)]+dp(clip=1,noise_multiplier=0.5)+partial``. Compared against the
 defaults of :class:`hetfl.config.StrategyConfig`; ``clients_per_round``, ``deadline_s`` and ``per_algorithm`` for
 other algorithms are left out (how a run is sized, not which algorithm it is).
@@ -60,9 +62,19 @@ def variant_label(strategy: dict[str, Any] | None) -> str | None:
     privacy = strategy.get("privacy")
     if isinstance(privacy, dict) and privacy.get("clip") is not None:
         label += f"+dp{_args(_changed(privacy, defaults['privacy']))}"
+    compression = strategy.get("compression")
+    if isinstance(compression, dict) and compression.get("kind", "none") != "none":
+        kind = compression["kind"]
+        changed = _changed(compression, defaults["compression"], "kind")
+        label += f"+{kind}{_args({k: v for k, v in changed.items() if k in CODEC_KEYS.get(kind, ())})}"
     if strategy.get("partial_work"):
         label += "+partial"
     return label
+
+
+CODEC_KEYS = {"float16": ("error_feedback",), "topk": ("ratio", "error_feedback"),
+              "qsgd": ("levels", "bucket", "error_feedback")}
+"""The ``strategy.compression`` keys each codec reads: the only ones its label shows."""
 
 
 def run_variant(run_dir: Path) -> str | None:
