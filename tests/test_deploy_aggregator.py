@@ -70,6 +70,27 @@ def test_pre_aggregation_by_hand():
     assert flat.tolist() == [2.5, 3.5]
 
 
+def test_the_aggregator_applies_the_servers_norm_bound_to_each_update():
+    """The server sees only a group's mean, so the aggregator bounds each update by the server's deploy.update_norm
+    (sent in the config at a join): fixed, max_update_norm 1; adaptive, 10 x the median score after 3 updates."""
+    from hetfl.deploy.aggregator import Aggregator, AggregatorOptions
+
+    agg = Aggregator(AggregatorOptions(parent=f"127.0.0.1:{free_port()}", address="127.0.0.1:0", token="t" * 32))
+    try:
+        w = torch.zeros(4)
+        agg.norm_bound = agg.bound_of({"max_update_norm": 1.0})
+        assert agg.bounded(w + 0.4, w, 5) is None  # norm 0.8
+        assert agg.bounded(w + 0.6, w, 5) == "update norm 1.2 > bound 1.0"
+        agg.norm_bound, agg.norm_history = agg.bound_of({}), {}  # the default: adaptive, factor 10, warm-up 3
+        for _ in range(3):
+            assert agg.bounded(w + 0.5, w, 4) is None  # norm 1, score 1 / sqrt(4) = 0.5: the history's median
+        assert agg.bounded(w + 4.9, w, 4) is None  # score 4.9 <= 10 x 0.5
+        assert agg.bounded(w + 255.0, w, 4).startswith("update norm 510 (255 per sqrt(step), 4 steps) > 5,")
+    finally:
+        agg.channel.close()
+        agg.gate.close()
+
+
 def test_aggregator_tokens_in_the_token_file(tmp_path):
     from hetfl.deploy.tokens import load_tokens, write_tokens
     from hetfl.errors import HetflError

@@ -313,3 +313,24 @@ def test_a_strategy_whose_clients_send_back_a_part_has_it_checked_against_upload
     reference = strategy.upload_reference(server, task)
     ok, reason = server._on_update(1, header, {"params": reference + 0.01}, {"params": {}}, 0)
     assert (ok, reason) == (True, "")
+
+
+def test_an_aggregate_whose_mean_moves_further_than_any_bounded_update_could_is_rejected(tmp_path):
+    """deploy.max_update_norm 1: each member's change is at most 1, so their weighted mean's is too (triangle
+    inequality); an aggregator that hands the server a mean 3 away (sqrt(n) x 3/sqrt(n)) is refused with its members."""
+    server = _engine(tmp_path, deploy__max_update_norm=1.0)
+    for c in range(4):
+        server.conns[c].via = "rack-a"
+
+    def aggregate(clients: list[int], shift: float) -> tuple[bool, str]:
+        tasks = [server.state.busy[c] for c in clients]
+        members = [pb.Member(task_id=t.task_id, client_id=t.client_id, n_samples=server.num_samples(t.client_id),
+                             steps=t.steps, loss=0.5, stats_json="{}") for t in tasks]
+        header = pb.AggregateHeader(version=tasks[0].version, members=members)
+        n = tasks[0].params.numel()
+        return server._on_aggregate("rack-a", header, {"params": tasks[0].params + shift / math.sqrt(n)}, 0)
+
+    ok, reason = aggregate([0, 1], 3.0)  # the mean's change has norm 3 > 1
+    assert not ok and reason.startswith("update norm 3.0 > bound 1.0")
+    assert server.state.rejected == 2 and 0 not in server.state.busy and 1 not in server.state.busy
+    assert aggregate([2, 3], 0.5) == (True, "")  # norm 0.5: within the bound

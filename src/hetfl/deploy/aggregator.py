@@ -47,11 +47,12 @@ import grpc
 import torch
 import yaml
 
+from hetfl.config import DeployConfig, UpdateNormConfig
 from hetfl.deploy import federation_pb2 as pb
 from hetfl.deploy import federation_pb2_grpc as pb_grpc
 from hetfl.deploy import gate, wire
 from hetfl.deploy.channel import open_channel, tls_problem
-from hetfl.deploy.validate import check_stats, check_update
+from hetfl.deploy.validate import NormBound, change_norm, check_stats, check_update
 from hetfl.errors import HetflError
 
 log = logging.getLogger("hetfl.aggregator")
@@ -147,6 +148,8 @@ class Aggregator(pb_grpc.FederationServicer):
         self.parent_ok_at = time.monotonic()
         self.stats = {"updates_in": 0, "bytes_in": 0, "aggregates_out": 0, "bytes_out": 0}
         self.gate = gate.Gate(None, self._session_client, gate.Limits())
+        self.norm_bound = NormBound(UpdateNormConfig())  # the server's deploy.update_norm once a client joined
+        self.norm_history: dict[int, list[float]] = {}  # the adaptive bound's recent scores, as the server keeps them
         self._grpc: grpc.Server | None = None
         self.port = 0
 
@@ -184,7 +187,28 @@ class Aggregator(pb_grpc.FederationServicer):
                 del self.tasks[task.task_id]  # it joined again without it
         deploy = (yaml.safe_load(reply.config_yaml) or {}).get("deploy") or {}
         self.gate.limits = gate.Limits.of(deploy if isinstance(deploy, dict) else {})  # the server's deadlines
+        self.norm_bound = self.bound_of(deploy)
         return reply
+
+    @staticmethod
+    def bound_of(deploy: Any) -> NormBound:
+        """The server's norm bound (``deploy.update_norm``, ``deploy.max_update_norm`` of the config it sends at a
+        join), which this aggregator applies to each update it reads: the server sees only their mean."""
+        try:
+            cfg = DeployConfig.model_validate(deploy if isinstance(deploy, dict) else {})
+        except ValueError:
+            cfg = DeployConfig()
+        return NormBound(cfg.update_norm, cfg.max_update_norm)
+
+    def bounded(self, params: torch.Tensor, reference: torch.Tensor, steps: int) -> str | None:
+        """Why an update's change is too large for the norm bound (None: within it, and remembered by the adaptive
+        bound's history, as the server does for the updates it reads)."""
+        norm = change_norm(params, reference)
+        with self.lock:
+            reason = self.norm_bound.check(norm, steps, params.numel(), self.norm_history)
+            if reason is None:
+                self.norm_bound.accepted(norm, steps, params.numel(), self.norm_history)
+        return reason
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
         reply = self._relay(self.parent.Heartbeat, request, context)
@@ -270,6 +294,8 @@ class Aggregator(pb_grpc.FederationServicer):
             reason = _check(task, header, tensors, metas)
         if reason is None and metas["params"].get("delta"):
             params = task.reference + params.to(task.reference.dtype)
+        if reason is None:
+            reason = self.bounded(params, task.reference, int(header.steps))
         member = pb.Member(task_id=task.task_id, client_id=client, n_samples=task.weight, steps=header.steps,
                            loss=header.loss, stats_json=header.stats_json, train_s=header.train_s, step_s=header.step_s,
                            download_s=header.download_s, download_bytes=header.download_bytes,

@@ -634,8 +634,10 @@ class DeployServer(HoldsEngineCore):
 
         Every member must be a task in flight at a client that joined through ``name``, once; otherwise the whole
         aggregate is refused and those of its members that are ``name``'s fail (a member whose task is over, yet of a
-        client of ``name``, is ignored, as a late update is). The mean must be finite and of the model's shape, every
-        weight the one the task was sent with (:meth:`num_samples`), steps and losses sane. The strategy is then
+        client of ``name``, is ignored, as a late update is). The mean must be finite and of the model's shape, its
+        change within ``deploy.update_norm``'s bound (fixed: ``max_update_norm``; adaptive: the members' bound at their
+        most local steps; by the triangle inequality a mean of bounded changes is bounded the same), every weight the
+        one the task was sent with (:meth:`num_samples`), steps and losses sane. The strategy is then
         handed, for every member, the update :func:`~hetfl.strategies.checks.secure_updates` makes of the group (the
         mean as params, its own sample count, steps, loss and stats), all sharing one params tensor."""
         from hetfl.strategies.checks import secure_updates
@@ -678,6 +680,9 @@ class DeployServer(HoldsEngineCore):
             reason = f"its members' tasks are not all of version {header.version}"
         if reason is None:
             reason = check_update(params, reference=reference, max_norm=None)
+        if reason is None:  # a weighted mean's change is no longer than its longest member's: the members' bound holds
+            steps = max(int(m.steps) for _, m in members)
+            reason = self.norm_bound.check(change_norm(params, reference), steps, params.numel(), st.norm_history)
         for task, m in members:
             if reason is not None:
                 break
