@@ -257,10 +257,11 @@ def test_a_hierarchy_with_a_strategy_that_needs_each_update_is_refused(agg_env, 
     assert result.returncode == 2 and "do not compose" in result.stderr, result.stderr
 
 
-def test_a_forged_aggregate_is_rejected_and_the_run_goes_on(agg_env, hierarchy):
+def test_a_forged_aggregate_is_rejected_and_the_run_goes_on(agg_env, hierarchy, tmp_path):
     """rack-b claims a task of a client that joined through rack-a: refused, the run completes (the forged claim
-    fails nothing of rack-a's)."""
-    _start(hierarchy, agg_env.config, "--flush-s", "5")
+    fails nothing of rack-a's). 12 rounds: the run is still on when the forged claim comes, after the first."""
+    config = write_config(tmp_path, data__n_clients=N, strategy__clients_per_round=N, rounds=12)
+    _start(hierarchy, config, "--flush-s", "5")
     forged = {}
 
     def claim():
