@@ -216,3 +216,36 @@ def test_dispatched_tasks_train_in_batches_on_the_workers():
     assert backend.collected == sim.counters.arrived
     local = simulate("fedprox", rounds=4)
     assert torch.allclose(sim.params, local.params, atol=1e-5, rtol=1e-4)
+
+
+def test_a_local_ray_node_that_times_out_at_startup_is_started_once_more(monkeypatch):
+    from hetfl.engine import backends
+    from hetfl.errors import ConfigError
+
+    class FakeRay:
+        def __init__(self, failures: list[str]) -> None:
+            self.failures, self.calls = failures, []
+
+        def is_initialized(self) -> bool:
+            return False
+
+        def init(self, **kwargs) -> None:
+            self.calls.append("init")
+            if self.failures:
+                raise RuntimeError(self.failures.pop(0))
+
+        def shutdown(self) -> None:
+            self.calls.append("shutdown")
+
+    timeout = "The current node timed out during startup. This could happen because some of the raylet failed"
+    for failures, calls, ok in [([timeout], ["init", "shutdown", "init"], True),
+                                ([timeout, timeout], ["init", "shutdown", "init"], False),
+                                (["bad runtime_env"], ["init"], False)]:  # not a timeout: not retried
+        ray = FakeRay(list(failures))
+        monkeypatch.setattr(backends, "import_ray", lambda: ray)
+        if ok:
+            assert backends.start_ray(None, 1, 1, None) is True
+        else:
+            with pytest.raises(ConfigError, match="^backend: starting a local Ray failed: "):
+                backends.start_ray(None, 1, 1, None)
+        assert ray.calls == calls

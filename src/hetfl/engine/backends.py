@@ -256,6 +256,11 @@ def with_code_roots(runtime_env: dict[str, Any] | None, roots: list[str]) -> dic
     return env
 
 
+LOCAL_RAY_ATTEMPTS = 2
+"""A local Ray whose node times out while it starts (a loaded machine: "The current node timed out during startup")
+is started again once before the run gives up."""
+
+
 def start_ray(address: str | None, num_workers: int | None, threads: int, runtime_env: dict[str, Any] | None,
               roots: list[str] | None = None) -> bool:
     """Initialise Ray in this process unless it is already: a local Ray of ``num_workers * threads`` CPUs
@@ -275,8 +280,17 @@ def start_ray(address: str | None, num_workers: int | None, threads: int, runtim
     try:
         if local:
             workers = num_workers or max(1, (os.cpu_count() or 1) // threads)
-            ray.init(address="local", num_cpus=workers * threads, include_dashboard=False,
-                     runtime_env=runtime_env or None, logging_level=logging.WARNING)
+            for attempt in range(LOCAL_RAY_ATTEMPTS):
+                try:
+                    ray.init(address="local", num_cpus=workers * threads, include_dashboard=False,
+                             runtime_env=runtime_env or None, logging_level=logging.WARNING)
+                    break
+                except Exception as err:  # noqa: BLE001 - a node that timed out at startup: once more, from scratch
+                    if attempt + 1 == LOCAL_RAY_ATTEMPTS or "timed out" not in str(err):
+                        raise
+                    logging.getLogger("hetfl").warning(
+                        "backend: the local Ray node timed out during startup; starting it again")
+                    ray.shutdown()
         else:
             ray.init(address=address, runtime_env=runtime_env or None, logging_level=logging.WARNING)
     except Exception as err:  # Ray reports a bad address or runtime_env with many exception types
