@@ -163,13 +163,9 @@ def test_batched_training_trains_each_task_its_own_steps():
 @pytest.mark.serial
 def test_the_ray_backend_trains_the_same_partial_work():
     ray = pytest.importorskip("ray", reason="the Ray backend needs ray (pip install hetfl[ray])")
-    import logging
+    from hetfl.engine.backends import RayBackend, start_ray
 
-    from hetfl.engine.backends import RayBackend
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    started = start_ray(None, 2, 1, None)  # a local Ray of 2 CPUs, as hetfl starts one (a node timing out: once more)
     try:
         runs = []
         for backend in (None, RayBackend()):

@@ -5,7 +5,6 @@ One local Ray with 2 CPUs serves the whole module; a run that finds Ray initiali
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import pytest
@@ -29,9 +28,9 @@ ray = pytest.importorskip("ray", reason="the Ray backend needs ray (pip install 
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    from hetfl.engine.backends import start_ray
+
+    started = start_ray(None, 2, 1, None)  # a local Ray of 2 CPUs, as hetfl starts one (a node timing out: once more)
     yield
     if started:
         ray.shutdown()

@@ -388,9 +388,9 @@ def test_the_extending_pages_tracker_is_the_examples_and_runs(tmp_path, monkeypa
 @pytest.mark.serial  # starts a Ray cluster
 def test_the_ray_backend_tells_the_same_trackers(tmp_path):
     ray = pytest.importorskip("ray", reason="the Ray backend needs ray (pip install hetfl[ray])")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    from hetfl.engine.backends import start_ray
+
+    started = start_ray(None, 2, 1, None)  # a local Ray of 2 CPUs, as hetfl starts one (a node timing out: once more)
     try:
         memory = Memory()
         cfg = validate({**TINY, "backend": {"name": "ray"}, "tracking": {"csv": str(tmp_path / "m.csv")}})
