@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import make_simulator, profile, run_rounds, write_config
-from hetfl.engine.hierarchy import Hierarchy, shared_mean
+from hetfl.engine.hierarchy import Hierarchy
+from hetfl.strategies.checks import shared_mean
 from hetfl.engine.server_time import ServerTime
 from hetfl.errors import ConfigError
 from hetfl.strategies import FedAvg, FedBuff, FedProx

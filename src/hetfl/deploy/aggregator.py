@@ -52,7 +52,7 @@ from hetfl.deploy import federation_pb2 as pb
 from hetfl.deploy import federation_pb2_grpc as pb_grpc
 from hetfl.deploy import gate, wire
 from hetfl.deploy.channel import open_channel, tls_problem
-from hetfl.deploy.validate import NormBound, change_norm, check_stats, check_update
+from hetfl.deploy.validate import NormBound, change_norm, check_report, check_stats, check_update
 from hetfl.errors import HetflError
 
 log = logging.getLogger("hetfl.aggregator")
@@ -456,9 +456,7 @@ def _check(task: Relayed, header: pb.UpdateHeader, tensors: dict, metas: dict) -
         except (ValueError, TypeError, AttributeError):
             return "its statistics are not a JSON object of numbers"
         reason = check_stats(stats)
-    if reason is None and (header.steps < 1 or not math.isfinite(header.loss)):
-        reason = f"it reports {header.steps} local steps and loss {header.loss}"
-    return reason
+    return reason or check_report(header.steps, header.loss)
 
 
 def aggregator_command(

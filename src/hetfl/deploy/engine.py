@@ -69,7 +69,9 @@ from hetfl.deploy import federation_pb2_grpc as pb_grpc
 from hetfl.deploy import gate, wire
 from hetfl.deploy.servicer import Connection, FederationServicer
 from hetfl.deploy.tokens import TokenTable
-from hetfl.deploy.validate import NormBound, bounded_samples, change_norm, check_payload, check_stats, check_update
+from hetfl.deploy.validate import (
+    NormBound, bounded_samples, change_norm, check_payload, check_report, check_stats, check_update,
+)
 from hetfl.devices import DeviceProfile, TaskTiming
 from hetfl.engine.clock import Event, EventQueue
 from hetfl.engine.core import Counters, EngineCore, EngineState, HoldsEngineCore
@@ -609,8 +611,8 @@ class DeployServer(HoldsEngineCore):
         stats = _stats(header.stats_json)
         if reason is None:
             reason = check_stats(stats)
-        if reason is None and (header.steps < 1 or not math.isfinite(header.loss)):
-            reason = f"it reports {header.steps} local steps and loss {header.loss}"  # FedNova divides by steps
+        if reason is None:
+            reason = check_report(header.steps, header.loss)
         norm = 0.0
         if reason is None:
             norm = change_norm(params, reference)
@@ -638,9 +640,9 @@ class DeployServer(HoldsEngineCore):
         change within ``deploy.update_norm``'s bound (fixed: ``max_update_norm``; adaptive: the members' bound at their
         most local steps; by the triangle inequality a mean of bounded changes is bounded the same), every weight the
         one the task was sent with (:meth:`num_samples`), steps and losses sane. The strategy is then
-        handed, for every member, the update :func:`~hetfl.strategies.checks.secure_updates` makes of the group (the
+        handed, for every member, the update :func:`~hetfl.strategies.checks.shared_mean` makes of the group (the
         mean as params, its own sample count, steps, loss and stats), all sharing one params tensor."""
-        from hetfl.strategies.checks import secure_updates
+        from hetfl.strategies.checks import shared_mean
 
         st, members, stale, seen = self.state, [], [], set()
         st.uploads += 1
@@ -689,8 +691,8 @@ class DeployServer(HoldsEngineCore):
             if m.n_samples != self.num_samples(task.client_id):
                 reason = (f"it weights client {task.client_id} by {m.n_samples} samples, not the {self.num_samples(task.client_id)} "
                           "its task was sent with")
-            elif m.steps < 1 or not math.isfinite(m.loss):
-                reason = f"it reports {m.steps} local steps and loss {m.loss} for task {task.task_id}"
+            elif (reported := check_report(m.steps, m.loss)) is not None:
+                reason = f"{reported} for task {task.task_id}"
             else:
                 reason = check_stats(_stats(m.stats_json))
         if reason is not None:
@@ -706,8 +708,7 @@ class DeployServer(HoldsEngineCore):
             stats = {**st.client_stats.get(task.client_id, {}), **_stats(m.stats_json)}
             updates.append(self.core.make_update(task, params, n_samples=int(m.n_samples), steps=int(m.steps),
                                                  loss=float(m.loss), stats=stats))
-        updates = secure_updates(updates)
-        updates = [replace(u, params=updates[0].params) for u in updates]  # one tensor: one merge for the root
+        updates = shared_mean(updates)  # one tensor: one merge for the root
         results = [self._deliver(u) for u in updates]
         refused = [r for ok, r in results if not ok]
         return not refused, refused[0] if refused else ""

@@ -83,6 +83,14 @@ def check_stats(stats: dict[str, float]) -> str | None:
     return None
 
 
+def check_report(steps: int, loss: float) -> str | None:
+    """None if an update's reported local steps (at least 1: FedNova divides by them) and loss (finite) are sane, else
+    a one-line reason."""
+    if steps < 1 or not math.isfinite(loss):
+        return f"it reports {steps} local steps and loss {loss}"
+    return None
+
+
 def change_norm(params: torch.Tensor, reference: torch.Tensor) -> float:
     """``||params - reference||_2``, in double precision."""
     return float(torch.linalg.vector_norm((params - reference).double()))

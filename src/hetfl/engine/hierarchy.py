@@ -44,19 +44,16 @@ every checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from hetfl.engine.clock import EventQueue
 from hetfl.engine.server_time import MBPS, ServerTime
 from hetfl.errors import ConfigError
 from hetfl.strategies.base import Strategy, Task, Update
-from hetfl.strategies.checks import secure_updates
+from hetfl.strategies.checks import shared_mean
 
 SCALAR_BYTES = 8  # a member's task id, sample count, steps, loss and each of its stats travel as 8-byte scalars
 
@@ -219,11 +216,3 @@ class Hierarchy:
             "leaf_flops": self.work_flops,
         }
 
-
-def shared_mean(group: list[Update]) -> list[Update]:
-    """What a leaf forwards for ``group``, as the root's strategy is handed it: :func:`secure_updates` (the members'
-    sample-weighted mean per model version, each member's own samples, steps, loss and stats), the members of one
-    version sharing one params tensor, so that the root's commit counts the group as one merge."""
-    out = secure_updates(sorted(group, key=lambda u: u.task.task_id))
-    shared: dict[int, torch.Tensor] = {}
-    return [dataclasses.replace(u, params=shared.setdefault(u.task.version, u.params)) for u in out]

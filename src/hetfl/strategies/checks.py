@@ -43,6 +43,17 @@ def secure_updates(updates: list[Update]) -> list[Update]:
     return out
 
 
+def shared_mean(group: list[Update]) -> list[Update]:
+    """What a strategy is handed for ``group`` when only the group's mean travels (a leaf's forward in the simulator,
+    :mod:`hetfl.engine.hierarchy`; a ``hetfl aggregator``'s aggregate, :mod:`hetfl.deploy.engine`), in task order:
+    :func:`secure_updates` (the members' sample-weighted mean per model version, each member's own samples, steps,
+    loss and stats), the members of one version sharing one params tensor, so that the commit counts the group as one
+    merge."""
+    out = secure_updates(sorted(group, key=lambda u: u.task.task_id))
+    shared: dict[int, torch.Tensor] = {}
+    return [dataclasses.replace(u, params=shared.setdefault(u.task.version, u.params)) for u in out]
+
+
 def check_linear_aggregation(
     make: Callable[[], Strategy],
     run: Callable[[Strategy], Any],
